@@ -1,0 +1,71 @@
+"""The two callbacks Lightning does not ship as we need them; everything else in conf/callbacks is Lightning's."""
+
+from __future__ import annotations
+
+import time
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_info
+
+from llmfoundry_pl.inference import generate_text
+
+
+class SampleTextCallback(L.Callback):
+    """Print a short generated continuation after every validation, to watch the model learn to write."""
+
+    def __init__(
+        self, prompt: str = "", max_new_tokens: int = 48, temperature: float = 0.8, top_k: int | None = 50,
+        seed: int = 1337,
+    ) -> None:
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or pl_module.tokenizer is None:
+            return
+        text = generate_text(
+            pl_module.model, pl_module.tokenizer, self.prompt, self.max_new_tokens,
+            temperature=self.temperature, top_k=self.top_k, seed=self.seed,
+        )
+        message = f"[step {trainer.global_step}] sample: {self.prompt}{text}"
+        bar = trainer.progress_bar_callback
+        bar.print(message) if bar is not None else rank_zero_info(message)
+
+
+class TokenThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor set up for (inputs, targets) token batches: logs tokens/s (``items_per_sec``)
+    and, with the module's ``flops_per_batch``, MFU.
+
+    Lightning knows the peak FLOP/s of GPUs from their spec sheets but not of CPUs; there it returns no peak and
+    logs no MFU. We then measure the peak once (a large fp32 matmul on this machine), so a CPU run reports MFU too.
+    """
+
+    def __init__(self, window_size: int = 50, measure_cpu_peak: bool = True) -> None:
+        super().__init__(batch_size_fn=lambda batch: batch[0].size(0), length_fn=lambda batch: batch[0].numel(),
+                         window_size=window_size)
+        self.measure_cpu_peak = measure_cpu_peak
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        device = trainer.strategy.root_device
+        if self.available_flops is None and self.measure_cpu_peak and device.type == "cpu":
+            self.available_flops = int(measure_matmul_flops(device))
+            for throughput in self._throughputs.values():  # created by super().setup() with no peak
+                throughput.available_flops = self.available_flops
+
+
+def measure_matmul_flops(device: torch.device, n: int = 1024, dtype: torch.dtype = torch.float32, repeat: int = 8
+                         ) -> float:
+    """FLOP/s of an n×n @ n×n matmul on ``device`` with the threads this process has: the practical peak that
+    MFU is measured against where no spec sheet applies."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up: thread pool, caches
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+

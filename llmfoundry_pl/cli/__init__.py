@@ -1,0 +1,1 @@
+"""Hydra entry points: ``lfpl-train``, ``lfpl-eval``, ``lfpl-generate`` (each also ``python -m llmfoundry_pl.<name>``)."""

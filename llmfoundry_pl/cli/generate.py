@@ -1,0 +1,51 @@
+"""``lfpl-generate``: continue a prompt with a trained checkpoint.
+
+    lfpl-generate ckpt_path=outputs/.../checkpoints/last.ckpt prompt="ROMEO:" max_new_tokens=200 temperature=0.8 top_k=50
+"""
+
+from __future__ import annotations
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from llmfoundry_pl.cli.common import CONFIG_PATH, resolve_ckpt_path, user_errors
+from llmfoundry_pl.config import ConfigError, register_configs
+from llmfoundry_pl.inference import generate_text
+from llmfoundry_pl.lit_module import LitLlama
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def generate(cfg: DictConfig) -> str:
+    if cfg.max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be 0 or more")
+    lit = LitLlama.load_from_checkpoint(resolve_ckpt_path(cfg.ckpt_path), map_location="cpu")
+    model = lit.model.to(pick_device(cfg.device))
+    text = generate_text(model, lit.tokenizer, cfg.prompt, cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
+    print(cfg.prompt + text, flush=True)
+    return text
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
+def _hydra_main(cfg: DictConfig) -> None:
+    with user_errors():
+        generate(cfg)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

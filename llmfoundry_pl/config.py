@@ -1,0 +1,358 @@
+"""Every structured-config schema of the project, and ``register_configs()`` that hands them to Hydra.
+
+Each dataclass here is both the single source of truth for a component's settings and the Hydra schema
+that checks YAML files and command-line overrides: a misspelt key (``model.n_layer=4``) or a wrong type
+(``model.n_layers=two``) fails when the config is composed, naming the key, before any work starts.
+
+Library code receives these dataclasses (``OmegaConf.to_object`` at the entry point), never a ``DictConfig``,
+and each component receives only its own part (``cfg.model`` → the model, ``cfg.data`` → the data module).
+
+Lightning's own classes (``Trainer``, callbacks, loggers) keep Lightning's argument names: their schemas are
+derived from their signatures in :func:`schema_from_signature` instead of being copied by hand, so
+``trainer.max_step=10`` fails at compose time just like our own keys. This module does not import torch;
+Lightning is imported only inside :func:`register_configs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work. Its message is one line that names the value and the fix."""
+
+
+def _help(text: str) -> dict[str, str]:
+    """Field metadata carrying the one-line help shown in the docs."""
+    return {"help": text}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-style decoder-only transformer (names follow Meta's Llama / torchtitan).
+
+    Attention heads, as in litgpt's config::
+
+        MHA  n_kv_heads == n_heads      every query head has its own key/value head
+        GQA  1 < n_kv_heads < n_heads   groups of query heads share one key/value head (Llama 2 70B, Llama 3)
+        MQA  n_kv_heads == 1            all query heads share one key/value head
+
+        q heads:  [0][1][2][3][4][5][6][7]
+        GQA kv:   [ 0  ][ 1  ][ 2  ][ 3  ]   (n_heads=8, n_kv_heads=4: each kv head serves 2 query heads)
+
+    Fewer key/value heads means a smaller KV cache at inference with little loss in quality.
+    """
+
+    vocab_size: int = field(default=4096, metadata=_help("Tokenizer vocabulary size (rows of the embedding)."))
+    dim: int = field(default=256, metadata=_help("Width of the residual stream (the embedding size)."))
+    n_layers: int = field(default=4, metadata=_help("Number of transformer blocks."))
+    n_heads: int = field(default=4, metadata=_help("Number of query heads; head_dim = dim // n_heads."))
+    n_kv_heads: Optional[int] = field(
+        default=None, metadata=_help("Number of key/value heads (GQA); null means n_heads (plain multi-head).")
+    )
+    hidden_dim: Optional[int] = field(
+        default=None,
+        metadata=_help("SwiGLU inner width; null derives it with Llama's rule from dim, multiple_of, ffn_dim_multiplier."),
+    )
+    multiple_of: int = field(default=64, metadata=_help("Llama's rule rounds hidden_dim up to a multiple of this."))
+    ffn_dim_multiplier: Optional[float] = field(
+        default=None, metadata=_help("Optional scale on Llama's 8/3·dim hidden width (Llama 3 uses 1.3).")
+    )
+    norm_eps: float = field(default=1e-5, metadata=_help("Epsilon inside RMSNorm's square root."))
+    rope_theta: float = field(default=10000.0, metadata=_help("RoPE base; larger values suit longer contexts."))
+    max_seq_len: int = field(default=256, metadata=_help("Longest sequence the model accepts (RoPE table size)."))
+    tie_embeddings: bool = field(
+        default=False, metadata=_help("Share the token embedding with the output head (saves vocab·dim params).")
+    )
+    dropout: float = field(default=0.0, metadata=_help("Dropout on attention and residual branches; 0 for pretraining."))
+    init_std: float = field(
+        default=0.02, metadata=_help("Std of the normal init; residual output projections get std/sqrt(2·n_layers).")
+    )
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "multiple_of"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.dim % self.n_heads:
+            raise ConfigError(
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
+                f"pick n_heads among the divisors of dim (e.g. {_nearest_divisor(self.dim, self.n_heads)})"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}; "
+                "each key/value head must serve a whole group of query heads"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"head_dim = model.dim / model.n_heads = {self.dim}/{self.n_heads} = {self.head_dim} is odd; "
+                "RoPE rotates pairs of channels, so choose dim and n_heads giving an even head_dim"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.hidden_dim is None:
+            self.hidden_dim = llama_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def llama_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:
+    """Llama's SwiGLU width: 2/3 of the usual 4·dim (three matrices instead of two keep the parameter count),
+    optionally scaled, rounded up to ``multiple_of`` for hardware-friendly matmuls."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def _nearest_divisor(n: int, target: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenized, and how training windows are drawn."""
+
+    path: Optional[str] = field(
+        default=None,
+        metadata=_help("A text file, a folder (all .txt/.md/.jsonl inside), or a glob; null uses the bundled corpus."),
+    )
+    text_field: str = field(default="text", metadata=_help("Key holding the text in each line of a .jsonl file."))
+    vocab_size: int = field(default=4096, metadata=_help("Vocabulary size of the SentencePiece model trained here."))
+    tokenizer_path: Optional[str] = field(
+        default=None, metadata=_help("An existing SentencePiece .model to use instead of training one.")
+    )
+    character_coverage: float = field(
+        default=0.9995, metadata=_help("Share of characters SentencePiece keeps as symbols; the rest use bytes.")
+    )
+    seq_len: int = field(default=256, metadata=_help("Tokens per training window (the model sees seq_len+1)."))
+    batch_size: int = field(default=16, metadata=_help("Windows per micro-batch on each device."))
+    num_workers: int = field(default=0, metadata=_help("DataLoader worker processes (0 loads in the main process)."))
+    val_fraction: float = field(
+        default=0.05, metadata=_help("Tail share of every document held out for validation.")
+    )
+    seed: int = field(default=1337, metadata=_help("Seed of the window positions (with the step and rank)."))
+    cache_dir: str = field(
+        default="~/.cache/llmfoundry_pl",
+        metadata=_help("Where tokenizers and token files are cached, keyed by the inputs that made them."),
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction <= 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1]")
+        for name in ("seq_len", "batch_size", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name}={getattr(self, name)} must be positive")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class OptimConfig:
+    """AdamW. Weight decay applies to matrices only: norms and embeddings are not decayed."""
+
+    lr: float = field(default=1e-3, metadata=_help("Peak learning rate, reached after the warmup."))
+    weight_decay: float = field(default=0.1, metadata=_help("Decoupled weight decay on the weight matrices."))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_help("Adam's beta1 and beta2."))
+    eps: float = field(default=1e-8, metadata=_help("Adam's epsilon."))
+    fused: Optional[bool] = field(
+        default=None, metadata=_help("Fused AdamW kernel; null uses it on CUDA (on CPU the default foreach path is faster).")
+    )
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning rate: linear warmup from 0, then decay to lr·min_lr_ratio at trainer.max_steps."""
+
+    decay: str = field(default="cosine", metadata=_help("cosine, linear or constant after the warmup."))
+    warmup_steps: int = field(default=100, metadata=_help("Optimizer steps of linear warmup."))
+    min_lr_ratio: float = field(default=0.1, metadata=_help("Final learning rate as a fraction of the peak."))
+
+    def __post_init__(self) -> None:
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"scheduler.decay={self.decay!r} is not one of cosine, linear, constant")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Paths and entry points
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class PathsConfig:
+    output_dir: str = field(default=MISSING, metadata=_help("This run's directory (Hydra's output dir)."))
+    runs_dir: str = field(
+        default="outputs", metadata=_help("Where runs are written; ckpt_path=last searches here for the newest.")
+    )
+    cache_dir: str = field(default="~/.cache/llmfoundry_pl", metadata=_help("Tokenizer and token-file cache."))
+
+
+@dataclass
+class TrainConfig:
+    """Root schema of ``lfpl-train`` (conf/train.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Lightning objects: typed by the schemas that register_configs() derives from their signatures.
+    trainer: Any = MISSING
+    callbacks: Any = None
+    logger: Any = None
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = field(default=1337, metadata=_help("Global seed (model init, data windows, samples)."))
+    ckpt_path: Optional[str] = field(
+        default=None,
+        metadata=_help("Resume from this Lightning checkpoint; 'last' takes the newest last.ckpt under paths.runs_dir."),
+    )
+    compile: bool = field(default=False, metadata=_help("torch.compile the model before training."))
+    sample_prompt: str = field(default="", metadata=_help("Prompt of the sample printed after training."))
+    sample_tokens: int = field(default=64, metadata=_help("Tokens in the sample printed after training."))
+
+
+@dataclass
+class EvalDataConfig:
+    """What ``lfpl-eval`` reads. The tokenizer always comes from the checkpoint."""
+
+    path: Optional[str] = field(
+        default=None,
+        metadata=_help("Text to evaluate in full (file, folder or glob); null: the checkpoint's own validation split."),
+    )
+    text_field: str = field(default="text", metadata=_help("Key holding the text in each line of a .jsonl file."))
+    seq_len: Optional[int] = field(default=None, metadata=_help("Window length; null: the one the model trained on."))
+    batch_size: int = field(default=16, metadata=_help("Windows per batch."))
+    cache_dir: str = field(default="~/.cache/llmfoundry_pl", metadata=_help("Token-file cache."))
+
+
+@dataclass
+class EvalConfig:
+    """Root schema of ``lfpl-eval`` (conf/eval.yaml)."""
+
+    ckpt_path: str = field(default=MISSING, metadata=_help("Lightning checkpoint to evaluate."))
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    accelerator: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
+    precision: Optional[str] = field(default=None, metadata=_help("Lightning precision; null keeps the default."))
+
+
+@dataclass
+class GenerateConfig:
+    """Root schema of ``lfpl-generate`` (conf/generate.yaml)."""
+
+    ckpt_path: str = field(default=MISSING, metadata=_help("Lightning checkpoint to sample from."))
+    prompt: str = field(default="", metadata=_help("Text to continue; empty starts from the beginning-of-text token."))
+    max_new_tokens: int = field(default=200, metadata=_help("Tokens to generate."))
+    temperature: float = field(default=0.8, metadata=_help("Softmax temperature; 0 means greedy."))
+    top_k: Optional[int] = field(default=50, metadata=_help("Sample among the k most likely tokens; null for all."))
+    seed: int = field(default=1337, metadata=_help("Seed of the sampler, for reproducible samples."))
+    device: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Schemas of Lightning's classes, derived from their signatures
+# --------------------------------------------------------------------------------------------------------------
+_PLAIN_TYPES = (int, float, bool, str)
+
+
+def _schema_type(annotation: Any) -> Any:
+    """The OmegaConf-checkable type for a signature annotation: plain types (or Optional of one) are kept,
+    anything richer (unions, Lightning objects) becomes Any, so the key is still checked but not its type."""
+    if annotation in _PLAIN_TYPES:
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and args[0] in _PLAIN_TYPES and len(typing.get_args(annotation)) == 2:
+            return Optional[args[0]]
+    return Any
+
+
+def schema_from_signature(cls: type, exclude: tuple[str, ...] = (), name: Optional[str] = None) -> type:
+    """A dataclass with one field per argument of ``cls.__init__`` (same names and defaults) plus ``_target_``,
+    for ``hydra.utils.instantiate``. The idea of hydra-zen's ``builds(populate_full_signature=True)``, in a few
+    lines, so the schema follows the installed Lightning version instead of a hand-copied list."""
+    hints = typing.get_type_hints(cls.__init__)
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default=f"{cls.__module__}.{cls.__qualname__}"))]
+    for pname, param in inspect.signature(cls.__init__).parameters.items():
+        if pname == "self" or pname in exclude or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        default = MISSING if param.default is inspect.Parameter.empty else param.default
+        if not isinstance(default, (*_PLAIN_TYPES, type(None))) and default is not MISSING:
+            default = None  # timedelta, enum, ... defaults: let the class apply its own
+        ftype = _schema_type(hints.get(pname, Any))
+        if ftype is not Any and default is None:
+            ftype = Optional[ftype]
+        fields.append((pname, ftype, field(default=default)))
+    return dataclasses.make_dataclass(name or f"{cls.__name__}Conf", fields)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------------------------
+def register_configs() -> None:
+    """Put every schema into Hydra's ConfigStore (idempotent; called by each entry point before composing).
+
+    YAML files name their schema first in ``defaults`` (e.g. ``- /schema/trainer@_here_``)."""
+    from hydra.core.config_store import ConfigStore
+    from lightning import Trainer
+    from lightning.pytorch import callbacks as cb
+    from lightning.pytorch import loggers
+
+    from llmfoundry_pl.callbacks import SampleTextCallback, TokenThroughputMonitor
+
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("lfpl.auto_precision", auto_precision, replace=True)
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
+
+    # Objects that the entry point builds itself (callbacks, loggers, plugins) are not Trainer config keys.
+    trainer_schema = schema_from_signature(Trainer, exclude=("logger", "callbacks", "plugins"), name="TrainerConf")
+    cs.store(group="schema", name="trainer", node=trainer_schema)
+
+    callback_classes = {
+        "model_checkpoint": cb.ModelCheckpoint,
+        "lr_monitor": cb.LearningRateMonitor,
+        "progress_bar": cb.TQDMProgressBar,
+        "rich_progress_bar": cb.RichProgressBar,
+        "throughput": TokenThroughputMonitor,
+        "sample_text": SampleTextCallback,
+        "early_stopping": cb.EarlyStopping,
+    }
+    cs.store(group="schema", name="callbacks", node=_optional_members("CallbacksConf", callback_classes))
+    logger_classes = {"csv": loggers.CSVLogger, "tensorboard": loggers.TensorBoardLogger}
+    cs.store(group="schema", name="logger", node=_optional_members("LoggerConf", logger_classes))
+
+
+def auto_precision() -> str:
+    """Lightning precision for the best device found: bf16-mixed on CUDA with bf16, 16-mixed on older CUDA, and
+    32-true on MPS and CPU (CPUs without native bf16 run bf16 several times slower than fp32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def _optional_members(name: str, classes: dict[str, type]) -> type:
+    """A schema with one optional member per class: YAML enables a member by filling it, null disables it."""
+    members = [(key, Optional[schema_from_signature(c)], field(default=None)) for key, c in classes.items()]
+    return dataclasses.make_dataclass(name, members)

@@ -1,0 +1,212 @@
+"""Text corpus → tokenizer + flat token files, built once and cached.
+
+Layout of the cache (``data.cache_dir``), keyed by what produced each file, so a change of input rebuilds and
+nothing stale is ever reused::
+
+    corpus-<hash of file paths, sizes, mtimes>/
+        tokenizer-v<vocab>-c<coverage>.model         SentencePiece model trained on this corpus
+        tokens-<tokenizer sha>-val<fraction>/
+            train.bin  val.bin                        uint16 (or uint32) token ids, documents back to back
+            meta.json                                 written last: a folder without it is never trusted
+
+Every document becomes ``<s> text </s>``; the last ``val_fraction`` of each document's tokens goes to
+validation, so held-out text comes from every play (or file) rather than from one.
+Folders are built under a temporary name and renamed into place, so an interrupted build leaves nothing
+that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from llmfoundry_pl.config import ConfigError, DataConfig
+from llmfoundry_pl.tokenizer import Tokenizer, atomic_write_bytes, train_tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+CACHE_FORMAT = 1  # bump when the layout or the tokenization rules change, to invalidate old caches
+_ENCODE_CHUNK = 64  # documents per progress-bar step
+
+
+def bundled_corpus_dir() -> Path:
+    """The demo corpus shipped in the package: 13 Shakespeare comedies (see assets/shakespeare/SOURCE.md)."""
+    return Path(str(resources.files("llmfoundry_pl.assets") / "shakespeare"))
+
+
+def resolve_sources(path: str | None) -> list[Path]:
+    """The text files behind ``data.path``: a file, a folder (searched recursively) or a glob; null → bundled."""
+    if path is None:
+        return sorted(bundled_corpus_dir().glob("*.txt"))
+    expanded = os.path.expanduser(path)
+    if any(ch in expanded for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
+    elif Path(expanded).is_dir():
+        files = sorted(p for p in Path(expanded).rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    elif Path(expanded).is_file():
+        files = [Path(expanded)]
+    else:
+        raise ConfigError(f"data.path={path} does not exist; give a text file, a folder or a glob such as 'dir/*.txt'")
+    if not files:
+        raise ConfigError(f"data.path={path} matched no {', '.join(TEXT_SUFFIXES)} files; point it at your text")
+    return files
+
+
+def read_documents(file: Path, text_field: str = "text") -> list[str]:
+    """One document per plain-text file, or one per line of a .jsonl file (its ``text_field``)."""
+    try:
+        raw = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it to UTF-8"
+        ) from None
+    if file.suffix != ".jsonl":
+        return [raw]
+    docs = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file}:{lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ConfigError(f"{file}:{lineno} has no string field '{text_field}'; set data.text_field to its key")
+        docs.append(record[text_field])
+    return docs
+
+
+def iter_documents(files: list[Path], text_field: str) -> Iterator[str]:
+    for f in files:
+        yield from read_documents(f, text_field)
+
+
+def sources_fingerprint(files: list[Path]) -> str:
+    """Cheap identity of the inputs: paths, sizes and modification times (not the content, for large corpora)."""
+    h = hashlib.sha256(f"format{CACHE_FORMAT}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class TokenFiles:
+    """The cached token files of one corpus and tokenizer."""
+
+    directory: Path
+    meta: dict
+
+    @property
+    def train_path(self) -> Path:
+        return self.directory / "train.bin"
+
+    @property
+    def val_path(self) -> Path:
+        return self.directory / "val.bin"
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"])
+
+
+def prepare_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenFiles]:
+    """Load or build the tokenizer and the token files for ``cfg``; reuse the cache when nothing changed.
+
+    ``tokenizer`` forces a given tokenizer (e.g. the one saved in a checkpoint) instead of data.tokenizer_path
+    or training one."""
+    files = resolve_sources(cfg.path)
+    if all(f.stat().st_size == 0 for f in files):
+        raise ConfigError(f"the corpus at data.path={cfg.path} is empty; add some text")
+    corpus_dir = Path(cfg.cache_dir).expanduser() / f"corpus-{sources_fingerprint(files)}"
+    tokenizer = _resolve_tokenizer(cfg, files, corpus_dir, tokenizer)
+    token_dir = corpus_dir / f"tokens-{tokenizer.sha256[:12]}-val{cfg.val_fraction:g}"
+    meta = _read_meta(token_dir)
+    if meta is None or meta.get("tokenizer_sha256") != tokenizer.sha256:
+        meta = _build_token_files(files, cfg, tokenizer, token_dir)
+    return tokenizer, TokenFiles(token_dir, meta)
+
+
+def _resolve_tokenizer(cfg: DataConfig, files: list[Path], corpus_dir: Path, given: Tokenizer | None) -> Tokenizer:
+    if given is not None:
+        if cfg.tokenizer_path is not None and Tokenizer.from_file(cfg.tokenizer_path).sha256 != given.sha256:
+            raise ConfigError(
+                f"data.tokenizer_path={cfg.tokenizer_path} is not the tokenizer this checkpoint was trained with; "
+                "drop data.tokenizer_path (the checkpoint carries its own)"
+            )
+        return given
+    if cfg.tokenizer_path is not None:
+        tokenizer = Tokenizer.from_file(cfg.tokenizer_path)
+    else:
+        model_path = corpus_dir / f"tokenizer-v{cfg.vocab_size}-c{cfg.character_coverage:g}.model"
+        if model_path.is_file():
+            tokenizer = Tokenizer.from_file(model_path)
+        else:
+            lines = (line for doc in iter_documents(files, cfg.text_field) for line in doc.splitlines() if line)
+            tokenizer = train_tokenizer(lines, cfg.vocab_size, cfg.character_coverage)
+            tokenizer.save(model_path)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but data.vocab_size={cfg.vocab_size}; "
+            f"set data.vocab_size={tokenizer.vocab_size}"
+        )
+    return tokenizer
+
+
+def _read_meta(token_dir: Path) -> dict | None:
+    try:
+        return json.loads((token_dir / "meta.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer, token_dir: Path) -> dict:
+    """Tokenize every document (SentencePiece threads in C++, a progress bar over chunks), split each document's
+    tail off for validation, and write both streams into a temporary folder that is renamed into place."""
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    tmp_dir = token_dir.with_name(f".{token_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    counts = {"train_tokens": 0, "val_tokens": 0, "documents": 0, "bytes": 0}
+    docs = list(iter_documents(files, cfg.text_field))
+    with open(tmp_dir / "train.bin", "wb") as train_f, open(tmp_dir / "val.bin", "wb") as val_f:
+        bar = tqdm(total=len(docs), desc="tokenizing", unit="doc", disable=len(docs) < _ENCODE_CHUNK * 4)
+        for start in range(0, len(docs), _ENCODE_CHUNK):
+            chunk = docs[start : start + _ENCODE_CHUNK]
+            for doc, ids in zip(chunk, tokenizer.encode_batch(chunk)):
+                tokens = np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype)
+                n_val = math.ceil(len(tokens) * cfg.val_fraction)
+                tokens[: len(tokens) - n_val].tofile(train_f)
+                tokens[len(tokens) - n_val :].tofile(val_f)
+                counts["train_tokens"] += len(tokens) - n_val
+                counts["val_tokens"] += n_val
+                counts["documents"] += 1
+                counts["bytes"] += len(doc.encode("utf-8"))
+            bar.update(len(chunk))
+        bar.close()
+    if counts["bytes"] == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise ConfigError(f"the corpus at data.path={cfg.path} is empty; add some text")
+    meta = {
+        "format": CACHE_FORMAT,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer_sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "val_fraction": cfg.val_fraction,
+        "sources": [str(f) for f in files[:100]] + ([f"... {len(files) - 100} more"] if len(files) > 100 else []),
+        **counts,
+    }
+    atomic_write_bytes(tmp_dir / "meta.json", json.dumps(meta, indent=2).encode())
+    shutil.rmtree(token_dir, ignore_errors=True)  # a stale build for another tokenizer under the same name
+    os.replace(tmp_dir, token_dir)
+    return meta

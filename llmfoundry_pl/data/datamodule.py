@@ -1,0 +1,161 @@
+"""``TextDataModule``: token files → batches of (input, target) windows for Lightning.
+
+Training windows are drawn at random positions, but "random" is a pure function of (seed, sample index):
+micro-batch ``b`` on rank ``r`` of ``W`` holds sample indices ``(b·W + r)·B ... (b·W + r)·B + B-1``. Nothing
+depends on an iterator's history, so
+
+- resuming at optimizer step ``s`` restarts at micro-batch ``s · accumulate_grad_batches`` and sees exactly the
+  windows the uninterrupted run would have seen (no RNG state to save), and
+- DDP ranks see disjoint windows without a ``DistributedSampler`` (hence ``trainer.use_distributed_sampler=false``).
+
+Validation is a fixed sweep of back-to-back windows covering every held-out token once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from llmfoundry_pl.config import ConfigError, DataConfig
+from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus
+from llmfoundry_pl.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100  # targets with this value are left out of the loss (F.cross_entropy's default ignore_index)
+
+
+class _TokenFile:
+    """A token file opened lazily, so a Dataset pickled into DataLoader workers (spawn on macOS) carries only
+    a path, and each process maps the file itself instead of copying it."""
+
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
+        self.path, self.dtype = path, dtype
+        self.length = path.stat().st_size // dtype.itemsize
+        self._tokens: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        return self._tokens
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}
+
+
+class RandomWindows(Dataset):
+    """Sample ``k`` is the window of seq_len+1 tokens starting at a position drawn from a generator seeded by
+    (seed, k): any sample can be recomputed from its index alone."""
+
+    def __init__(self, tokens: _TokenFile, seq_len: int, seed: int) -> None:
+        if tokens.length < seq_len + 2:
+            raise ConfigError(
+                f"the training split has {tokens.length} tokens, fewer than data.seq_len+2={seq_len + 2}; "
+                "lower data.seq_len or use more text"
+            )
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+
+    def __len__(self) -> int:  # the index space is unbounded; the sampler decides which indices are used
+        return np.iinfo(np.int64).max
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = int(np.random.default_rng((self.seed, k)).integers(0, self.tokens.length - self.seq_len - 1))
+        window = torch.from_numpy(self.tokens.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields the sample indices of micro-batches ``first_batch ... first_batch + num_batches - 1`` for one rank."""
+
+    def __init__(self, first_batch: int, num_batches: int, batch_size: int, rank: int, world_size: int) -> None:
+        self.first_batch, self.num_batches = first_batch, num_batches
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in range(self.first_batch, self.first_batch + self.num_batches):
+            first = (b * self.world_size + self.rank) * self.batch_size
+            yield list(range(first, first + self.batch_size))
+
+
+class SweepWindows(Dataset):
+    """Back-to-back windows over a split: every token after the first is a target exactly once. The last
+    window is padded, its padding targets set to IGNORE_INDEX."""
+
+    def __init__(self, tokens: _TokenFile, seq_len: int, pad_id: int) -> None:
+        self.tokens, self.seq_len, self.pad_id = tokens, seq_len, pad_id
+        self.n_windows = max(0, -(-(tokens.length - 1) // seq_len))  # ceil((n - 1) / seq_len)
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.seq_len
+        window = torch.from_numpy(self.tokens.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        x = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
+        y = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.long)
+        x[: len(window) - 1], y[: len(window) - 1] = window[:-1], window[1:]
+        return x, y
+
+
+class TextDataModule(L.LightningDataModule):
+    """Tokenizer and token files for ``cfg`` (built on first use, cached), served as training and validation
+    windows. ``tokenizer`` forces a tokenizer, e.g. the one stored in a checkpoint."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self._given_tokenizer = tokenizer
+        self.tokenizer: Tokenizer | None = None
+        self.token_files: TokenFiles | None = None
+
+    def prepare_data(self) -> None:
+        """Build the tokenizer and token files if they are not cached (Lightning calls this on one process)."""
+        self.tokenizer, self.token_files = prepare_corpus(self.cfg, self._given_tokenizer)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.token_files is None:  # other ranks: the cache exists now, so this only loads it
+            self.prepare_data()
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer is None or trainer.max_steps is None or trainer.max_steps <= 0:
+            raise ConfigError("set trainer.max_steps: training draws windows at random positions, so it is step-based")
+        accumulate = trainer.accumulate_grad_batches
+        first = trainer.global_step * accumulate  # on resume, global_step is restored before this is called
+        sampler = StepBatchSampler(
+            first_batch=first,
+            num_batches=max(trainer.max_steps * accumulate - first, 0),
+            batch_size=self.cfg.batch_size,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
+        dataset = RandomWindows(self._token_file("train"), self.cfg.seq_len, self.cfg.seed)
+        return self._loader(dataset, batch_sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        dataset = SweepWindows(self._token_file("val"), self.cfg.seq_len, self.tokenizer.pad_id)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        # Each rank sweeps its own share (no padding duplicates); the metrics add up across ranks.
+        indices = list(range(rank, len(dataset), world))
+        return self._loader(dataset, sampler=indices, batch_size=self.cfg.batch_size)
+
+    def _token_file(self, split: str) -> _TokenFile:
+        path = self.token_files.train_path if split == "train" else self.token_files.val_path
+        return _TokenFile(path, self.token_files.dtype)
+
+    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(
+            dataset,
+            num_workers=self.cfg.num_workers,
+            pin_memory=on_cuda,
+            persistent_workers=self.cfg.num_workers > 0,
+            **kwargs,
+        )

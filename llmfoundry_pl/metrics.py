@@ -1,0 +1,39 @@
+"""Language-modelling metrics that add up correctly across batches and DDP ranks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchmetrics import Metric
+
+
+class LanguageModelMetrics(Metric):
+    """Loss (nats per token), perplexity and bits per UTF-8 byte over everything seen since the last reset.
+
+    Sums, not means of means: a padded last batch or ranks with unequal shares still give the exact average.
+    Bits per byte = total nats / ln 2 / total bytes of the predicted text, so models with different tokenizers
+    compare (a larger vocabulary lowers the loss per token, not the information per byte).
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nats", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("bytes", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, nats: torch.Tensor, tokens: torch.Tensor, n_bytes: torch.Tensor) -> None:
+        """``nats``: summed cross-entropy of ``tokens`` predictions covering ``n_bytes`` bytes of text."""
+        self.nats += nats.double()
+        self.tokens += tokens
+        self.bytes += n_bytes
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        loss = self.nats / self.tokens.clamp(min=1)
+        return {
+            "loss": loss.float(),
+            "ppl": loss.exp().float(),
+            "bpb": (self.nats / math.log(2) / self.bytes.clamp(min=1)).float(),
+        }

@@ -1,0 +1,204 @@
+"""The whole Llama-style transformer in one file: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Pure PyTorch: no Lightning, no Hydra, no torch.distributed. Module and parameter names follow Meta's Llama
+(``tok_embeddings``, ``layers.N.attention.wq``, ``feed_forward.w1``, ``norm``, ``output``), and the math is
+exactly Hugging Face's ``LlamaForCausalLM``, so weights map one-to-one (see ``tests/test_model.py``).
+
+Shapes in comments: B = batch, T = sequence length, D = dim, H = n_heads, K = n_kv_heads, Hd = head_dim,
+V = vocab_size.
+
+    tokens ─ tok_embeddings ─┬─ RMSNorm ─ attention (RoPE, GQA) ─(+)─┬─ RMSNorm ─ SwiGLU ─(+)─ ... ─ norm ─ output ─ logits
+                             └────────────── residual ───────────────┘└─────── residual ────┘
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmfoundry_pl.config import ModelConfig
+
+try:  # optional GPU extra: pip install "llmfoundry-pl[gpu]"
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - depends on the environment
+    flash_attn_func = None
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich, 2019): x / rms(x) * weight.
+
+    Unlike LayerNorm it neither subtracts the mean nor adds a bias: cheaper, and works as well for transformers.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16 autocast: the mean of squares is where low precision hurts.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of rotary position embeddings (Su et al., 2021 — RoFormer), each (max_seq_len, head_dim).
+
+    Channel i of the first half is paired with channel i of the second half (Hugging Face's "rotate_half"
+    convention, rather than Meta's interleaved pairs), and rotated by the angle position · theta^(-2i/head_dim).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (Hd/2,)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, Hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, Hd): both channels of a pair share an angle
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair of x (B, T, heads, Hd) by its position's angle.
+
+    Because a rotation by angle(m) dotted with a rotation by angle(n) depends only on m - n, the attention score
+    q_m · k_n sees relative positions only — no learned position table, and nothing to extrapolate but angles.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over batch and heads
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (Ainslie et al., 2023).
+
+    n_kv_heads < n_heads shrinks the key/value projections and, at inference, the KV cache; each group of
+    n_heads / n_kv_heads query heads attends with the same key/value head.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, Hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, Hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, Hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dropout_p = self.dropout if self.training else 0.0
+        if _use_flash_attn(q):
+            # flash-attn takes (B, T, heads, Hd) and handles grouped KV heads natively.
+            out = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
+        else:
+            # SDPA wants (B, heads, T, Hd); enable_gqa lets K < H heads broadcast without copying them.
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                dropout_p=dropout_p, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
+            ).transpose(1, 2)
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, D)
+
+
+def _use_flash_attn(q: torch.Tensor) -> bool:
+    """flash-attn only runs on CUDA in half precision; everything else uses PyTorch's SDPA."""
+    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP (Shazeer, 2020): w2(silu(w1 x) * w3 x). The gate w1 decides, per channel, how much of the
+    linear path w3 passes — consistently better than a plain GELU MLP at equal parameter count."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down projection
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up projection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: normalise, transform, add back to the residual stream — twice."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Transformer(nn.Module):
+    """The decoder-only language model: token ids (B, T) → next-token logits (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = precompute_rope(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Buffers follow .to(device) but are derived, so they stay out of checkpoints (persistent=False).
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every matrix; the two projections that write into the residual stream
+        (attention.wo, feed_forward.w2) get init_std / sqrt(2 · n_layers), as in GPT-2, so the stream's variance
+        stays the same whatever the depth. Norm weights start at 1."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, T = tokens.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.config.max_seq_len}")
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h)).float()  # (B, T, V); fp32 logits keep the softmax exact under autocast
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Helpers: size and cost
+    # ---------------------------------------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (shared tensors counted once). ``non_embedding`` leaves out the token embedding and,
+        if untied, the output head: the count that scaling laws (Kaplan et al., 2020) use."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.tok_embeddings.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.output.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), PaLM's formula (Chowdhery et al., 2022, appendix B):
+        6 · (weights used in matmuls) + 12 · n_layers · dim · seq_len for the attention scores and values.
+        The embedding lookup is not a matmul; the output head is, even when tied."""
+        cfg = self.config
+        matmul_params = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.dim
+        matmul_params -= sum(p.numel() for n, p in self.named_parameters() if p.dim() < 2 and "norm" in n)
+        return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len

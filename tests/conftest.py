@@ -1,0 +1,58 @@
+"""Shared fixtures: a per-session token cache, config composition, and the CLI as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from llmfoundry_pl.config import register_configs
+
+# A model and run small enough for a 2-core CPU to train in seconds, through the real code paths.
+TINY = [
+    "hardware=cpu",
+    "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
+    "data.vocab_size=512", "data.seq_len=32", "data.batch_size=4",
+    "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
+    "scheduler.warmup_steps=2", "callbacks.progress_bar=null", "callbacks.sample_text.max_new_tokens=8",
+    "sample_tokens=8",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tokenizer/token cache for the whole session: the bundled corpus is tokenized once."""
+    path = tmp_path_factory.mktemp("lfpl-cache")
+    os.environ["LFPL_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture
+def compose_train(cache_dir: Path):
+    """Compose conf/train.yaml with overrides, as lfpl-train would (without running it)."""
+    register_configs()
+
+    def _compose(overrides: list[str] = (), name: str = "train"):
+        GlobalHydra.instance().clear()
+        with initialize_config_module(config_module="llmfoundry_pl.conf", version_base="1.3"):
+            return compose(config_name=name, overrides=list(overrides))
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_cli(command: str, *args: str, cwd: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m llmfoundry_pl.<command> args...`` in ``cwd``, as a user would from a shell."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", f"llmfoundry_pl.{command}", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{command} {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

@@ -1,0 +1,170 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from llmfoundry_pl.config import ConfigError, DataConfig
+from llmfoundry_pl.data import corpus
+from llmfoundry_pl.data.corpus import prepare_corpus
+from llmfoundry_pl.data.datamodule import IGNORE_INDEX, RandomWindows, StepBatchSampler, SweepWindows, _TokenFile
+from llmfoundry_pl.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York. " * 40 + "\n") * 5
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    for i in range(3):
+        (d / f"doc{i}.txt").write_text(f"Document {i}.\n" + TEXT)
+    return d
+
+
+def data_cfg(path, cache, **kw) -> DataConfig:
+    return DataConfig(path=str(path), cache_dir=str(cache), vocab_size=kw.pop("vocab_size", 300), **kw)
+
+
+def test_corpus_tokens_cover_every_document_with_bos_and_eos(text_dir, tmp_path):
+    tok, files = prepare_corpus(data_cfg(text_dir, tmp_path / "cache", val_fraction=0.1))
+    train = np.fromfile(files.train_path, dtype=files.dtype)
+    val = np.fromfile(files.val_path, dtype=files.dtype)
+    assert (train == BOS_ID).sum() == 3 and (val == EOS_ID).sum() == 3  # each document's head in train, tail in val
+    assert files.meta["documents"] == 3
+    assert files.meta["train_tokens"] == len(train) and files.meta["val_tokens"] == len(val)
+    assert files.meta["bytes"] == sum(len(p.read_bytes()) for p in text_dir.iterdir())
+    assert 0.09 < len(val) / (len(train) + len(val)) < 0.12
+    # the text comes back out of the token stream
+    assert tok.decode(t for t in train if t not in (BOS_ID, EOS_ID)).startswith("Document 0.\nNow is the winter")
+
+
+def test_corpus_cache_is_reused_when_nothing_changed(text_dir, tmp_path, monkeypatch):
+    cfg = data_cfg(text_dir, tmp_path / "cache")
+    _, first = prepare_corpus(cfg)
+    monkeypatch.setattr(corpus, "_build_token_files", lambda *a: pytest.fail("rebuilt an up-to-date cache"))
+    monkeypatch.setattr(corpus, "train_tokenizer", lambda *a, **k: pytest.fail("retrained an up-to-date tokenizer"))
+    _, second = prepare_corpus(cfg)
+    assert second.directory == first.directory
+
+
+def test_corpus_cache_is_rebuilt_when_inputs_or_tokenizer_change(text_dir, tmp_path):
+    cfg = data_cfg(text_dir, tmp_path / "cache")
+    tok1, first = prepare_corpus(cfg)
+    (text_dir / "doc1.txt").write_text("Changed text. " * 300)
+    tok2, changed = prepare_corpus(cfg)
+    assert changed.directory != first.directory
+    assert changed.meta["bytes"] != first.meta["bytes"]
+    _, other_vocab = prepare_corpus(data_cfg(text_dir, tmp_path / "cache", vocab_size=320))
+    assert other_vocab.directory != changed.directory
+    assert other_vocab.meta["tokenizer_sha256"] != tok2.sha256
+
+
+def test_corpus_interrupted_build_leaves_nothing_trusted(text_dir, tmp_path, monkeypatch):
+    cfg = data_cfg(text_dir, tmp_path / "cache")
+
+    def crash(self, texts, num_threads=-1):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpus(cfg)
+    assert not list((tmp_path / "cache").glob("corpus-*/tokens-*"))  # only a hidden temp folder may remain
+    monkeypatch.undo()
+    _, files = prepare_corpus(cfg)
+    assert files.meta["documents"] == 3
+
+
+def test_corpus_reads_jsonl_text_field(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"{i} " + TEXT}) for i in range(4)))
+    _, files = prepare_corpus(data_cfg(path, tmp_path / "cache", text_field="body"))
+    assert files.meta["documents"] == 4
+
+
+def test_corpus_glob_selects_files(text_dir, tmp_path):
+    _, files = prepare_corpus(data_cfg(f"{text_dir}/doc[01].txt", tmp_path / "cache"))
+    assert files.meta["documents"] == 2
+
+
+def _write(path, data):
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing", "does not exist"),
+        (lambda d: _mkdir(d / "empty"), "matched no .txt"),
+        (lambda d: _write(d / "e.txt", ""), "is empty"),
+        (lambda d: _write(d / "bin.txt", b"ok\xff\xfe"), "is not UTF-8 text .*offset 2"),
+        (lambda d: _write(d / "b.jsonl", '{"text": "a"}\n{oops'), "b.jsonl:2 is not valid JSON"),
+        (lambda d: _write(d / "k.jsonl", '{"body": "a"}'), "no string field 'text'"),
+    ],
+    ids=["missing", "no-files", "empty", "undecodable", "bad-json", "no-field"],
+)
+def test_corpus_bad_input_gives_one_clear_error(tmp_path, make, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        prepare_corpus(data_cfg(make(tmp_path), tmp_path / "cache"))
+    assert "\n" not in str(err.value)
+
+
+def test_corpus_vocab_too_large_for_corpus(text_dir, tmp_path):
+    with pytest.raises(ConfigError, match="too large for this corpus"):
+        prepare_corpus(data_cfg(text_dir, tmp_path / "cache", vocab_size=20000))
+
+
+def test_corpus_tokenizer_mismatch_is_an_error(text_dir, tmp_path):
+    tok, _ = prepare_corpus(data_cfg(text_dir, tmp_path / "cache"))
+    tok.save(tmp_path / "a.model")
+    other, _ = prepare_corpus(data_cfg(text_dir, tmp_path / "cache", vocab_size=320))
+    with pytest.raises(ConfigError, match="not the tokenizer this checkpoint was trained with"):
+        prepare_corpus(data_cfg(text_dir, tmp_path / "cache", tokenizer_path=str(tmp_path / "a.model")), other)
+    with pytest.raises(ConfigError, match="set data.vocab_size=300"):
+        prepare_corpus(data_cfg(text_dir, tmp_path / "cache", vocab_size=512, tokenizer_path=str(tmp_path / "a.model")))
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "tokens.bin"
+    np.arange(1000, dtype=np.uint16).tofile(path)
+    return _TokenFile(path, np.dtype(np.uint16))
+
+
+def test_windows_are_a_function_of_seed_and_index(token_file):
+    a, b = RandomWindows(token_file, 16, seed=1), RandomWindows(token_file, 16, seed=1)
+    x, y = a[12345]
+    assert (x == b[12345][0]).all()
+    assert (y == x + 1).all()  # target = input shifted by one token
+    assert not (a[1][0] == a[2][0]).all()
+    assert not (RandomWindows(token_file, 16, seed=2)[12345][0] == x).all()
+
+
+def test_step_batches_are_disjoint_across_ranks_and_resume_where_they_left_off():
+    ranks = [list(StepBatchSampler(0, 3, batch_size=4, rank=r, world_size=2)) for r in range(2)]
+    flat = [i for batches in ranks for batch in batches for i in batch]
+    assert len(flat) == len(set(flat)) == 24
+    whole = list(StepBatchSampler(0, 5, batch_size=4, rank=0, world_size=1))
+    resumed = list(StepBatchSampler(2, 3, batch_size=4, rank=0, world_size=1))
+    assert resumed == whole[2:]
+
+
+def test_validation_sweep_predicts_every_token_once(token_file):
+    sweep = SweepWindows(token_file, seq_len=64, pad_id=0)
+    targets = np.concatenate([y[y != IGNORE_INDEX].numpy() for _, y in (sweep[i] for i in range(len(sweep)))])
+    assert (targets == np.arange(1, 1000)).all()
+
+
+def test_token_file_pickles_without_its_data(token_file):
+    import pickle
+
+    token_file.tokens  # open the memmap
+    clone = pickle.loads(pickle.dumps(token_file))
+    assert clone._tokens is None and clone.tokens[5] == 5
+    assert os.path.getsize(token_file.path) == 2000

@@ -1,0 +1,162 @@
+import math
+
+import pytest
+import torch
+
+from llmfoundry_pl import model as model_module
+from llmfoundry_pl.config import ConfigError, ModelConfig, llama_hidden_dim
+from llmfoundry_pl.model import Transformer, apply_rope, precompute_rope
+from tests.helpers.run_if import RunIf
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=24)
+    return ModelConfig(**{**base, **overrides})
+
+
+def test_model_logits_shape():
+    m = Transformer(tiny_config())
+    assert m(torch.randint(0, 97, (3, 17))).shape == (3, 17, 97)
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    m = Transformer(tiny_config()).eval()
+    x = torch.randint(0, 97, (1, 20))
+    y = x.clone()
+    y[0, 12] = (y[0, 12] + 1) % 97  # change one token
+    a, b = m(x), m(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12])  # positions before it do not see it
+    assert not torch.allclose(a[:, 12:], b[:, 12:])  # positions from it on do
+
+
+def test_model_gqa_equals_mha_with_repeated_kv_heads():
+    torch.manual_seed(0)
+    gqa = Transformer(tiny_config(n_heads=4, n_kv_heads=2)).eval()
+    mha = Transformer(tiny_config(n_heads=4, n_kv_heads=4)).eval()
+    state = gqa.state_dict()
+    hd = gqa.config.head_dim
+    for key, value in list(state.items()):
+        if key.endswith(("attention.wk.weight", "attention.wv.weight")):
+            heads = value.view(2, hd, -1)  # (K, Hd, D)
+            state[key] = heads.repeat_interleave(2, dim=0).reshape(4 * hd, -1)  # query heads 0,1 → kv 0; 2,3 → kv 1
+    mha.load_state_dict(state)
+    x = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(gqa(x), mha(x))
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    cos, sin = precompute_rope(head_dim=16, max_seq_len=64, theta=10000.0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m: int, n: int) -> torch.Tensor:
+        qm = apply_rope(q, cos[m : m + 1], sin[m : m + 1])
+        kn = apply_rope(k, cos[n : n + 1], sin[n : n + 1])
+        return (qm * kn).sum()
+
+    torch.testing.assert_close(score(5, 2), score(40, 37))
+    torch.testing.assert_close(score(10, 10), score(0, 0))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+    # a rotation keeps lengths
+    torch.testing.assert_close(apply_rope(q, cos[7:8], sin[7:8]).norm(), q.norm())
+
+
+def test_model_parameter_count_matches_formula():
+    cfg = tiny_config(dim=64, n_heads=4, n_kv_heads=2, vocab_size=100)
+    m = Transformer(cfg)
+    hd = cfg.head_dim
+    per_layer = 2 * 64 * 64 + 2 * 64 * 2 * hd + 3 * 64 * cfg.hidden_dim + 2 * 64
+    expected = cfg.n_layers * per_layer + 64 + 2 * 100 * 64
+    assert m.num_params() == expected
+    assert m.num_params(non_embedding=True) == expected - 2 * 100 * 64
+    tied = Transformer(tiny_config(dim=64, n_heads=4, n_kv_heads=2, vocab_size=100, tie_embeddings=True))
+    assert tied.num_params() == expected - 100 * 64
+
+
+def test_model_flops_per_token_counts_matmuls_and_attention():
+    cfg = tiny_config()
+    m = Transformer(cfg)
+    weights = m.num_params(non_embedding=True) - (2 * cfg.n_layers + 1) * cfg.dim + cfg.vocab_size * cfg.dim
+    assert m.flops_per_token(24) == 6 * weights + 12 * cfg.n_layers * cfg.dim * 24
+
+
+def test_model_residual_projections_get_scaled_init():
+    torch.manual_seed(0)
+    m = Transformer(tiny_config(dim=256, n_heads=4, n_kv_heads=4, n_layers=8, init_std=0.02))
+    wo, wq = m.layers[0].attention.wo.weight, m.layers[0].attention.wq.weight
+    assert wq.std().item() == pytest.approx(0.02, rel=0.05)
+    assert wo.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+
+
+def test_llama_hidden_dim_rule():
+    assert llama_hidden_dim(4096, 256) == 11008  # Llama 2 7B
+    assert llama_hidden_dim(4096, 1024, 1.3) == 14336  # Llama 3 8B
+    assert tiny_config(hidden_dim=None, dim=32, multiple_of=16).hidden_dim == 96
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(dim=30, n_heads=4), "model.dim=30 is not divisible by model.n_heads=4"),
+        (dict(n_heads=4, n_kv_heads=3), "model.n_heads=4 is not divisible by model.n_kv_heads=3"),
+        (dict(dim=36, n_heads=4, n_kv_heads=4), "head_dim"),
+        (dict(dropout=1.5), "model.dropout=1.5"),
+    ],
+)
+def test_model_config_rejects_clashing_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**overrides)
+
+
+def test_model_rejects_sequences_longer_than_max_seq_len():
+    with pytest.raises(ValueError, match="max_seq_len=24"):
+        Transformer(tiny_config())(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_flash_attn_is_used_only_on_cuda_half_precision(monkeypatch):
+    monkeypatch.setattr(model_module, "flash_attn_func", object())
+    assert not model_module._use_flash_attn(torch.zeros(1, dtype=torch.bfloat16))  # CPU
+    monkeypatch.setattr(model_module, "flash_attn_func", None)
+    assert not model_module._use_flash_attn(torch.zeros(1))
+
+
+@RunIf(min_gpus=1, bf16_cuda=True, package="flash_attn")
+def test_flash_attn_matches_sdpa_on_gpu(monkeypatch):
+    torch.manual_seed(0)
+    m = Transformer(tiny_config(dim=128, n_heads=4, n_kv_heads=2)).cuda().to(torch.bfloat16).eval()
+    x = torch.randint(0, 97, (2, 24), device="cuda")
+    flash = m(x)
+    monkeypatch.setattr(model_module, "flash_attn_func", None)
+    torch.testing.assert_close(flash, m(x), atol=2e-2, rtol=2e-2)
+
+
+def test_against_hf_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=101, dim=64, n_layers=3, n_heads=8, n_kv_heads=2, max_seq_len=32, rope_theta=5000.0)
+    ours = Transformer(cfg).eval()
+    hf_config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu",
+    )
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    # One table maps every name: Meta/torchtitan on the left, Hugging Face on the right; no permutation needed
+    # because model.py pairs RoPE channels as HF does.
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                 "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                 "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                 "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+                 "ffn_norm": "post_attention_layernorm"}
+    for i in range(cfg.n_layers):
+        for a, b in per_layer.items():
+            names[f"layers.{i}.{a}.weight"] = f"model.layers.{i}.{b}.weight"
+    hf_state = hf.state_dict()
+    ours.load_state_dict({ours_name: hf_state[hf_name] for ours_name, hf_name in names.items()})
+    x = torch.randint(0, cfg.vocab_size, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=1e-5)

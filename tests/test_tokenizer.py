@@ -1,0 +1,73 @@
+import pytest
+
+from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.data.corpus import bundled_corpus_dir
+from llmfoundry_pl.tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
+
+CHINESE = "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？人不知而不愠，不亦君子乎？"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    lines = [line for f in sorted(bundled_corpus_dir().glob("*.txt"))[:3] for line in f.read_text().splitlines()]
+    lines += [CHINESE] * 20
+    return train_tokenizer(lines, vocab_size=600)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ROMEO: But soft, what light through yonder window breaks?",
+        "  two leading spaces,\n\nblank lines,\ttabs   and runs of spaces  ",
+        CHINESE,
+        "未见过的汉字：龘靐齉 and an emoji 🙂, accents: naïve café",
+    ],
+)
+def test_tokenizer_round_trips_text_exactly(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_tokenizer_unseen_characters_fall_back_to_bytes(tokenizer):
+    ids = tokenizer.encode("🙂")
+    assert UNK_ID not in ids
+    assert len(ids) == len("🙂".encode())  # four UTF-8 bytes, four byte pieces
+
+
+def test_tokenizer_special_ids_and_chat_tokens(tokenizer):
+    assert (tokenizer.sp.unk_id(), tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (
+        UNK_ID, BOS_ID, EOS_ID, PAD_ID)
+    for token in CHAT_TOKENS:
+        assert len(tokenizer.encode(token)) == 1, token
+    assert tokenizer.encode("hi", bos=True, eos=True)[0] == BOS_ID
+    assert tokenizer.encode("hi", bos=True, eos=True)[-1] == EOS_ID
+
+
+@pytest.mark.parametrize("text", ["Hello there, friend.\n", CHINESE, "bytes 🙂 and <|user|> tokens"])
+def test_tokenizer_token_bytes_add_up_to_the_utf8_length(tokenizer, text):
+    assert tokenizer.token_bytes[tokenizer.encode(text)].sum() == len(text.encode("utf-8"))
+    assert tokenizer.token_bytes[[BOS_ID, EOS_ID, PAD_ID]].sum() == 0
+
+
+def test_tokenizer_survives_serialization(tokenizer, tmp_path):
+    tokenizer.save(tmp_path / "t.model")
+    again = Tokenizer.from_file(tmp_path / "t.model")
+    assert again.sha256 == tokenizer.sha256
+    assert again.encode(CHINESE) == tokenizer.encode(CHINESE)
+
+
+def test_tokenizer_rejects_a_vocab_too_large_for_the_corpus():
+    with pytest.raises(ConfigError, match=r"data.vocab_size=5000 is too large .* at most \d+"):
+        train_tokenizer(["tiny corpus"] * 10, vocab_size=5000)
+
+
+def test_tokenizer_from_missing_or_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        Tokenizer.from_file(tmp_path / "nope.model")
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(ConfigError, match="is not a SentencePiece model"):
+        Tokenizer.from_file(tmp_path / "bad.model")
+
+
+def test_tokenizer_rejects_a_vocab_too_small_for_the_characters():
+    with pytest.raises(ConfigError, match=r"data.vocab_size=270 is too small .* at least \d+"):
+        train_tokenizer([CHINESE * 3, "abcdefghijklmnopqrstuvwxyz"] * 10, vocab_size=270, character_coverage=1.0)
