@@ -1,0 +1,140 @@
+"""The commands as users run them: real subprocesses, real Hydra composition, a real Lightning Trainer."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, run_cli
+
+
+def read_train_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, cache_dir) -> Path:
+    """One tiny training run shared by the eval and generate tests."""
+    cwd = tmp_path_factory.mktemp("train")
+    proc = run_cli("train", *TINY, "hydra.run.dir=run", cwd=cwd)
+    assert "held-out text: val/loss" in proc.stdout
+    return cwd / "run"
+
+
+def test_train_reports_and_leaves_checkpoint(trained_run):
+    record = json.loads((trained_run / "final_metrics.json").read_text())
+    assert record["metrics"]["val/bpb"] > 0 and record["metrics"]["val/ppl"] > 1
+    assert Path(record["checkpoint"]).name == "last.ckpt" and Path(record["checkpoint"]).is_file()
+    assert (trained_run / ".hydra" / "config.yaml").is_file()
+    assert len(read_train_losses(trained_run)) == 8  # log_every_n_steps=1 for 8 steps
+
+
+def test_eval_on_other_text_and_on_the_runs_own_split(trained_run, tmp_path):
+    text = tmp_path / "other.txt"
+    text.write_text("KING LEAR.\nBlow, winds, and crack your cheeks! rage! blow!\n" * 20)
+    ckpt = f"ckpt_path={trained_run}/checkpoints/last.ckpt"
+    other = json.loads(run_cli("eval", ckpt, f"data.path={text}", cwd=tmp_path).stdout.strip().splitlines()[-1])
+    assert other["tokens"] > 100 and other["val/bpb"] > 0
+    own = json.loads(run_cli("eval", ckpt, cwd=tmp_path).stdout.strip().splitlines()[-1])
+    assert own["data"] == "validation split of the training data" and own["tokens"] > other["tokens"]
+    assert list(tmp_path.iterdir()) == [text]  # eval writes no files
+
+
+def test_generate_continues_the_prompt_reproducibly(trained_run, tmp_path):
+    args = [f"ckpt_path={trained_run}/checkpoints/last.ckpt", "prompt=ROMEO:", "max_new_tokens=20", "top_k=10"]
+    first = run_cli("generate", *args, cwd=tmp_path).stdout
+    assert first.strip().splitlines()[0].startswith("ROMEO:")
+    assert run_cli("generate", *args, cwd=tmp_path).stdout == first  # same seed, same text
+    greedy = run_cli("generate", *args, "temperature=0", cwd=tmp_path).stdout
+    assert greedy.startswith("ROMEO:")
+
+
+def test_resume_continues_exactly(tmp_path, cache_dir):
+    """Resuming at step 4 gives, step for step, the losses of the uninterrupted run (same data order, same LR)."""
+    every_val = ["callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.filename='step{step}'"]
+    run_cli("train", *TINY, *every_val, "hydra.run.dir=full", cwd=tmp_path)
+    full = read_train_losses(tmp_path / "full")
+    ckpt = tmp_path / "full" / "checkpoints" / "step4.ckpt"
+    assert ckpt.is_file(), sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    run_cli("train", *TINY, f"ckpt_path={ckpt}", "hydra.run.dir=resumed", cwd=tmp_path)
+    resumed = read_train_losses(tmp_path / "resumed")
+    assert sorted(resumed) == [s for s in sorted(full) if s >= 4]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(full[step], rel=1e-6, abs=1e-6), step
+    # `ckpt_path=last` finds the newest last.ckpt under paths.runs_dir
+    proc = run_cli("train", *TINY, "ckpt_path=last", "paths.runs_dir=.", "trainer.max_steps=9", "hydra.run.dir=again",
+                   cwd=tmp_path)
+    assert "trained 1 steps" in proc.stdout
+
+
+def test_ddp_sweep_with_mixed_jobs_and_summary(tmp_path, cache_dir):
+    """A multirun whose jobs differ (1 process, then DDP with 2 gloo processes): each job runs once, in its own
+    directory, and the sweep ends with a summary table."""
+    proc = run_cli("train", "-m", *TINY, "trainer=default,ddp", "hydra.sweep.dir=sweep", cwd=tmp_path, timeout=400)
+    sweep = tmp_path / "sweep"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]  # no stray sweep from rank 1
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [r["overrides"].split()[-1] for r in rows] == ["trainer=default", "trainer=ddp"]
+    assert all(float(r["val/loss"]) > 0 for r in rows)
+    assert "sweep summary" in proc.stdout and "trainer=ddp" in (sweep / "summary.md").read_text()
+    ddp_job = json.loads((sweep / "1" / "final_metrics.json").read_text())
+    assert Path(ddp_job["checkpoint"]).is_relative_to((sweep / "1").resolve())
+    assert "MEMBER: 2/2" in proc.stderr  # rank 1 really ran
+    assert not (tmp_path / "outputs").exists()  # ranks wrote nowhere else
+
+
+def test_ddp_single_run_two_processes(tmp_path, cache_dir):
+    proc = run_cli("train", *TINY, "trainer=ddp", "trainer.devices=2", "hydra.run.dir=ddp", cwd=tmp_path)
+    assert "held-out text" in proc.stdout and "MEMBER: 2/2" in proc.stderr
+    assert json.loads((tmp_path / "ddp" / "final_metrics.json").read_text())["metrics"]["val/loss"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.n_heads=3"], "error: model.dim=32 is not divisible by model.n_heads=3"),
+        (["data.path=/no/such/dir"], "error: data.path=/no/such/dir does not exist"),
+        (["ckpt_path=/no/such.ckpt"], "error: ckpt_path=/no/such.ckpt does not exist"),
+        (["trainer.max_step=3"], "Key 'max_step' not in 'TrainerConf'"),
+        (["model.n_layers=two"], "Value 'two' of type 'str' could not be converted to Integer"),
+    ],
+    ids=["clashing-heads", "missing-data", "missing-ckpt", "typo", "wrong-type"],
+)
+def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides, message):
+    proc = run_cli("train", *TINY, *overrides, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_and_cfg_job(tmp_path):
+    help_text = run_cli("train", "--help", cwd=tmp_path).stdout
+    assert "== Configuration groups ==" in help_text and "hardware: auto, cpu, m4pro, rtx5060" in help_text
+    cfg = run_cli("eval", "--cfg", "job", "ckpt_path=x.ckpt", cwd=tmp_path).stdout
+    assert "ckpt_path: x.ckpt" in cfg
+
+
+def test_non_editable_install_finds_configs_and_corpus(tmp_path):
+    """`pip install .` (a wheel, not the source tree) must ship conf/ and the bundled corpus."""
+    repo = Path(__file__).resolve().parents[1]
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(repo)], check=True, capture_output=True, timeout=300,
+    )
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    code = ("import llmfoundry_pl, llmfoundry_pl.data.corpus as c; print(llmfoundry_pl.__file__); "
+            "print(len(list(c.bundled_corpus_dir().glob('*.txt'))))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0].startswith(str(target)) and out[1] == "13"
+    cfg = subprocess.run([sys.executable, "-m", "llmfoundry_pl.train", "--cfg", "job", "model=small"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert "dim: 512" in cfg
