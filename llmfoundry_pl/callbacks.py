@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor

@@ -21,7 +21,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -58,15 +58,15 @@ class ModelConfig:
     dim: int = field(default=256, metadata=_help("Width of the residual stream (the embedding size)."))
     n_layers: int = field(default=4, metadata=_help("Number of transformer blocks."))
     n_heads: int = field(default=4, metadata=_help("Number of query heads; head_dim = dim // n_heads."))
-    n_kv_heads: Optional[int] = field(
+    n_kv_heads: int | None = field(
         default=None, metadata=_help("Number of key/value heads (GQA); null means n_heads (plain multi-head).")
     )
-    hidden_dim: Optional[int] = field(
+    hidden_dim: int | None = field(
         default=None,
-        metadata=_help("SwiGLU inner width; null derives it with Llama's rule from dim, multiple_of, ffn_dim_multiplier."),
+        metadata=_help("SwiGLU inner width; null: Llama's rule from dim, multiple_of, ffn_dim_multiplier."),
     )
     multiple_of: int = field(default=64, metadata=_help("Llama's rule rounds hidden_dim up to a multiple of this."))
-    ffn_dim_multiplier: Optional[float] = field(
+    ffn_dim_multiplier: float | None = field(
         default=None, metadata=_help("Optional scale on Llama's 8/3·dim hidden width (Llama 3 uses 1.3).")
     )
     norm_eps: float = field(default=1e-5, metadata=_help("Epsilon inside RMSNorm's square root."))
@@ -75,7 +75,7 @@ class ModelConfig:
     tie_embeddings: bool = field(
         default=False, metadata=_help("Share the token embedding with the output head (saves vocab·dim params).")
     )
-    dropout: float = field(default=0.0, metadata=_help("Dropout on attention and residual branches; 0 for pretraining."))
+    dropout: float = field(default=0.0, metadata=_help("Dropout on attention and residual branches."))
     init_std: float = field(
         default=0.02, metadata=_help("Std of the normal init; residual output projections get std/sqrt(2·n_layers).")
     )
@@ -111,7 +111,7 @@ class ModelConfig:
         return self.dim // self.n_heads
 
 
-def llama_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:
+def llama_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
     """Llama's SwiGLU width: 2/3 of the usual 4·dim (three matrices instead of two keep the parameter count),
     optionally scaled, rounded up to ``multiple_of`` for hardware-friendly matmuls."""
     hidden = int(2 * (4 * dim) / 3)
@@ -131,13 +131,13 @@ def _nearest_divisor(n: int, target: int) -> int:
 class DataConfig:
     """Where the text comes from, how it is tokenized, and how training windows are drawn."""
 
-    path: Optional[str] = field(
+    path: str | None = field(
         default=None,
         metadata=_help("A text file, a folder (all .txt/.md/.jsonl inside), or a glob; null uses the bundled corpus."),
     )
     text_field: str = field(default="text", metadata=_help("Key holding the text in each line of a .jsonl file."))
     vocab_size: int = field(default=4096, metadata=_help("Vocabulary size of the SentencePiece model trained here."))
-    tokenizer_path: Optional[str] = field(
+    tokenizer_path: str | None = field(
         default=None, metadata=_help("An existing SentencePiece .model to use instead of training one.")
     )
     character_coverage: float = field(
@@ -174,8 +174,8 @@ class OptimConfig:
     weight_decay: float = field(default=0.1, metadata=_help("Decoupled weight decay on the weight matrices."))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_help("Adam's beta1 and beta2."))
     eps: float = field(default=1e-8, metadata=_help("Adam's epsilon."))
-    fused: Optional[bool] = field(
-        default=None, metadata=_help("Fused AdamW kernel; null uses it on CUDA (on CPU the default foreach path is faster).")
+    fused: bool | None = field(
+        default=None, metadata=_help("Fused AdamW kernel; null: on CUDA only (on CPU the foreach path is faster).")
     )
 
 
@@ -218,9 +218,9 @@ class TrainConfig:
     logger: Any = None
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = field(default=1337, metadata=_help("Global seed (model init, data windows, samples)."))
-    ckpt_path: Optional[str] = field(
+    ckpt_path: str | None = field(
         default=None,
-        metadata=_help("Resume from this Lightning checkpoint; 'last' takes the newest last.ckpt under paths.runs_dir."),
+        metadata=_help("Resume from this checkpoint; 'last': the newest last.ckpt under paths.runs_dir."),
     )
     compile: bool = field(default=False, metadata=_help("torch.compile the model before training."))
     sample_prompt: str = field(default="", metadata=_help("Prompt of the sample printed after training."))
@@ -231,12 +231,12 @@ class TrainConfig:
 class EvalDataConfig:
     """What ``lfpl-eval`` reads. The tokenizer always comes from the checkpoint."""
 
-    path: Optional[str] = field(
+    path: str | None = field(
         default=None,
         metadata=_help("Text to evaluate in full (file, folder or glob); null: the checkpoint's own validation split."),
     )
     text_field: str = field(default="text", metadata=_help("Key holding the text in each line of a .jsonl file."))
-    seq_len: Optional[int] = field(default=None, metadata=_help("Window length; null: the one the model trained on."))
+    seq_len: int | None = field(default=None, metadata=_help("Window length; null: the one the model trained on."))
     batch_size: int = field(default=16, metadata=_help("Windows per batch."))
     cache_dir: str = field(default="~/.cache/llmfoundry_pl", metadata=_help("Token-file cache."))
 
@@ -248,7 +248,7 @@ class EvalConfig:
     ckpt_path: str = field(default=MISSING, metadata=_help("Lightning checkpoint to evaluate."))
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     accelerator: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
-    precision: Optional[str] = field(default=None, metadata=_help("Lightning precision; null keeps the default."))
+    precision: str | None = field(default=None, metadata=_help("Lightning precision; null keeps the default."))
 
 
 @dataclass
@@ -259,7 +259,7 @@ class GenerateConfig:
     prompt: str = field(default="", metadata=_help("Text to continue; empty starts from the beginning-of-text token."))
     max_new_tokens: int = field(default=200, metadata=_help("Tokens to generate."))
     temperature: float = field(default=0.8, metadata=_help("Softmax temperature; 0 means greedy."))
-    top_k: Optional[int] = field(default=50, metadata=_help("Sample among the k most likely tokens; null for all."))
+    top_k: int | None = field(default=50, metadata=_help("Sample among the k most likely tokens; null for all."))
     seed: int = field(default=1337, metadata=_help("Seed of the sampler, for reproducible samples."))
     device: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
 
@@ -279,11 +279,11 @@ def _schema_type(annotation: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1 and args[0] in _PLAIN_TYPES and len(typing.get_args(annotation)) == 2:
-            return Optional[args[0]]
+            return args[0] | None
     return Any
 
 
-def schema_from_signature(cls: type, exclude: tuple[str, ...] = (), name: Optional[str] = None) -> type:
+def schema_from_signature(cls: type, exclude: tuple[str, ...] = (), name: str | None = None) -> type:
     """A dataclass with one field per argument of ``cls.__init__`` (same names and defaults) plus ``_target_``,
     for ``hydra.utils.instantiate``. The idea of hydra-zen's ``builds(populate_full_signature=True)``, in a few
     lines, so the schema follows the installed Lightning version instead of a hand-copied list."""
@@ -297,7 +297,7 @@ def schema_from_signature(cls: type, exclude: tuple[str, ...] = (), name: Option
             default = None  # timedelta, enum, ... defaults: let the class apply its own
         ftype = _schema_type(hints.get(pname, Any))
         if ftype is not Any and default is None:
-            ftype = Optional[ftype]
+            ftype = ftype | None
         fields.append((pname, ftype, field(default=default)))
     return dataclasses.make_dataclass(name or f"{cls.__name__}Conf", fields)
 
@@ -313,10 +313,9 @@ def register_configs() -> None:
     from lightning import Trainer
     from lightning.pytorch import callbacks as cb
     from lightning.pytorch import loggers
+    from omegaconf import OmegaConf
 
     from llmfoundry_pl.callbacks import SampleTextCallback, TokenThroughputMonitor
-
-    from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("lfpl.auto_precision", auto_precision, replace=True)
     cs = ConfigStore.instance()
@@ -354,5 +353,5 @@ def auto_precision() -> str:
 
 def _optional_members(name: str, classes: dict[str, type]) -> type:
     """A schema with one optional member per class: YAML enables a member by filling it, null disables it."""
-    members = [(key, Optional[schema_from_signature(c)], field(default=None)) for key, c in classes.items()]
+    members = [(key, schema_from_signature(c) | None, field(default=None)) for key, c in classes.items()]
     return dataclasses.make_dataclass(name, members)

@@ -7,8 +7,10 @@ exactly Hugging Face's ``LlamaForCausalLM``, so weights map one-to-one (see ``te
 Shapes in comments: B = batch, T = sequence length, D = dim, H = n_heads, K = n_kv_heads, Hd = head_dim,
 V = vocab_size.
 
-    tokens ─ tok_embeddings ─┬─ RMSNorm ─ attention (RoPE, GQA) ─(+)─┬─ RMSNorm ─ SwiGLU ─(+)─ ... ─ norm ─ output ─ logits
-                             └────────────── residual ───────────────┘└─────── residual ────┘
+    tokens → tok_embeddings → n_layers × block → norm → output → logits (B, T, V)
+
+    block:  x ─┬─ RMSNorm ─ attention (RoPE, GQA) ─(+)─┬─ RMSNorm ─ SwiGLU ─(+)─→
+               └─────────────── residual ───────────┘  └───── residual ─────┘
 """
 
 from __future__ import annotations

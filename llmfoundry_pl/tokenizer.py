@@ -44,7 +44,8 @@ class Tokenizer:
         try:
             return cls(path.read_bytes())
         except RuntimeError as e:
-            raise ConfigError(f"{path} is not a SentencePiece model ({e}); point data.tokenizer_path at a .model file")
+            message = f"{path} is not a SentencePiece model ({e}); point data.tokenizer_path at a .model file"
+            raise ConfigError(message) from None
 
     @property
     def vocab_size(self) -> int:

@@ -37,10 +37,10 @@ def compose_train(cache_dir: Path):
     """Compose conf/train.yaml with overrides, as lfpl-train would (without running it)."""
     register_configs()
 
-    def _compose(overrides: list[str] = (), name: str = "train"):
+    def _compose(overrides: list[str] = (), name: str = "train", return_hydra_config: bool = False):
         GlobalHydra.instance().clear()
         with initialize_config_module(config_module="llmfoundry_pl.conf", version_base="1.3"):
-            return compose(config_name=name, overrides=list(overrides))
+            return compose(config_name=name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
     yield _compose
     GlobalHydra.instance().clear()
@@ -54,5 +54,7 @@ def run_cli(command: str, *args: str, cwd: Path, timeout: int = 300, check: bool
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{command} {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{command} {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc

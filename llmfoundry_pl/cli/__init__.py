@@ -1,1 +1,4 @@
-"""Hydra entry points: ``lfpl-train``, ``lfpl-eval``, ``lfpl-generate`` (each also ``python -m llmfoundry_pl.<name>``)."""
+"""Hydra entry points: ``lfpl-train``, ``lfpl-eval``, ``lfpl-generate``.
+
+Each also runs as ``python -m llmfoundry_pl.<name>``.
+"""

@@ -33,8 +33,9 @@ _PARENT_ONLY_HYDRA_KEYS = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.jo
 
 def rank_command(local_rank: int) -> list[str]:
     """The command line that starts rank ``local_rank`` of the current Hydra job as a single run."""
-    import __main__
     from hydra.core.hydra_config import HydraConfig
+
+    import __main__
 
     hydra_cfg = HydraConfig.get()
     if __main__.__spec__ is None:  # a script or console entry point

@@ -46,7 +46,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     meta = datamodule.token_files.meta
     what = "validation split of the training data" if cfg.data.path is None else data_cfg.path
     print(f"\n{what}: {meta['val_tokens']:,} tokens\n"
-          f"loss {metrics['val/loss']:.4f} | perplexity {metrics['val/ppl']:.2f} | bits per byte {metrics['val/bpb']:.4f}")
+          f"loss {metrics['val/loss']:.4f} | perplexity {metrics['val/ppl']:.2f} | "
+          f"bits per byte {metrics['val/bpb']:.4f}")
     print(json.dumps({"ckpt_path": ckpt_path, "data": what, "tokens": meta["val_tokens"], **metrics}), flush=True)
     return metrics
 

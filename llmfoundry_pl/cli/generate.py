@@ -1,6 +1,6 @@
 """``lfpl-generate``: continue a prompt with a trained checkpoint.
 
-    lfpl-generate ckpt_path=outputs/.../checkpoints/last.ckpt prompt="ROMEO:" max_new_tokens=200 temperature=0.8 top_k=50
+    lfpl-generate ckpt_path=outputs/.../last.ckpt prompt="ROMEO:" max_new_tokens=200 temperature=0.8 top_k=50
 """
 
 from __future__ import annotations

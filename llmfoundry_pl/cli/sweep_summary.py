@@ -39,7 +39,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     header = ["job", "overrides", *COLUMNS]
     cells = [[str(r.get("job", "")), r.get("overrides", "")] + [_fmt(r.get(c)) for c in COLUMNS] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
-    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(row) for row in cells)])
 
 

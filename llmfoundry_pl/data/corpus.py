@@ -183,7 +183,7 @@ def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer,
         bar = tqdm(total=len(docs), desc="tokenizing", unit="doc", disable=len(docs) < _ENCODE_CHUNK * 4)
         for start in range(0, len(docs), _ENCODE_CHUNK):
             chunk = docs[start : start + _ENCODE_CHUNK]
-            for doc, ids in zip(chunk, tokenizer.encode_batch(chunk)):
+            for doc, ids in zip(chunk, tokenizer.encode_batch(chunk), strict=True):
                 tokens = np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype)
                 n_val = math.ceil(len(tokens) * cfg.val_fraction)
                 tokens[: len(tokens) - n_val].tofile(train_f)

@@ -1,0 +1,89 @@
+"""Every shipped YAML composes against its schema; mistakes fail at compose time."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from llmfoundry_pl.cli.common import to_dataclass
+from llmfoundry_pl.cli.ddp import HydraDDPStrategy, HydraFSDPStrategy, build_strategy
+from llmfoundry_pl.config import DataConfig, ModelConfig, OptimConfig, SchedulerConfig, schema_from_signature
+from llmfoundry_pl.model import Transformer, TransformerBlock
+
+CONF = resources.files("llmfoundry_pl.conf")
+GROUPS = ["model", "data", "trainer", "optim", "scheduler", "callbacks", "logger", "paths", "hardware", "experiment"]
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.name[:-5] for p in CONF.joinpath(group).iterdir() if p.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in group_options(g)])
+def test_every_shipped_config_composes(compose_train, group, option):
+    cfg = compose_train([f"{group}={option}"])
+    OmegaConf.resolve(cfg.model)
+    model = to_dataclass(cfg.model, ModelConfig)
+    to_dataclass(cfg.data, DataConfig)
+    to_dataclass(cfg.optim, OptimConfig)
+    to_dataclass(cfg.scheduler, SchedulerConfig)
+    assert model.vocab_size == cfg.data.vocab_size and model.max_seq_len == cfg.data.seq_len
+    assert cfg.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize(("preset", "low", "high"), [("tiny", 1e6, 8e6), ("small", 20e6, 30e6), ("base", 100e6, 140e6)])
+def test_model_presets_have_the_advertised_size(compose_train, preset, low, high):
+    cfg = compose_train([f"model={preset}"])
+    assert low < Transformer(to_dataclass(cfg.model, ModelConfig)).num_params() < high
+
+
+def test_hparams_search_composes_the_optuna_sweeper(compose_train):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose_train(["hparams_search=optuna"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert "optim.lr" in cfg.hydra.sweeper.params
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("trainer.max_step=3", "max_step"), ("model.n_layer=3", "n_layer"), ("model.n_layers=two", "n_layers"),
+     ("callbacks.model_checkpoint.save_top=2", "save_top"), ("data.seq_len=1.5", "seq_len")],
+)
+def test_config_typos_and_wrong_types_fail_at_compose_time(compose_train, override, message):
+    with pytest.raises(ConfigCompositionException, match=message):
+        compose_train([override])
+
+
+def test_hardware_profiles_set_device_and_precision(compose_train):
+    cpu = compose_train(["hardware=cpu"])
+    assert (cpu.trainer.accelerator, cpu.trainer.precision, cpu.compile) == ("cpu", "32-true", False)
+    gpu = compose_train(["hardware=rtx5060"])
+    assert (gpu.trainer.accelerator, gpu.trainer.precision) == ("gpu", "bf16-mixed")
+    assert compose_train(["hardware=m4pro"]).trainer.accelerator == "mps"
+    assert compose_train([]).trainer.precision == "32-true"  # auto on this CPU-only machine
+
+
+def test_schema_from_signature_keeps_names_defaults_and_plain_types():
+    class Thing:
+        def __init__(self, steps: int = 3, name: str | None = None, mode: int | str = "a", **kwargs) -> None:
+            pass
+
+    schema = OmegaConf.structured(schema_from_signature(Thing))
+    assert schema._target_.endswith("Thing") and schema.steps == 3 and schema.name is None and schema.mode == "a"
+    with pytest.raises(Exception, match="steps"):
+        schema.steps = "many"
+    schema.mode = 5  # a union stays untyped
+
+
+def test_build_strategy_picks_hydra_aware_ddp_and_fsdp(monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    assert isinstance(build_strategy("ddp", 2, TransformerBlock), HydraDDPStrategy)
+    assert isinstance(build_strategy("auto", 2, TransformerBlock), HydraDDPStrategy)
+    assert build_strategy("auto", 1, TransformerBlock) == "auto"
+    fsdp = build_strategy("fsdp", 2, TransformerBlock)
+    assert isinstance(fsdp, HydraFSDPStrategy) and fsdp._state_dict_type == "full"
+    assert TransformerBlock in fsdp.kwargs["auto_wrap_policy"]._module_classes
