@@ -170,7 +170,7 @@ class DataConfig:
 class OptimConfig:
     """AdamW. Weight decay applies to matrices only: norms and embeddings are not decayed."""
 
-    lr: float = field(default=1e-3, metadata=_help("Peak learning rate, reached after the warmup."))
+    lr: float = field(default=2e-3, metadata=_help("Peak learning rate, reached after the warmup."))
     weight_decay: float = field(default=0.1, metadata=_help("Decoupled weight decay on the weight matrices."))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_help("Adam's beta1 and beta2."))
     eps: float = field(default=1e-8, metadata=_help("Adam's epsilon."))
@@ -184,7 +184,7 @@ class SchedulerConfig:
     """Learning rate: linear warmup from 0, then decay to lr·min_lr_ratio at trainer.max_steps."""
 
     decay: str = field(default="cosine", metadata=_help("cosine, linear or constant after the warmup."))
-    warmup_steps: int = field(default=100, metadata=_help("Optimizer steps of linear warmup."))
+    warmup_steps: int = field(default=50, metadata=_help("Optimizer steps of linear warmup."))
     min_lr_ratio: float = field(default=0.1, metadata=_help("Final learning rate as a fraction of the peak."))
 
     def __post_init__(self) -> None:

@@ -83,7 +83,9 @@ def test_ddp_sweep_with_mixed_jobs_and_summary(tmp_path, cache_dir):
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [r["overrides"].split()[-1] for r in rows] == ["trainer=default", "trainer=ddp"]
     assert all(float(r["val/loss"]) > 0 for r in rows)
-    assert "sweep summary" in proc.stdout and "trainer=ddp" in (sweep / "summary.md").read_text()
+    summary = (sweep / "summary.md").read_text()
+    assert "sweep summary" in proc.stdout and "| 1   | trainer=ddp" in summary
+    assert "common to all jobs: hardware=cpu" in summary  # the table shows what varied
     ddp_job = json.loads((sweep / "1" / "final_metrics.json").read_text())
     assert Path(ddp_job["checkpoint"]).is_relative_to((sweep / "1").resolve())
     assert "MEMBER: 2/2" in proc.stderr  # rank 1 really ran

@@ -35,18 +35,23 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table, readable in a terminal and rendered by any Markdown viewer."""
+    """A Markdown table, readable in a terminal and rendered by any Markdown viewer. Overrides shared by every job
+    are listed once above it, so the column shows what the sweep varied."""
+    finished = [r["overrides"].split() for r in rows if "val/loss" in r]
+    common = [o for o in finished[0] if all(o in f for f in finished)] if finished else []
+    varied = lambda r: " ".join(o for o in r.get("overrides", "").split() if o not in common) or "-"
     header = ["job", "overrides", *COLUMNS]
-    cells = [[str(r.get("job", "")), r.get("overrides", "")] + [_fmt(r.get(c)) for c in COLUMNS] for r in rows]
+    cells = [[str(r.get("job", "")), varied(r)] + [_fmt(r.get(c)) for c in COLUMNS] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
     line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(row) for row in cells)])
+    table = [line(header), line(["-" * w for w in widths]), *(line(row) for row in cells)]
+    return "\n".join(([f"common to all jobs: {' '.join(common)}", ""] if common else []) + table)
 
 
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4f}"
 
 
 class SweepSummary(Callback):
