@@ -107,8 +107,10 @@ def test_ddp_single_run_two_processes(tmp_path, cache_dir):
         (["ckpt_path=/no/such.ckpt"], "error: ckpt_path=/no/such.ckpt does not exist"),
         (["trainer.max_step=3"], "Key 'max_step' not in 'TrainerConf'"),
         (["model.n_layers=two"], "Value 'two' of type 'str' could not be converted to Integer"),
+        (["hardware=m4pro"], "error: the trainer settings cannot run here: `MPSAccelerator` can not run"),
+        (["trainer.precision=bf17"], "error: the trainer settings cannot run here: Precision 'bf17' is invalid"),
     ],
-    ids=["clashing-heads", "missing-data", "missing-ckpt", "typo", "wrong-type"],
+    ids=["clashing-heads", "missing-data", "missing-ckpt", "typo", "wrong-type", "no-mps", "bad-precision"],
 )
 def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides, message):
     proc = run_cli("train", *TINY, *overrides, cwd=tmp_path, check=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,8 +61,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
-    strategy = build_strategy(cfg.trainer.strategy, cfg.trainer.devices, block_class=TransformerBlock)
-    trainer: L.Trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
+    trainer = _build_trainer(cfg.trainer, callbacks, loggers)
 
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
     failed = True
@@ -81,6 +81,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["train_seconds"] = train_seconds
         _report(cfg, lit, trainer, metrics, steps)
     return metrics
+
+
+def _build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    """The Lightning Trainer; settings this machine cannot run (``accelerator=gpu`` without a GPU, an unknown
+    precision) become one line naming the problem instead of a traceback."""
+    strategy = build_strategy(trainer_cfg.strategy, trainer_cfg.devices, block_class=TransformerBlock)
+    try:
+        return instantiate(trainer_cfg, strategy=strategy, callbacks=callbacks, logger=loggers or False)
+    except InstantiationException as e:
+        reason = " ".join(str(e.__cause__ or e).split())
+        raise ConfigError(
+            f"the trainer settings cannot run here: {reason} — fix trainer.*, or pick the hardware= profile of this "
+            "machine (hardware=auto finds it)"
+        ) from None
 
 
 def _checkpoint_step(ckpt_path: str | None) -> int:
