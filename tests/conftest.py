@@ -20,7 +20,7 @@ TINY = [
     "data.vocab_size=512", "data.seq_len=32", "data.batch_size=4",
     "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
     "scheduler.warmup_steps=2", "callbacks.progress_bar=null", "callbacks.sample_text.max_new_tokens=8",
-    "sample_tokens=8",
+    "sample_tokens=8", "callbacks.throughput.window_size=4",
 ]
 
 

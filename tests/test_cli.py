@@ -34,6 +34,11 @@ def test_train_reports_and_leaves_checkpoint(trained_run):
     assert Path(record["checkpoint"]).name == "last.ckpt" and Path(record["checkpoint"]).is_file()
     assert (trained_run / ".hydra" / "config.yaml").is_file()
     assert len(read_train_losses(trained_run)) == 8  # log_every_n_steps=1 for 8 steps
+    with open(trained_run / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/device/mfu")]
+    # tokens/s and MFU from Lightning's ThroughputMonitor, against the CPU peak measured at start-up
+    assert rows and all(0 < float(r["train/device/mfu"]) < 1 for r in rows)
+    assert all(float(r["train/device/items_per_sec"]) > 0 for r in rows)
 
 
 def test_eval_on_other_text_and_on_the_runs_own_split(trained_run, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -35,6 +36,7 @@ from llmfoundry_pl.tokenizer import atomic_write_bytes
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job; returns the final held-out metrics (``val/loss``, ``val/ppl``, ``val/bpb``)."""
     L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
 
     # Data first: the model's vocabulary is the tokenizer's. (Lightning calls prepare_data again in fit;
     # by then it only reads the cache.)
@@ -63,7 +65,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     trainer = _build_trainer(cfg.trainer, callbacks, loggers)
 
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
     failed = True
     try:
         start_step, t0 = _checkpoint_step(ckpt_path), time.perf_counter()
@@ -98,10 +99,9 @@ def _build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list) -> L
 
 
 def _checkpoint_step(ckpt_path: str | None) -> int:
+    """The optimizer step a checkpoint was saved at (0 for a new run), to count this run's own steps."""
     if ckpt_path is None:
         return 0
-    import torch
-
     return int(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
