@@ -124,6 +124,20 @@ def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        ("eval", [], "error: ckpt_path is required"),
+        ("generate", ["ckpt_path=not_a.ckpt"], "error: ckpt_path=not_a.ckpt is not a checkpoint written by lfpl-train"),
+    ],
+    ids=["eval-no-ckpt", "generate-bad-ckpt"],
+)
+def test_eval_and_generate_mistakes_fail_with_one_line(tmp_path, command, args, message):
+    (tmp_path / "not_a.ckpt").write_text("not a checkpoint")
+    proc = run_cli(command, *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_help_and_cfg_job(tmp_path):
     help_text = run_cli("train", "--help", cwd=tmp_path).stdout
     assert "== Configuration groups ==" in help_text and "hardware: auto, cpu, m4pro, rtx5060" in help_text

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.lit_module import LitLlama
 
 CONFIG_PATH = "pkg://llmfoundry_pl.conf"  # conf/ ships inside the package (see pyproject.toml)
 T = TypeVar("T")
@@ -25,6 +27,9 @@ def user_errors() -> Iterator[None]:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except MissingMandatoryValue as e:
+        print(f"error: {e.full_key} is required; give it on the command line ({e.full_key}=...)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def to_dataclass(node: DictConfig, cls: type[T]) -> T:
@@ -32,6 +37,21 @@ def to_dataclass(node: DictConfig, cls: type[T]) -> T:
     obj = OmegaConf.to_object(node)
     assert isinstance(obj, cls), f"expected {cls.__name__}, got {type(obj).__name__}"
     return obj
+
+
+def load_checkpoint(ckpt_path: str | None) -> tuple[str, LitLlama]:
+    """The resolved path and the model of a checkpoint written by ``lfpl-train`` (on the CPU; callers move it)."""
+    path = resolve_ckpt_path(ckpt_path)
+    try:
+        lit = LitLlama.load_from_checkpoint(path, map_location="cpu")
+    except Exception as e:  # a truncated file, another program's checkpoint, ...: say so in one line
+        reason = " ".join(str(e).split()).split(". ")[0][:160]  # the first sentence is the useful one
+        raise ConfigError(
+            f"ckpt_path={path} is not a checkpoint written by lfpl-train ({type(e).__name__}: {reason})"
+        ) from None
+    if lit.tokenizer is None:
+        raise ConfigError(f"ckpt_path={path} has no tokenizer inside; it was not written by lfpl-train")
+    return path, lit
 
 
 def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str = "outputs") -> str | None:

@@ -14,7 +14,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from llmfoundry_pl.cli.common import CONFIG_PATH, resolve_ckpt_path, user_errors
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_checkpoint, user_errors
 from llmfoundry_pl.config import DataConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.lit_module import LitLlama
@@ -34,8 +34,7 @@ def evaluation_data(cfg: DictConfig, lit: LitLlama) -> DataConfig:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path)
-    lit = LitLlama.load_from_checkpoint(ckpt_path, map_location="cpu")
+    ckpt_path, lit = load_checkpoint(cfg.ckpt_path)
     data_cfg = evaluation_data(cfg, lit)
     datamodule = TextDataModule(data_cfg, tokenizer=lit.tokenizer)
     trainer = L.Trainer(

@@ -9,10 +9,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from llmfoundry_pl.cli.common import CONFIG_PATH, resolve_ckpt_path, user_errors
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_checkpoint, user_errors
 from llmfoundry_pl.config import ConfigError, register_configs
 from llmfoundry_pl.inference import generate_text
-from llmfoundry_pl.lit_module import LitLlama
 
 
 def pick_device(name: str) -> torch.device:
@@ -28,7 +27,7 @@ def pick_device(name: str) -> torch.device:
 def generate(cfg: DictConfig) -> str:
     if cfg.max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be 0 or more")
-    lit = LitLlama.load_from_checkpoint(resolve_ckpt_path(cfg.ckpt_path), map_location="cpu")
+    _, lit = load_checkpoint(cfg.ckpt_path)
     model = lit.model.to(pick_device(cfg.device))
     text = generate_text(model, lit.tokenizer, cfg.prompt, cfg.max_new_tokens,
                          temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
