@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import lightning as L
@@ -52,15 +53,20 @@ class TokenThroughputMonitor(ThroughputMonitor):
         device = trainer.strategy.root_device
         if self.available_flops is None and self.measure_cpu_peak and device.type == "cpu":
             self.available_flops = int(measure_matmul_flops(device))
+            if stage == "fit":
+                rank_zero_info(f"MFU is measured against this CPU's fp32 matmul peak, {self.available_flops / 1e9:.0f} "
+                               f"GFLOP/s with {torch.get_num_threads()} threads")
             for throughput in self._throughputs.values():  # created by super().setup() with no peak
                 throughput.available_flops = self.available_flops
 
 
+@functools.cache
 def measure_matmul_flops(device: torch.device, n: int = 2048, dtype: torch.dtype = torch.float32, repeat: int = 10,
                          warmup_s: float = 0.5) -> float:
     """FLOP/s of an n×n @ n×n matmul on ``device`` with the threads this process has: the practical peak that
-    MFU is measured against where no spec sheet applies. Half a second of warm-up first: a CPU coming out of idle
-    runs its first matmuls at a lower clock (measured: a cold 1024² measurement gave under half the peak)."""
+    MFU is measured against where no spec sheet applies; measured once per process. Half a second of warm-up
+    first: a CPU coming out of idle runs its first matmuls at a lower clock (a cold measurement gave half the peak).
+    On this shared 2-core VM the figure still varies by ±20% from run to run, and MFU with it."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     start = time.perf_counter()
