@@ -170,7 +170,7 @@ class DataConfig:
 class OptimConfig:
     """AdamW. Weight decay applies to matrices only: norms and embeddings are not decayed."""
 
-    lr: float = field(default=2e-3, metadata=_help("Peak learning rate, reached after the warmup."))
+    lr: float = field(default=3e-3, metadata=_help("Peak learning rate, reached after the warmup."))
     weight_decay: float = field(default=0.1, metadata=_help("Decoupled weight decay on the weight matrices."))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_help("Adam's beta1 and beta2."))
     eps: float = field(default=1e-8, metadata=_help("Adam's epsilon."))
