@@ -331,7 +331,6 @@ def register_configs() -> None:
         "model_checkpoint": cb.ModelCheckpoint,
         "lr_monitor": cb.LearningRateMonitor,
         "progress_bar": cb.TQDMProgressBar,
-        "rich_progress_bar": cb.RichProgressBar,
         "throughput": TokenThroughputMonitor,
         "sample_text": SampleTextCallback,
         "early_stopping": cb.EarlyStopping,
@@ -352,6 +351,8 @@ def auto_precision() -> str:
 
 
 def _optional_members(name: str, classes: dict[str, type]) -> type:
-    """A schema with one optional member per class: YAML enables a member by filling it, null disables it."""
+    """A schema with one optional member per class: YAML enables a member by filling it, null disables it.
+    (A member that is null cannot be filled from the command line, so each optional callback that is off by default
+    has a file of its own in conf/callbacks, e.g. callbacks=early_stopping.)"""
     members = [(key, schema_from_signature(c) | None, field(default=None)) for key, c in classes.items()]
     return dataclasses.make_dataclass(name, members)
