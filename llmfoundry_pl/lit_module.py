@@ -115,6 +115,7 @@ class LitLlama(L.LightningModule):
         logits = self(x)
         nats = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         counted = y != IGNORE_INDEX
+        # Without a tokenizer the bytes behind each token are unknown: val/bpb then reads as bits per token.
         n_bytes = self.token_bytes[y[counted]].sum() if self.tokenizer is not None else counted.sum()
         self.val_metrics.update(nats, counted.sum(), n_bytes)
 
