@@ -168,3 +168,18 @@ def test_token_file_pickles_without_its_data(token_file):
     clone = pickle.loads(pickle.dumps(token_file))
     assert clone._tokens is None and clone.tokens[5] == 5
     assert os.path.getsize(token_file.path) == 2000
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "accumulate", "message"),
+    [(-1, 1, "set trainer.max_steps"), (10, 0, "trainer.accumulate_grad_batches=0 must be 1 or more")],
+)
+def test_training_needs_steps_and_whole_accumulation(max_steps, accumulate, message):
+    from types import SimpleNamespace
+
+    from llmfoundry_pl.data import TextDataModule
+
+    dm = TextDataModule(DataConfig())
+    dm.trainer = SimpleNamespace(max_steps=max_steps, accumulate_grad_batches=accumulate, global_step=0)
+    with pytest.raises(ConfigError, match=message):
+        dm.train_dataloader()

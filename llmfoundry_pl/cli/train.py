@@ -108,13 +108,16 @@ def _checkpoint_step(ckpt_path: str | None) -> int:
 def _report(cfg: DictConfig, lit: LitLlama, trainer: L.Trainer, metrics: dict[str, float], steps: int) -> None:
     """Print held-out quality, speed, a sample and the checkpoint; write them to final_metrics.json for sweeps."""
     sample = generate_text(lit.model, lit.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
-    ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+    if trainer.checkpoint_callback is None:
+        ckpt, no_ckpt = "", "(none: callbacks.model_checkpoint is disabled)"
+    else:
+        ckpt, no_ckpt = trainer.checkpoint_callback.last_model_path, "(none saved: no validation ran)"
     print(
         f"\nheld-out text: val/loss {metrics['val/loss']:.4f} | val/ppl {metrics['val/ppl']:.2f} | "
         f"val/bpb {metrics['val/bpb']:.4f}\n"
         f"trained {steps} steps in {metrics['train_seconds']:.1f} s ({metrics['train_tokens_per_s']:,.0f} tokens/s)\n"
         f"sample: {cfg.sample_prompt}{sample}\n"
-        f"checkpoint: {ckpt or '(none: callbacks.model_checkpoint is disabled)'}",
+        f"checkpoint: {ckpt or no_ckpt}",
         flush=True,
     )
     output_dir = Path(cfg.paths.output_dir)

@@ -128,6 +128,8 @@ class TextDataModule(L.LightningDataModule):
         if trainer is None or trainer.max_steps is None or trainer.max_steps <= 0:
             raise ConfigError("set trainer.max_steps: training draws windows at random positions, so it is step-based")
         accumulate = trainer.accumulate_grad_batches
+        if accumulate < 1:
+            raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} must be 1 or more")
         first = trainer.global_step * accumulate  # on resume, global_step is restored before this is called
         sampler = StepBatchSampler(
             first_batch=first,
