@@ -260,6 +260,10 @@ class GenerateConfig:
     max_new_tokens: int = field(default=200, metadata=_help("Tokens to generate."))
     temperature: float = field(default=0.8, metadata=_help("Softmax temperature; 0 means greedy."))
     top_k: int | None = field(default=50, metadata=_help("Sample among the k most likely tokens; null for all."))
+    top_p: float | None = field(default=None, metadata=_help("Nucleus: the smallest set of tokens with mass top_p."))
+    min_p: float | None = field(default=None, metadata=_help("Drop tokens under min_p × the top token's probability."))
+    repetition_penalty: float = field(default=1.0, metadata=_help("Above 1 makes tokens already present less likely."))
+    stop: list[str] = field(default_factory=list, metadata=_help("Stop before the first of these strings."))
     seed: int = field(default=1337, metadata=_help("Seed of the sampler, for reproducible samples."))
     device: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
 

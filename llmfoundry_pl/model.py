@@ -16,6 +16,7 @@ V = vocab_size.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -87,12 +88,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCacheLayer | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, Hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, Hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, Hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            # Generation: keep this step's keys/values and attend over every position so far (B, S, K, Hd).
+            k, v = kv_cache.update(start_pos, k, v)
+            if start_pos > 0:
+                return self.wo(_attend_cached(q, k, v, start_pos, self.n_heads != self.n_kv_heads))
         dropout_p = self.dropout if self.training else 0.0
         if _use_flash_attn(q):
             # flash-attn takes (B, T, heads, Hd) and handles grouped KV heads natively.
@@ -104,6 +113,26 @@ class Attention(nn.Module):
                 dropout_p=dropout_p, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
             ).transpose(1, 2)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, D)
+
+
+def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, gqa: bool) -> torch.Tensor:
+    """Attention of T new queries at positions start_pos.. over S = start_pos + T cached keys: query i sees keys
+    0 .. start_pos + i (a causal mask shifted by start_pos; a single new token sees everything)."""
+    B, T, H, Hd = q.shape
+    S = k.size(1)
+    mask = None
+    if T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start_pos)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=gqa
+    ).transpose(1, 2)
+    return out.reshape(B, T, H * Hd)
+
+
+class KVCacheLayer(Protocol):
+    """What attention needs from a KV cache (see llmfoundry_pl/inference/kv_cache.py)."""
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _use_flash_attn(q: torch.Tensor) -> bool:
@@ -136,8 +165,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin))
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCacheLayer | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -173,14 +205,20 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, kv_cache: list[KVCacheLayer] | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        """Logits for ``tokens`` (B, T). For generation, ``kv_cache`` holds one cache per layer and ``start_pos`` is
+        the position of ``tokens[:, 0]``: earlier positions come from the cache instead of being recomputed."""
         B, T = tokens.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.config.max_seq_len}")
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start_pos + T} tokens is longer than model.max_seq_len={self.config.max_seq_len}"
+            )
         h = self.tok_embeddings(tokens)  # (B, T, D)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, None if kv_cache is None else kv_cache[i], start_pos)
         return self.output(self.norm(h)).float()  # (B, T, V); fp32 logits keep the softmax exact under autocast
 
     # ---------------------------------------------------------------------------------------------------------

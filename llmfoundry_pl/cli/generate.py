@@ -29,8 +29,10 @@ def generate(cfg: DictConfig) -> str:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be 0 or more")
     _, lit = load_checkpoint(cfg.ckpt_path)
     model = lit.model.to(pick_device(cfg.device))
-    text = generate_text(model, lit.tokenizer, cfg.prompt, cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
+    text = generate_text(
+        model, lit.tokenizer, cfg.prompt, cfg.max_new_tokens, stop=list(cfg.stop), temperature=cfg.temperature,
+        top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
+    )
     print(cfg.prompt + text, flush=True)
     return text
 
