@@ -264,6 +264,7 @@ class GenerateConfig:
     min_p: float | None = field(default=None, metadata=_help("Drop tokens under min_p × the top token's probability."))
     repetition_penalty: float = field(default=1.0, metadata=_help("Above 1 makes tokens already present less likely."))
     stop: list[str] = field(default_factory=list, metadata=_help("Stop before the first of these strings."))
+    stream: bool = field(default=False, metadata=_help("Print the text as it is generated."))
     seed: int = field(default=1337, metadata=_help("Seed of the sampler, for reproducible samples."))
     device: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
 

@@ -57,7 +57,9 @@ def test_generate_continues_the_prompt_reproducibly(trained_run, tmp_path):
     first = run_cli("generate", *args, cwd=tmp_path).stdout
     assert first.strip().splitlines()[0].startswith("ROMEO:")
     assert run_cli("generate", *args, cwd=tmp_path).stdout == first  # same seed, same text
-    greedy = run_cli("generate", *args, "temperature=0", cwd=tmp_path).stdout
+    streamed = run_cli("generate", *args, "stream=true", cwd=tmp_path).stdout
+    assert streamed == first  # streaming prints the same text, as it comes
+    greedy = run_cli("generate", *args, "temperature=0", "top_p=0.9", "repetition_penalty=1.3", cwd=tmp_path).stdout
     assert greedy.startswith("ROMEO:")
 
 

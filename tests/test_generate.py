@@ -6,6 +6,7 @@ import torch
 from llmfoundry_pl.config import ConfigError, ModelConfig
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
 from llmfoundry_pl.inference.generate import (
+    TextStreamer,
     apply_repetition_penalty,
     filter_min_p,
     filter_top_k,
@@ -13,6 +14,7 @@ from llmfoundry_pl.inference.generate import (
     generate,
     generate_text,
     sample_next,
+    stream_text,
 )
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
 from llmfoundry_pl.model import Transformer
@@ -107,3 +109,27 @@ def test_stop_strings_cut_the_text(model):
     full = generate_text(model, tokenizer, "A", 20, temperature=0)
     stop = full[4:6]
     assert generate_text(model, tokenizer, "A", 20, temperature=0, stop=[stop]) == full[: full.find(stop)]
+
+
+def test_streamer_never_splits_a_character_and_reassembles_exactly():
+    lines = [line for f in sorted(bundled_corpus_dir().glob("*.txt"))[:1] for line in f.read_text().splitlines()]
+    tokenizer = train_tokenizer(lines + ["学而时习之，不亦说乎？"] * 10, vocab_size=400)
+    text = "ROMEO: 你好，世界！🙂 naïve café — 不亦乐乎？\n\nJULIET. 未见之字：龘"
+    streamer = TextStreamer(tokenizer)
+    deltas = [streamer.push(i) for i in tokenizer.encode(text)] + [streamer.flush()]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert sum(1 for d in deltas if d) > 10  # it really streams
+
+
+def test_stream_text_yields_what_generate_text_returns(model):
+    lines = [line for f in sorted(bundled_corpus_dir().glob("*.txt"))[:1] for line in f.read_text().splitlines()]
+    tokenizer = train_tokenizer(lines, vocab_size=400)
+    assert "".join(stream_text(model, tokenizer, "A", 15, temperature=0)) == generate_text(
+        model, tokenizer, "A", 15, temperature=0)
+    model.train()
+    stream = stream_text(model, tokenizer, "A", 15, temperature=0)
+    next(stream)
+    stream.close()  # a reader that stops early: the model goes back to train mode all the same
+    assert model.training
+    model.eval()

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from llmfoundry_pl.cli.common import CONFIG_PATH, load_checkpoint, user_errors
 from llmfoundry_pl.config import ConfigError, register_configs
-from llmfoundry_pl.inference import generate_text
+from llmfoundry_pl.inference import generate_text, stream_text
 
 
 def pick_device(name: str) -> torch.device:
@@ -29,11 +29,20 @@ def generate(cfg: DictConfig) -> str:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be 0 or more")
     _, lit = load_checkpoint(cfg.ckpt_path)
     model = lit.model.to(pick_device(cfg.device))
-    text = generate_text(
-        model, lit.tokenizer, cfg.prompt, cfg.max_new_tokens, stop=list(cfg.stop), temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
+    options = dict(
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+        repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
     )
-    print(cfg.prompt + text, flush=True)
+    if cfg.stream:
+        print(cfg.prompt, end="", flush=True)
+        text = ""
+        for delta in stream_text(model, lit.tokenizer, cfg.prompt, cfg.max_new_tokens, stop=list(cfg.stop), **options):
+            print(delta, end="", flush=True)
+            text += delta
+        print(flush=True)
+    else:
+        text = generate_text(model, lit.tokenizer, cfg.prompt, cfg.max_new_tokens, stop=list(cfg.stop), **options)
+        print(cfg.prompt + text, flush=True)
     return text
 
 

@@ -8,7 +8,7 @@ never moves the global RNG that dropout and resumed runs depend on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -94,8 +94,14 @@ def sample_next(
 # ---------------------------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------------------------
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    """Continue ``prompt`` (token ids) by up to ``max_new_tokens`` tokens; returns only the new tokens.
+    Takes the options of :func:`generate_stream`."""
+    return list(generate_stream(model, prompt, max_new_tokens, **kwargs))
+
+
 @torch.no_grad()
-def generate(
+def generate_stream(
     model: Transformer,
     prompt: list[int],
     max_new_tokens: int,
@@ -106,12 +112,11 @@ def generate(
     repetition_penalty: float = 1.0,
     eos_id: int | None = None,
     seed: int | None = None,
-    stop: Callable[[list[int]], bool] | None = None,
     use_cache: bool = True,
-) -> list[int]:
-    """Continue ``prompt`` (token ids) by up to ``max_new_tokens`` tokens; returns only the new tokens.
+) -> Iterator[int]:
+    """Yield the new token ids continuing ``prompt``, one at a time, up to ``max_new_tokens``.
 
-    Stops early at ``eos_id`` or when ``stop(new_tokens)`` says so. ``use_cache=False`` recomputes the whole
+    Stops early at ``eos_id`` (or when the caller stops reading). ``use_cache=False`` recomputes the whole
     context every step (slow; the reference the cached path is tested against)."""
     check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     context = model.config.max_seq_len
@@ -123,44 +128,84 @@ def generate(
         generator.manual_seed(seed)
     was_training = model.training
     model.eval()
+    try:  # restore train mode even when the caller stops reading early
+        tokens = list(prompt)
+        cache = new_kv_cache(model, batch_size=1) if use_cache else None
+        logits = model(torch.tensor([tokens], device=device), cache, 0)[0, -1]  # prefill: the whole prompt at once
+        cached = len(tokens)
+        for step in range(max_new_tokens):
+            next_id = sample_next(logits, generator, temperature, top_k, top_p, min_p, repetition_penalty, tokens)
+            if next_id == eos_id:
+                break
+            tokens.append(next_id)
+            yield next_id
+            if step == max_new_tokens - 1:
+                break
+            if cache is not None and cached < context:  # decode: one new token, earlier ones from the cache
+                logits = model(torch.tensor([[next_id]], device=device), cache, cached)[0, -1]
+                cached += 1
+            else:  # no cache, or the context is full: recompute a sliding window of the last max_seq_len tokens
+                logits = model(torch.tensor([tokens[-context:]], device=device))[0, -1]
+    finally:
+        model.train(was_training)
 
-    tokens, new = list(prompt), []
-    cache = new_kv_cache(model, batch_size=1) if use_cache else None
-    logits = model(torch.tensor([tokens], device=device), cache, 0)[0, -1]  # prefill: the whole prompt at once
-    cached = len(tokens)
-    for step in range(max_new_tokens):
-        next_id = sample_next(logits, generator, temperature, top_k, top_p, min_p, repetition_penalty, tokens)
-        if next_id == eos_id:
-            break
-        tokens.append(next_id)
-        new.append(next_id)
-        if step == max_new_tokens - 1 or (stop is not None and stop(new)):
-            break
-        if cache is not None and cached < context:  # decode: one new token, earlier ones from the cache
-            logits = model(torch.tensor([[next_id]], device=device), cache, cached)[0, -1]
-            cached += 1
-        else:  # no cache, or the context is full: recompute a sliding window of the last max_seq_len tokens
-            logits = model(torch.tensor([tokens[-context:]], device=device))[0, -1]
-    model.train(was_training)
-    return new
+class TextStreamer:
+    """Turns token ids, pushed one at a time, into text deltas that join up to exactly the decoded text.
+
+    A character outside the vocabulary arrives as several byte tokens; until its last byte is in, decoding shows
+    U+FFFD, so the streamer holds back a trailing U+FFFD and never emits half a character (Chinese, emoji)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._delta(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+
+    def flush(self) -> str:
+        """What is left at the end (a genuinely unfinished byte sequence comes out as U+FFFD)."""
+        return self._delta(self.tokenizer.decode(self.ids))
+
+    def _delta(self, text: str) -> str:
+        if not text.startswith(self.emitted):  # decoding is prefix-stable with this tokenizer; guard anyway
+            return ""
+        delta, self.emitted = text[len(self.emitted) :], text
+        return delta
 
 
-def generate_text(
+def stream_text(
     model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (), **kwargs
-) -> str:
-    """The decoded continuation of ``prompt`` (the prompt itself not included), cut before the first of the
-    ``stop`` strings. Generation starts after ``<s>``, as every training document does."""
-    stop_at = _stop_strings(tokenizer, stop) if stop else None
-    ids = generate(model, tokenizer.encode(prompt, bos=True), max_new_tokens, eos_id=tokenizer.eos_id, stop=stop_at,
-                   **kwargs)
-    text = tokenizer.decode(ids)
-    cuts = [text.find(s) for s in stop if s in text]
-    return text[: min(cuts)] if cuts else text
+) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` as text deltas while it is generated (see :class:`TextStreamer`),
+    ending just before the first of the ``stop`` strings. Generation starts after ``<s>``, as every training
+    document does. Takes the sampling options of :func:`generate_stream`."""
+    streamer, emitted, held = TextStreamer(tokenizer), "", ""
+    ids = generate_stream(model, tokenizer.encode(prompt, bos=True), max_new_tokens, eos_id=tokenizer.eos_id, **kwargs)
+    for token_id in ids:
+        text = emitted + held + streamer.push(token_id)
+        cut = _first_stop(text, stop)
+        if cut is not None:
+            ids.close()  # stop generating
+            break
+        # Hold back a tail that may be the start of a stop string, until the next tokens tell.
+        keep = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        held = text[len(text) - keep :]
+        if out := text[len(emitted) : len(text) - keep]:
+            yield out
+            emitted += out
+    else:
+        text = emitted + held + streamer.flush()
+        cut = _first_stop(text, stop)
+    if tail := text[len(emitted) : cut]:
+        yield tail
 
 
-def _stop_strings(tokenizer: Tokenizer, stop: Sequence[str]) -> Callable[[list[int]], bool]:
-    def should_stop(new_ids: list[int]) -> bool:
-        text = tokenizer.decode(new_ids)
-        return any(s in text for s in stop)
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first stop string starts in ``text``, if any is there."""
+    hits = [text.find(s) for s in stop if s in text]
+    return min(hits) if hits else None
 
-    return should_stop
+
+def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """The decoded continuation of ``prompt`` (the prompt itself not included): :func:`stream_text`, joined."""
+    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, **kwargs))
