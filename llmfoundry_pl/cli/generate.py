@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from llmfoundry_pl.cli.common import CONFIG_PATH, load_checkpoint, user_errors
 from llmfoundry_pl.config import ConfigError, register_configs
-from llmfoundry_pl.inference import generate_text, stream_text
+from llmfoundry_pl.inference import stream_text
 
 
 def pick_device(name: str) -> torch.device:
@@ -33,16 +33,14 @@ def generate(cfg: DictConfig) -> str:
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
         repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
     )
-    if cfg.stream:
-        print(cfg.prompt, end="", flush=True)
-        text = ""
-        for delta in stream_text(model, lit.tokenizer, cfg.prompt, cfg.max_new_tokens, stop=list(cfg.stop), **options):
+    # One path for both modes: with stream=true each delta is printed as it comes, else the whole text at the end.
+    print(cfg.prompt, end="", flush=True)
+    text = ""
+    for delta in stream_text(model, lit.tokenizer, cfg.prompt, cfg.max_new_tokens, stop=list(cfg.stop), **options):
+        text += delta
+        if cfg.stream:
             print(delta, end="", flush=True)
-            text += delta
-        print(flush=True)
-    else:
-        text = generate_text(model, lit.tokenizer, cfg.prompt, cfg.max_new_tokens, stop=list(cfg.stop), **options)
-        print(cfg.prompt + text, flush=True)
+    print("" if cfg.stream else text, flush=True)
     return text
 
 
