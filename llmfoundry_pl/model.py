@@ -42,10 +42,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 even under bf16 autocast: the mean of squares is where low precision hurts.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        # x / sqrt(mean(x²) + eps), computed in fp32 even under bf16 autocast: the mean of squares is where low
+        # precision hurts. F.rms_norm is that formula in one kernel call (fewer small ops per generated token).
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
 
 
 def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,14 +60,15 @@ def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> tuple[torc
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each channel pair of x (B, T, heads, Hd) by its position's angle.
+    """Rotate each channel pair of x (B, T, heads, Hd) by its position's angle; cos and sin are the tables' rows
+    for those positions, shaped (T, 1, Hd) — or (B, T, 1, Hd) when each sequence has its own positions — so they
+    broadcast over the heads.
 
     Because a rotation by angle(m) dotted with a rotation by angle(n) depends only on m - n, the attention score
     q_m · k_n sees relative positions only — no learned position table, and nothing to extrapolate but angles.
     """
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over batch and heads
     return (x * cos + rotated * sin).type_as(x)
 
 
@@ -90,43 +90,48 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCacheLayer | None = None,
-        start_pos: int = 0,
+        start_pos: int = 0, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``mask`` None is plain causal attention (training, a prompt from position 0); generation passes which
+        cached key slots each new query may see (see :func:`attention_mask`)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, Hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, Hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, Hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            # Generation: keep this step's keys/values and attend over every position so far (B, S, K, Hd).
+            # Generation: keep this step's keys/values and attend over every slot so far (B, S, K, Hd).
             k, v = kv_cache.update(start_pos, k, v)
-            if start_pos > 0:
-                return self.wo(_attend_cached(q, k, v, start_pos, self.n_heads != self.n_kv_heads))
         dropout_p = self.dropout if self.training else 0.0
-        if _use_flash_attn(q):
+        if mask is None and _use_flash_attn(q):
             # flash-attn takes (B, T, heads, Hd) and handles grouped KV heads natively.
             out = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
         else:
             # SDPA wants (B, heads, T, Hd); enable_gqa lets K < H heads broadcast without copying them.
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                dropout_p=dropout_p, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                dropout_p=dropout_p, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads,
             ).transpose(1, 2)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, D)
 
 
-def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, gqa: bool) -> torch.Tensor:
-    """Attention of T new queries at positions start_pos.. over S = start_pos + T cached keys: query i sees keys
-    0 .. start_pos + i (a causal mask shifted by start_pos; a single new token sees everything)."""
-    B, T, H, Hd = q.shape
-    S = k.size(1)
-    mask = None
-    if T > 1:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start_pos)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=gqa
-    ).transpose(1, 2)
-    return out.reshape(B, T, H * Hd)
+def attention_mask(
+    T: int, start_pos: int, left_pad: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """Which key slots the T new queries (slots start_pos ..) may attend to: (1 or B, 1, T, start_pos + T) bool.
+
+    Query slot i sees key slots 0 .. i (causal), except a row's ``left_pad`` leading padding slots — the filler
+    that lines up prompts of different lengths in one batch. A padding query sees itself only, so its (unused)
+    softmax is never over an empty set. None when plain causal attention already says it all.
+    """
+    if start_pos == 0 and left_pad is None:
+        return None
+    query = torch.arange(start_pos, start_pos + T, device=device)[:, None]  # (T, 1)
+    key = torch.arange(start_pos + T, device=device)[None, :]  # (1, S)
+    if left_pad is None:
+        return (key <= query)[None, None]  # (1, 1, T, S)
+    real_key = key >= left_pad[:, None, None]  # (B, 1, S)
+    return ((key <= query) & real_key | (key == query))[:, None]  # (B, 1, T, S)
 
 
 class KVCacheLayer(Protocol):
@@ -167,9 +172,9 @@ class TransformerBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCacheLayer | None = None,
-        start_pos: int = 0,
+        start_pos: int = 0, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos))
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos, mask))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -206,19 +211,29 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(
-        self, tokens: torch.Tensor, kv_cache: list[KVCacheLayer] | None = None, start_pos: int = 0
+        self, tokens: torch.Tensor, kv_cache: list[KVCacheLayer] | None = None, start_pos: int = 0,
+        left_pad: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for ``tokens`` (B, T). For generation, ``kv_cache`` holds one cache per layer and ``start_pos`` is
-        the position of ``tokens[:, 0]``: earlier positions come from the cache instead of being recomputed."""
+        """Logits for ``tokens`` (B, T).
+
+        For generation, ``kv_cache`` holds one cache per layer and ``start_pos`` is the slot of ``tokens[:, 0]``:
+        earlier slots come from the cache instead of being recomputed. ``left_pad`` (B,) batches prompts of
+        different lengths: row b starts with that many padding slots, which nobody attends to, and its positions
+        count from its first real token — so each row computes exactly what it would alone."""
         B, T = tokens.shape
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {start_pos + T} tokens is longer than model.max_seq_len={self.config.max_seq_len}"
             )
         h = self.tok_embeddings(tokens)  # (B, T, D)
-        cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
+        if left_pad is None:  # every row at slots start_pos .. start_pos+T-1
+            cos, sin = self.rope_cos[start_pos : start_pos + T, None], self.rope_sin[start_pos : start_pos + T, None]
+        else:  # each row's own positions: slot minus its padding
+            positions = (torch.arange(start_pos, start_pos + T, device=tokens.device) - left_pad[:, None]).clamp(min=0)
+            cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # (B, T, 1, Hd)
+        mask = attention_mask(T, start_pos, left_pad, tokens.device)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, None if kv_cache is None else kv_cache[i], start_pos)
+            h = layer(h, cos, sin, None if kv_cache is None else kv_cache[i], start_pos, mask)
         return self.output(self.norm(h)).float()  # (B, T, V); fp32 logits keep the softmax exact under autocast
 
     # ---------------------------------------------------------------------------------------------------------

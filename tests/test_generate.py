@@ -5,18 +5,24 @@ import torch
 
 from llmfoundry_pl.config import ConfigError, ModelConfig
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
-from llmfoundry_pl.inference.generate import (
+from llmfoundry_pl.inference import (
+    SpeculativeStats,
     TextStreamer,
+    generate,
+    generate_batch,
+    generate_text,
+    speculative_stream,
+    stream_text,
+)
+from llmfoundry_pl.inference.kv_cache import new_kv_cache
+from llmfoundry_pl.inference.sampling import (
     apply_repetition_penalty,
     filter_min_p,
     filter_top_k,
     filter_top_p,
-    generate,
-    generate_text,
     sample_next,
-    stream_text,
 )
-from llmfoundry_pl.inference.kv_cache import new_kv_cache
+from llmfoundry_pl.inference.speculative import accept_draft
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import train_tokenizer
 
@@ -74,7 +80,7 @@ def test_top_k_and_min_p():
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
-    out = apply_repetition_penalty(torch.tensor([2.0, -2.0, 1.0]), previous=[0, 1, 1], penalty=2.0)
+    out = apply_repetition_penalty(torch.tensor([2.0, -2.0, 1.0]), torch.tensor([True, True, False]), penalty=2.0)
     assert out.tolist() == [1.0, -4.0, 1.0]
 
 
@@ -82,8 +88,9 @@ def test_greedy_and_filters_in_sample_next():
     g = torch.Generator().manual_seed(0)
     logits = logits_of([0.05, 0.5, 0.15, 0.3])
     assert sample_next(logits, g, temperature=0) == 1
-    assert sample_next(logits, g, temperature=0, repetition_penalty=100.0, previous=[1]) == 3
-    draws = {sample_next(logits, g, temperature=1.0, top_p=0.8) for _ in range(200)}
+    seen = torch.tensor([False, True, False, False])
+    assert sample_next(logits, g, temperature=0, repetition_penalty=100.0, seen=seen) == 3
+    draws = {int(sample_next(logits, g, temperature=1.0, top_p=0.8)) for _ in range(200)}
     assert draws == {1, 3}
 
 
@@ -133,3 +140,97 @@ def test_stream_text_yields_what_generate_text_returns(model):
     stream.close()  # a reader that stops early: the model goes back to train mode all the same
     assert model.training
     model.eval()
+
+
+def test_filters_work_row_by_row_on_a_batch():
+    logits = torch.stack([logits_of([0.05, 0.5, 0.15, 0.3]), logits_of([0.6, 0.1, 0.2, 0.1])])
+    out = filter_top_p(logits, 0.8)
+    assert kept(out[0]) == [1, 3] and kept(out[1]) == [0, 2]
+    assert [kept(row) for row in filter_top_k(logits, 1)] == [[1], [0]]
+    assert [kept(row) for row in filter_min_p(logits, 0.4)] == [[1, 3], [0]]
+
+
+@pytest.mark.parametrize("max_new_tokens", [6, 30])  # 30 runs past max_seq_len=24: each row's window slides
+def test_batch_of_ragged_prompts_equals_generating_each_alone(model, max_new_tokens):
+    prompts = [[1, 17, 42, 99, 7, 8, 9], [1, 5], [1, 300, 2, 11], [1] + list(range(20, 40))]
+    alone = [generate(model, p, max_new_tokens, temperature=0) for p in prompts]
+    assert generate_batch(model, prompts, max_new_tokens, temperature=0) == alone
+    assert generate_batch(model, prompts, max_new_tokens, temperature=0, use_cache=False) == alone
+
+
+def test_batch_rows_end_at_their_own_eos(model):
+    prompts = [[1, 17, 42], [1, 5, 6, 7, 8]]
+    full = [generate(model, p, 12, temperature=0) for p in prompts]
+    eos = full[0][3]  # the 4th token of row 0 plays end-of-text
+    out = generate_batch(model, prompts, 12, temperature=0, eos_id=eos)
+    for row, tokens in zip(out, full, strict=True):
+        assert row == (tokens[: tokens.index(eos)] if eos in tokens else tokens)
+
+
+def test_batched_penalty_counts_each_row_own_tokens(model):
+    prompts = [[1, 17, 42], [1, 5, 6, 7, 8]]
+    alone = [generate(model, p, 10, temperature=0, repetition_penalty=1.5) for p in prompts]
+    assert generate_batch(model, prompts, 10, temperature=0, repetition_penalty=1.5) == alone
+
+
+@pytest.fixture(scope="module")
+def draft(model) -> Transformer:
+    """The target with noise on its weights: agrees with it often but not always, like a real draft model."""
+    torch.manual_seed(1)
+    noisy = Transformer(model.config).eval()
+    with torch.no_grad():
+        for mine, theirs in zip(noisy.parameters(), model.parameters(), strict=True):
+            mine.copy_(theirs + 0.5 * theirs.std() * torch.randn_like(theirs))
+    return noisy
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3, 5])
+@pytest.mark.parametrize("max_new_tokens", [7, 30])  # 30 runs past the context: plain decoding finishes
+def test_greedy_speculative_decoding_equals_the_target_alone(model, draft, draft_tokens, max_new_tokens):
+    prompt = [1, 17, 42, 99]
+    stats = SpeculativeStats()
+    out = list(speculative_stream(model, draft, prompt, max_new_tokens, draft_tokens=draft_tokens, temperature=0,
+                                  stats=stats))
+    assert out == generate(model, prompt, max_new_tokens, temperature=0)
+    assert 0 < stats.accepted < stats.proposed  # guesses both kept and rejected: every branch of the rule ran
+
+
+def test_speculative_decoding_with_the_target_as_draft_accepts_everything(model):
+    stats = SpeculativeStats()
+    out = list(speculative_stream(model, model, [1, 17], 15, draft_tokens=4, temperature=0, stats=stats))
+    assert out == generate(model, [1, 17], 15, temperature=0)
+    assert stats.acceptance_rate == 1.0 and stats.target_calls == 3  # 5 tokens per call: 4 guesses + 1 bonus
+
+
+def test_speculative_accept_rule_keeps_the_target_distribution():
+    # Hand-made target p and draft q over 4 tokens, 2 guesses per round. Whatever the draft proposes, the first
+    # emitted token must follow p[0], and the second (after the first guess is kept) p[1].
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.1, 0.3], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.7, 0.1]])
+    n = 20000
+    first = torch.zeros(4)
+    second_given_first_kept = torch.zeros(4)
+    for _ in range(n):
+        guesses = [int(torch.multinomial(q[0], 1, generator=g)), int(torch.multinomial(q[1], 1, generator=g))]
+        emitted = accept_draft(p, q, guesses, g)
+        first[emitted[0]] += 1
+        if emitted[0] == guesses[0] and len(emitted) > 1:
+            second_given_first_kept[emitted[1]] += 1
+    # chi-square goodness of fit, 3 degrees of freedom: 16.27 is the 0.1% critical value
+    for counts, expected in ((first, p[0]), (second_given_first_kept, p[1])):
+        e = expected * counts.sum()
+        assert float(((counts - e) ** 2 / e).sum()) < 16.27, (counts / counts.sum(), expected)
+    # and a wrong rule would fail: the draft's own distribution is far from p[0]
+    e = q[0] * first.sum()
+    assert float(((first - e) ** 2 / e).sum()) > 100
+
+
+def test_speculative_sampling_is_reproducible_and_bad_drafts_are_errors(model, draft):
+    runs = [list(speculative_stream(model, draft, [1, 5], 12, temperature=1.0, seed=s)) for s in (3, 3, 4)]
+    assert runs[0] == runs[1] and runs[0] != runs[2] and len(runs[0]) == 12
+    other_vocab = Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, max_seq_len=24))
+    with pytest.raises(ConfigError, match="same tokenizer"):
+        next(speculative_stream(model, other_vocab, [1, 5], 3))
+    with pytest.raises(ConfigError, match="draft_tokens=0"):
+        next(speculative_stream(model, draft, [1, 5], 3, draft_tokens=0))

@@ -51,15 +51,15 @@ def test_rope_scores_depend_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
     def score(m: int, n: int) -> torch.Tensor:
-        qm = apply_rope(q, cos[m : m + 1], sin[m : m + 1])
-        kn = apply_rope(k, cos[n : n + 1], sin[n : n + 1])
+        qm = apply_rope(q, cos[m : m + 1, None], sin[m : m + 1, None])
+        kn = apply_rope(k, cos[n : n + 1, None], sin[n : n + 1, None])
         return (qm * kn).sum()
 
     torch.testing.assert_close(score(5, 2), score(40, 37))
     torch.testing.assert_close(score(10, 10), score(0, 0))
     assert not torch.allclose(score(5, 2), score(5, 4))
     # a rotation keeps lengths
-    torch.testing.assert_close(apply_rope(q, cos[7:8], sin[7:8]).norm(), q.norm())
+    torch.testing.assert_close(apply_rope(q, cos[7:8, None], sin[7:8, None]).norm(), q.norm())
 
 
 def test_model_parameter_count_matches_formula():

@@ -1,0 +1,97 @@
+"""Sampling: how next-token logits become the next token.
+
+Every function works on logits shaped (..., V) — one row per sequence of a batch — so a batch samples in a few
+tensor ops rather than a Python loop. The order is the usual one (Hugging Face, vLLM): repetition penalty, then
+temperature, then the filters top-k → top-p → min-p, then a draw (or the argmax when greedy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmfoundry_pl.config import ConfigError
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
+                   repetition_penalty: float) -> None:
+    """One-line errors for sampling settings that cannot work."""
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} must be 0 (greedy) or more")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k={top_k} must be 1 or more (or null for no limit)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1] (or null for no limit)")
+    if min_p is not None and not 0 <= min_p < 1:
+        raise ConfigError(f"min_p={min_p} must be in [0, 1) (or null)")
+    if repetition_penalty <= 0:
+        raise ConfigError(f"repetition_penalty={repetition_penalty} must be positive (1 = no penalty)")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """Make tokens already present less likely (Keskar et al., 2019 — CTRL; Hugging Face's rule): a positive logit
+    is divided by ``penalty``, a negative one multiplied by it. ``seen`` (..., V) marks the tokens present."""
+    if penalty == 1.0 or seen is None:
+        return logits
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits of each row (ties at the k-th value kept), the rest become -inf."""
+    if k >= logits.size(-1):
+        return logits
+    kth_best = torch.topk(logits, k).values[..., -1:]
+    return logits.masked_fill(logits < kth_best, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al., 2020): keep the smallest set of most likely tokens whose probability
+    mass reaches ``p``."""
+    probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+    mass_before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+    drop_sorted = mass_before >= p  # the set already reached p without these
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Min-p sampling (Nguyen et al., 2024): keep tokens at least ``min_p`` times as likely as the most likely
+    one — a cut that tightens when the model is sure and loosens when it is not."""
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+
+
+def next_token_probs(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+    min_p: float | None = None, repetition_penalty: float = 1.0, seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The distribution the next token is drawn from, (..., V). Greedy (temperature 0) is the one-hot of the
+    argmax — which lets speculative decoding treat greedy and sampling with one rule."""
+    logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = filter_top_k(logits, top_k)
+    if top_p is not None and top_p < 1:
+        logits = filter_top_p(logits, top_p)
+    if min_p:
+        logits = filter_min_p(logits, min_p)
+    return torch.softmax(logits, dim=-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token id per row of ``probs`` (..., V) → (...)."""
+    return torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1])
+
+
+def sample_next(
+    logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0, top_k: int | None = None,
+    top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The next token id of each row of ``logits`` (..., V) → (...): greedy argmax, or a draw from
+    :func:`next_token_probs`."""
+    if temperature == 0:  # the argmax directly: no one-hot, no draw
+        return apply_repetition_penalty(logits.float(), seen, repetition_penalty).argmax(-1)
+    probs = next_token_probs(logits, temperature, top_k, top_p, min_p, repetition_penalty, seen)
+    return draw(probs, generator)

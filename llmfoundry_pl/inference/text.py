@@ -1,0 +1,91 @@
+"""Text in, text out: streaming deltas that never split a character, stop strings, and batches of prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from llmfoundry_pl.inference.generate import generate_batch, generate_stream
+from llmfoundry_pl.inference.speculative import speculative_stream
+from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.tokenizer import Tokenizer
+
+
+class TextStreamer:
+    """Turns token ids, pushed one at a time, into text deltas that join up to exactly the decoded text.
+
+    A character outside the vocabulary arrives as several byte tokens; until its last byte is in, decoding shows
+    U+FFFD, so the streamer holds back a trailing U+FFFD and never emits half a character (Chinese, emoji)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._delta(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+
+    def flush(self) -> str:
+        """What is left at the end (a genuinely unfinished byte sequence comes out as U+FFFD)."""
+        return self._delta(self.tokenizer.decode(self.ids))
+
+    def _delta(self, text: str) -> str:
+        if not text.startswith(self.emitted):  # decoding is prefix-stable with this tokenizer; guard anyway
+            return ""
+        delta, self.emitted = text[len(self.emitted) :], text
+        return delta
+
+
+def stream_text(
+    model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (),
+    draft_model: Transformer | None = None, **kwargs
+) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` as text deltas while it is generated (see :class:`TextStreamer`),
+    ending just before the first of the ``stop`` strings. Generation starts after ``<s>``, as every training
+    document does. Takes the sampling options of :func:`~llmfoundry_pl.inference.generate.generate_steps`; with a
+    ``draft_model`` (same tokenizer), tokens come from speculative decoding (and ``draft_tokens``, ``stats`` of
+    :func:`~llmfoundry_pl.inference.speculative.speculative_stream` apply)."""
+    streamer, emitted, held = TextStreamer(tokenizer), "", ""
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    if draft_model is None:
+        ids = generate_stream(model, prompt_ids, max_new_tokens, eos_id=tokenizer.eos_id, **kwargs)
+    else:
+        ids = speculative_stream(model, draft_model, prompt_ids, max_new_tokens, eos_id=tokenizer.eos_id, **kwargs)
+    for token_id in ids:
+        text = emitted + held + streamer.push(token_id)
+        cut = _first_stop(text, stop)
+        if cut is not None:
+            ids.close()  # stop generating
+            break
+        # Hold back a tail that may be the start of a stop string, until the next tokens tell.
+        keep = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        held = text[len(text) - keep :]
+        if out := text[len(emitted) : len(text) - keep]:
+            yield out
+            emitted += out
+    else:
+        text = emitted + held + streamer.flush()
+        cut = _first_stop(text, stop)
+    if tail := text[len(emitted) : cut]:
+        yield tail
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first stop string starts in ``text``, if any is there."""
+    hits = [text.find(s) for s in stop if s in text]
+    return min(hits) if hits else None
+
+
+def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """The decoded continuation of ``prompt`` (the prompt itself not included): :func:`stream_text`, joined."""
+    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, **kwargs))
+
+
+def generate_text_batch(
+    model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (),
+    **kwargs,
+) -> list[str]:
+    """The continuations of several prompts, generated together as one batch (see
+    :func:`~llmfoundry_pl.inference.generate.generate_batch`), each cut before its first ``stop`` string."""
+    ids = generate_batch(model, [tokenizer.encode(p, bos=True) for p in prompts], max_new_tokens,
+                         eos_id=tokenizer.eos_id, **kwargs)
+    texts = [tokenizer.decode(row) for row in ids]
+    return [text[: _first_stop(text, stop)] for text in texts]
