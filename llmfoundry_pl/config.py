@@ -257,6 +257,11 @@ class GenerateConfig:
 
     ckpt_path: str = field(default=MISSING, metadata=_help("Lightning checkpoint to sample from."))
     prompt: str = field(default="", metadata=_help("Text to continue; empty starts from the beginning-of-text token."))
+    prompt_file: str | None = field(
+        default=None, metadata=_help("Batch mode: a file of prompts, one per line; prints one JSON line per prompt.")
+    )
+    batch_size: int = field(default=8, metadata=_help("Prompts of prompt_file generated together."))
+    interactive: bool = field(default=False, metadata=_help("Read prompts from stdin, one per line, until EOF."))
     max_new_tokens: int = field(default=200, metadata=_help("Tokens to generate."))
     temperature: float = field(default=0.8, metadata=_help("Softmax temperature; 0 means greedy."))
     top_k: int | None = field(default=50, metadata=_help("Sample among the k most likely tokens; null for all."))
@@ -266,6 +271,11 @@ class GenerateConfig:
     stop: list[str] = field(default_factory=list, metadata=_help("Stop before the first of these strings."))
     stream: bool = field(default=False, metadata=_help("Print the text as it is generated."))
     seed: int = field(default=1337, metadata=_help("Seed of the sampler, for reproducible samples."))
+    draft_ckpt_path: str | None = field(
+        default=None, metadata=_help("Speculative decoding: a smaller model with the same tokenizer drafts tokens.")
+    )
+    draft_tokens: int = field(default=4, metadata=_help("Tokens the draft model guesses per target pass."))
+    compile: bool = field(default=False, metadata=_help("torch.compile the model: faster decoding after a slow start."))
     device: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
 
 

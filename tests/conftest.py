@@ -46,12 +46,15 @@ def compose_train(cache_dir: Path):
     GlobalHydra.instance().clear()
 
 
-def run_cli(command: str, *args: str, cwd: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python -m llmfoundry_pl.<command> args...`` in ``cwd``, as a user would from a shell."""
+def run_cli(
+    command: str, *args: str, cwd: Path, timeout: int = 300, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m llmfoundry_pl.<command> args...`` in ``cwd``, as a user would from a shell (``input``:
+    what is typed on stdin)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", f"llmfoundry_pl.{command}", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, input=input,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from llmfoundry_pl.data.corpus import bundled_corpus_dir
+from llmfoundry_pl.tokenizer import train_tokenizer
 from tests.conftest import TINY, run_cli
 
 
@@ -61,6 +64,37 @@ def test_generate_continues_the_prompt_reproducibly(trained_run, tmp_path):
     assert streamed == first  # streaming prints the same text, as it comes
     greedy = run_cli("generate", *args, "temperature=0", "top_p=0.9", "repetition_penalty=1.3", cwd=tmp_path).stdout
     assert greedy.startswith("ROMEO:")
+
+
+def test_generate_batch_mode_interactive_mode_and_speculative_decoding(trained_run, tmp_path):
+    ckpt = f"{trained_run}/checkpoints/last.ckpt"
+    greedy = [f"ckpt_path={ckpt}", "max_new_tokens=12", "temperature=0"]
+    prompts = ["ROMEO:", "Enter", "A"]
+    alone = [run_cli("generate", *greedy, f"prompt={p}", cwd=tmp_path).stdout for p in prompts]  # text + "\n"
+    # batch mode: one JSON line per prompt, each as if generated alone (batch_size=2: a full and a partial batch)
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")
+    out = run_cli("generate", *greedy, "prompt_file=prompts.txt", "batch_size=2", cwd=tmp_path).stdout
+    records = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["prompt"] + r["completion"] + "\n" for r in records] == alone
+    # interactive: a prompt per stdin line until EOF
+    typed = run_cli("generate", *greedy, "interactive=true", cwd=tmp_path, input="ROMEO:\nA\n").stdout
+    assert typed == alone[0] + alone[2]
+    # speculative decoding with the same checkpoint as draft: same greedy text, every guess accepted
+    spec = run_cli("generate", *greedy, "prompt=ROMEO:", f"draft_ckpt_path={ckpt}", cwd=tmp_path)
+    assert spec.stdout == alone[0]
+    assert "draft tokens accepted (100%)" in spec.stderr
+
+
+def test_generate_refuses_a_draft_with_another_tokenizer(trained_run, tmp_path):
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    play = sorted(bundled_corpus_dir().glob("*.txt"))[0]
+    other = train_tokenizer(play.read_text().splitlines(), vocab_size=512)  # one play only: other merges
+    checkpoint["tokenizer_model"] = other.model_proto
+    torch.save(checkpoint, tmp_path / "draft.ckpt")
+    args = [f"ckpt_path={trained_run}/checkpoints/last.ckpt", "draft_ckpt_path=draft.ckpt", "max_new_tokens=2"]
+    proc = run_cli("generate", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "uses a different tokenizer than ckpt_path" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_resume_continues_exactly(tmp_path, cache_dir):
@@ -131,8 +165,9 @@ def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides
     [
         ("eval", [], "error: ckpt_path is required"),
         ("generate", ["ckpt_path=not_a.ckpt"], "error: ckpt_path=not_a.ckpt is not a checkpoint written by lfpl-train"),
+        ("generate", ["ckpt_path=not_a.ckpt", "prompt_file=missing.txt"], "error: prompt_file=missing.txt does not"),
     ],
-    ids=["eval-no-ckpt", "generate-bad-ckpt"],
+    ids=["eval-no-ckpt", "generate-bad-ckpt", "generate-no-prompt-file"],
 )
 def test_eval_and_generate_mistakes_fail_with_one_line(tmp_path, command, args, message):
     (tmp_path / "not_a.ckpt").write_text("not a checkpoint")

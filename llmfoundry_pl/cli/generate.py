@@ -1,9 +1,17 @@
-"""``lfpl-generate``: continue a prompt with a trained checkpoint.
+"""``lfpl-generate``: continue prompts with a trained checkpoint.
 
     lfpl-generate ckpt_path=outputs/.../last.ckpt prompt="ROMEO:" max_new_tokens=200 temperature=0.8 top_k=50
+    lfpl-generate ckpt_path=... prompt_file=prompts.txt        # batch mode: one JSON line per prompt
+    lfpl-generate ckpt_path=... interactive=true stream=true   # a prompt per line on stdin, until EOF
+    lfpl-generate ckpt_path=big.ckpt draft_ckpt_path=small.ckpt temperature=0   # speculative decoding
 """
 
 from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import hydra
 import torch
@@ -11,7 +19,9 @@ from omegaconf import DictConfig
 
 from llmfoundry_pl.cli.common import CONFIG_PATH, load_checkpoint, user_errors
 from llmfoundry_pl.config import ConfigError, register_configs
-from llmfoundry_pl.inference import stream_text
+from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, stream_text
+from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.tokenizer import Tokenizer
 
 
 def pick_device(name: str) -> torch.device:
@@ -24,24 +34,84 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def generate(cfg: DictConfig) -> str:
+def load_models(cfg: DictConfig) -> tuple[Transformer, Tokenizer, Transformer | None]:
+    """The model, its tokenizer and the optional draft model, on the chosen device."""
+    device = pick_device(cfg.device)
+    _, lit = load_checkpoint(cfg.ckpt_path)
+    model, tokenizer, draft = lit.model.to(device), lit.tokenizer, None
+    if cfg.draft_ckpt_path is not None:
+        _, draft_lit = load_checkpoint(cfg.draft_ckpt_path)
+        if draft_lit.tokenizer.sha256 != tokenizer.sha256:
+            raise ConfigError(
+                f"draft_ckpt_path={cfg.draft_ckpt_path} uses a different tokenizer than ckpt_path; speculative "
+                "decoding needs a draft trained with the same tokenizer (data.tokenizer_path)"
+            )
+        draft = draft_lit.model.to(device)
+    if cfg.compile:  # dynamic: the cache grows by one slot per step, which must not mean one compilation per step
+        model = torch.compile(model, dynamic=True)
+        draft = draft if draft is None else torch.compile(draft, dynamic=True)
+    return model, tokenizer, draft
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """The non-empty lines of a prompt file."""
+    if not Path(path).is_file():
+        raise ConfigError(f"prompt_file={path} does not exist; give a text file, one prompt per line")
+    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_stdin_prompts() -> Iterator[str]:
+    """Prompts typed (or piped) on stdin, one per line, until EOF (Ctrl-D)."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line.rstrip("\n")
+
+
+def generate(cfg: DictConfig) -> list[str]:
+    """Print, and return, the continuation of each prompt."""
     if cfg.max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be 0 or more")
-    _, lit = load_checkpoint(cfg.ckpt_path)
-    model = lit.model.to(pick_device(cfg.device))
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be 1 or more")
+    if cfg.prompt_file is not None and cfg.draft_ckpt_path is not None:
+        raise ConfigError("draft_ckpt_path speeds up one prompt at a time (prompt= or interactive=true); "
+                          "prompt_file runs in batches without a draft")
+    model, tokenizer, draft = load_models(cfg)
     options = dict(
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
-        repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
+        repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, stop=list(cfg.stop),
     )
-    # One path for both modes: with stream=true each delta is printed as it comes, else the whole text at the end.
-    print(cfg.prompt, end="", flush=True)
-    text = ""
-    for delta in stream_text(model, lit.tokenizer, cfg.prompt, cfg.max_new_tokens, stop=list(cfg.stop), **options):
-        text += delta
-        if cfg.stream:
-            print(delta, end="", flush=True)
-    print("" if cfg.stream else text, flush=True)
-    return text
+    texts: list[str] = []
+    if cfg.prompt_file is not None:  # batch mode: batch_size prompts at a time, one JSON line each
+        prompts = read_prompt_file(cfg.prompt_file)
+        for i in range(0, len(prompts), cfg.batch_size):
+            chunk = prompts[i : i + cfg.batch_size]
+            for prompt, text in zip(chunk, generate_text_batch(model, tokenizer, chunk, cfg.max_new_tokens, **options),
+                                    strict=True):
+                print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False), flush=True)
+                texts.append(text)
+        return texts
+    stats = SpeculativeStats()
+    if draft is not None:
+        options.update(draft_model=draft, draft_tokens=cfg.draft_tokens, stats=stats)
+    for prompt in read_stdin_prompts() if cfg.interactive else [cfg.prompt]:
+        # One path for both modes: with stream=true each delta is printed as it comes, else the whole text at the end.
+        print(prompt, end="", flush=True)
+        text = ""
+        for delta in stream_text(model, tokenizer, prompt, cfg.max_new_tokens, **options):
+            text += delta
+            if cfg.stream:
+                print(delta, end="", flush=True)
+        print("" if cfg.stream else text, flush=True)
+        texts.append(text)
+    if draft is not None:
+        print(f"speculative decoding: {stats.accepted}/{stats.proposed} draft tokens accepted "
+              f"({stats.acceptance_rate:.0%}) in {stats.target_calls} passes of the model", file=sys.stderr)
+    return texts
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
