@@ -5,6 +5,7 @@ import torch
 
 from llmfoundry_pl import model as model_module
 from llmfoundry_pl.config import ConfigError, ModelConfig, llama_hidden_dim
+from llmfoundry_pl.interop import hf_names
 from llmfoundry_pl.model import Transformer, apply_rope, precompute_rope
 from tests.helpers.run_if import RunIf
 
@@ -143,20 +144,10 @@ def test_against_hf_llama():
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu",
     )
     hf = transformers.LlamaForCausalLM(hf_config).eval()
-    # One table maps every name: Meta/torchtitan on the left, Hugging Face on the right; no permutation needed
-    # because model.py pairs RoPE channels as HF does.
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
-    per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-                 "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-                 "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-                 "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-                 "ffn_norm": "post_attention_layernorm"}
-    for i in range(cfg.n_layers):
-        for a, b in per_layer.items():
-            names[f"layers.{i}.{a}.weight"] = f"model.layers.{i}.{b}.weight"
+    # The package's one name table (Meta names → Hugging Face's); no permutation, as model.py pairs RoPE channels
+    # as HF does.
     hf_state = hf.state_dict()
-    ours.load_state_dict({ours_name: hf_state[hf_name] for ours_name, hf_name in names.items()})
+    ours.load_state_dict({ours_name: hf_state[hf_name] for ours_name, hf_name in hf_names(cfg.n_layers).items()})
     x = torch.randint(0, cfg.vocab_size, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=1e-5)

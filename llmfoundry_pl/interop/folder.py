@@ -1,0 +1,126 @@
+"""What both folder formats share: writing a folder all at once, and reading or writing its safetensors weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.tokenizer import Tokenizer
+
+WEIGHTS = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def write_folder(out: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Create the folder ``out`` with ``fill(tmp)``: the files are written into a temporary sibling folder that is
+    renamed to ``out`` only when complete, so an interrupted export never leaves a half-written model behind.
+    An existing non-empty ``out`` is refused unless ``overwrite``."""
+    out = check_writable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if out.exists():  # overwrite: move the old folder aside first (a rename cannot replace a non-empty folder)
+            out.rename(old)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``out`` as a Path, if a folder may be written there (callers check before loading a big model)."""
+    out = Path(out).expanduser()
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not overwrite):
+        what = "is a file" if out.is_file() else "exists and is not empty"
+        raise ConfigError(f"out={out} {what}; choose another folder, or pass overwrite=true to replace it")
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not readable JSON ({type(e).__name__}: {e}); fix or replace the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; fix or replace the file")
+    return data
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file. ``format=pt`` in the header is what transformers checks before loading it."""
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model.safetensors``, or of the shards listed in ``model.safetensors.index.json``."""
+    if (folder / WEIGHTS).is_file():
+        files = [folder / WEIGHTS]
+    elif (folder / SHARD_INDEX).is_file():
+        weight_map = read_json(folder / SHARD_INDEX).get("weight_map", {})
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        found = ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")))
+        hint = f" (found {found}: convert it to safetensors first)" if found else ""
+        raise ConfigError(f"{folder} has no {WEIGHTS} nor {SHARD_INDEX}{hint}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    state[name] = f.get_tensor(name)
+        except (OSError, SafetensorError) as e:
+            raise ConfigError(f"{file} is not a readable safetensors file ({e})") from None
+    return state
+
+
+def assign_weights(
+    model: Transformer, state: dict[str, torch.Tensor], where: Path, file_names: dict[str, str] | None = None
+) -> None:
+    """Copy ``state`` (our names) into ``model``; a missing, unexpected or misshapen tensor is one line, naming
+    tensors as the file does (``file_names``: our name → the file's)."""
+    if model.config.tie_embeddings and "tok_embeddings.weight" in state:
+        state = {**state, "output.weight": state["tok_embeddings.weight"]}  # stored once, see save_weights' callers
+    shown = (lambda name: (file_names or {}).get(name, name))
+    expected = model.state_dict()
+    problems = {
+        "lacks tensors": [shown(k) for k in expected if k not in state],
+        "has unexpected tensors": [shown(k) for k in state if k not in expected],
+        "has tensors of the wrong shape": [f"{shown(k)} {list(state[k].shape)} instead of {list(v.shape)}"
+                                           for k, v in expected.items() if k in state and state[k].shape != v.shape],
+    }
+    for problem, names in problems.items():
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise ConfigError(f"{where} {problem} for its config.json: {', '.join(names[:3])}{more}")
+    model.load_state_dict(state)
+
+
+def read_tokenizer(folder: Path) -> Tokenizer:
+    """The SentencePiece ``tokenizer.model`` of a model folder."""
+    path = folder / "tokenizer.model"
+    if not path.is_file():
+        hint = " (a tokenizer.json alone is not supported: the tokenizer must be SentencePiece)"
+        raise ConfigError(f"{folder} has no tokenizer.model{hint if (folder / 'tokenizer.json').is_file() else ''}")
+    try:
+        return Tokenizer(path.read_bytes())
+    except RuntimeError as e:
+        raise ConfigError(f"{path} is not a SentencePiece model ({' '.join(str(e).split())[:120]})") from None

@@ -1,0 +1,210 @@
+"""Hugging Face and safetensors folders: parity with transformers, exact tokenization, round trips."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+from safetensors import safe_open
+
+from llmfoundry_pl.config import ConfigError, ModelConfig
+from llmfoundry_pl.data.corpus import bundled_corpus_dir
+from llmfoundry_pl.inference import generate
+from llmfoundry_pl.interop import load_folder, load_hf, load_safetensors, save_hf, save_safetensors
+from llmfoundry_pl.interop.folder import write_folder
+from llmfoundry_pl.interop.hf_tokenizer import read_spec, tokenizer_json
+from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.tokenizer import BOS_ID, CHAT_TOKENS, RESERVED_TOKENS, Tokenizer, train_tokenizer
+
+CHINESE = "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？"
+MIXED_TEXTS = [
+    "ROMEO: But soft, what light through yonder window breaks?",
+    "  Shall I compare thee to a summer's day?\n   Thou art more lovely  and more temperate:\n\n\tRough winds",
+    CHINESE,
+    "未见过的汉字：龘靐齉, an emoji 🙂👍🏽, accents: naïve café, digits 2024-11-22 3.14159",
+    "<|system|>Be brief.<|end|>\n<|user|>你好 🙂<|end|>\n<|assistant|> Hi!<|end|><|reserved_3|>",
+    "<s> and </s> typed as text, <unk> <pad>",
+    " ",
+    "\n\n",
+    "trailing spaces   ",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    lines = [line for f in sorted(bundled_corpus_dir().glob("*.txt"))[:3] for line in f.read_text().splitlines()]
+    return train_tokenizer(lines + [CHINESE] * 20, vocab_size=611)  # an odd vocabulary size
+
+
+def tiny_model(tokenizer: Tokenizer, seed: int = 0, **overrides) -> Transformer:
+    """A random model whose logits are far from uniform (init_std 0.5), so greedy decoding is not trivial."""
+    torch.manual_seed(seed)
+    base = dict(vocab_size=tokenizer.vocab_size, dim=48, n_layers=2, n_heads=6, n_kv_heads=1, hidden_dim=80,
+                max_seq_len=40, tie_embeddings=True, rope_theta=500.0, norm_eps=1e-6, init_std=0.5)
+    return Transformer(ModelConfig(**{**base, **overrides})).eval()
+
+
+def same_weights(a: Transformer, b: Transformer) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export to Hugging Face: transformers loads it and agrees
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(tie_embeddings=False, n_heads=4, n_kv_heads=2, dim=64, hidden_dim=100, n_layers=3)],
+    ids=["tied-mqa", "untied-gqa"],
+)
+def test_against_hf_llama_export_logits_and_greedy_generation(tokenizer, tmp_path, overrides):
+    transformers = pytest.importorskip("transformers")
+    ours = tiny_model(tokenizer, **overrides)
+    save_hf(ours, tokenizer, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.dtype == torch.float32
+    assert (hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()) == ours.config.tie_embeddings
+    x = torch.randint(0, tokenizer.vocab_size, (3, 37))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-5, rtol=1e-5)
+    prompt = tokenizer.encode("ROMEO: what light", bos=True)
+    expected = generate(ours, prompt, 24, temperature=0)
+    assert len(set(expected)) > 3  # a non-trivial continuation
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert theirs[0, len(prompt):].tolist() == expected
+
+
+def test_against_hf_tokenizer_ids_and_decoding(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    save_hf(tiny_model(tokenizer), tokenizer, tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in MIXED_TEXTS:
+        ids = tokenizer.encode(text)
+        assert hf(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert hf(text)["input_ids"] == [BOS_ID, *ids], text  # <s> first, as every training document began
+        assert hf.decode(ids) == text == tokenizer.decode(ids)
+    for token in CHAT_TOKENS + RESERVED_TOKENS:
+        assert hf(token, add_special_tokens=False)["input_ids"] == [tokenizer.sp.piece_to_id(token)]
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, 2, 3, 0)
+    # whole paragraphs of a play the tokenizer was not trained on
+    paragraphs = sorted(bundled_corpus_dir().glob("*.txt"))[5].read_text().split("\n\n")[:400]
+    assert hf(paragraphs, add_special_tokens=False)["input_ids"] == tokenizer.encode_batch(paragraphs)
+
+
+def test_hf_tokenizer_reads_the_sentencepiece_proto_as_protobuf_does(tokenizer):
+    model_pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    proto = model_pb2.ModelProto.FromString(tokenizer.model_proto)
+    spec = read_spec(tokenizer.model_proto)
+    assert [(p, k) for p, _, k in spec.pieces] == [(p.piece, p.type) for p in proto.pieces]
+    assert [s for _, s, _ in spec.pieces] == pytest.approx([p.score for p in proto.pieces])
+    n = proto.normalizer_spec
+    assert (spec.normalizer_name, spec.add_dummy_prefix, spec.remove_extra_whitespaces) == (
+        n.name, n.add_dummy_prefix, n.remove_extra_whitespaces)
+    assert spec.model_type == proto.trainer_spec.model_type == 2  # BPE
+
+
+def test_hf_tokenizer_refuses_what_it_cannot_reproduce():
+    # SentencePiece's defaults (NFKC normalization, squeezed whitespace, a dummy prefix) unlike train_tokenizer's
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["ＡＢＣ full width text"] * 50), model_writer=buffer,
+                                   model_type="bpe", vocab_size=40, minloglevel=2)
+    message = "normalizes text with the 'nmt_nfkc' rule; it removes extra whitespace); export format=safetensors"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tokenizer_json(Tokenizer(buffer.getvalue()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Import, and round trips
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [True, False])
+def test_import_of_export_gives_identical_weights(tokenizer, tmp_path, tied):
+    ours = tiny_model(tokenizer, tie_embeddings=tied)
+    save_hf(ours, tokenizer, tmp_path / "hf")
+    back, back_tokenizer = load_hf(tmp_path / "hf")
+    assert same_weights(back, ours) and back_tokenizer.sha256 == tokenizer.sha256
+    assert (back.output.weight is back.tok_embeddings.weight) == tied
+    assert back.config == ours.config
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert ("lm_head.weight" in f.keys()) != tied  # a tied head is stored once
+
+
+def test_import_of_a_sharded_folder_written_by_transformers(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=24, rope_theta=321.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    tokenizer.save(tmp_path / "hf" / "tokenizer.model")
+    ours, _, source = load_folder(tmp_path / "hf")
+    assert source.format == "hf" and ours.config.rope_theta == 321.0 and ours.config.n_kv_heads == 2
+    x = torch.randint(0, tokenizer.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_safetensors_round_trip_keeps_config_weights_and_run(tokenizer, tmp_path):
+    ours = tiny_model(tokenizer, tie_embeddings=False, multiple_of=16, hidden_dim=None, dropout=0.1)
+    save_safetensors(ours, tokenizer, tmp_path / "st", run_config={"data": {"seq_len": 32}})
+    back, back_tokenizer = load_safetensors(tmp_path / "st")
+    assert back.config == ours.config and same_weights(back, ours) and back_tokenizer.sha256 == tokenizer.sha256
+    _, _, source = load_folder(tmp_path / "st")
+    assert source.format == "safetensors" and source.run_config == {"data": {"seq_len": 32}}
+    tied = tiny_model(tokenizer)
+    save_safetensors(tied, tokenizer, tmp_path / "tied")
+    back, _ = load_safetensors(tmp_path / "tied")
+    assert same_weights(back, tied) and back.output.weight is back.tok_embeddings.weight
+
+
+def rewrite_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda d: d / "model.safetensors", "is not a folder"),
+        (lambda d: (d / "config.json").unlink() or d, "has no config.json"),
+        (lambda d: rewrite_json(d / "config.json", architectures=["MistralForCausalLM"], model_type="mistral") or d,
+         "holds a MistralForCausalLM model; only LlamaForCausalLM"),
+        (lambda d: rewrite_json(d / "config.json", rope_scaling={"rope_type": "llama3", "factor": 8.0}) or d,
+         "uses rope scaling 'llama3'"),
+        (lambda d: (d / "tokenizer.model").unlink() or d, re.escape("has no tokenizer.model (a tokenizer.json alone")),
+        (lambda d: rewrite_json(d / "config.json", num_hidden_layers=3) or d,
+         r"lacks tensors for its config.json: model.layers.2.input_layernorm.weight, .* and 6 more"),
+        (lambda d: rewrite_json(d / "config.json", intermediate_size=96) or d,
+         r"tensors of the wrong shape .*mlp.gate_proj.weight \[80, 48\] instead of \[96, 48\]"),
+    ],
+    ids=["not-a-folder", "no-config", "not-llama", "rope-scaling", "no-tokenizer", "missing-tensors", "wrong-shape"],
+)
+def test_load_hf_refuses_with_one_line(tokenizer, tmp_path, spoil, message):
+    save_hf(tiny_model(tokenizer), tokenizer, tmp_path / "hf")
+    with pytest.raises(ConfigError, match=message) as error:
+        load_hf(spoil(tmp_path / "hf"))
+    assert "\n" not in str(error.value)
+
+
+def test_write_folder_refuses_a_non_empty_folder_and_never_leaves_half_a_folder(tmp_path):
+    out = tmp_path / "out"
+    write_folder(out, lambda d: (d / "a").write_text("first"))
+    with pytest.raises(ConfigError, match="exists and is not empty; .* overwrite=true"):
+        write_folder(out, lambda d: (d / "a").write_text("second"))
+
+    def crash(folder: Path) -> None:
+        (folder / "a").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_folder(out, crash, overwrite=True)
+    assert (out / "a").read_text() == "first"  # the old folder is untouched
+    write_folder(out, lambda d: (d / "b").write_text("second"), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in out.iterdir()] == ["b"]
