@@ -149,6 +149,11 @@ class DataConfig:
     val_fraction: float = field(
         default=0.05, metadata=_help("Tail share of every document held out for validation.")
     )
+    val_stride: int | None = field(
+        default=None,
+        metadata=_help("Validation windows start every val_stride tokens, each scoring only tokens the previous "
+                       "did not (more context per token, more compute); null: seq_len, back-to-back windows."),
+    )
     seed: int = field(default=1337, metadata=_help("Seed of the window positions (with the step and rank)."))
     cache_dir: str = field(
         default="~/.cache/llmfoundry_pl",
@@ -161,6 +166,8 @@ class DataConfig:
         for name in ("seq_len", "batch_size", "vocab_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name}={getattr(self, name)} must be positive")
+        if self.val_stride is not None and not 0 < self.val_stride <= self.seq_len:
+            raise ConfigError(f"data.val_stride={self.val_stride} must be between 1 and data.seq_len={self.seq_len}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,9 +234,12 @@ class TrainConfig:
     sample_tokens: int = field(default=64, metadata=_help("Tokens in the sample printed after training."))
 
 
+MODEL_PATH_HELP = "a Lightning .ckpt (or last), a folder written by lfpl-export, or a Hugging Face Llama folder."
+
+
 @dataclass
 class EvalDataConfig:
-    """What ``lfpl-eval`` reads. The tokenizer always comes from the checkpoint."""
+    """What ``lfpl-eval`` reads. The tokenizer always comes with the model."""
 
     path: str | None = field(
         default=None,
@@ -237,6 +247,11 @@ class EvalDataConfig:
     )
     text_field: str = field(default="text", metadata=_help("Key holding the text in each line of a .jsonl file."))
     seq_len: int | None = field(default=None, metadata=_help("Window length; null: the one the model trained on."))
+    stride: int | None = field(
+        default=None,
+        metadata=_help("Sliding window: windows start every stride tokens and score only the tokens the previous one "
+                       "did not, so each has at least seq_len-stride tokens of context; null: seq_len (no overlap)."),
+    )
     batch_size: int = field(default=16, metadata=_help("Windows per batch."))
     cache_dir: str = field(default="~/.cache/llmfoundry_pl", metadata=_help("Token-file cache."))
 
@@ -245,7 +260,7 @@ class EvalDataConfig:
 class EvalConfig:
     """Root schema of ``lfpl-eval`` (conf/eval.yaml)."""
 
-    ckpt_path: str = field(default=MISSING, metadata=_help("Lightning checkpoint to evaluate."))
+    ckpt_path: str = field(default=MISSING, metadata=_help(f"Model to evaluate: {MODEL_PATH_HELP}"))
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     accelerator: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
     precision: str | None = field(default=None, metadata=_help("Lightning precision; null keeps the default."))
@@ -277,6 +292,29 @@ class GenerateConfig:
     draft_tokens: int = field(default=4, metadata=_help("Tokens the draft model guesses per target pass."))
     compile: bool = field(default=False, metadata=_help("torch.compile the model: faster decoding after a slow start."))
     device: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
+
+
+@dataclass
+class ExportConfig:
+    """Root schema of ``lfpl-export`` (conf/export.yaml)."""
+
+    ckpt_path: str = field(default=MISSING, metadata=_help(f"Model to export: {MODEL_PATH_HELP}"))
+    format: str = field(
+        default="hf",
+        metadata=_help("hf: a folder transformers loads as LlamaForCausalLM, with its tokenizer; "
+                       "safetensors: our own ModelConfig + weights + tokenizer.model, loadable without Lightning."),
+    )
+    out: str = field(default=MISSING, metadata=_help("The folder to write."))
+    overwrite: bool = field(default=False, metadata=_help("Replace out if it exists and is not empty."))
+    verify: bool = field(
+        default=False, metadata=_help("format=hf: load the export with transformers and compare logits and tokens.")
+    )
+
+    def __post_init__(self) -> None:
+        if self.format not in ("hf", "safetensors"):
+            raise ConfigError(f"format={self.format!r} is not one of hf, safetensors")
+        if self.verify and self.format != "hf":
+            raise ConfigError("verify=true checks a format=hf export with transformers; drop it for format=safetensors")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -337,6 +375,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="export_schema", node=ExportConfig)
 
     # Objects that the entry point builds itself (callbacks, loggers, plugins) are not Trainer config keys.
     trainer_schema = schema_from_signature(Trainer, exclude=("logger", "callbacks", "plugins"), name="TrainerConf")

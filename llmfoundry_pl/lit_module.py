@@ -37,6 +37,8 @@ class LitLlama(L.LightningModule):
         scheduler: learning-rate schedule; its length is ``trainer.max_steps``.
         run_config: the run's whole resolved config, stored with the checkpoint for the record (and for
             ``lfpl-eval`` to find the run's data); not read by the module.
+        network: an already-built transformer of shape ``model`` to wrap (e.g. loaded from an exported or
+            Hugging Face folder); None builds a freshly initialised one.
     """
 
     def __init__(
@@ -45,9 +47,12 @@ class LitLlama(L.LightningModule):
         optim: OptimConfig | dict | None = None,
         scheduler: SchedulerConfig | dict | None = None,
         run_config: dict | None = None,
+        network: Transformer | None = None,
     ) -> None:
         super().__init__()
         model_cfg = _as(ModelConfig, model)
+        if network is not None and network.config != model_cfg:
+            raise ValueError(f"network has config {network.config}, not model={model_cfg}")
         self.optim_cfg = _as(OptimConfig, optim or {})
         self.scheduler_cfg = _as(SchedulerConfig, scheduler or {})
         self.save_hyperparameters(
@@ -58,7 +63,7 @@ class LitLlama(L.LightningModule):
                 "run_config": run_config,
             }
         )
-        self.model = Transformer(model_cfg)
+        self.model = network if network is not None else Transformer(model_cfg)
         self.val_metrics = LanguageModelMetrics()
         self.tokenizer: Tokenizer | None = None
 

@@ -1,4 +1,4 @@
-"""Hugging Face and safetensors folders: parity with transformers, exact tokenization, round trips."""
+"""Hugging Face and safetensors folders: parity with transformers, exact tokenization, round trips, lfpl-export."""
 
 from __future__ import annotations
 
@@ -7,19 +7,27 @@ import json
 import re
 from pathlib import Path
 
+import lightning as L
 import pytest
 import sentencepiece as spm
 import torch
+from hydra.errors import ConfigCompositionException
 from safetensors import safe_open
 
-from llmfoundry_pl.config import ConfigError, ModelConfig
+from llmfoundry_pl.cli.common import to_dataclass
+from llmfoundry_pl.cli.eval import evaluate
+from llmfoundry_pl.cli.export import export
+from llmfoundry_pl.config import ConfigError, DataConfig, ExportConfig, ModelConfig
+from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
 from llmfoundry_pl.inference import generate
 from llmfoundry_pl.interop import load_folder, load_hf, load_safetensors, save_hf, save_safetensors
 from llmfoundry_pl.interop.folder import write_folder
 from llmfoundry_pl.interop.hf_tokenizer import read_spec, tokenizer_json
+from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import BOS_ID, CHAT_TOKENS, RESERVED_TOKENS, Tokenizer, train_tokenizer
+from tests.conftest import run_cli
 
 CHINESE = "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？"
 MIXED_TEXTS = [
@@ -208,3 +216,90 @@ def test_write_folder_refuses_a_non_empty_folder_and_never_leaves_half_a_folder(
     assert (out / "a").read_text() == "first"  # the old folder is untouched
     write_folder(out, lambda d: (d / "b").write_text("second"), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in out.iterdir()] == ["b"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The commands: lfpl-export, and lfpl-eval on what it wrote
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, cache_dir) -> Path:
+    """A Lightning checkpoint as lfpl-train leaves it (model, tokenizer, the run's data settings), trained briefly
+    in-process on one play, so that it has learnt something from context."""
+    corpus = tmp_path_factory.mktemp("corpus")
+    (corpus / "play.txt").write_text(sorted(bundled_corpus_dir().glob("*.txt"))[0].read_text())
+    data = DataConfig(path=str(corpus), vocab_size=400, seq_len=32, batch_size=8, cache_dir=str(cache_dir))
+    datamodule = TextDataModule(data)
+    datamodule.prepare_data()
+    torch.manual_seed(0)
+    model = ModelConfig(vocab_size=400, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    lit = LitLlama(model, run_config={"data": {"path": str(corpus), "seq_len": 32, "val_fraction": 0.05}})
+    lit.set_tokenizer(datamodule.tokenizer)
+    trainer = L.Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, use_distributed_sampler=False, enable_model_summary=False)
+    trainer.fit(lit, datamodule=datamodule)
+    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture
+def verse(tmp_path) -> Path:
+    """Text the checkpoint was not trained on."""
+    text = tmp_path / "verse.txt"
+    text.write_text(sorted(bundled_corpus_dir().glob("*.txt"))[4].read_text()[:5000])
+    return text
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_export_cli_writes_a_folder_that_eval_scores_like_the_checkpoint(checkpoint, verse, tmp_path, compose_train):
+    proc = run_cli("export", f"ckpt_path={checkpoint}", "out=hf", cwd=tmp_path)
+    assert f"exported {checkpoint} (Lightning checkpoint)" in proc.stdout
+    assert "as hf (Hugging Face Llama folder," in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    proc = run_cli("eval", "ckpt_path=hf", f"data.path={verse}", cwd=tmp_path)
+    assert "model: hf (Hugging Face Llama folder)" in proc.stdout
+    on_hf = last_json(proc.stdout)
+    on_ckpt = evaluate(compose_train([f"ckpt_path={checkpoint}", f"data.path={verse}"], name="eval"))
+    assert on_hf["format"] == "hf" and on_hf["val/loss"] == pytest.approx(on_ckpt["val/loss"], abs=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "verse.txt"]  # nothing else written
+
+
+def test_export_hf_to_our_format_and_strided_eval(checkpoint, verse, tmp_path, compose_train, capsys):
+    export(compose_train([f"ckpt_path={checkpoint}", f"out={tmp_path / 'hf'}"], name="export"))
+    export(compose_train([f"ckpt_path={tmp_path / 'hf'}", "format=safetensors", f"out={tmp_path / 'st'}"],
+                         name="export"))  # Hugging Face → ours: the input may be any model folder
+    assert json.loads((tmp_path / "st" / "config.json").read_text())["format"] == "llmfoundry_pl"
+    plain = evaluate(compose_train([f"ckpt_path={tmp_path / 'st'}", f"data.path={verse}"], name="eval"))
+    plain_record = last_json(capsys.readouterr().out)
+    strided = evaluate(compose_train([f"ckpt_path={tmp_path / 'st'}", f"data.path={verse}", "data.stride=8"],
+                                     name="eval"))
+    record = last_json(capsys.readouterr().out)
+    assert record["format"] == "safetensors" and (record["seq_len"], record["stride"]) == (32, 8)
+    assert record["tokens"] == plain_record["tokens"]
+    # every token scored once, now with 24 to 31 tokens of context instead of 0 to 31: this model does better
+    assert strided["val/loss"] < plain["val/loss"]
+
+
+def test_export_config_is_checked_before_anything_runs(compose_train):
+    with pytest.raises(ConfigCompositionException, match="formt"):
+        compose_train(["ckpt_path=x.ckpt", "out=y", "formt=hf"], name="export")
+    with pytest.raises(ConfigError, match="format='onnx' is not one of hf, safetensors"):
+        to_dataclass(compose_train(["ckpt_path=x.ckpt", "out=y", "format=onnx"], name="export"), ExportConfig)
+
+
+def test_export_cli_mistakes_fail_with_one_line(checkpoint, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("not yours")
+    proc = run_cli("export", f"ckpt_path={checkpoint}", "out=taken", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: out=taken exists and is not empty; choose another folder, or pass overwrite=true to replace it")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    proc = run_cli("export", "ckpt_path=no/such.ckpt", "out=new", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: ckpt_path=no/such.ckpt does not exist; give a .ckpt file (or last), a folder written by "
+        "lfpl-export, or a Hugging Face Llama folder")
+    assert not (tmp_path / "new").exists()

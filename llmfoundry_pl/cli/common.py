@@ -1,4 +1,4 @@
-"""What the entry points share: config conversion, checkpoint lookup, and errors printed as one line."""
+"""What the entry points share: config conversion, model and checkpoint lookup, and errors printed as one line."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.interop import ModelSource, load_folder
 from llmfoundry_pl.lit_module import LitLlama
+from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.tokenizer import Tokenizer
 
 CONFIG_PATH = "pkg://llmfoundry_pl.conf"  # conf/ ships inside the package (see pyproject.toml)
 T = TypeVar("T")
@@ -37,6 +40,23 @@ def to_dataclass(node: DictConfig, cls: type[T]) -> T:
     obj = OmegaConf.to_object(node)
     assert isinstance(obj, cls), f"expected {cls.__name__}, got {type(obj).__name__}"
     return obj
+
+
+def load_model(ckpt_path: str | None) -> tuple[Transformer, Tokenizer, ModelSource]:
+    """The model (on the CPU), its tokenizer and where they came from, for any of the forms a user may hold: a
+    checkpoint written by ``lfpl-train`` (or ``last``), a folder written by ``lfpl-export`` (either format), or a
+    Hugging Face Llama folder. Folders are told apart by their config.json."""
+    if ckpt_path not in (None, "last"):
+        path = Path(ckpt_path).expanduser()
+        if path.is_file() and (path.name == "config.json" or path.suffix == ".safetensors"):
+            path = path.parent  # a file inside a model folder: the folder is meant
+        if path.is_dir():
+            return load_folder(path)
+        if not path.exists():
+            raise ConfigError(f"ckpt_path={ckpt_path} does not exist; give a .ckpt file (or last), a folder written "
+                              "by lfpl-export, or a Hugging Face Llama folder")
+    path, lit = load_checkpoint(ckpt_path)
+    return lit.model, lit.tokenizer, ModelSource(path, "ckpt", lit.hparams.run_config)
 
 
 def load_checkpoint(ckpt_path: str | None) -> tuple[str, LitLlama]:

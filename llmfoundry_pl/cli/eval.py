@@ -1,9 +1,11 @@
-"""``lfpl-eval``: held-out loss, perplexity and bits per byte of a checkpoint on any text.
+"""``lfpl-eval``: held-out loss, perplexity and bits per byte of a model on any text.
 
     lfpl-eval ckpt_path=outputs/.../checkpoints/last.ckpt                     # the run's own validation split
     lfpl-eval ckpt_path=... data.path=my_text_dir/                            # every token of other text
+    lfpl-eval ckpt_path=exported_or_hf_folder/ data.path=book.txt data.stride=128   # sliding window, more context
 
-The checkpoint's own tokenizer is always used. The last line printed is a JSON object of the metrics.
+``ckpt_path`` is a Lightning checkpoint, a folder written by ``lfpl-export`` or a Hugging Face Llama folder; the
+model's own tokenizer is always used. The last line printed is a JSON object of the metrics.
 """
 
 from __future__ import annotations
@@ -14,19 +16,29 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_checkpoint, user_errors
-from llmfoundry_pl.config import DataConfig, register_configs
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, user_errors
+from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
+from llmfoundry_pl.interop import ModelSource
 from llmfoundry_pl.lit_module import LitLlama
+from llmfoundry_pl.tokenizer import Tokenizer
 
 
-def evaluation_data(cfg: DictConfig, lit: LitLlama) -> DataConfig:
-    """What to evaluate on: with ``data.path`` unset, the validation split of the data the checkpoint was trained on;
+def evaluation_data(cfg: DictConfig, source: ModelSource, model_cfg: ModelConfig, tokenizer: Tokenizer) -> DataConfig:
+    """What to evaluate on: with ``data.path`` unset, the validation split of the data the model was trained on;
     otherwise all of ``data.path`` (val_fraction=1)."""
-    run_data = (lit.hparams.run_config or {}).get("data", {})
-    seq_len = cfg.data.seq_len or run_data.get("seq_len") or lit.model.config.max_seq_len
-    common = {"seq_len": seq_len, "batch_size": cfg.data.batch_size, "cache_dir": cfg.data.cache_dir,
-              "vocab_size": lit.tokenizer.vocab_size}
+    run_data = (source.run_config or {}).get("data")
+    if cfg.data.path is None and run_data is None:
+        raise ConfigError(f"ckpt_path={source.path} does not say what it was trained on, so there is no validation "
+                          "split to take; give the text to evaluate with data.path=")
+    run_data = run_data or {}
+    seq_len = cfg.data.seq_len or run_data.get("seq_len") or model_cfg.max_seq_len
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context max_seq_len={model_cfg.max_seq_len}")
+    if cfg.data.stride is not None and not 0 < cfg.data.stride <= seq_len:
+        raise ConfigError(f"data.stride={cfg.data.stride} must be between 1 and the window length {seq_len}")
+    common = {"seq_len": seq_len, "val_stride": cfg.data.stride, "batch_size": cfg.data.batch_size,
+              "cache_dir": cfg.data.cache_dir, "vocab_size": tokenizer.vocab_size}
     if cfg.data.path is None:
         return DataConfig(path=run_data.get("path"), text_field=run_data.get("text_field", "text"),
                           val_fraction=run_data.get("val_fraction", DataConfig.val_fraction), **common)
@@ -34,9 +46,11 @@ def evaluation_data(cfg: DictConfig, lit: LitLlama) -> DataConfig:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    ckpt_path, lit = load_checkpoint(cfg.ckpt_path)
-    data_cfg = evaluation_data(cfg, lit)
-    datamodule = TextDataModule(data_cfg, tokenizer=lit.tokenizer)
+    model, tokenizer, source = load_model(cfg.ckpt_path)
+    data_cfg = evaluation_data(cfg, source, model.config, tokenizer)
+    lit = LitLlama(model.config, network=model)
+    lit.set_tokenizer(tokenizer)
+    datamodule = TextDataModule(data_cfg, tokenizer=tokenizer)
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=1, precision=cfg.precision, logger=False, enable_checkpointing=False,
         enable_model_summary=False, use_distributed_sampler=False,
@@ -44,10 +58,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.validate(lit, datamodule=datamodule, verbose=False)[0].items()}
     meta = datamodule.token_files.meta
     what = "validation split of the training data" if cfg.data.path is None else data_cfg.path
-    print(f"\n{what}: {meta['val_tokens']:,} tokens\n"
+    windows = (f"windows of {data_cfg.seq_len} tokens every {data_cfg.val_stride}" if data_cfg.val_stride
+               else f"back-to-back windows of {data_cfg.seq_len} tokens")
+    print(f"\nmodel: {source}\n{what}: {meta['val_tokens']:,} tokens, {windows}\n"
           f"loss {metrics['val/loss']:.4f} | perplexity {metrics['val/ppl']:.2f} | "
           f"bits per byte {metrics['val/bpb']:.4f}")
-    print(json.dumps({"ckpt_path": ckpt_path, "data": what, "tokens": meta["val_tokens"], **metrics}), flush=True)
+    record = {"ckpt_path": source.path, "format": source.format, "data": what, "tokens": meta["val_tokens"],
+              "seq_len": data_cfg.seq_len, "stride": data_cfg.val_stride or data_cfg.seq_len, **metrics}
+    print(json.dumps(record), flush=True)
     return metrics
 
 

@@ -17,7 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_checkpoint, user_errors
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_checkpoint, load_model, user_errors
 from llmfoundry_pl.config import ConfigError, register_configs
 from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, stream_text
 from llmfoundry_pl.model import Transformer
@@ -37,8 +37,8 @@ def pick_device(name: str) -> torch.device:
 def load_models(cfg: DictConfig) -> tuple[Transformer, Tokenizer, Transformer | None]:
     """The model, its tokenizer and the optional draft model, on the chosen device."""
     device = pick_device(cfg.device)
-    _, lit = load_checkpoint(cfg.ckpt_path)
-    model, tokenizer, draft = lit.model.to(device), lit.tokenizer, None
+    model, tokenizer, _ = load_model(cfg.ckpt_path)
+    model, draft = model.to(device), None
     if cfg.draft_ckpt_path is not None:
         _, draft_lit = load_checkpoint(cfg.draft_ckpt_path)
         if draft_lit.tokenizer.sha256 != tokenizer.sha256:

@@ -8,7 +8,8 @@ depends on an iterator's history, so
   windows the uninterrupted run would have seen (no RNG state to save), and
 - DDP ranks see disjoint windows without a ``DistributedSampler`` (hence ``trainer.use_distributed_sampler=false``).
 
-Validation is a fixed sweep of back-to-back windows covering every held-out token once.
+Validation is a fixed sweep of windows (back to back, or overlapping with ``val_stride``) scoring every held-out
+token once.
 """
 
 from __future__ import annotations
@@ -85,22 +86,34 @@ class StepBatchSampler(Sampler[list[int]]):
 
 
 class SweepWindows(Dataset):
-    """Back-to-back windows over a split: every token after the first is a target exactly once. The last
-    window is padded, its padding targets set to IGNORE_INDEX."""
+    """Windows of seq_len tokens over a split, starting every ``stride`` tokens, that score every token after the
+    first exactly once.
 
-    def __init__(self, tokens: _TokenFile, seq_len: int, pad_id: int) -> None:
-        self.tokens, self.seq_len, self.pad_id = tokens, seq_len, pad_id
-        self.n_windows = max(0, -(-(tokens.length - 1) // seq_len))  # ceil((n - 1) / seq_len)
+    ``stride = seq_len`` (the default): back-to-back windows. ``stride < seq_len``: each window overlaps the
+    previous one and scores only its last ``stride`` targets, those the previous window did not, so every token is
+    predicted with at least seq_len - stride tokens of context (Hugging Face's "perplexity of fixed-length models").
+    Targets that are not scored (that context, and the padding of the last window) are IGNORE_INDEX."""
+
+    def __init__(self, tokens: _TokenFile, seq_len: int, pad_id: int, stride: int | None = None) -> None:
+        self.tokens, self.seq_len, self.stride = tokens, seq_len, stride or seq_len
+        # Padding needs a real id (Llama's tokenizer has none: pad_id -1), and any will do: padded positions come
+        # after every scored one, so causal attention never lets them change a score.
+        self.pad_id = max(pad_id, 0)
+        n_targets = tokens.length - 1
+        # window i scores targets up to i·stride + seq_len: the first window, then enough to reach the last target
+        self.n_windows = 0 if n_targets <= 0 else 1 + max(0, -(-(n_targets - seq_len) // self.stride))
 
     def __len__(self) -> int:
         return self.n_windows
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = i * self.seq_len
+        start = i * self.stride
         window = torch.from_numpy(self.tokens.tokens[start : start + self.seq_len + 1].astype(np.int64))
         x = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
         y = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.long)
         x[: len(window) - 1], y[: len(window) - 1] = window[:-1], window[1:]
+        if i > 0:
+            y[: self.seq_len - self.stride] = IGNORE_INDEX  # context only: the previous window scored these
         return x, y
 
 
@@ -142,7 +155,7 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(dataset, batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        dataset = SweepWindows(self._token_file("val"), self.cfg.seq_len, self.tokenizer.pad_id)
+        dataset = SweepWindows(self._token_file("val"), self.cfg.seq_len, self.tokenizer.pad_id, self.cfg.val_stride)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         # Each rank sweeps its own share (no padding duplicates); the metrics add up across ranks.
         indices = list(range(rank, len(dataset), world))

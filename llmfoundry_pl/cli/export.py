@@ -1,0 +1,52 @@
+"""``lfpl-export``: write a model as a folder that other tools load.
+
+    lfpl-export ckpt_path=outputs/.../last.ckpt out=my-model                 # Hugging Face (format=hf, the default)
+    lfpl-export ckpt_path=... format=safetensors out=my-model-st             # ours: loads without Lightning
+    lfpl-export ckpt_path=TinyLlama/ format=safetensors out=tinyllama-st     # the input may be any model folder too
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer           # format=hf, then:
+    model, tokenizer = AutoModelForCausalLM.from_pretrained("my-model"), AutoTokenizer.from_pretrained("my-model")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, to_dataclass, user_errors
+from llmfoundry_pl.config import ExportConfig, register_configs
+from llmfoundry_pl.interop import FORMAT_NAMES, save_hf, save_safetensors
+from llmfoundry_pl.interop.folder import check_writable
+from llmfoundry_pl.interop.hf import verify_hf
+
+
+def export(node: DictConfig) -> Path:
+    cfg = to_dataclass(node, ExportConfig)
+    check_writable(cfg.out, cfg.overwrite)  # before loading: a refusal should not wait for a big model
+    model, tokenizer, source = load_model(cfg.ckpt_path)
+    if cfg.format == "hf":
+        out = save_hf(model, tokenizer, cfg.out, overwrite=cfg.overwrite)
+    else:
+        out = save_safetensors(model, tokenizer, cfg.out, run_config=source.run_config, overwrite=cfg.overwrite)
+    print(f"exported {source}\n      as {out} ({FORMAT_NAMES[cfg.format]}, {model.num_params():,} parameters)")
+    if cfg.verify:
+        diff = verify_hf(out, model, tokenizer)
+        print(f"verified with transformers: same token ids, logits within {diff:.1e}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+def _hydra_main(cfg: DictConfig) -> None:
+    with user_errors():
+        export(cfg)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

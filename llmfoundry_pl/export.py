@@ -1,0 +1,6 @@
+"""``python -m llmfoundry_pl.export``: the same as ``lfpl-export`` (see llmfoundry_pl/cli/export.py)."""
+
+from llmfoundry_pl.cli.export import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""lfpl-eval's sliding window (data.stride): every held-out token scored once, with the context the stride promises."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from llmfoundry_pl.cli.eval import evaluation_data
+from llmfoundry_pl.config import ConfigError, ModelConfig
+from llmfoundry_pl.data.datamodule import IGNORE_INDEX, SweepWindows, _TokenFile
+from llmfoundry_pl.interop import ModelSource
+from llmfoundry_pl.lit_module import LitLlama
+from llmfoundry_pl.model import Transformer
+
+
+def token_file(tmp_path, n: int, vocab: int = 50) -> _TokenFile:
+    path = tmp_path / f"val-{n}.bin"
+    np.random.default_rng(n).integers(0, vocab, n).astype(np.uint16).tofile(path)
+    return _TokenFile(path, np.dtype(np.uint16))
+
+
+@pytest.mark.parametrize(("n", "seq_len", "stride"), [(23, 8, 3), (23, 8, 8), (9, 8, 1), (8, 8, 5), (100, 16, 7)])
+def test_strided_windows_score_every_target_once_with_enough_context(tmp_path, n, seq_len, stride):
+    windows = SweepWindows(token_file(tmp_path, n), seq_len, pad_id=-1, stride=stride)  # -1: Llama's "no pad"
+    scored = []
+    for i in range(len(windows)):
+        x, y = windows[i]
+        assert x.min() >= 0  # padding uses a real id
+        positions = torch.nonzero(y != IGNORE_INDEX).flatten().tolist()
+        assert positions  # no window without a new target
+        for position in positions:
+            target = i * stride + position + 1  # index in the token file of the token predicted here
+            assert y[position] == windows.tokens.tokens[target]
+            if i > 0:
+                assert position >= seq_len - stride  # at least seq_len - stride tokens of context
+            scored.append(target)
+    assert scored == list(range(1, n))  # each target once, in order
+
+
+def reference_nll(model: Transformer, tokens: list[int], seq_len: int, stride: int) -> tuple[float, int]:
+    """Hugging Face's "perplexity of fixed-length models" loop, written out token by token: windows of seq_len
+    inputs start every stride tokens; each scores only the targets past the previous window's end."""
+    total, count, scored_until = 0.0, 0, 0  # targets 1..scored_until are done
+    for begin in range(0, len(tokens) - 1, stride):
+        end = min(begin + seq_len, len(tokens) - 1)  # inputs tokens[begin:end] predict tokens[begin+1:end+1]
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(torch.tensor([tokens[begin:end]]))[0].double(), dim=-1)
+        for target in range(scored_until + 1, end + 1):
+            total -= log_probs[target - 1 - begin, tokens[target]].item()
+            count += 1
+        scored_until = end
+        if end == len(tokens) - 1:
+            break
+    return total, count
+
+
+def test_strided_loss_equals_a_hand_computed_sliding_window(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=8,
+                                    init_std=0.3)).eval()
+    tokens_file = token_file(tmp_path, 23)
+    tokens = tokens_file.tokens.astype(np.int64).tolist()
+    lit = LitLlama(model.config, network=model)  # no tokenizer: val/bpb is bits per token
+    results = {}
+    for stride in (8, 3):
+        lit.val_metrics.reset()
+        windows = SweepWindows(tokens_file, seq_len=8, pad_id=0, stride=stride)
+        for batch_idx, batch in enumerate(DataLoader(windows, batch_size=2)):
+            lit.validation_step(batch, batch_idx)
+        nats, count = reference_nll(model, tokens, seq_len=8, stride=stride)
+        assert lit.val_metrics.tokens.item() == count == 22  # every target, exactly once
+        assert lit.val_metrics.nats.item() == pytest.approx(nats, rel=1e-5)
+        results[stride] = lit.val_metrics.compute()["loss"].item()
+    # a different number: the overlapping windows really give other (more) context
+    assert results[3] != pytest.approx(results[8], rel=1e-4)
+    # and stride 8 is the plain cross-entropy of three back-to-back windows (7 + 8 + 7 targets)
+    x = torch.tensor([tokens[0:8], tokens[8:16], tokens[16:22] + [0, 0]])
+    y = torch.tensor([tokens[1:9], tokens[9:17], tokens[17:23] + [IGNORE_INDEX] * 2])
+    with torch.no_grad():
+        plain = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+    assert results[8] == pytest.approx(plain.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.stride=0"], "data.stride=0 must be between 1 and the window length 32"),
+    (["data.stride=33"], "data.stride=33 must be between 1 and the window length 32"),
+    (["data.seq_len=64"], "data.seq_len=64 exceeds the model's context max_seq_len=32"),
+    ([], "does not say what it was trained on, so there is no validation split to take; give the text"),
+])
+def test_eval_data_mistakes_are_one_line(compose_train, overrides, message):
+    cfg = compose_train(["ckpt_path=some/folder", *overrides], name="eval")
+    model_cfg = ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, max_seq_len=32)
+    tokenizer = type("Tok", (), {"vocab_size": 50})()
+    source = ModelSource("some/folder", "hf", run_config=None if not overrides else {"data": {"seq_len": 32}})
+    with pytest.raises(ConfigError, match=message):
+        evaluation_data(cfg, source, model_cfg, tokenizer)
