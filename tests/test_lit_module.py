@@ -6,7 +6,7 @@ import torch
 
 from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, SchedulerConfig
 from llmfoundry_pl.data import TextDataModule
-from llmfoundry_pl.lit_module import LitLlama, WarmupDecay
+from llmfoundry_pl.lit_module import LitLlama, WarmupDecay, use_fused_adamw
 from llmfoundry_pl.metrics import LanguageModelMetrics
 
 
@@ -32,7 +32,8 @@ def test_scheduler_rejects_unknown_decay():
 
 def test_weight_decay_skips_norms_and_embeddings():
     lit = LitLlama(tiny_model())
-    lit.trainer = type("T", (), {"max_steps": 10})()  # configure_optimizers reads the schedule length only
+    # configure_optimizers reads the schedule length, and precision and clipping for the fused-AdamW choice
+    lit.trainer = type("T", (), {"max_steps": 10, "precision": "32-true", "gradient_clip_val": 1.0})()
     optimizer = lit.configure_optimizers()["optimizer"]
     decayed, plain = optimizer.param_groups
     names = {id(p): n for n, p in lit.model.named_parameters()}
@@ -41,6 +42,16 @@ def test_weight_decay_skips_norms_and_embeddings():
                                       "w3.weight", "output.weight")) for p in decayed["params"])
     assert {names[id(p)] for p in plain["params"]} >= {"tok_embeddings.weight", "norm.weight"}
     assert not optimizer.defaults["fused"]  # CPU: the foreach path measured faster
+
+
+def test_fused_adamw_auto_steps_aside_where_lightning_cannot_clip():
+    assert use_fused_adamw(None, "cuda", "32-true", 1.0)
+    assert use_fused_adamw(None, "cuda", "bf16-mixed", None)
+    assert not use_fused_adamw(None, "cuda", "bf16-mixed", 1.0)  # Lightning's AMP plugin would raise mid-step
+    assert not use_fused_adamw(None, "cpu", "32-true", None)
+    assert not use_fused_adamw(False, "cuda", "bf16-mixed", None)
+    with pytest.raises(ConfigError, match="optim.fused=true cannot clip gradients under precision=16-mixed"):
+        use_fused_adamw(True, "cuda", "16-mixed", 1.0)
 
 
 def test_metrics_sum_exactly_across_unequal_batches():
