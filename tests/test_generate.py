@@ -234,3 +234,10 @@ def test_speculative_sampling_is_reproducible_and_bad_drafts_are_errors(model, d
         next(speculative_stream(model, other_vocab, [1, 5], 3))
     with pytest.raises(ConfigError, match="draft_tokens=0"):
         next(speculative_stream(model, draft, [1, 5], 3, draft_tokens=0))
+
+
+def test_compiled_model_generates_what_the_eager_one_does(model):
+    # lfpl-generate compile=true: torch.compile with dynamic shapes, so the growing cache does not recompile
+    compiled = torch.compile(model, dynamic=True)
+    prompts = [[1, 17, 42, 99], [1, 5]]
+    assert generate_batch(compiled, prompts, 8, temperature=0) == generate_batch(model, prompts, 8, temperature=0)
