@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import stat
 from pathlib import Path
 
 import lightning as L
@@ -41,6 +42,18 @@ MIXED_TEXTS = [
     "\n\n",
     "trailing spaces   ",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tiny models run fastest on one thread; on a busy 2-core machine a second OpenMP thread that waits
+    for a core makes every small op stall (training the checkpoint below measured 0.5 s vs 37 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # the same for the commands run as subprocesses
+        yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +152,8 @@ def test_import_of_export_gives_identical_weights(tokenizer, tmp_path, tied):
     assert back.config == ours.config
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert ("lm_head.weight" in f.keys()) != tied  # a tied head is stored once
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
+    assert mode["model.safetensors"] == mode["config.json"]  # not owner-only, as safetensors would leave it
 
 
 def test_import_of_a_sharded_folder_written_by_transformers(tokenizer, tmp_path):

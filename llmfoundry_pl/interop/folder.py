@@ -68,6 +68,11 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     """One safetensors file. ``format=pt`` in the header is what transformers checks before loading it."""
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
+    # safetensors creates the file owner-only (0600); give it the permissions of the folder's other files, so a
+    # model shared with (or served by) another user is readable.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
