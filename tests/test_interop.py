@@ -216,7 +216,7 @@ def test_load_hf_refuses_with_one_line(tokenizer, tmp_path, spoil, message):
     assert "\n" not in str(error.value)
 
 
-def test_write_folder_refuses_a_non_empty_folder_and_never_leaves_half_a_folder(tmp_path):
+def test_write_folder_refuses_a_non_empty_folder_and_never_leaves_half_a_folder(tmp_path, monkeypatch):
     out = tmp_path / "out"
     write_folder(out, lambda d: (d / "a").write_text("first"))
     with pytest.raises(ConfigError, match="exists and is not empty; .* overwrite=true"):
@@ -229,8 +229,22 @@ def test_write_folder_refuses_a_non_empty_folder_and_never_leaves_half_a_folder(
     with pytest.raises(KeyboardInterrupt):
         write_folder(out, crash, overwrite=True)
     assert (out / "a").read_text() == "first"  # the old folder is untouched
+    real_rename = Path.rename
+
+    def failing_rename(self: Path, target):  # the last step, renaming the new folder into place, fails
+        if ".tmp-" in self.name:
+            raise OSError(28, "No space left on device", str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(ConfigError, match=r"cannot write out=.*: No space left on device"):
+        write_folder(out, lambda d: (d / "b").write_text("second"), overwrite=True)
+    assert (out / "a").read_text() == "first"  # the old folder was put back
+    monkeypatch.undo()
     write_folder(out, lambda d: (d / "b").write_text("second"), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in out.iterdir()] == ["b"]
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        write_folder(out / "b", lambda d: None, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

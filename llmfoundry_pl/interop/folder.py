@@ -25,28 +25,38 @@ def write_folder(out: str | os.PathLike, fill: Callable[[Path], None], overwrite
     renamed to ``out`` only when complete, so an interrupted export never leaves a half-written model behind.
     An existing non-empty ``out`` is refused unless ``overwrite``."""
     out = check_writable(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         fill(tmp)
         if out.exists():  # overwrite: move the old folder aside first (a rename cannot replace a non-empty folder)
             out.rename(old)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)  # put the old folder back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # no permission, disk full, ...: the user's to fix
+        raise ConfigError(f"cannot write out={out}: {e.strerror or e} ({e.filename}); check the path and its space "
+                          "and permissions") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
 def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """``out`` as a Path, if a folder may be written there (callers check before loading a big model)."""
     out = Path(out).expanduser()
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not overwrite):
-        what = "is a file" if out.is_file() else "exists and is not empty"
-        raise ConfigError(f"out={out} {what}; choose another folder, or pass overwrite=true to replace it")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file, not a folder; give the path of a folder to create")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"out={out} exists and is not empty; choose another folder, or pass overwrite=true to "
+                          "replace it")
     return out
 
 
