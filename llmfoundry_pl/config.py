@@ -270,7 +270,7 @@ class EvalConfig:
 class GenerateConfig:
     """Root schema of ``lfpl-generate`` (conf/generate.yaml)."""
 
-    ckpt_path: str = field(default=MISSING, metadata=_help("Lightning checkpoint to sample from."))
+    ckpt_path: str = field(default=MISSING, metadata=_help(f"Model to sample from: {MODEL_PATH_HELP}"))
     prompt: str = field(default="", metadata=_help("Text to continue; empty starts from the beginning-of-text token."))
     prompt_file: str | None = field(
         default=None, metadata=_help("Batch mode: a file of prompts, one per line; prints one JSON line per prompt.")
@@ -287,7 +287,8 @@ class GenerateConfig:
     stream: bool = field(default=False, metadata=_help("Print the text as it is generated."))
     seed: int = field(default=1337, metadata=_help("Seed of the sampler, for reproducible samples."))
     draft_ckpt_path: str | None = field(
-        default=None, metadata=_help("Speculative decoding: a smaller model with the same tokenizer drafts tokens.")
+        default=None, metadata=_help("Speculative decoding: a smaller model (any form ckpt_path takes) with the same "
+                                     "tokenizer drafts tokens.")
     )
     draft_tokens: int = field(default=4, metadata=_help("Tokens the draft model guesses per target pass."))
     compile: bool = field(default=False, metadata=_help("torch.compile the model: faster decoding after a slow start."))

@@ -95,6 +95,8 @@ def test_generate_refuses_a_draft_with_another_tokenizer(trained_run, tmp_path):
     proc = run_cli("generate", *args, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "uses a different tokenizer than ckpt_path" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = run_cli("generate", *args[:1], "draft_ckpt_path=missing.ckpt", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "error: draft_ckpt_path=missing.ckpt does not exist" in proc.stderr
 
 
 def test_resume_continues_exactly(tmp_path, cache_dir):

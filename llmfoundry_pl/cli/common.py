@@ -42,10 +42,10 @@ def to_dataclass(node: DictConfig, cls: type[T]) -> T:
     return obj
 
 
-def load_model(ckpt_path: str | None) -> tuple[Transformer, Tokenizer, ModelSource]:
+def load_model(ckpt_path: str | None, key: str = "ckpt_path") -> tuple[Transformer, Tokenizer, ModelSource]:
     """The model (on the CPU), its tokenizer and where they came from, for any of the forms a user may hold: a
     checkpoint written by ``lfpl-train`` (or ``last``), a folder written by ``lfpl-export`` (either format), or a
-    Hugging Face Llama folder. Folders are told apart by their config.json."""
+    Hugging Face Llama folder. Folders are told apart by their config.json. ``key`` names the setting in errors."""
     if ckpt_path not in (None, "last"):
         path = Path(ckpt_path).expanduser()
         if path.is_file() and (path.name == "config.json" or path.suffix == ".safetensors"):
@@ -53,36 +53,36 @@ def load_model(ckpt_path: str | None) -> tuple[Transformer, Tokenizer, ModelSour
         if path.is_dir():
             return load_folder(path)
         if not path.exists():
-            raise ConfigError(f"ckpt_path={ckpt_path} does not exist; give a .ckpt file (or last), a folder written "
+            raise ConfigError(f"{key}={ckpt_path} does not exist; give a .ckpt file (or last), a folder written "
                               "by lfpl-export, or a Hugging Face Llama folder")
-    path, lit = load_checkpoint(ckpt_path)
+    path, lit = load_checkpoint(ckpt_path, key)
     return lit.model, lit.tokenizer, ModelSource(path, "ckpt", lit.hparams.run_config)
 
 
-def load_checkpoint(ckpt_path: str | None) -> tuple[str, LitLlama]:
+def load_checkpoint(ckpt_path: str | None, key: str = "ckpt_path") -> tuple[str, LitLlama]:
     """The resolved path and the model of a checkpoint written by ``lfpl-train`` (on the CPU; callers move it)."""
-    path = resolve_ckpt_path(ckpt_path)
+    path = resolve_ckpt_path(ckpt_path, key=key)
     try:
         lit = LitLlama.load_from_checkpoint(path, map_location="cpu")
     except Exception as e:  # a truncated file, another program's checkpoint, ...: say so in one line
         reason = " ".join(str(e).split()).split(". ")[0][:160]  # the first sentence is the useful one
         raise ConfigError(
-            f"ckpt_path={path} is not a checkpoint written by lfpl-train ({type(e).__name__}: {reason})"
+            f"{key}={path} is not a checkpoint written by lfpl-train ({type(e).__name__}: {reason})"
         ) from None
     if lit.tokenizer is None:
-        raise ConfigError(f"ckpt_path={path} has no tokenizer inside; it was not written by lfpl-train")
+        raise ConfigError(f"{key}={path} has no tokenizer inside; it was not written by lfpl-train")
     return path, lit
 
 
-def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str = "outputs") -> str | None:
+def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str = "outputs", key: str = "ckpt_path") -> str | None:
     """``ckpt_path`` as given, or for ``last`` the newest ``checkpoints/last.ckpt`` under ``runs_dir``."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
         candidates = sorted(Path(runs_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not candidates:
-            raise ConfigError(f"ckpt_path=last found no checkpoints/last.ckpt under {runs_dir}/; give the path")
+            raise ConfigError(f"{key}=last found no checkpoints/last.ckpt under {runs_dir}/; give the path")
         return str(candidates[-1])
     if not Path(ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path} does not exist; give the path of a .ckpt file (or ckpt_path=last)")
+        raise ConfigError(f"{key}={ckpt_path} does not exist; give the path of a .ckpt file (or {key}=last)")
     return ckpt_path

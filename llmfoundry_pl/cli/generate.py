@@ -17,7 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_checkpoint, load_model, user_errors
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, user_errors
 from llmfoundry_pl.config import ConfigError, register_configs
 from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, stream_text
 from llmfoundry_pl.model import Transformer
@@ -40,13 +40,13 @@ def load_models(cfg: DictConfig) -> tuple[Transformer, Tokenizer, Transformer | 
     model, tokenizer, _ = load_model(cfg.ckpt_path)
     model, draft = model.to(device), None
     if cfg.draft_ckpt_path is not None:
-        _, draft_lit = load_checkpoint(cfg.draft_ckpt_path)
-        if draft_lit.tokenizer.sha256 != tokenizer.sha256:
+        draft, draft_tokenizer, _ = load_model(cfg.draft_ckpt_path, key="draft_ckpt_path")
+        if draft_tokenizer.sha256 != tokenizer.sha256:
             raise ConfigError(
                 f"draft_ckpt_path={cfg.draft_ckpt_path} uses a different tokenizer than ckpt_path; speculative "
                 "decoding needs a draft trained with the same tokenizer (data.tokenizer_path)"
             )
-        draft = draft_lit.model.to(device)
+        draft = draft.to(device)
     if cfg.compile:  # dynamic: the cache grows by one slot per step, which must not mean one compilation per step
         model = torch.compile(model, dynamic=True)
         draft = draft if draft is None else torch.compile(draft, dynamic=True)
@@ -80,14 +80,14 @@ def generate(cfg: DictConfig) -> list[str]:
     if cfg.prompt_file is not None and cfg.draft_ckpt_path is not None:
         raise ConfigError("draft_ckpt_path speeds up one prompt at a time (prompt= or interactive=true); "
                           "prompt_file runs in batches without a draft")
+    prompts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file is not None else None  # a typo fails before loading
     model, tokenizer, draft = load_models(cfg)
     options = dict(
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
         repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, stop=list(cfg.stop),
     )
     texts: list[str] = []
-    if cfg.prompt_file is not None:  # batch mode: batch_size prompts at a time, one JSON line each
-        prompts = read_prompt_file(cfg.prompt_file)
+    if prompts is not None:  # batch mode: batch_size prompts at a time, one JSON line each
         for i in range(0, len(prompts), cfg.batch_size):
             chunk = prompts[i : i + cfg.batch_size]
             for prompt, text in zip(chunk, generate_text_batch(model, tokenizer, chunk, cfg.max_new_tokens, **options),
