@@ -147,7 +147,7 @@ def speculative(model: Transformer, tokenizer: Tokenizer, args: argparse.Namespa
     plain_s = spec_s = 0.0
     stats = SpeculativeStats()
     for prompt in prompts:
-        seconds, plain = timed(args.device, generate, model, prompt, n_new)
+        seconds, plain = timed(args.device, lambda p: generate(model, p, n_new, temperature=0), prompt)
         plain_s += seconds
         seconds, spec = timed(args.device, lambda p: list(speculative_stream(
             model, draft, p, n_new, draft_tokens=args.draft_tokens, temperature=0, stats=stats)), prompt)
