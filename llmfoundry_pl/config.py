@@ -234,6 +234,29 @@ class TrainConfig:
     sample_tokens: int = field(default=64, metadata=_help("Tokens in the sample printed after training."))
 
 
+@dataclass
+class BenchSettings:
+    """What ``lfpl-bench`` measures (the ``bench.*`` keys)."""
+
+    steps: int = field(default=20, metadata=_help("Timed optimizer steps per contender."))
+    warmup: int = field(default=3, metadata=_help("Steps run first and not timed (the first one compiles)."))
+    batch_size: int | None = field(default=None, metadata=_help("Sequences per step; null: data.batch_size."))
+    seq_len: int | None = field(default=None, metadata=_help("Tokens per sequence; null: data.seq_len."))
+    plain: bool = field(default=True, metadata=_help("Also time a plain PyTorch loop over the same model and data."))
+    litgpt: bool = field(default=True, metadata=_help("Also time litgpt's GPT of the same shape, if installed."))
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.warmup < 1:
+            raise ConfigError(f"bench.steps={self.steps} and bench.warmup={self.warmup} must both be 1 or more")
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    """Root schema of ``lfpl-bench`` (conf/bench.yaml): the training config plus ``bench.*``."""
+
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+
 MODEL_PATH_HELP = "a Lightning .ckpt (or last), a folder written by lfpl-export, or a Hugging Face Llama folder."
 
 
@@ -377,6 +400,7 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="bench_schema", node=BenchConfig)
 
     # Objects that the entry point builds itself (callbacks, loggers, plugins) are not Trainer config keys.
     trainer_schema = schema_from_signature(Trainer, exclude=("logger", "callbacks", "plugins"), name="TrainerConf")

@@ -39,6 +39,13 @@ def test_model_presets_have_the_advertised_size(compose_train, preset, low, high
     assert low < Transformer(to_dataclass(cfg.model, ModelConfig)).num_params() < high
 
 
+def test_reference_preset_is_the_shape_outside_projects_are_compared_on(compose_train):
+    cfg = to_dataclass(compose_train(["model=ref16m", "data.vocab_size=8192"]).model, ModelConfig)
+    assert (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim) == (
+        8192, 384, 6, 6, 2, 1024)
+    assert 15.5e6 < Transformer(cfg).num_params() < 16e6
+
+
 def test_hparams_search_composes_the_optuna_sweeper(compose_train):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = compose_train(["hparams_search=optuna"], return_hydra_config=True)

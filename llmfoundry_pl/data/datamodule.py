@@ -144,13 +144,13 @@ class TextDataModule(L.LightningDataModule):
         if accumulate < 1:
             raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} must be 1 or more")
         first = trainer.global_step * accumulate  # on resume, global_step is restored before this is called
-        sampler = StepBatchSampler(
-            first_batch=first,
-            num_batches=max(trainer.max_steps * accumulate - first, 0),
-            batch_size=self.cfg.batch_size,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-        )
+        return self.train_batches(first, max(trainer.max_steps * accumulate - first, 0), trainer.global_rank,
+                                  trainer.world_size)
+
+    def train_batches(self, first_batch: int, num_batches: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Micro-batches ``first_batch .. first_batch + num_batches - 1`` of training windows for one rank: the
+        same windows whoever asks (the Trainer, or a plain loop such as lfpl-bench's)."""
+        sampler = StepBatchSampler(first_batch, num_batches, self.cfg.batch_size, rank, world_size)
         dataset = RandomWindows(self._token_file("train"), self.cfg.seq_len, self.cfg.seed)
         return self._loader(dataset, batch_sampler=sampler)
 

@@ -1,0 +1,232 @@
+"""``lfpl-bench``: how fast does training run, and where does the time go?
+
+    lfpl-bench                                                   # the default model on whatever hardware is found
+    lfpl-bench model=ref16m data.vocab_size=8192 hardware=cpu bench.batch_size=8 bench.seq_len=256
+    lfpl-bench model=base hardware=rtx5060 compile=true
+
+Times, on the same model shape and the same data windows: (1) the project's Lightning training step, (2) a plain
+PyTorch loop doing the same work (forward, cross-entropy, backward, clipping, AdamW) — so Lightning's overhead is a
+number — and (3) litgpt's ``GPT`` of the same shape when litgpt is installed. For each: tokens/s, MFU (against the
+matmul peak measured in this process on a CPU, the spec-sheet peak on a GPU), peak memory, and the share of each
+step spent waiting for data. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from lightning.fabric.utilities.throughput import get_available_flops
+from omegaconf import DictConfig, open_dict
+
+from llmfoundry_pl.callbacks import measure_matmul_flops
+from llmfoundry_pl.cli.common import CONFIG_PATH, to_dataclass, user_errors
+from llmfoundry_pl.config import BenchSettings, ConfigError, DataConfig, ModelConfig, OptimConfig, register_configs
+from llmfoundry_pl.data import TextDataModule
+from llmfoundry_pl.lit_module import LitLlama
+from llmfoundry_pl.model import Transformer
+
+HALF_PRECISION = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
+                  "16-true": torch.float16}
+
+
+class StepTimer(L.Callback):
+    """Wall time of every training step, split into the step itself and the wait before it (fetching the batch,
+    plus the loop's own bookkeeping)."""
+
+    def __init__(self) -> None:
+        self.compute: list[float] = []
+        self.wait: list[float] = []
+        self._start = self._end = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+        if self._end is not None:
+            self.wait.append(self._start - self._end)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _synchronize(pl_module.device)
+        self._end = time.perf_counter()
+        self.compute.append(self._end - self._start)
+
+
+def bench(cfg: DictConfig) -> dict[str, float]:
+    settings = to_dataclass(cfg.bench, BenchSettings)
+    with open_dict(cfg):  # bench.batch_size / bench.seq_len override the data settings (and the model's context)
+        cfg.data.batch_size = settings.batch_size or cfg.data.batch_size
+        cfg.data.seq_len = settings.seq_len or cfg.data.seq_len
+    L.seed_everything(cfg.seed)
+    datamodule = TextDataModule(to_dataclass(cfg.data, DataConfig))
+    datamodule.prepare_data()
+    model_cfg = to_dataclass(cfg.model, ModelConfig)
+    if model_cfg.vocab_size != datamodule.tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} but the tokenizer has "
+                          f"{datamodule.tokenizer.vocab_size} tokens; leave model.vocab_size at ${{data.vocab_size}}")
+    total = settings.warmup + settings.steps
+    timer = StepTimer()
+    trainer = instantiate(
+        cfg.trainer, max_steps=total, limit_val_batches=0, num_sanity_val_steps=0, logger=False, callbacks=[timer],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    device = trainer.strategy.root_device
+    lit = LitLlama(model=model_cfg, optim=to_dataclass(cfg.optim, OptimConfig))
+    if cfg.compile:
+        lit.model.compile()
+    tokens_per_call = cfg.data.batch_size * cfg.data.seq_len  # one micro-batch
+    peak_flops = _peak_flops(device, str(trainer.precision))
+    flops_per_token = lit.model.flops_per_token(cfg.data.seq_len)
+    _reset_peak_memory(device)
+    trainer.fit(lit, datamodule=datamodule)
+    # The timer sees micro-batches; wait[i] is the gap before compute[i + 1].
+    skip = settings.warmup * trainer.accumulate_grad_batches
+    rows = {"lightning": _row(timer.compute[skip:], timer.wait[skip - 1 :], timer.compute[0], tokens_per_call,
+                              flops_per_token, peak_flops, _peak_memory(device))}
+
+    if settings.plain:
+        torch.manual_seed(cfg.seed)
+        plain = Transformer(model_cfg).to(device)
+        if cfg.compile:
+            plain.compile()
+        rows["plain"] = _plain_loop(plain, datamodule, cfg, device, total, settings.warmup, flops_per_token, peak_flops)
+    if settings.litgpt:
+        litgpt_model = _litgpt_twin(model_cfg)
+        if litgpt_model is None:
+            print("litgpt is not installed: its row is skipped (pip install litgpt to add it)")
+        else:
+            rows["litgpt"] = _plain_loop(litgpt_model.to(device), datamodule, cfg, device, total, settings.warmup,
+                                         flops_per_token, peak_flops)
+    return _report(rows, cfg, lit.model, device, peak_flops)
+
+
+def _row(compute: list[float], wait: list[float], first_step: float, tokens_per_call: int, flops_per_token: int,
+         peak_flops: float, peak_mem: int) -> dict[str, float]:
+    """Figures of one contender from its per-step (or per-micro-batch) timings."""
+    seconds = sum(compute) + sum(wait)
+    tokens_per_s = len(compute) * tokens_per_call / seconds
+    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak_flops,
+            "data_wait_frac": sum(wait) / seconds, "first_step_s": first_step, "peak_mem_bytes": peak_mem}
+
+
+def _plain_loop(model: torch.nn.Module, datamodule: TextDataModule, cfg: DictConfig, device: torch.device,
+                total: int, warmup: int, flops_per_token: int, peak_flops: float) -> dict[str, float]:
+    """The same work as the Lightning step, written out: what a hand-rolled PyTorch script would do."""
+    precision, accumulate = str(cfg.trainer.precision), cfg.trainer.accumulate_grad_batches or 1
+    optim = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                  weight_decay=optim.weight_decay)
+    autocast = (torch.autocast(device.type, dtype=HALF_PRECISION[precision]) if precision.endswith("-mixed")
+                else nullcontext())
+    batches: Iterator = iter(datamodule.train_batches(0, total * accumulate))
+    compute, wait = [], []
+    _reset_peak_memory(device)
+    for _ in range(total):
+        for _ in range(accumulate):
+            t0 = time.perf_counter()
+            x, y = (t.to(device, non_blocking=True) for t in next(batches))
+            t1 = time.perf_counter()
+            with autocast:
+                logits = _logits(model, x)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100) / accumulate
+            loss.backward()
+            wait.append(t1 - t0)
+            compute.append(time.perf_counter() - t1)
+        t2 = time.perf_counter()
+        if cfg.trainer.gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
+        compute[-1] += time.perf_counter() - t2
+    skip = warmup * accumulate
+    return _row(compute[skip:], wait[skip:], sum(compute[:accumulate]), cfg.data.batch_size * cfg.data.seq_len,
+                flops_per_token, peak_flops, _peak_memory(device))
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _litgpt_twin(cfg: ModelConfig) -> torch.nn.Module | None:
+    """litgpt's GPT with our shape (Llama flavour: RMSNorm, SwiGLU, RoPE, GQA), or None without litgpt."""
+    try:
+        from litgpt.config import Config
+        from litgpt.model import GPT
+    except ImportError:
+        return None
+    return GPT(Config(
+        block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size, padded_vocab_size=cfg.vocab_size, n_layer=cfg.n_layers,
+        n_head=cfg.n_heads, n_query_groups=cfg.n_kv_heads, n_embd=cfg.dim, intermediate_size=cfg.hidden_dim,
+        rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm", norm_eps=cfg.norm_eps,
+        mlp_class_name="LLaMAMLP", rope_base=int(cfg.rope_theta),
+    ))
+
+
+def _peak_flops(device: torch.device, precision: str) -> float:
+    """The FLOP/s MFU is measured against: the spec sheet on a GPU Lightning knows, else a matmul timed here."""
+    if device.type == "cuda":
+        flops = get_available_flops(device, HALF_PRECISION.get(precision, torch.float32))
+        if flops:
+            return float(flops)
+    return measure_matmul_flops(device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA memory allocated on a GPU; the process's peak resident memory elsewhere (which only grows,
+    so on a CPU later rows include earlier ones)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _report(rows: dict[str, dict[str, float]], cfg: DictConfig, model: Transformer, device: torch.device,
+            peak_flops: float) -> dict[str, float]:
+    print(f"\n{model.num_params() / 1e6:.1f}M parameters, batch {cfg.data.batch_size} × {cfg.data.seq_len} tokens, "
+          f"precision {cfg.trainer.precision}, {device}, compile={cfg.compile}; peak {peak_flops / 1e12:.3f} TFLOP/s")
+    print(f"{'':<10} {'tokens/s':>10} {'MFU':>6} {'data wait':>10} {'first step':>11} {'peak memory':>12}")
+    for name, r in rows.items():
+        print(f"{name:<10} {r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} {r['data_wait_frac']:>10.1%} "
+              f"{r['first_step_s']:>10.2f}s {r['peak_mem_bytes'] / 2**20:>9,.0f} MiB")
+    result = {**rows["lightning"], "peak_flops": peak_flops}
+    for name in ("plain", "litgpt"):
+        if name in rows:
+            result[f"{name}_tokens_per_s"] = rows[name]["tokens_per_s"]
+            result[f"{name}_mfu"] = rows[name]["mfu"]
+    if "plain" in rows:
+        result["lightning_overhead"] = 1 - result["tokens_per_s"] / result["plain_tokens_per_s"]
+        print(f"Lightning step vs plain loop: {result['lightning_overhead']:+.1%} overhead")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
+def _hydra_main(cfg: DictConfig) -> None:
+    with user_errors():
+        bench(cfg)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
