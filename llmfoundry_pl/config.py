@@ -79,6 +79,11 @@ class ModelConfig:
     init_std: float = field(
         default=0.02, metadata=_help("Std of the normal init; residual output projections get std/sqrt(2·n_layers).")
     )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata=_help("Training: keep only each block's input and recompute its activations in backward — memory "
+                       "of one block instead of all, for about a third more compute."),
+    )
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

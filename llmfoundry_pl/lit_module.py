@@ -28,6 +28,10 @@ def _as(cls: type, value: Any) -> Any:
     return value if isinstance(value, cls) else cls(**value)
 
 
+# ModelConfig fields that say how to run the model, not what it is: a resumed run may change them.
+RUN_OPTIONS = ("activation_checkpointing",)
+
+
 def use_fused_adamw(requested: bool | None, device_type: str, precision: str, gradient_clip_val: float | None) -> bool:
     """Whether AdamW runs fused (one kernel for all parameters); ``requested`` None means auto.
 
@@ -103,8 +107,8 @@ class LitLlama(L.LightningModule):
         """Restore the tokenizer; when resuming, first check that the checkpoint fits this run (Lightning calls
         this before loading the weights, so a mismatch is one clear line instead of a size-mismatch traceback)."""
         saved_model = checkpoint.get("hyper_parameters", {}).get("model", {})
-        changed = [f"model.{k}: {v} → {getattr(self.model.config, k)}"
-                   for k, v in saved_model.items() if getattr(self.model.config, k, v) != v]
+        changed = [f"model.{k}: {v} → {getattr(self.model.config, k)}" for k, v in saved_model.items()
+                   if getattr(self.model.config, k, v) != v and k not in RUN_OPTIONS]
         if changed:
             raise ConfigError(f"the checkpoint's model differs from this run's ({'; '.join(changed)}); "
                               "resume with the same model settings, or start a new run")

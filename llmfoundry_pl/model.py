@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llmfoundry_pl.config import ModelConfig
 
@@ -232,8 +233,12 @@ class Transformer(nn.Module):
             positions = (torch.arange(start_pos, start_pos + T, device=tokens.device) - left_pad[:, None]).clamp(min=0)
             cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # (B, T, 1, Hd)
         mask = attention_mask(T, start_pos, left_pad, tokens.device)
+        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, None if kv_cache is None else kv_cache[i], start_pos, mask)
+            args = (h, cos, sin, None if kv_cache is None else kv_cache[i], start_pos, mask)
+            # Activation checkpointing (Chen et al., 2016): store the block's input only and run it again during
+            # backward. Same gradients (dropout masks are replayed from the saved RNG state), far less memory.
+            h = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         return self.output(self.norm(h)).float()  # (B, T, V); fp32 logits keep the softmax exact under autocast
 
     # ---------------------------------------------------------------------------------------------------------

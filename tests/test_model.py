@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -151,3 +152,24 @@ def test_against_hf_llama():
     x = torch.randint(0, cfg.vocab_size, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])  # with dropout: the recomputation must replay the same masks
+def test_activation_checkpointing_gives_the_gradients_of_the_plain_run(dropout):
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16, dropout=dropout)
+    plain = Transformer(cfg).train()
+    recomputed = Transformer(dataclasses.replace(cfg, activation_checkpointing=True)).train()
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 97, (2, 16))
+    grads, block_runs = [], []
+    for model in (plain, recomputed):
+        runs, block = [], model.layers[0]
+        block.forward = lambda *args, f=block.forward, runs=runs: runs.append(1) or f(*args)  # count its runs
+        torch.manual_seed(1)  # same dropout masks in both runs
+        model(x).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        block_runs.append(len(runs))
+    assert block_runs == [1, 2]  # checkpointing really recomputed the block in backward
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
