@@ -81,8 +81,9 @@ class ModelConfig:
     )
     activation_checkpointing: bool = field(
         default=False,
-        metadata=_help("Training: keep only each block's input and recompute its activations in backward — memory "
-                       "of one block instead of all, for more compute (base on an H100: 65% less memory, 1.8× slower)."),
+        metadata=_help("Training: keep only each block's input and recompute its activations in backward — "
+                       "memory of one block instead of all, for more compute (base, H100: 65% less memory, 1.8× "
+                       "slower)."),
     )
 
     def __post_init__(self) -> None:

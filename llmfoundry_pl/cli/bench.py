@@ -39,23 +39,33 @@ HALF_PRECISION = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16
 
 
 class StepTimer(L.Callback):
-    """Wall time of every training step, split into the step itself and the wait before it (fetching the batch,
-    plus the loop's own bookkeeping)."""
+    """When each micro-batch starts and ends, and how long the loop waited before it (fetching the batch, plus its
+    own bookkeeping). The GPU is synchronised only after the first step (to time it: compilation) and at the end,
+    so host-side work between steps overlaps with GPU work as in a real run."""
 
-    def __init__(self) -> None:
-        self.compute: list[float] = []
-        self.wait: list[float] = []
-        self._start = self._end = None
+    def __init__(self, timed_from: int) -> None:
+        self.timed_from = timed_from  # the first timed micro-batch starts on an idle GPU
+        self.starts: list[float] = []
+        self.waits: list[float] = []
+        self.first_step = self.end = 0.0
+        self._last_end: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-        if self._end is not None:
-            self.wait.append(self._start - self._end)
+        if batch_idx == self.timed_from:
+            _synchronize(pl_module.device)
+        self.starts.append(time.perf_counter())
+        if self._last_end is not None:
+            self.waits.append(self.starts[-1] - self._last_end)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            _synchronize(pl_module.device)
+            self.first_step = time.perf_counter() - self.starts[0]
+        self._last_end = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
         _synchronize(pl_module.device)
-        self._end = time.perf_counter()
-        self.compute.append(self._end - self._start)
+        self.end = time.perf_counter()
 
 
 def bench(cfg: DictConfig) -> dict[str, float]:
@@ -71,7 +81,8 @@ def bench(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} but the tokenizer has "
                           f"{datamodule.tokenizer.vocab_size} tokens; leave model.vocab_size at ${{data.vocab_size}}")
     total = settings.warmup + settings.steps
-    timer = StepTimer()
+    skip = settings.warmup * (cfg.trainer.accumulate_grad_batches or 1)  # untimed micro-batches
+    timer = StepTimer(timed_from=skip)
     trainer = instantiate(
         cfg.trainer, max_steps=total, limit_val_batches=0, num_sanity_val_steps=0, logger=False, callbacks=[timer],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -85,10 +96,9 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     flops_per_token = lit.model.flops_per_token(cfg.data.seq_len)
     _reset_peak_memory(device)
     trainer.fit(lit, datamodule=datamodule)
-    # The timer sees micro-batches; wait[i] is the gap before compute[i + 1].
-    skip = settings.warmup * trainer.accumulate_grad_batches
-    rows = {"lightning": _row(timer.compute[skip:], timer.wait[skip - 1 :], timer.compute[0], tokens_per_call,
-                              flops_per_token, peak_flops, _peak_memory(device))}
+    # The timer sees micro-batches; waits[i] is the gap before starts[i + 1].
+    rows = {"lightning": _row(timer.end - timer.starts[skip], len(timer.starts) - skip, sum(timer.waits[skip:]),
+                              timer.first_step, tokens_per_call, flops_per_token, peak_flops, _peak_memory(device))}
 
     if settings.plain:
         torch.manual_seed(cfg.seed)
@@ -106,13 +116,13 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     return _report(rows, cfg, lit.model, device, peak_flops)
 
 
-def _row(compute: list[float], wait: list[float], first_step: float, tokens_per_call: int, flops_per_token: int,
+def _row(seconds: float, calls: int, wait: float, first_step: float, tokens_per_call: int, flops_per_token: int,
          peak_flops: float, peak_mem: int) -> dict[str, float]:
-    """Figures of one contender from its per-step (or per-micro-batch) timings."""
-    seconds = sum(compute) + sum(wait)
-    tokens_per_s = len(compute) * tokens_per_call / seconds
+    """Figures of one contender: ``calls`` micro-batches of ``tokens_per_call`` tokens in ``seconds``, ``wait`` of
+    which went to fetching data."""
+    tokens_per_s = calls * tokens_per_call / seconds
     return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak_flops,
-            "data_wait_frac": sum(wait) / seconds, "first_step_s": first_step, "peak_mem_bytes": peak_mem}
+            "data_wait_frac": wait / seconds, "first_step_s": first_step, "peak_mem_bytes": peak_mem}
 
 
 def _plain_loop(model: torch.nn.Module, datamodule: TextDataModule, cfg: DictConfig, device: torch.device,
@@ -125,28 +135,31 @@ def _plain_loop(model: torch.nn.Module, datamodule: TextDataModule, cfg: DictCon
     autocast = (torch.autocast(device.type, dtype=HALF_PRECISION[precision]) if precision.endswith("-mixed")
                 else nullcontext())
     batches: Iterator = iter(datamodule.train_batches(0, total * accumulate))
-    compute, wait = [], []
     _reset_peak_memory(device)
-    for _ in range(total):
+    wait = first_step = 0.0
+    for step in range(total):
+        if step == warmup:  # the timed steps start here, on an idle GPU
+            _synchronize(device)
+            start, wait = time.perf_counter(), 0.0
+        t0 = time.perf_counter()
         for _ in range(accumulate):
-            t0 = time.perf_counter()
+            fetch_start = time.perf_counter()
             x, y = (t.to(device, non_blocking=True) for t in next(batches))
-            t1 = time.perf_counter()
+            wait += time.perf_counter() - fetch_start
             with autocast:
                 logits = _logits(model, x)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100) / accumulate
             loss.backward()
-            wait.append(t1 - t0)
-            compute.append(time.perf_counter() - t1)
-        t2 = time.perf_counter()
         if cfg.trainer.gradient_clip_val:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _synchronize(device)
-        compute[-1] += time.perf_counter() - t2
-    skip = warmup * accumulate
-    return _row(compute[skip:], wait[skip:], sum(compute[:accumulate]), cfg.data.batch_size * cfg.data.seq_len,
+        if step == 0:
+            _synchronize(device)
+            first_step = time.perf_counter() - t0
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    return _row(seconds, (total - warmup) * accumulate, wait, first_step, cfg.data.batch_size * cfg.data.seq_len,
                 flops_per_token, peak_flops, _peak_memory(device))
 
 
