@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,18 @@ def test_ddp_single_run_two_processes(tmp_path, cache_dir):
     assert "held-out text" in proc.stdout and "MEMBER: 2/2" in proc.stderr
     assert json.loads((tmp_path / "ddp" / "final_metrics.json").read_text())["metrics"]["val/loss"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+
+
+def test_torchrun_launch_recipe_on_one_node(tmp_path, cache_dir):
+    """recipes/multinode/torchrun.sh with NNODES=1: torchrun owns the 2 processes, Lightning joins them (gloo)."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "multinode" / "torchrun.sh"
+    env = {**os.environ, "NNODES": "1", "GPUS_PER_NODE": "2", "RUN_DIR": "run", "MASTER_PORT": "29533",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(recipe), *TINY], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MEMBER: 2/2" in proc.stderr and "held-out text" in proc.stdout
+    assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["metrics"]["val/loss"] > 0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,23 @@
+#!/bin/bash
+# Multi-node data-parallel training with torchrun (PyTorch's elastic launcher): run this same script on every node.
+# Lightning sees the torchrun environment (TorchElasticEnvironment) and lets torchrun own the processes; each
+# process composes the Hydra config itself, so every node must pass the same overrides and the same run folder
+# (on a shared filesystem).
+#
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash recipes/multinode/torchrun.sh model=small   # on node 0
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 bash recipes/multinode/torchrun.sh model=small   # on node 1
+#
+# Tested here on one machine only (NNODES=1, 2 CPU processes, gloo: tests/test_cli.py::test_torchrun_launch);
+# the multi-node wiring is Lightning's and torchrun's own.
+set -euo pipefail
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+GPUS_PER_NODE=${GPUS_PER_NODE:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+RUN_DIR=${RUN_DIR:-outputs/torchrun-$(date +%Y%m%d-%H%M)}   # the same path on every node (shared filesystem)
+
+torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS_PER_NODE" \
+  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+  -m llmfoundry_pl.train trainer=ddp trainer.num_nodes="$NNODES" trainer.devices="$GPUS_PER_NODE" \
+  hydra.run.dir="$RUN_DIR" "$@"
