@@ -77,9 +77,10 @@ def test_generate_batch_mode_interactive_mode_and_speculative_decoding(trained_r
     out = run_cli("generate", *greedy, "prompt_file=prompts.txt", "batch_size=2", cwd=tmp_path).stdout
     records = [json.loads(line) for line in out.strip().splitlines()]
     assert [r["prompt"] + r["completion"] + "\n" for r in records] == alone
-    # interactive: a prompt per stdin line until EOF
-    typed = run_cli("generate", *greedy, "interactive=true", cwd=tmp_path, input="ROMEO:\nA\n").stdout
-    assert typed == alone[0] + alone[2]
+    # interactive: a prompt per stdin line until EOF; a prompt too long for the context is one line, then it goes on
+    typed = run_cli("generate", *greedy, "interactive=true", cwd=tmp_path, input="ROMEO:\n" + "x" * 300 + "\nA\n")
+    assert typed.stdout == alone[0] + alone[2]
+    assert "error: the prompt is" in typed.stderr and "Traceback" not in typed.stderr
     # speculative decoding with the same checkpoint as draft: same greedy text, every guess accepted
     spec = run_cli("generate", *greedy, "prompt=ROMEO:", f"draft_ckpt_path={ckpt}", cwd=tmp_path)
     assert spec.stdout == alone[0]

@@ -99,10 +99,17 @@ def generate(cfg: DictConfig) -> list[str]:
     if draft is not None:
         options.update(draft_model=draft, draft_tokens=cfg.draft_tokens, stats=stats)
     for prompt in read_stdin_prompts() if cfg.interactive else [cfg.prompt]:
+        deltas = stream_text(model, tokenizer, prompt, cfg.max_new_tokens, **options)
+        try:
+            text = next(deltas, "")  # a prompt the model cannot take fails here, before anything is printed
+        except ConfigError as e:
+            if not cfg.interactive:
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)  # interactive: say so, and wait for the next prompt
+            continue
         # One path for both modes: with stream=true each delta is printed as it comes, else the whole text at the end.
-        print(prompt, end="", flush=True)
-        text = ""
-        for delta in stream_text(model, tokenizer, prompt, cfg.max_new_tokens, **options):
+        print(prompt + (text if cfg.stream else ""), end="", flush=True)
+        for delta in deltas:
             text += delta
             if cfg.stream:
                 print(delta, end="", flush=True)
