@@ -131,8 +131,11 @@ class LitLlama(L.LightningModule):
         logits = self(x)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         self.log("train/loss", loss, prog_bar=True)
-        tokens_per_step = x.numel() * self.trainer.accumulate_grad_batches * self.trainer.world_size
-        self.log("train/tokens", float((self.global_step + 1) * tokens_per_step), reduce_fx="max")
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            # Only on the steps Lightning writes logs: logging a Python number copies it to the GPU, which waits
+            # for the GPU to finish (torch.cuda.set_sync_debug_mode flagged it once per step on an H100).
+            tokens_per_step = x.numel() * self.trainer.accumulate_grad_batches * self.trainer.world_size
+            self.log("train/tokens", float((self.global_step + 1) * tokens_per_step), reduce_fx="max")
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

@@ -39,6 +39,9 @@ def test_train_reports_and_leaves_checkpoint(trained_run):
     assert (trained_run / ".hydra" / "config.yaml").is_file()
     assert len(read_train_losses(trained_run)) == 8  # log_every_n_steps=1 for 8 steps
     with open(trained_run / "csv" / "metrics.csv") as f:
+        tokens = [float(r["train/tokens"]) for r in csv.DictReader(f) if r.get("train/tokens")]
+    assert max(tokens) == 8 * 4 * 32  # 8 steps of 4 windows of 32 tokens
+    with open(trained_run / "csv" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/device/mfu")]
     # tokens/s and MFU from Lightning's ThroughputMonitor, against the CPU peak measured at start-up
     assert rows and all(0 < float(r["train/device/mfu"]) < 1 for r in rows)
