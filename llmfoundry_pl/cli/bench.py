@@ -28,8 +28,8 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from omegaconf import DictConfig, open_dict
 
 from llmfoundry_pl.callbacks import measure_matmul_flops
-from llmfoundry_pl.cli.common import CONFIG_PATH, to_dataclass, user_errors
-from llmfoundry_pl.config import BenchSettings, ConfigError, DataConfig, ModelConfig, OptimConfig, register_configs
+from llmfoundry_pl.cli.common import CONFIG_PATH, prepare_data_and_model, to_dataclass, user_errors
+from llmfoundry_pl.config import BenchSettings, ModelConfig, OptimConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.model import Transformer
@@ -74,12 +74,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
         cfg.data.batch_size = settings.batch_size or cfg.data.batch_size
         cfg.data.seq_len = settings.seq_len or cfg.data.seq_len
     L.seed_everything(cfg.seed)
-    datamodule = TextDataModule(to_dataclass(cfg.data, DataConfig))
-    datamodule.prepare_data()
-    model_cfg = to_dataclass(cfg.model, ModelConfig)
-    if model_cfg.vocab_size != datamodule.tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} but the tokenizer has "
-                          f"{datamodule.tokenizer.vocab_size} tokens; leave model.vocab_size at ${{data.vocab_size}}")
+    datamodule, model_cfg = prepare_data_and_model(cfg)
     total = settings.warmup + settings.steps
     skip = settings.warmup * (cfg.trainer.accumulate_grad_batches or 1)  # untimed micro-batches
     timer = StepTimer(timed_from=skip)

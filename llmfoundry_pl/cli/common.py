@@ -11,7 +11,8 @@ from typing import TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig
+from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.interop import ModelSource, load_folder
 from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.model import Transformer
@@ -33,6 +34,24 @@ def user_errors() -> Iterator[None]:
     except MissingMandatoryValue as e:
         print(f"error: {e.full_key} is required; give it on the command line ({e.full_key}=...)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def prepare_data_and_model(cfg: DictConfig) -> tuple[TextDataModule, ModelConfig]:
+    """The prepared data module and the model config of a training config (lfpl-train, lfpl-bench).
+
+    Data first: the model's vocabulary is the tokenizer's. (Lightning calls prepare_data again in fit; by then it
+    only reads the cache.)"""
+    datamodule = TextDataModule(to_dataclass(cfg.data, DataConfig))
+    datamodule.prepare_data()
+    model_cfg = to_dataclass(cfg.model, ModelConfig)
+    if model_cfg.vocab_size != datamodule.tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model_cfg.vocab_size} but the tokenizer has {datamodule.tokenizer.vocab_size} tokens; "
+            "leave model.vocab_size at ${data.vocab_size}"
+        )
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    return datamodule, model_cfg
 
 
 def to_dataclass(node: DictConfig, cls: type[T]) -> T:

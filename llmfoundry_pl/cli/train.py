@@ -23,10 +23,15 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from llmfoundry_pl.cli.common import CONFIG_PATH, resolve_ckpt_path, to_dataclass, user_errors
+from llmfoundry_pl.cli.common import (
+    CONFIG_PATH,
+    prepare_data_and_model,
+    resolve_ckpt_path,
+    to_dataclass,
+    user_errors,
+)
 from llmfoundry_pl.cli.ddp import build_strategy, end_distributed_job
-from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedulerConfig, register_configs
-from llmfoundry_pl.data import TextDataModule
+from llmfoundry_pl.config import ConfigError, OptimConfig, SchedulerConfig, register_configs
 from llmfoundry_pl.inference import generate_text
 from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.model import TransformerBlock
@@ -38,18 +43,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
 
-    # Data first: the model's vocabulary is the tokenizer's. (Lightning calls prepare_data again in fit;
-    # by then it only reads the cache.)
-    datamodule = TextDataModule(to_dataclass(cfg.data, DataConfig))
-    datamodule.prepare_data()
-    model_cfg = to_dataclass(cfg.model, ModelConfig)
-    if model_cfg.vocab_size != datamodule.tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={model_cfg.vocab_size} but the tokenizer has {datamodule.tokenizer.vocab_size} tokens; "
-            "leave model.vocab_size at ${data.vocab_size}"
-        )
-    if cfg.data.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    datamodule, model_cfg = prepare_data_and_model(cfg)
 
     lit = LitLlama(
         model=model_cfg,

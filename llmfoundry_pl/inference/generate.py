@@ -16,7 +16,7 @@ import torch
 
 from llmfoundry_pl.config import ConfigError
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
-from llmfoundry_pl.inference.sampling import check_sampling, sample_next
+from llmfoundry_pl.inference.sampling import check_sampling, sample_next, seeded_generator
 from llmfoundry_pl.model import Transformer
 
 
@@ -83,9 +83,7 @@ def generate_steps(
         if not 0 < len(prompt) <= context:
             raise ConfigError(f"the prompt is {len(prompt)} tokens; it must be 1 to {context} (the model's context)")
     device = model.tok_embeddings.weight.device
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
+    generator = seeded_generator(device, seed)
     seqs = [list(p) for p in prompts]  # each row's prompt + new tokens: the sliding window reads them
     seen = None  # (B, V): which tokens each row holds, for the repetition penalty
     if repetition_penalty != 1.0:

@@ -12,6 +12,15 @@ import torch
 from llmfoundry_pl.config import ConfigError
 
 
+def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """The sampler's own random stream (seeded when ``seed`` is given): drawing tokens never moves the global
+    RNG that dropout and resumed training depend on."""
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    return generator
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
                    repetition_penalty: float) -> None:
     """One-line errors for sampling settings that cannot work."""

@@ -20,7 +20,7 @@ import torch
 from llmfoundry_pl.config import ConfigError
 from llmfoundry_pl.inference.generate import generate_stream
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
-from llmfoundry_pl.inference.sampling import check_sampling, draw, next_token_probs
+from llmfoundry_pl.inference.sampling import check_sampling, draw, next_token_probs, seeded_generator
 from llmfoundry_pl.model import Transformer
 
 
@@ -87,9 +87,7 @@ def speculative_stream(
         raise ConfigError(f"the prompt is {len(prompt)} tokens; it must be 1 to {context} (the models' context)")
     stats = stats if stats is not None else SpeculativeStats()
     device = model.tok_embeddings.weight.device
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
+    generator = seeded_generator(device, seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty)
     seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
