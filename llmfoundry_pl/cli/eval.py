@@ -1,11 +1,14 @@
-"""``lfpl-eval``: held-out loss, perplexity and bits per byte of a model on any text.
+"""``lfpl-eval``: held-out loss, perplexity and bits per byte of a model on any text, or its accuracy on a task.
 
     lfpl-eval ckpt_path=outputs/.../checkpoints/last.ckpt                     # the run's own validation split
     lfpl-eval ckpt_path=... data.path=my_text_dir/                            # every token of other text
     lfpl-eval ckpt_path=exported_or_hf_folder/ data.path=book.txt data.stride=128   # sliding window, more context
+    lfpl-eval ckpt_path=... task=demo task_limit=100                          # demo task accuracy vs chance
 
 ``ckpt_path`` is a Lightning checkpoint, a folder written by ``lfpl-export`` or a Hugging Face Llama folder; the
-model's own tokenizer is always used. The last line printed is a JSON object of the metrics.
+model's own tokenizer is always used. ``task=demo`` scores the held-out questions of the bundled fine-tuning task
+("which play is this passage from?", 13 titles) by log-likelihood, as lm-evaluation-harness scores multiple
+choice; ``data.*`` is then unused. The last line printed is a JSON object of the metrics.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from llmfoundry_pl.chat import ChatFormat
 from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, user_errors
 from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
+from llmfoundry_pl.data.demo_task import demo_questions
+from llmfoundry_pl.inference import choice_accuracy
 from llmfoundry_pl.interop import ModelSource
 from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.tokenizer import Tokenizer
@@ -45,7 +51,12 @@ def evaluation_data(cfg: DictConfig, source: ModelSource, model_cfg: ModelConfig
     return DataConfig(path=cfg.data.path, text_field=cfg.data.text_field, val_fraction=1.0, **common)
 
 
+TASKS = ("demo",)  # task= values; null is the text evaluation
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    if cfg.task is not None:
+        return evaluate_task(cfg)
     model, tokenizer, source = load_model(cfg.ckpt_path)
     data_cfg = evaluation_data(cfg, source, model.config, tokenizer)
     lit = LitLlama(model.config, network=model)
@@ -67,6 +78,27 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
               "seq_len": data_cfg.seq_len, "stride": data_cfg.val_stride or data_cfg.seq_len, **metrics}
     print(json.dumps(record), flush=True)
     return metrics
+
+
+def evaluate_task(cfg: DictConfig) -> dict[str, float]:
+    """Multiple-choice accuracy on the held-out questions of ``cfg.task`` (the first ``task_limit`` of them)."""
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task={cfg.task} is not a known task; use one of {', '.join(TASKS)}, or task=null for "
+                          "loss / perplexity / bits per byte on text")
+    if cfg.task_limit is not None and cfg.task_limit < 1:
+        raise ConfigError(f"task_limit={cfg.task_limit} must be at least 1, or null for every question")
+    questions = demo_questions("val")[: cfg.task_limit]
+    model, tokenizer, source = load_model(cfg.ckpt_path)
+    chat = ChatFormat(tokenizer)  # a ConfigError if the tokenizer lacks the chat tokens (an imported model)
+    # Fabric places the model and applies cfg.precision the way the Trainer does for the text evaluation.
+    fabric = L.Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
+    result = choice_accuracy(fabric.setup_module(model), chat, questions)
+    cut = f" ({result['truncated']} cut from the left to fit the context)" if result["truncated"] else ""
+    print(f"\nmodel: {source}\ntask {cfg.task}: which play is this passage from? {result['questions']} held-out "
+          f"questions, {len(questions[0].choices)} choices each{cut}\n"
+          f"accuracy {result['accuracy']:.4f} | chance {result['chance']:.4f}")
+    print(json.dumps({"ckpt_path": source.path, "task": cfg.task, **result}), flush=True)
+    return result
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
