@@ -54,7 +54,11 @@ class ModelConfig:
     Fewer key/value heads means a smaller KV cache at inference with little loss in quality.
     """
 
-    vocab_size: int = field(default=4096, metadata=_help("Tokenizer vocabulary size (rows of the embedding)."))
+    vocab_size: int | None = field(
+        default=None,
+        metadata=_help("Rows of the embedding; null: the tokenizer's vocabulary size (filled in before the model is "
+                       "built)."),
+    )
     dim: int = field(default=256, metadata=_help("Width of the residual stream (the embedding size)."))
     n_layers: int = field(default=4, metadata=_help("Number of transformer blocks."))
     n_heads: int = field(default=4, metadata=_help("Number of query heads; head_dim = dim // n_heads."))
@@ -90,7 +94,7 @@ class ModelConfig:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "multiple_of"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be positive")
         if self.dim % self.n_heads:
             raise ConfigError(
@@ -176,6 +180,100 @@ class DataConfig:
             raise ConfigError(f"data.val_stride={self.val_stride} must be between 1 and data.seq_len={self.seq_len}")
 
 
+@dataclass
+class ChatDataConfig:
+    """Fine-tuning data from JSONL, tokenized with the model's own tokenizer and the chat template
+    (llmfoundry_pl/chat.py). ``data=sft``: conversations, loss on the assistant's replies only. ``data=preference``:
+    (prompt, chosen, rejected) triples for DPO."""
+
+    format: str = field(default="sft", metadata=_help("sft (conversations) or preference (prompt, chosen, rejected)."))
+    path: str | None = field(
+        default=None,
+        metadata=_help("Training JSONL file; null: the bundled demo task (which play is this passage from?)."),
+    )
+    val_path: str | None = field(
+        default=None, metadata=_help("Validation JSONL file; null: hold out val_fraction of path.")
+    )
+    val_fraction: float = field(
+        default=0.05, metadata=_help("Share of path's examples held out when val_path is null.")
+    )
+    seq_len: int = field(default=256, metadata=_help("Longest example in tokens (prompt and reply together)."))
+    batch_size: int = field(default=16, metadata=_help("Examples (or packed rows) per micro-batch on each device."))
+    overlong: str = field(
+        default="truncate",
+        metadata=_help("An example longer than seq_len: truncate (keep its start; dropped if no reply token is left) "
+                       "or drop. How many were affected is logged."),
+    )
+    bad_lines: str = field(
+        default="fail", metadata=_help("A malformed JSONL line: fail (stop, naming the line) or skip (count, warn).")
+    )
+    pack: bool = field(
+        default=False,
+        metadata=_help("sft: put several short examples in one row of seq_len tokens (attention never crosses "
+                       "examples) instead of padding each."),
+    )
+    num_workers: int = field(default=0, metadata=_help("DataLoader worker processes (0 loads in the main process)."))
+    seed: int = field(default=1337, metadata=_help("Seed of the example order (with the epoch)."))
+    cache_dir: str = field(default="~/.cache/llmfoundry_pl", metadata=_help("Where the demo task's files are built."))
+
+    def __post_init__(self) -> None:
+        choices = {"format": ("sft", "preference"), "overlong": ("truncate", "drop"), "bad_lines": ("fail", "skip")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"data.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name}={getattr(self, name)} must be positive")
+        if self.pack and self.format != "sft":
+            raise ConfigError("data.pack=true packs sft examples; preference pairs are not packed")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fine-tuning
+# --------------------------------------------------------------------------------------------------------------
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al., 2021) through peft: W x + (alpha / r) · B A x with A (r × in), B (out × r) trained
+    and W frozen. Only the adapters are trained and saved, so a fine-tune costs a few MB instead of a model copy."""
+
+    enabled: bool = field(default=False, metadata=_help("Train LoRA adapters instead of all weights (needs peft)."))
+    r: int = field(default=8, metadata=_help("Rank of the adapters."))
+    alpha: float = field(default=16.0, metadata=_help("Scale: the update is multiplied by alpha / r."))
+    dropout: float = field(default=0.0, metadata=_help("Dropout on the adapters' input."))
+    targets: list[str] = field(
+        default_factory=lambda: ["wq", "wk", "wv", "wo"],
+        metadata=_help("Linear layers to adapt: attention wq, wk, wv, wo and MLP w1 (gate), w3 (up), w2 (down)."),
+    )
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            raise ConfigError(
+                f"lora.targets={list(self.targets)} must be a non-empty list among {', '.join(LORA_TARGETS)}"
+            )
+        if self.r <= 0:
+            raise ConfigError(f"lora.r={self.r} must be positive")
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (Rafailov et al., 2023), used with data=preference."""
+
+    beta: float = field(
+        default=0.1,
+        metadata=_help("Strength of the pull towards the reference model: larger stays closer to it."),
+    )
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta={self.beta} must be positive")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Optimizer and schedule
 # --------------------------------------------------------------------------------------------------------------
@@ -217,12 +315,17 @@ class PathsConfig:
     cache_dir: str = field(default="~/.cache/llmfoundry_pl", metadata=_help("Tokenizer and token-file cache."))
 
 
+
+MODEL_PATH_HELP = "a Lightning .ckpt (or last), a folder written by lfpl-export, or a Hugging Face Llama folder."
+
+
 @dataclass
 class TrainConfig:
     """Root schema of ``lfpl-train`` (conf/train.yaml)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # DataConfig (data=text) or ChatDataConfig (data=sft, data=preference): each data file names its schema.
+    data: Any = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # Lightning objects: typed by the schemas that register_configs() derives from their signatures.
@@ -234,6 +337,15 @@ class TrainConfig:
     ckpt_path: str | None = field(
         default=None,
         metadata=_help("Resume from this checkpoint; 'last': the newest last.ckpt under paths.runs_dir."),
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata=_help(f"Start from these weights (fine-tuning), with a fresh optimizer: {MODEL_PATH_HELP}"),
+    )
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    initial_validation: bool = field(
+        default=False, metadata=_help("Validate once before training, to log where fine-tuning starts from (step 0).")
     )
     compile: bool = field(default=False, metadata=_help("torch.compile the model before training."))
     sample_prompt: str = field(default="", metadata=_help("Prompt of the sample printed after training."))
@@ -263,8 +375,6 @@ class BenchConfig(TrainConfig):
     bench: BenchSettings = field(default_factory=BenchSettings)
 
 
-MODEL_PATH_HELP = "a Lightning .ckpt (or last), a folder written by lfpl-export, or a Hugging Face Llama folder."
-
 
 @dataclass
 class EvalDataConfig:
@@ -291,6 +401,12 @@ class EvalConfig:
 
     ckpt_path: str = field(default=MISSING, metadata=_help(f"Model to evaluate: {MODEL_PATH_HELP}"))
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    task: str | None = field(
+        default=None,
+        metadata=_help("null: loss / perplexity / bits per byte on text (data.*); demo: accuracy on the held-out "
+                       "questions of the bundled fine-tuning demo task (which play is this passage from?)."),
+    )
+    task_limit: int | None = field(default=None, metadata=_help("Score only the first N questions; null: all."))
     accelerator: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
     precision: str | None = field(default=None, metadata=_help("Lightning precision; null keeps the default."))
 
@@ -306,6 +422,12 @@ class GenerateConfig:
     )
     batch_size: int = field(default=8, metadata=_help("Prompts of prompt_file generated together."))
     interactive: bool = field(default=False, metadata=_help("Read prompts from stdin, one per line, until EOF."))
+    chat: bool = field(
+        default=False,
+        metadata=_help("Each prompt is a user message in the chat template and the output is the assistant's reply; "
+                       "with interactive=true the conversation keeps its history."),
+    )
+    system: str = field(default="", metadata=_help("chat=true: a system message opening the conversation."))
     max_new_tokens: int = field(default=200, metadata=_help("Tokens to generate."))
     temperature: float = field(default=0.8, metadata=_help("Softmax temperature; 0 means greedy."))
     top_k: int | None = field(default=50, metadata=_help("Sample among the k most likely tokens; null for all."))
@@ -338,6 +460,10 @@ class ExportConfig:
     overwrite: bool = field(default=False, metadata=_help("Replace out if it exists and is not empty."))
     verify: bool = field(
         default=False, metadata=_help("format=hf: load the export with transformers and compare logits and tokens.")
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata=_help("A LoRA checkpoint: write base + adapters merged into plain weights (required for one)."),
     )
 
     def __post_init__(self) -> None:
@@ -407,6 +533,8 @@ def register_configs() -> None:
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="bench_schema", node=BenchConfig)
+    cs.store(group="schema", name="data_text", node=DataConfig)
+    cs.store(group="schema", name="data_chat", node=ChatDataConfig)
 
     # Objects that the entry point builds itself (callbacks, loggers, plugins) are not Trainer config keys.
     trainer_schema = schema_from_signature(Trainer, exclude=("logger", "callbacks", "plugins"), name="TrainerConf")

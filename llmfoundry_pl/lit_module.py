@@ -8,6 +8,7 @@ A checkpoint carries the model's config (hyper-parameters) and the tokenizer, so
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -16,9 +17,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from llmfoundry_pl.config import ConfigError, ModelConfig, OptimConfig, SchedulerConfig
+from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, ModelConfig, OptimConfig, SchedulerConfig
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
-from llmfoundry_pl.metrics import LanguageModelMetrics
+from llmfoundry_pl.inference.scoring import sequence_log_probs
+from llmfoundry_pl.lora import ADAPTER_MARK, apply_lora
+from llmfoundry_pl.metrics import LanguageModelMetrics, PreferenceMetrics
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
 
@@ -58,7 +61,9 @@ class LitLlama(L.LightningModule):
         run_config: the run's whole resolved config, stored with the checkpoint for the record (and for
             ``lfpl-eval`` to find the run's data); not read by the module.
         network: an already-built transformer of shape ``model`` to wrap (e.g. loaded from an exported or
-            Hugging Face folder); None builds a freshly initialised one.
+            Hugging Face folder, or the ``init_from`` weights of a fine-tune); None builds a freshly initialised one.
+        lora: train LoRA adapters on ``network`` instead of all its weights; checkpoints then hold the adapters only.
+        init_from: where ``network``'s weights came from, recorded so that an adapter checkpoint can find its base.
     """
 
     def __init__(
@@ -68,6 +73,8 @@ class LitLlama(L.LightningModule):
         scheduler: SchedulerConfig | dict | None = None,
         run_config: dict | None = None,
         network: Transformer | None = None,
+        lora: LoraConfig | dict | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         model_cfg = _as(ModelConfig, model)
@@ -75,15 +82,20 @@ class LitLlama(L.LightningModule):
             raise ValueError(f"network has config {network.config}, not model={model_cfg}")
         self.optim_cfg = _as(OptimConfig, optim or {})
         self.scheduler_cfg = _as(SchedulerConfig, scheduler or {})
+        self.lora_cfg = _as(LoraConfig, lora or {})
         self.save_hyperparameters(
             {
                 "model": dataclasses.asdict(model_cfg),
                 "optim": dataclasses.asdict(self.optim_cfg),
                 "scheduler": dataclasses.asdict(self.scheduler_cfg),
                 "run_config": run_config,
+                "lora": dataclasses.asdict(self.lora_cfg),
+                "init_from": init_from,
             }
         )
         self.model = network if network is not None else Transformer(model_cfg)
+        if self.lora_cfg.enabled:
+            apply_lora(self.model, self.lora_cfg)
         self.val_metrics = LanguageModelMetrics()
         self.tokenizer: Tokenizer | None = None
 
@@ -102,6 +114,19 @@ class LitLlama(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
             checkpoint["tokenizer_model"] = self.tokenizer.model_proto
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self._saved(k)}
+
+    def _saved(self, key: str) -> bool:
+        """Which weights a checkpoint keeps: all of them, or with LoRA the adapters only (the frozen base is
+        init_from's, reloaded from there)."""
+        return not self.lora_cfg.enabled or ADAPTER_MARK in key
+
+    def _fill_unsaved(self, checkpoint: dict[str, Any]) -> None:
+        """Put back the weights ``_saved`` left out, from this module (which holds them already), so that loading
+        stays strict: a missing or misnamed saved weight is still an error."""
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            state.update({k: v for k, v in self.state_dict().items() if not self._saved(k) and k not in state})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the tokenizer; when resuming, first check that the checkpoint fits this run (Lightning calls
@@ -112,6 +137,7 @@ class LitLlama(L.LightningModule):
         if changed:
             raise ConfigError(f"the checkpoint's model differs from this run's ({'; '.join(changed)}); "
                               "resume with the same model settings, or start a new run")
+        self._fill_unsaved(checkpoint)
         if "tokenizer_model" not in checkpoint:
             return
         saved = Tokenizer(checkpoint["tokenizer_model"])
@@ -123,13 +149,15 @@ class LitLlama(L.LightningModule):
     # ---------------------------------------------------------------------------------------------------------
     # Steps
     # ---------------------------------------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens)
+    def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(tokens, segment_ids=segment_ids)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch  # (B, T) inputs and (B, T) targets: y is x shifted left by one token
-        logits = self(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        # (B, T) inputs and (B, T) targets: y is x shifted left by one token, IGNORE_INDEX where nothing is learnt
+        # (fine-tuning prompts, padding); packed fine-tuning rows add (B, T) segment ids.
+        x, y, *segment_ids = batch
+        logits = self(x, *segment_ids)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
         self.log("train/loss", loss, prog_bar=True)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             # Only on the steps Lightning writes logs: logging a Python number copies it to the GPU, which waits
@@ -138,9 +166,9 @@ class LitLlama(L.LightningModule):
             self.log("train/tokens", float((self.global_step + 1) * tokens_per_step), reduce_fx="max")
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        x, y, *segment_ids = batch
+        logits = self(x, *segment_ids)
         nats = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         counted = y != IGNORE_INDEX
         # Without a tokenizer the bytes behind each token are unknown: val/bpb then reads as bits per token.
@@ -196,3 +224,67 @@ class WarmupDecay:
         progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1 - progress
         return self.min_ratio + (1 - self.min_ratio) * shape
+
+
+class LitDPO(LitLlama):
+    """Direct preference optimisation (Rafailov et al., 2023): make the policy prefer the chosen reply to the
+    rejected one, measured against a frozen reference model (the starting weights), without a reward model.
+
+    With log-ratios r = log π(reply | prompt) − log π_ref(reply | prompt), the loss of one pair is
+    −log σ(β · (r_chosen − r_rejected)); β · r is the "implicit reward" of a reply. Logged: ``train/loss``, and on
+    the validation pairs ``val/loss``, ``val/reward_margin`` (mean β·(r_chosen − r_rejected)) and ``val/pref_acc``
+    (share of pairs with chosen reward > rejected reward, ties counted half: 0.5 before training, when the policy
+    is the reference and every reward is 0).
+
+    The reference is a frozen copy of the starting network (before any LoRA adapters), kept out of checkpoints: a
+    resumed run rebuilds it from ``init_from``. Batches come from ChatDataModule with data.format=preference:
+    2B rows, the B chosen conversations first, then the B rejected ones.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig | dict,
+        optim: OptimConfig | dict | None = None,
+        scheduler: SchedulerConfig | dict | None = None,
+        run_config: dict | None = None,
+        network: Transformer | None = None,
+        lora: LoraConfig | dict | None = None,
+        init_from: str | None = None,
+        dpo: DPOConfig | dict | None = None,
+    ) -> None:
+        network = network if network is not None else Transformer(_as(ModelConfig, model))
+        reference = copy.deepcopy(network).requires_grad_(False).eval()
+        super().__init__(model, optim, scheduler, run_config, network, lora, init_from)
+        self.dpo_cfg = _as(DPOConfig, dpo or {})
+        self.hparams["dpo"] = dataclasses.asdict(self.dpo_cfg)
+        self.reference = reference
+        self.val_metrics = PreferenceMetrics()
+
+    def _saved(self, key: str) -> bool:
+        return not key.startswith("reference.") and super()._saved(key)
+
+    def _rewards(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """β · log-ratio of the chosen and of the rejected replies, each (B,)."""
+        x, y = batch
+        policy = sequence_log_probs(self(x), y)  # (2B,)
+        with torch.no_grad():
+            self.reference.eval()  # Lightning switches every submodule to train mode; the reference never is
+            reference = sequence_log_probs(self.reference(x), y)
+        chosen, rejected = (self.dpo_cfg.beta * (policy - reference)).chunk(2)
+        return chosen, rejected
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        chosen, rejected = self._rewards(batch)
+        loss = -F.logsigmoid(chosen - rejected).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/reward_margin", (chosen - rejected).mean())
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        chosen, rejected = self._rewards(batch)
+        margin = chosen - rejected
+        self.val_metrics.update(-F.logsigmoid(margin), margin)  # summed over batches and ranks: per-pair means
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
+        self.val_metrics.reset()

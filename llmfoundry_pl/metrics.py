@@ -37,3 +37,30 @@ class LanguageModelMetrics(Metric):
             "ppl": loss.exp().float(),
             "bpb": (self.nats / math.log(2) / self.bytes.clamp(min=1)).float(),
         }
+
+
+class PreferenceMetrics(Metric):
+    """DPO on held-out pairs: mean loss, mean reward margin and preference accuracy (chosen reward > rejected
+    reward), over every pair since the last reset — sums and counts, so batches and ranks add up exactly."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("loss", "margin", "preferred"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("pairs", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, losses: torch.Tensor, margins: torch.Tensor) -> None:
+        """Per-pair DPO losses and reward margins (chosen − rejected). A pair counts as preferred when its margin is
+        positive, and as half when it is exactly 0 — as every pair is before training, when the policy is the
+        reference: accuracy then starts at 0.5, the level of a coin toss."""
+        self.loss += losses.sum().double()
+        self.margin += margins.sum().double()
+        self.preferred += (margins > 0).sum() + 0.5 * (margins == 0).sum()
+        self.pairs += margins.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        pairs = self.pairs.clamp(min=1)
+        return {"loss": (self.loss / pairs).float(), "reward_margin": (self.margin / pairs).float(),
+                "pref_acc": (self.preferred / pairs).float()}

@@ -135,6 +135,23 @@ def attention_mask(
     return ((key <= query) & real_key | (key == query))[:, None]  # (B, 1, T, S)
 
 
+def packed_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) and attention mask (B, 1, T, T) for rows that pack several examples side by side.
+
+    ``segment_ids`` (B, T) is constant along each example (e.g. 0 0 0 1 1 2 2 2). A token sees the earlier tokens
+    of its own example only (causal and block-diagonal), and its position counts from its example's first token:
+    packing saves the compute wasted on padding without letting examples read each other.
+    """
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts_here = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts_here[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    example_start = torch.where(starts_here, index, 0).cummax(dim=1).values  # (B, T): where each token's example began
+    same_example = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return index - example_start, (same_example & causal)[:, None]
+
+
 class KVCacheLayer(Protocol):
     """What attention needs from a KV cache (see llmfoundry_pl/inference/kv_cache.py)."""
 
@@ -184,6 +201,8 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is null: set it to the tokenizer's vocabulary size before building")
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
@@ -213,26 +232,35 @@ class Transformer(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, kv_cache: list[KVCacheLayer] | None = None, start_pos: int = 0,
-        left_pad: torch.Tensor | None = None,
+        left_pad: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for ``tokens`` (B, T).
 
         For generation, ``kv_cache`` holds one cache per layer and ``start_pos`` is the slot of ``tokens[:, 0]``:
         earlier slots come from the cache instead of being recomputed. ``left_pad`` (B,) batches prompts of
         different lengths: row b starts with that many padding slots, which nobody attends to, and its positions
-        count from its first real token — so each row computes exactly what it would alone."""
+        count from its first real token — so each row computes exactly what it would alone.
+
+        For training on packed rows, ``segment_ids`` (B, T) numbers the examples packed side by side in each row:
+        a token attends only to earlier tokens of its own example, and positions restart at 0 for each example —
+        so each example computes exactly what it would alone (see :func:`packed_positions_and_mask`)."""
         B, T = tokens.shape
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {start_pos + T} tokens is longer than model.max_seq_len={self.config.max_seq_len}"
             )
         h = self.tok_embeddings(tokens)  # (B, T, D)
-        if left_pad is None:  # every row at slots start_pos .. start_pos+T-1
-            cos, sin = self.rope_cos[start_pos : start_pos + T, None], self.rope_sin[start_pos : start_pos + T, None]
-        else:  # each row's own positions: slot minus its padding
+        if segment_ids is not None:
+            positions, mask = packed_positions_and_mask(segment_ids)
+        elif left_pad is not None:  # each row's own positions: slot minus its padding
             positions = (torch.arange(start_pos, start_pos + T, device=tokens.device) - left_pad[:, None]).clamp(min=0)
+            mask = attention_mask(T, start_pos, left_pad, tokens.device)
+        else:  # every row at slots start_pos .. start_pos+T-1
+            positions, mask = None, attention_mask(T, start_pos, None, tokens.device)
+        if positions is None:
+            cos, sin = self.rope_cos[start_pos : start_pos + T, None], self.rope_sin[start_pos : start_pos + T, None]
+        else:
             cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # (B, T, 1, Hd)
-        mask = attention_mask(T, start_pos, left_pad, tokens.device)
         recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             args = (h, cos, sin, None if kv_cache is None else kv_cache[i], start_pos, mask)

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, open_dict
 
 from llmfoundry_pl.callbacks import measure_matmul_flops
 from llmfoundry_pl.cli.common import CONFIG_PATH, prepare_data_and_model, to_dataclass, user_errors
-from llmfoundry_pl.config import BenchSettings, ModelConfig, OptimConfig, register_configs
+from llmfoundry_pl.config import BenchSettings, ConfigError, ModelConfig, OptimConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.model import Transformer
@@ -74,7 +74,9 @@ def bench(cfg: DictConfig) -> dict[str, float]:
         cfg.data.batch_size = settings.batch_size or cfg.data.batch_size
         cfg.data.seq_len = settings.seq_len or cfg.data.seq_len
     L.seed_everything(cfg.seed)
-    datamodule, model_cfg = prepare_data_and_model(cfg)
+    datamodule, model_cfg, network = prepare_data_and_model(cfg)
+    if not isinstance(datamodule, TextDataModule) or network is not None:
+        raise ConfigError("lfpl-bench times pretraining from scratch: use data=text and no init_from")
     total = settings.warmup + settings.steps
     skip = settings.warmup * (cfg.trainer.accumulate_grad_batches or 1)  # untimed micro-batches
     timer = StepTimer(timed_from=skip)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig
-from llmfoundry_pl.data import TextDataModule
+from llmfoundry_pl.config import ChatDataConfig, ConfigError, ModelConfig
+from llmfoundry_pl.data import ChatDataModule, TextDataModule
 from llmfoundry_pl.interop import ModelSource, load_folder
-from llmfoundry_pl.lit_module import LitLlama
+from llmfoundry_pl.lit_module import LitDPO, LitLlama
+from llmfoundry_pl.lora import has_lora, merge_lora
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
 
@@ -36,22 +39,53 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(2) from None
 
 
-def prepare_data_and_model(cfg: DictConfig) -> tuple[TextDataModule, ModelConfig]:
-    """The prepared data module and the model config of a training config (lfpl-train, lfpl-bench).
+def prepare_data_and_model(cfg: DictConfig) -> tuple[TextDataModule | ChatDataModule, ModelConfig, Transformer | None]:
+    """The prepared data module, the model config and, with ``init_from``, the starting network of a training
+    config (lfpl-train, lfpl-bench).
 
-    Data first: the model's vocabulary is the tokenizer's. (Lightning calls prepare_data again in fit; by then it
-    only reads the cache.)"""
-    datamodule = TextDataModule(to_dataclass(cfg.data, DataConfig))
+    Data first: the model's vocabulary is the tokenizer's — trained on the data for pretraining from scratch, the
+    starting model's own with ``init_from`` (fine-tuning, or continued pretraining on new text). (Lightning calls
+    prepare_data again in fit; by then it only reads the cache.)"""
+    data_cfg = OmegaConf.to_object(cfg.data)
+    source = load_model(cfg.init_from, key="init_from") if cfg.get("init_from") else None
+    tokenizer = source[1] if source else None
+    if isinstance(data_cfg, ChatDataConfig):
+        if tokenizer is None:
+            raise ConfigError(f"data={data_cfg.format} fine-tunes a model: give the one to start from with init_from=")
+        datamodule = ChatDataModule(data_cfg, tokenizer)
+    else:
+        datamodule = TextDataModule(data_cfg, tokenizer=tokenizer)
     datamodule.prepare_data()
     model_cfg = to_dataclass(cfg.model, ModelConfig)
-    if model_cfg.vocab_size != datamodule.tokenizer.vocab_size:
+    vocab_size = datamodule.tokenizer.vocab_size
+    if model_cfg.vocab_size not in (None, vocab_size):
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} but the tokenizer has {vocab_size} tokens; "
+                          "leave model.vocab_size=null (the tokenizer's)")
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
+    if data_cfg.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={data_cfg.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    network = init_network(source[0], model_cfg, cfg.init_from) if source else None
+    return datamodule, model_cfg, network
+
+
+# Fields that decide what a network computes; max_seq_len only sizes the RoPE tables, so a fine-tune may change it.
+ARCHITECTURE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "norm_eps", "rope_theta",
+                "tie_embeddings")
+
+
+def init_network(source: Transformer, model_cfg: ModelConfig, init_from: str) -> Transformer:
+    """A network of shape ``model_cfg`` holding ``source``'s weights; a one-line error if the shapes differ."""
+    differ = [f for f in ARCHITECTURE if getattr(source.config, f) != getattr(model_cfg, f)]
+    if differ:
+        fix = " ".join(f"model.{f}={getattr(source.config, f)}" for f in differ)
         raise ConfigError(
-            f"model.vocab_size={model_cfg.vocab_size} but the tokenizer has {datamodule.tokenizer.vocab_size} tokens; "
-            "leave model.vocab_size at ${data.vocab_size}"
+            f"init_from={init_from} is a different model from model=: "
+            + ", ".join(f"{f} {getattr(source.config, f)} vs {getattr(model_cfg, f)}" for f in differ)
+            + f"; pick the preset it was trained with, or override: {fix}"
         )
-    if cfg.data.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
-    return datamodule, model_cfg
+    network = Transformer(model_cfg)
+    network.load_state_dict(source.state_dict())
+    return network
 
 
 def to_dataclass(node: DictConfig, cls: type[T]) -> T:
@@ -75,14 +109,26 @@ def load_model(ckpt_path: str | None, key: str = "ckpt_path") -> tuple[Transform
             raise ConfigError(f"{key}={ckpt_path} does not exist; give a .ckpt file (or last), a folder written "
                               "by lfpl-export, or a Hugging Face Llama folder")
     path, lit = load_checkpoint(ckpt_path, key)
-    return lit.model, lit.tokenizer, ModelSource(path, "ckpt", lit.hparams.run_config)
+    # Adapters folded into the weights: the same function as base + adapters, at the plain model's speed.
+    model = merge_lora(lit.model) if has_lora(lit.model) else lit.model
+    return model, lit.tokenizer, ModelSource(path, "ckpt", lit.hparams.run_config)
 
 
 def load_checkpoint(ckpt_path: str | None, key: str = "ckpt_path") -> tuple[str, LitLlama]:
-    """The resolved path and the model of a checkpoint written by ``lfpl-train`` (on the CPU; callers move it)."""
+    """The resolved path and the model of a checkpoint written by ``lfpl-train`` (on the CPU; callers move it).
+
+    A DPO run's checkpoint loads as :class:`LitDPO`; a LoRA run's holds the adapters only, so its base model is
+    loaded first from the ``init_from`` it records."""
     path = resolve_ckpt_path(ckpt_path, key=key)
     try:
-        lit = LitLlama.load_from_checkpoint(path, map_location="cpu")
+        hparams = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
+        lit_class = LitDPO if "dpo" in hparams else LitLlama
+        base = {}
+        if (hparams.get("lora") or {}).get("enabled"):
+            base = {"network": _adapter_base(hparams, path, key)}
+        lit = lit_class.load_from_checkpoint(path, map_location="cpu", **base)
+    except ConfigError:
+        raise
     except Exception as e:  # a truncated file, another program's checkpoint, ...: say so in one line
         reason = " ".join(str(e).split()).split(". ")[0][:160]  # the first sentence is the useful one
         raise ConfigError(
@@ -91,6 +137,15 @@ def load_checkpoint(ckpt_path: str | None, key: str = "ckpt_path") -> tuple[str,
     if lit.tokenizer is None:
         raise ConfigError(f"{key}={path} has no tokenizer inside; it was not written by lfpl-train")
     return path, lit
+
+
+def _adapter_base(hparams: dict, path: str, key: str) -> Transformer:
+    """The base network a LoRA checkpoint's adapters belong to, from the init_from it records."""
+    init_from = hparams.get("init_from")
+    if init_from is None or not Path(init_from).exists():
+        raise ConfigError(f"{key}={path} holds LoRA adapters whose base model init_from={init_from} is missing; "
+                          "put the base back at that path")
+    return init_network(load_model(init_from, key="init_from")[0], ModelConfig(**hparams["model"]), init_from)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str = "outputs", key: str = "ckpt_path") -> str | None:

@@ -3,6 +3,7 @@
     lfpl-export ckpt_path=outputs/.../last.ckpt out=my-model                 # Hugging Face (format=hf, the default)
     lfpl-export ckpt_path=... format=safetensors out=my-model-st             # ours: loads without Lightning
     lfpl-export ckpt_path=TinyLlama/ format=safetensors out=tinyllama-st     # the input may be any model folder too
+    lfpl-export ckpt_path=lora_run/.../last.ckpt merge_lora=true out=merged  # LoRA: base + adapters, merged
 
     from transformers import AutoModelForCausalLM, AutoTokenizer           # format=hf, then:
     model, tokenizer = AutoModelForCausalLM.from_pretrained("my-model"), AutoTokenizer.from_pretrained("my-model")
@@ -16,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, to_dataclass, user_errors
-from llmfoundry_pl.config import ExportConfig, register_configs
+from llmfoundry_pl.config import ConfigError, ExportConfig, register_configs
 from llmfoundry_pl.interop import FORMAT_NAMES, save_hf, save_safetensors
 from llmfoundry_pl.interop.folder import check_writable
 from llmfoundry_pl.interop.hf import verify_hf
@@ -25,7 +26,12 @@ from llmfoundry_pl.interop.hf import verify_hf
 def export(node: DictConfig) -> Path:
     cfg = to_dataclass(node, ExportConfig)
     check_writable(cfg.out, cfg.overwrite)  # before loading: a refusal should not wait for a big model
-    model, tokenizer, source = load_model(cfg.ckpt_path)
+    model, tokenizer, source = load_model(cfg.ckpt_path)  # a LoRA checkpoint comes back merged
+    trained_lora = source.format == "ckpt" and ((source.run_config or {}).get("lora") or {}).get("enabled", False)
+    if trained_lora != cfg.merge_lora:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} holds LoRA adapters; merge_lora=true writes them merged into "
+                          "the base weights" if trained_lora else
+                          f"merge_lora=true, but ckpt_path={cfg.ckpt_path} has no LoRA adapters; drop merge_lora")
     if cfg.format == "hf":
         out = save_hf(model, tokenizer, cfg.out, overwrite=cfg.overwrite)
     else:

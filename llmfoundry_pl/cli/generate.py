@@ -4,6 +4,7 @@
     lfpl-generate ckpt_path=... prompt_file=prompts.txt        # batch mode: one JSON line per prompt
     lfpl-generate ckpt_path=... interactive=true stream=true   # a prompt per line on stdin, until EOF
     lfpl-generate ckpt_path=big.ckpt draft_ckpt_path=small.ckpt temperature=0   # speculative decoding
+    lfpl-generate ckpt_path=sft.ckpt chat=true interactive=true stream=true     # chat in the terminal, with history
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from llmfoundry_pl.chat import ChatFormat, Message
 from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, user_errors
 from llmfoundry_pl.config import ConfigError, register_configs
 from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, stream_text
@@ -71,6 +73,15 @@ def read_stdin_prompts() -> Iterator[str]:
         yield line.rstrip("\n")
 
 
+def fit_context(chat: ChatFormat, messages: list[Message], max_seq_len: int) -> list[Message]:
+    """``messages`` without their oldest exchanges (a system message stays) until the prompt leaves room to reply;
+    the newest message always stays (if it alone is too long, generation says so)."""
+    system, turns = ([messages[0]], messages[1:]) if messages[0]["role"] == "system" else ([], messages)
+    while len(turns) > 1 and len(chat.prompt_ids(system + turns)) >= max_seq_len:
+        turns = turns[2:] if turns[0]["role"] == "user" and len(turns) > 2 else turns[1:]
+    return system + turns
+
+
 def generate(cfg: DictConfig) -> list[str]:
     """Print, and return, the continuation of each prompt."""
     if cfg.max_new_tokens < 0:
@@ -82,9 +93,10 @@ def generate(cfg: DictConfig) -> list[str]:
                           "prompt_file runs in batches without a draft")
     prompts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file is not None else None  # a typo fails before loading
     model, tokenizer, draft = load_models(cfg)
+    chat = ChatFormat(tokenizer) if cfg.chat else None
     options = dict(
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
-        repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, stop=list(cfg.stop),
+        repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, stop=list(cfg.stop), chat=chat,
     )
     texts: list[str] = []
     if prompts is not None:  # batch mode: batch_size prompts at a time, one JSON line each
@@ -98,23 +110,30 @@ def generate(cfg: DictConfig) -> list[str]:
     stats = SpeculativeStats()
     if draft is not None:
         options.update(draft_model=draft, draft_tokens=cfg.draft_tokens, stats=stats)
+    history = [{"role": "system", "content": cfg.system}] if cfg.chat and cfg.system else []
     for prompt in read_stdin_prompts() if cfg.interactive else [cfg.prompt]:
-        deltas = stream_text(model, tokenizer, prompt, cfg.max_new_tokens, **options)
+        if chat is not None:  # the conversation so far, oldest turns dropped if it outgrows the context
+            history = fit_context(chat, [*history, {"role": "user", "content": prompt}], model.config.max_seq_len)
+        deltas = stream_text(model, tokenizer, history if chat else prompt, cfg.max_new_tokens, **options)
         try:
             text = next(deltas, "")  # a prompt the model cannot take fails here, before anything is printed
         except ConfigError as e:
             if not cfg.interactive:
                 raise
             print(f"error: {e}", file=sys.stderr, flush=True)  # interactive: say so, and wait for the next prompt
+            history = history[:-1]
             continue
         # One path for both modes: with stream=true each delta is printed as it comes, else the whole text at the end.
-        print(prompt + (text if cfg.stream else ""), end="", flush=True)
+        # A chat shows the reply alone; plain text shows the prompt it continues.
+        print(("" if chat else prompt) + (text if cfg.stream else ""), end="", flush=True)
         for delta in deltas:
             text += delta
             if cfg.stream:
                 print(delta, end="", flush=True)
         print("" if cfg.stream else text, flush=True)
         texts.append(text)
+        if chat is not None:
+            history.append({"role": "assistant", "content": text})
     if draft is not None:
         print(f"speculative decoding: {stats.accepted}/{stats.proposed} draft tokens accepted "
               f"({stats.acceptance_rate:.0%}) in {stats.target_calls} passes of the model", file=sys.stderr)

@@ -31,9 +31,10 @@ from llmfoundry_pl.cli.common import (
     user_errors,
 )
 from llmfoundry_pl.cli.ddp import build_strategy, end_distributed_job
-from llmfoundry_pl.config import ConfigError, OptimConfig, SchedulerConfig, register_configs
+from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, OptimConfig, SchedulerConfig, register_configs
+from llmfoundry_pl.data import ChatDataModule
 from llmfoundry_pl.inference import generate_text
-from llmfoundry_pl.lit_module import LitLlama
+from llmfoundry_pl.lit_module import LitDPO, LitLlama
 from llmfoundry_pl.model import TransformerBlock
 from llmfoundry_pl.tokenizer import atomic_write_bytes
 
@@ -43,13 +44,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
 
-    datamodule, model_cfg = prepare_data_and_model(cfg)
+    lora = to_dataclass(cfg.lora, LoraConfig)
+    if lora.enabled and not cfg.init_from:
+        raise ConfigError("lora.enabled=true adapts a trained model: give it with init_from=")
+    datamodule, model_cfg, network = prepare_data_and_model(cfg)
 
-    lit = LitLlama(
+    # Preference pairs train with DPO; text and conversations with next-token prediction.
+    objective = {"dpo": to_dataclass(cfg.dpo, DPOConfig)} if isinstance(datamodule, ChatDataModule) and \
+        datamodule.cfg.format == "preference" else {}
+    lit = (LitDPO if objective else LitLlama)(
         model=model_cfg,
         optim=to_dataclass(cfg.optim, OptimConfig),
         scheduler=to_dataclass(cfg.scheduler, SchedulerConfig),
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        network=network,
+        lora=lora,
+        init_from=cfg.init_from,
+        **objective,
     )
     lit.set_tokenizer(datamodule.tokenizer)
     if cfg.compile:
@@ -61,6 +72,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     failed = True
     try:
+        initial = {}
+        if cfg.initial_validation and ckpt_path is None:  # the starting point, logged at step 0
+            initial = {k: float(v) for k, v in trainer.validate(lit, datamodule=datamodule, verbose=False)[0].items()}
+            lit.val_metrics.reset()  # validate() re-created its sums under inference mode, which fit could not update
         start_step, t0 = _checkpoint_step(ckpt_path), time.perf_counter()
         trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
         train_seconds = time.perf_counter() - t0
@@ -70,11 +85,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         end_distributed_job(trainer.strategy, failed)
 
     if trainer.is_global_zero:
-        tokens_per_step = cfg.data.seq_len * cfg.data.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        # Pretraining rows are all seq_len tokens; fine-tuning rows are examples of varying length.
+        unit = "examples" if isinstance(datamodule, ChatDataModule) else "tokens"
+        per_row = 1 if unit == "examples" else cfg.data.seq_len
+        rows_per_step = cfg.data.batch_size * trainer.accumulate_grad_batches * trainer.world_size
         steps = trainer.global_step - start_step
-        metrics["train_tokens_per_s"] = steps * tokens_per_step / train_seconds if train_seconds > 0 else 0.0
+        metrics[f"train_{unit}_per_s"] = steps * rows_per_step * per_row / train_seconds if train_seconds > 0 else 0.0
         metrics["train_seconds"] = train_seconds
-        _report(cfg, lit, trainer, metrics, steps)
+        _report(cfg, lit, trainer, metrics, initial, steps, unit)
     return metrics
 
 
@@ -99,25 +117,32 @@ def _checkpoint_step(ckpt_path: str | None) -> int:
     return int(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
-def _report(cfg: DictConfig, lit: LitLlama, trainer: L.Trainer, metrics: dict[str, float], steps: int) -> None:
+def _report(
+    cfg: DictConfig, lit: LitLlama, trainer: L.Trainer, metrics: dict[str, float], initial: dict[str, float],
+    steps: int, unit: str,
+) -> None:
     """Print held-out quality, speed, a sample and the checkpoint; write them to final_metrics.json for sweeps."""
-    sample = generate_text(lit.model, lit.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
     if trainer.checkpoint_callback is None:
         ckpt, no_ckpt = "", "(none: callbacks.model_checkpoint is disabled)"
     else:
         ckpt, no_ckpt = trainer.checkpoint_callback.last_model_path, "(none saved: no validation ran)"
-    print(
-        f"\nheld-out text: val/loss {metrics['val/loss']:.4f} | val/ppl {metrics['val/ppl']:.2f} | "
-        f"val/bpb {metrics['val/bpb']:.4f}\n"
-        f"trained {steps} steps in {metrics['train_seconds']:.1f} s ({metrics['train_tokens_per_s']:,.0f} tokens/s)\n"
-        f"sample: {cfg.sample_prompt}{sample}\n"
-        f"checkpoint: {ckpt or no_ckpt}",
-        flush=True,
-    )
+    speed = f"{metrics[f'train_{unit}_per_s']:,.{0 if unit == 'tokens' else 1}f} {unit}/s"
+    lines = [f"\nheld-out {'text' if unit == 'tokens' else 'examples'}: {_held_out(metrics)}",
+             f"trained {steps} steps in {metrics['train_seconds']:.1f} s ({speed})"]
+    if initial:
+        lines.insert(1, f"before training: {_held_out(initial)}")
+    if cfg.sample_tokens > 0:
+        sample = generate_text(lit.model, lit.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
+        lines.append(f"sample: {cfg.sample_prompt}{sample}")
+    print("\n".join([*lines, f"checkpoint: {ckpt or no_ckpt}"]), flush=True)
     output_dir = Path(cfg.paths.output_dir)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    record = {"overrides": overrides, "metrics": metrics, "checkpoint": ckpt}
+    record = {"overrides": overrides, "metrics": metrics, "initial_metrics": initial, "checkpoint": ckpt}
     atomic_write_bytes(output_dir / "final_metrics.json", json.dumps(record, indent=2).encode())
+
+
+def _held_out(metrics: dict[str, float]) -> str:
+    return " | ".join(f"{k} {v:.{2 if k == 'val/ppl' else 4}f}" for k, v in metrics.items() if k.startswith("val/"))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")

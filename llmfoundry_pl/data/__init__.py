@@ -1,6 +1,8 @@
-"""Text → tokens → batches: the corpus cache (``corpus``) and the Lightning data module (``datamodule``)."""
+"""Text → tokens → batches: the corpus cache (``corpus``), the pretraining data module (``datamodule``) and the
+fine-tuning one for conversations and preference pairs (``chat``)."""
 
+from llmfoundry_pl.data.chat import ChatDataModule
 from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus, resolve_sources
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX, TextDataModule
 
-__all__ = ["IGNORE_INDEX", "TextDataModule", "TokenFiles", "prepare_corpus", "resolve_sources"]
+__all__ = ["ChatDataModule", "IGNORE_INDEX", "TextDataModule", "TokenFiles", "prepare_corpus", "resolve_sources"]

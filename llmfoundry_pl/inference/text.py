@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from llmfoundry_pl.chat import ChatFormat, Message
 from llmfoundry_pl.inference.generate import generate_batch, generate_stream
 from llmfoundry_pl.inference.speculative import speculative_stream
 from llmfoundry_pl.model import Transformer
@@ -34,21 +35,36 @@ class TextStreamer:
         return delta
 
 
+Prompt = str | Sequence[Message]
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: ChatFormat | None) -> tuple[list[int], int]:
+    """The ids to continue and the id that ends the answer. Plain text starts after ``<s>``, as every training
+    document did, and ends at ``</s>``. With ``chat``, the prompt is a user message (a string) or a conversation
+    (messages), put in the chat template with the assistant's turn opened; the reply ends at ``<|end|>``."""
+    if chat is None:
+        if not isinstance(prompt, str):
+            raise TypeError("a conversation (list of messages) needs chat=ChatFormat(tokenizer)")
+        return tokenizer.encode(prompt, bos=True), tokenizer.eos_id
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return chat.prompt_ids(messages), chat.end_id
+
+
 def stream_text(
-    model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (),
-    draft_model: Transformer | None = None, **kwargs
+    model: Transformer, tokenizer: Tokenizer, prompt: Prompt, max_new_tokens: int, stop: Sequence[str] = (),
+    draft_model: Transformer | None = None, chat: ChatFormat | None = None, **kwargs
 ) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text deltas while it is generated (see :class:`TextStreamer`),
-    ending just before the first of the ``stop`` strings. Generation starts after ``<s>``, as every training
-    document does. Takes the sampling options of :func:`~llmfoundry_pl.inference.generate.generate_steps`; with a
-    ``draft_model`` (same tokenizer), tokens come from speculative decoding (and ``draft_tokens``, ``stats`` of
-    :func:`~llmfoundry_pl.inference.speculative.speculative_stream` apply)."""
+    ending just before the first of the ``stop`` strings; with ``chat``, the assistant's reply to it (see
+    :func:`encode_prompt`). Takes the sampling options of :func:`~llmfoundry_pl.inference.generate.generate_steps`;
+    with a ``draft_model`` (same tokenizer), tokens come from speculative decoding (and ``draft_tokens``, ``stats``
+    of :func:`~llmfoundry_pl.inference.speculative.speculative_stream` apply)."""
     streamer, emitted, held = TextStreamer(tokenizer), "", ""
-    prompt_ids = tokenizer.encode(prompt, bos=True)
+    prompt_ids, end_id = encode_prompt(tokenizer, prompt, chat)
     if draft_model is None:
-        ids = generate_stream(model, prompt_ids, max_new_tokens, eos_id=tokenizer.eos_id, **kwargs)
+        ids = generate_stream(model, prompt_ids, max_new_tokens, eos_id=end_id, **kwargs)
     else:
-        ids = speculative_stream(model, draft_model, prompt_ids, max_new_tokens, eos_id=tokenizer.eos_id, **kwargs)
+        ids = speculative_stream(model, draft_model, prompt_ids, max_new_tokens, eos_id=end_id, **kwargs)
     for token_id in ids:
         text = emitted + held + streamer.push(token_id)
         cut = _first_stop(text, stop)
@@ -74,18 +90,19 @@ def _first_stop(text: str, stop: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
-def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:
+def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: Prompt, max_new_tokens: int, **kwargs) -> str:
     """The decoded continuation of ``prompt`` (the prompt itself not included): :func:`stream_text`, joined."""
     return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, **kwargs))
 
 
 def generate_text_batch(
-    model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (),
-    **kwargs,
+    model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, stop: Sequence[str] = (),
+    chat: ChatFormat | None = None, **kwargs,
 ) -> list[str]:
-    """The continuations of several prompts, generated together as one batch (see
+    """The continuations of several prompts (with ``chat``, the replies), generated together as one batch (see
     :func:`~llmfoundry_pl.inference.generate.generate_batch`), each cut before its first ``stop`` string."""
-    ids = generate_batch(model, [tokenizer.encode(p, bos=True) for p in prompts], max_new_tokens,
-                         eos_id=tokenizer.eos_id, **kwargs)
+    encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
+    ids = generate_batch(model, [prompt_ids for prompt_ids, _ in encoded], max_new_tokens, eos_id=encoded[0][1],
+                         **kwargs)
     texts = [tokenizer.decode(row) for row in ids]
     return [text[: _first_stop(text, stop)] for text in texts]

@@ -27,8 +27,9 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from llmfoundry_pl.chat import HF_CHAT_TEMPLATE
 from llmfoundry_pl.config import ConfigError
-from llmfoundry_pl.tokenizer import Tokenizer
+from llmfoundry_pl.tokenizer import CHAT_TOKENS, Tokenizer
 
 # SentencePiece piece types (sentencepiece_model.proto)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -192,11 +193,13 @@ def _prepend_bos(bos: str | None, bos_id: int) -> dict | None:
 
 
 def tokenizer_config(tokenizer: Tokenizer, max_length: int) -> dict:
-    """``tokenizer_config.json``: the generic fast tokenizer class (it loads tokenizer.json as written) and the
-    special tokens by name."""
+    """``tokenizer_config.json``: the generic fast tokenizer class (it loads tokenizer.json as written), the
+    special tokens by name and, when the tokenizer has the chat tokens, the project's chat template in Jinja (so
+    ``apply_chat_template`` gives the ids training used)."""
     def piece(i: int) -> str | None:
         return tokenizer.sp.id_to_piece(i) if 0 <= i < tokenizer.vocab_size else None
 
+    has_chat = all(tokenizer.sp.piece_to_id(t) != tokenizer.sp.unk_id() for t in CHAT_TOKENS)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": piece(tokenizer.bos_id),
@@ -208,4 +211,5 @@ def tokenizer_config(tokenizer: Tokenizer, max_length: int) -> dict:
         "split_special_tokens": True,  # "<s>" typed in text is text, as in SentencePiece
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
+        **({"chat_template": HF_CHAT_TEMPLATE} if has_chat else {}),
     }

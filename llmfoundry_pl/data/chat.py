@@ -1,0 +1,287 @@
+"""Fine-tuning data: JSONL conversations (SFT) or preference pairs (DPO) → padded or packed batches for Lightning.
+
+Accepted lines (one JSON object each):
+
+- chat: ``{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}``
+- instruction (Alpaca style): ``{"instruction": "...", "input": "...", "output": "..."}`` → user, assistant
+- preference: ``{"prompt": "..." or [messages], "chosen": "...", "rejected": "..."}``
+
+Every example goes through the one chat template (llmfoundry_pl/chat.py), so training, ``lfpl-generate chat=true``
+and the exported Hugging Face tokenizer see the same ids. Targets are IGNORE_INDEX everywhere except the
+assistant's replies.
+
+As for pretraining, the order is a pure function of (seed, sample index): sample ``k`` is example
+``permutation(seed, epoch)[k mod N]`` with epoch = k // N, and micro-batches are cut by the same
+:class:`StepBatchSampler` — so resuming at step s sees exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from llmfoundry_pl.chat import ChatFormat, Message, check_messages
+from llmfoundry_pl.config import ChatDataConfig, ConfigError
+from llmfoundry_pl.data.datamodule import IGNORE_INDEX, StepBatchSampler
+from llmfoundry_pl.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reading JSONL
+# ------------------------------------------------------------------------------------------------------------------
+def read_records(path: Path, fmt: str, bad_lines: str) -> list[dict]:
+    """The examples of a JSONL file in one shape: ``{"messages"}`` (sft) or ``{"prompt", "chosen", "rejected"}``
+    with prompt as messages (preference). A malformed line stops with its line number (``bad_lines=fail``) or
+    is skipped and counted (``skip``)."""
+    if not path.is_file():
+        raise ConfigError(f"data file {path} does not exist; fix data.path / data.val_path")
+    records, skipped = [], []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                records.append(_parse_line(line, fmt, where))
+            except ConfigError as e:
+                if bad_lines == "fail":
+                    raise ConfigError(f"{e}; fix the line or set data.bad_lines=skip") from None
+                skipped.append(number)
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        log.warning(f"{path}: skipped {len(skipped)} malformed line(s) (data.bad_lines=skip): line {shown}")
+    if not records:
+        raise ConfigError(f"{path} has no usable {fmt} examples")
+    return records
+
+
+def _parse_line(line: str, fmt: str, where: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if fmt == "preference":
+        return _preference_record(obj, where)
+    if "messages" in obj:
+        messages = check_messages(obj["messages"], where)
+    elif "instruction" in obj and "output" in obj:
+        fields = [obj["instruction"], obj.get("input") or "", obj["output"]]
+        if not all(isinstance(v, str) for v in fields):
+            raise ConfigError(f"{where}: instruction, input and output must be strings")
+        user = fields[0] + (f"\n\n{fields[1]}" if fields[1] else "")
+        messages = check_messages([{"role": "user", "content": user}, {"role": "assistant", "content": fields[2]}],
+                                  where)
+    else:
+        raise ConfigError(f'{where}: expected {{"messages": [...]}} or {{"instruction", "input", "output"}}')
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ConfigError(f"{where}: the conversation has no assistant turn, so nothing to learn")
+    return {"messages": messages}
+
+
+def _preference_record(obj: dict, where: str) -> dict:
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in obj]
+    if missing:
+        raise ConfigError(f"{where}: a preference pair needs prompt, chosen and rejected; {', '.join(missing)} missing")
+    prompt = obj["prompt"]
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    prompt = check_messages(prompt, where)
+    replies = {}
+    for key in ("chosen", "rejected"):
+        reply = obj[key]
+        if isinstance(reply, list) and len(reply) == 1 and isinstance(reply[0], dict):  # [{"role": "assistant", ...}]
+            reply = reply[0].get("content")
+        if not isinstance(reply, str) or not reply.strip():
+            raise ConfigError(f"{where}: {key} must be a non-empty reply text")
+        replies[key] = reply
+    return {"prompt": prompt, **replies}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Encoding
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: inputs ``x`` and targets ``y`` (y[t] is the token after x[t], or IGNORE_INDEX)."""
+
+    x: list[int]
+    y: list[int]
+
+
+def encode_example(
+    chat: ChatFormat, messages: Sequence[Message], seq_len: int, overlong: str
+) -> tuple[Example | None, bool]:
+    """A conversation as (inputs, targets) of at most ``seq_len`` each, and whether it was too long. The example
+    is None when ``overlong`` drops it: too long under ``drop``, or truncated until no reply token was left."""
+    ids, trained = chat.encode(messages)
+    too_long = len(ids) > seq_len + 1
+    if too_long:
+        if overlong == "drop":
+            return None, True
+        ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
+    y = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], trained[1:], strict=True)]
+    if all(t == IGNORE_INDEX for t in y):
+        return None, too_long
+    return Example(ids[:-1], y), too_long
+
+
+def encode_all(chat: ChatFormat, records: list[dict], cfg: ChatDataConfig, what: str) -> list:
+    """Encode every record (sft: an Example; preference: a (chosen, rejected) pair of Examples) and log how many
+    the overlong rule changed."""
+    items, too_long = [], 0
+    for r in records:
+        if cfg.format == "sft":
+            conversations = [r["messages"]]
+        else:
+            conversations = [[*r["prompt"], {"role": "assistant", "content": r[k]}] for k in ("chosen", "rejected")]
+        encoded = [encode_example(chat, m, cfg.seq_len, cfg.overlong) for m in conversations]
+        too_long += any(long for _, long in encoded)
+        examples = [ex for ex, _ in encoded]
+        if None not in examples:
+            items.append(examples[0] if cfg.format == "sft" else tuple(examples))
+    if too_long:
+        lost = len(records) - len(items)
+        action = "dropped" if cfg.overlong == "drop" else f"truncated, {lost} of them dropped: no reply token left"
+        log.warning(f"{what}: {too_long} of {len(records)} examples are longer than data.seq_len+1={cfg.seq_len + 1} "
+                    f"tokens ({action}; data.overlong={cfg.overlong})")
+    if not items:
+        raise ConfigError(f"{what}: no example fits data.seq_len={cfg.seq_len}; raise data.seq_len")
+    return items
+
+
+def pack_examples(examples: list[Example], seq_len: int) -> list[list[Example]]:
+    """Group examples, in order, into rows of at most ``seq_len`` tokens (next-fit: start a new row when the next
+    example does not fit). Simple and order-preserving; the examples arrive shuffled, so rows mix freely."""
+    rows, row, used = [], [], 0
+    for ex in examples:
+        if row and used + len(ex.x) > seq_len:
+            rows.append(row)
+            row, used = [], 0
+        row.append(ex)
+        used += len(ex.x)
+    if row:
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Datasets and batches
+# ------------------------------------------------------------------------------------------------------------------
+class EpochShuffled(Dataset):
+    """Sample ``k`` = item ``permutation(seed, k // N)[k % N]``: a fresh order every epoch, any sample recomputable
+    from its index alone (exact resume, disjoint DDP ranks through StepBatchSampler)."""
+
+    def __init__(self, items: list, seed: int) -> None:
+        self.items, self.seed = items, seed
+        self._epoch, self._order = -1, np.arange(0)
+
+    def __len__(self) -> int:
+        return np.iinfo(np.int64).max
+
+    def __getitem__(self, k: int):
+        epoch, i = divmod(k, len(self.items))
+        if epoch != self._epoch:  # one permutation per epoch, computed when the epoch starts
+            self._epoch, self._order = epoch, np.random.default_rng((self.seed, epoch)).permutation(len(self.items))
+        return self.items[int(self._order[i])]
+
+
+def collate_examples(items: list, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded (x, y) for a list of Examples, of packed rows (lists of Examples: adds segment_ids), or of
+    preference pairs (chosen rows first, then rejected rows). Padding comes after every real token, so causal
+    attention never lets it change a real token's logits; its targets are IGNORE_INDEX."""
+    if isinstance(items[0], tuple):  # preference pairs: one batch of 2B rows, chosen then rejected
+        return collate_examples([c for c, _ in items] + [r for _, r in items], pad_id)
+    rows = [row if isinstance(row, list) else [row] for row in items]
+    width = max(sum(len(ex.x) for ex in row) for row in rows)
+    x = torch.full((len(rows), width), max(pad_id, 0), dtype=torch.long)
+    y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)  # padding: a segment of its own
+    for b, row in enumerate(rows):
+        start = 0
+        for s, ex in enumerate(row):
+            end = start + len(ex.x)
+            x[b, start:end], y[b, start:end], segments[b, start:end] = torch.tensor(ex.x), torch.tensor(ex.y), s
+            start = end
+    packed = isinstance(items[0], list)
+    return (x, y, segments) if packed else (x, y)
+
+
+class ChatDataModule(L.LightningDataModule):
+    """SFT conversations or DPO preference pairs from ``cfg``, encoded with ``tokenizer`` (the model's own)."""
+
+    def __init__(self, cfg: ChatDataConfig, tokenizer: Tokenizer) -> None:
+        super().__init__()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.chat = ChatFormat(tokenizer)
+        self.train_items: list | None = None
+        self.val_items: list | None = None
+
+    def prepare_data(self) -> None:
+        """Read, check and encode the data (the demo task's files are built on first use)."""
+        if self.train_items is not None:
+            return
+        train_path, val_path = self._paths()
+        train = read_records(train_path, self.cfg.format, self.cfg.bad_lines)
+        if val_path is not None:
+            val = read_records(val_path, self.cfg.format, self.cfg.bad_lines)
+        else:  # hold out a seeded share of the training file
+            order = np.random.default_rng(self.cfg.seed).permutation(len(train))
+            n_val = max(1, round(self.cfg.val_fraction * len(train)))
+            if n_val >= len(train):
+                raise ConfigError(f"{train_path} has {len(train)} example(s): too few to hold some out; give "
+                                  "data.val_path")
+            val, train = [train[i] for i in order[:n_val]], [train[i] for i in order[n_val:]]
+        self.train_items = encode_all(self.chat, train, self.cfg, f"{train_path} (train)")
+        self.val_items = encode_all(self.chat, val, self.cfg, f"{val_path or train_path} (validation)")
+        if self.cfg.pack:
+            shuffled = [self.train_items[i] for i in np.random.default_rng(self.cfg.seed).permutation(
+                len(self.train_items))]
+            rows = pack_examples(shuffled, self.cfg.seq_len)
+            fill = sum(len(ex.x) for ex in self.train_items) / (len(rows) * self.cfg.seq_len)
+            log.info(f"packed {len(self.train_items)} training examples into {len(rows)} rows of "
+                     f"{self.cfg.seq_len} tokens ({fill:.0%} filled)")
+            self.train_items = rows
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # every rank holds the encoded examples (small next to the model)
+
+    def _paths(self) -> tuple[Path, Path | None]:
+        if self.cfg.path is None:
+            from llmfoundry_pl.data.demo_task import demo_set_dir
+
+            folder = demo_set_dir(Path(self.cfg.cache_dir).expanduser())
+            kind = "sft" if self.cfg.format == "sft" else "preference"
+            return folder / f"{kind}_train.jsonl", folder / f"{kind}_val.jsonl"
+        return (Path(self.cfg.path).expanduser(),
+                None if self.cfg.val_path is None else Path(self.cfg.val_path).expanduser())
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer is None or trainer.max_steps is None or trainer.max_steps <= 0:
+            raise ConfigError("set trainer.max_steps: fine-tuning, like pretraining, is step-based")
+        accumulate = trainer.accumulate_grad_batches
+        first = trainer.global_step * accumulate  # on resume, global_step is restored before this is called
+        sampler = StepBatchSampler(first, max(trainer.max_steps * accumulate - first, 0), self.cfg.batch_size,
+                                   trainer.global_rank, trainer.world_size)
+        return self._loader(EpochShuffled(self.train_items, self.cfg.seed), batch_sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        indices = list(range(rank, len(self.val_items), world))  # each rank its own share; metrics add up
+        return self._loader(self.val_items, sampler=indices, batch_size=self.cfg.batch_size)
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        return DataLoader(dataset, collate_fn=partial(collate_examples, pad_id=self.tokenizer.pad_id),
+                          num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0, **kwargs)

@@ -1,0 +1,347 @@
+"""Fine-tuning: the chat template, loss masking, JSONL checks, packing, LoRA and DPO — units first, then the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmfoundry_pl.chat import HF_CHAT_TEMPLATE, ChatFormat, render
+from llmfoundry_pl.config import ChatDataConfig, ConfigError, LoraConfig, ModelConfig
+from llmfoundry_pl.data.chat import (
+    EpochShuffled,
+    Example,
+    collate_examples,
+    encode_all,
+    encode_example,
+    pack_examples,
+    read_records,
+)
+from llmfoundry_pl.data.corpus import bundled_corpus_dir
+from llmfoundry_pl.data.datamodule import IGNORE_INDEX
+from llmfoundry_pl.lit_module import LitDPO, LitLlama
+from llmfoundry_pl.lora import merge_lora
+from llmfoundry_pl.metrics import PreferenceMetrics
+from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.tokenizer import Tokenizer, train_tokenizer
+from tests.conftest import TINY, run_cli
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer with a title."},
+    {"role": "user", "content": "Which play?\n\nPROSPERO.\nNo harm."},
+    {"role": "assistant", "content": "The Tempest"},
+    {"role": "user", "content": "And 多谢 🙂?"},
+    {"role": "assistant", "content": "Twelfth Night"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    lines = (bundled_corpus_dir() / "tempest_gut.txt").read_text().splitlines()
+    return train_tokenizer([line for line in lines if line], vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def chat(tokenizer) -> ChatFormat:
+    return ChatFormat(tokenizer)
+
+
+def tiny_model(vocab_size: int, **kw) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**{**dict(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                             max_seq_len=96), **kw}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chat template
+# ----------------------------------------------------------------------------------------------------------------
+def test_chat_template_encodes_as_its_rendered_text(tokenizer, chat):
+    ids, trained = chat.encode(CONVERSATION)
+    assert ids == tokenizer.encode(render(CONVERSATION))  # piecewise encoding == encoding the whole text
+    assert len(trained) == len(ids)
+    assert chat.prompt_ids(CONVERSATION[:2]) == tokenizer.encode(render(CONVERSATION[:2], add_generation_prompt=True))
+
+
+def test_loss_masking_trains_on_replies_and_their_end_token_only(tokenizer, chat):
+    messages = [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Ariel"}]
+    example, too_long = encode_example(chat, messages, seq_len=64, overlong="truncate")
+    assert not too_long
+    # By hand: <|user|> Who? <|end|> \n <|assistant|> Ariel <|end|> \n
+    role = tokenizer.sp.piece_to_id
+    ids = [role("<|user|>"), *tokenizer.encode("Who?"), chat.end_id, *tokenizer.encode("\n"),
+           role("<|assistant|>"), *tokenizer.encode("Ariel"), chat.end_id, *tokenizer.encode("\n")]
+    reply = tokenizer.encode("Ariel") + [chat.end_id]
+    first = ids.index(role("<|assistant|>"))  # that position predicts the reply's first token
+    expected_y = [IGNORE_INDEX] * first + reply + [IGNORE_INDEX] * (len(ids) - 1 - first - len(reply))
+    assert example.x == ids[:-1] and example.y == expected_y
+
+
+def test_training_loss_is_the_mean_over_reply_tokens(tokenizer, chat):
+    examples = [encode_example(chat, CONVERSATION, 96, "truncate")[0],
+                encode_example(chat, CONVERSATION[1:3], 96, "truncate")[0]]
+    x, y = collate_examples(examples, tokenizer.pad_id)
+    lit = LitLlama(tiny_model(tokenizer.vocab_size).config, network=tiny_model(tokenizer.vocab_size))
+    logits = lit.model(x)
+    scored = [(b, t) for b in range(2) for t in range(x.shape[1]) if y[b, t] != IGNORE_INDEX]
+    by_hand = torch.stack([F.cross_entropy(logits[b, t], y[b, t]) for b, t in scored]).mean()
+    lit.log = lambda *a, **k: None  # no Trainer attached: skip logging
+    lit._trainer = type("T", (), {"log_every_n_steps": 10**9, "global_step": 0})()
+    torch.testing.assert_close(lit.training_step((x, y), 0), by_hand)
+    # 2 replies in the first conversation, 1 in the second, each its tokens + <|end|>
+    assert len(scored) == sum(len(tokenizer.encode(r)) + 1 for r in ("The Tempest", "Twelfth Night", "The Tempest"))
+
+
+def test_chat_template_matches_the_exported_hugging_face_tokenizer(tokenizer, chat, tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from llmfoundry_pl.interop import save_hf
+
+    save_hf(tiny_model(tokenizer.vocab_size), tokenizer, tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.chat_template == HF_CHAT_TEMPLATE
+    for messages, open_reply in [(CONVERSATION, False), (CONVERSATION[:4], True)]:
+        hf_ids = hf.apply_chat_template(messages, add_generation_prompt=open_reply, tokenize=True)
+        hf_ids = hf_ids if isinstance(hf_ids, list) else hf_ids["input_ids"]
+        assert hf_ids == chat.encode(messages, add_generation_prompt=open_reply)[0]
+
+
+def test_tokenizer_without_chat_tokens_is_refused():
+    import io
+
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["to be or not to be, that is the question"] * 50),
+                                   model_writer=buffer, model_type="bpe", vocab_size=30, minloglevel=2)
+    with pytest.raises(ConfigError, match="no <\\|system\\|>.*reserves them"):
+        ChatFormat(Tokenizer(buffer.getvalue()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JSONL data: shapes, bad lines, long examples, packing, order
+# ----------------------------------------------------------------------------------------------------------------
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def test_instruction_lines_become_conversations(tmp_path):
+    instruction = {"instruction": "Name a play.", "input": "A comedy.", "output": "Twelfth Night"}
+    path = write_jsonl(tmp_path / "d.jsonl", [instruction, {"messages": CONVERSATION}])
+    first, second = read_records(path, "sft", "fail")
+    assert first["messages"] == [{"role": "user", "content": "Name a play.\n\nA comedy."},
+                                 {"role": "assistant", "content": "Twelfth Night"}]
+    assert second["messages"] == CONVERSATION
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    ("{not json", "not valid JSON"),
+    ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]}, "message 0 has no role"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "empty assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "role 'robot'"),
+    ({"text": "hello"}, "expected"),
+])
+def test_malformed_lines_name_their_line_number_or_are_skipped(tmp_path, caplog, line, reason):
+    good = {"messages": CONVERSATION[1:3]}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, good, line, good])
+    with pytest.raises(ConfigError, match=f"d.jsonl:3: .*{reason}.*data.bad_lines=skip"):
+        read_records(path, "sft", "fail")
+    assert len(read_records(path, "sft", "skip")) == 3
+    assert "skipped 1 malformed line(s) (data.bad_lines=skip): line 3" in caplog.text
+
+
+def test_preference_lines_need_all_three_fields(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Which play?", "chosen": "The Tempest", "rejected": "Othello"},
+                                              {"prompt": "Which play?", "chosen": "The Tempest"}])
+    with pytest.raises(ConfigError, match="p.jsonl:2: .*rejected missing"):
+        read_records(path, "preference", "fail")
+    (record,) = read_records(path, "preference", "skip")
+    assert record["prompt"] == [{"role": "user", "content": "Which play?"}]
+
+
+def test_long_examples_are_truncated_or_dropped_and_counted(chat, caplog):
+    long = [{"role": "user", "content": "Who? " * 40}, {"role": "assistant", "content": "Ariel"}]
+    reply_cut = [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Ariel " * 40}]
+    short = CONVERSATION[1:3]
+    records = [{"messages": m} for m in (long, reply_cut, short)]
+    cfg = ChatDataConfig(seq_len=48, overlong="truncate")
+    kept = encode_all(chat, records, cfg, "test")
+    assert len(kept) == 2  # the long prompt leaves no reply token: dropped; the long reply is cut to 48
+    assert max(len(ex.x) for ex in kept) == 48
+    assert "2 of 3 examples are longer than data.seq_len+1=49" in caplog.text
+    assert len(encode_all(chat, records, ChatDataConfig(seq_len=48, overlong="drop"), "test")) == 1
+
+
+def test_packed_rows_compute_each_example_as_if_alone(chat):
+    examples = [encode_example(chat, m, 96, "truncate")[0]
+                for m in (CONVERSATION[1:3], CONVERSATION[3:5], CONVERSATION)]
+    rows = pack_examples(examples[:2], seq_len=96)
+    assert len(rows) == 1 and rows[0] == examples[:2]
+    assert pack_examples(examples, seq_len=96) == [examples[:2], examples[2:]]  # the long one starts a new row
+    x, y, segments = collate_examples(rows, pad_id=chat.tokenizer.pad_id)
+    model = tiny_model(chat.tokenizer.vocab_size).eval()
+    packed = model(x, segment_ids=segments)
+    start = 0
+    for ex in examples[:2]:
+        alone = model(torch.tensor([ex.x]))
+        torch.testing.assert_close(packed[0, start : start + len(ex.x)], alone[0], atol=1e-5, rtol=1e-5)
+        assert y[0, start : start + len(ex.x)].tolist() == ex.y
+        start += len(ex.x)
+
+
+def test_example_order_is_a_fresh_permutation_each_epoch_and_reproducible():
+    items = [Example([i], [i]) for i in range(7)]
+    data = EpochShuffled(items, seed=3)
+    epochs = [[data[k].x[0] for k in range(e * 7, e * 7 + 7)] for e in range(3)]
+    assert all(sorted(e) == list(range(7)) for e in epochs) and epochs[0] != epochs[1]
+    assert [EpochShuffled(items, seed=3)[k].x[0] for k in range(14, 21)] == epochs[2]  # any index, any time
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA and DPO
+# ----------------------------------------------------------------------------------------------------------------
+def test_lora_trains_only_adapters_and_merges_into_the_same_function(tokenizer):
+    base = tiny_model(tokenizer.vocab_size)
+    lit = LitLlama(base.config, network=tiny_model(tokenizer.vocab_size),
+                   lora=LoraConfig(enabled=True, r=4, targets=["wq", "wv", "w2"]))
+    trainable = {n for n, p in lit.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == {"wq", "wv", "w2"}
+    with torch.no_grad():  # lora_B starts at 0 (a no-op adapter); give it weights so the merge has work to do
+        for n, p in lit.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    tokens = torch.randint(0, tokenizer.vocab_size, (2, 20))
+    with_adapters = lit.model(tokens)
+    assert not torch.allclose(with_adapters, base(tokens), atol=1e-4)
+    merged = merge_lora(lit.model)
+    assert isinstance(merged.layers[0].attention.wq, torch.nn.Linear)
+    assert set(merged.state_dict()) == set(base.state_dict())  # plain names again
+    torch.testing.assert_close(merged(tokens), with_adapters, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_checkpoints_hold_only_the_adapters(tokenizer):
+    lit = LitLlama(tiny_model(tokenizer.vocab_size).config, network=tiny_model(tokenizer.vocab_size),
+                   lora=LoraConfig(enabled=True))
+    checkpoint = {"state_dict": lit.state_dict()}
+    lit.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and all(".lora_" in k for k in checkpoint["state_dict"])
+    lit._fill_unsaved(checkpoint)  # on load, the base weights come back from the module (strict loading holds)
+    assert set(checkpoint["state_dict"]) == set(lit.state_dict())
+
+
+def test_dpo_rewards_start_at_zero_and_accuracy_at_a_coin_toss(chat):
+    pairs = [(encode_example(chat, [*CONVERSATION[1:2], {"role": "assistant", "content": c}], 96, "drop")[0],
+              encode_example(chat, [*CONVERSATION[1:2], {"role": "assistant", "content": r}], 96, "drop")[0])
+             for c, r in [("The Tempest", "Othello"), ("Twelfth Night", "Hamlet")]]
+    x, y = collate_examples(pairs, chat.tokenizer.pad_id)
+    assert x.shape[0] == 4  # chosen rows, then rejected rows
+    lit = LitDPO(tiny_model(chat.tokenizer.vocab_size).config, network=tiny_model(chat.tokenizer.vocab_size))
+    chosen, rejected = lit._rewards((x, y))
+    assert torch.equal(chosen, torch.zeros(2)) and torch.equal(rejected, torch.zeros(2))  # policy == reference
+    metrics = PreferenceMetrics()
+    metrics.update(-F.logsigmoid(chosen - rejected), chosen - rejected)
+    result = metrics.compute()
+    assert result["pref_acc"] == 0.5 and result["loss"] == pytest.approx(0.6931, abs=1e-4)  # ln 2
+    # One step of DPO on these pairs: the chosen replies gain on the rejected ones.
+    optimizer = torch.optim.SGD([p for p in lit.model.parameters() if p.requires_grad], lr=0.5)
+    chosen, rejected = lit._rewards((x, y))
+    (-F.logsigmoid(chosen - rejected).mean()).backward()
+    optimizer.step()
+    chosen, rejected = lit._rewards((x, y))
+    assert (chosen - rejected).min() > 0
+    assert not any(k.startswith("reference.") for k in _saved_keys(lit))  # the reference is rebuilt, not saved
+
+
+def _saved_keys(lit: LitLlama) -> list[str]:
+    checkpoint = {"state_dict": lit.state_dict()}
+    lit.on_save_checkpoint(checkpoint)
+    return list(checkpoint["state_dict"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The commands: pretrain → SFT (full and LoRA) → DPO → chat, export, resume
+# ----------------------------------------------------------------------------------------------------------------
+FT = ["hardware=cpu", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "data.seq_len=96",
+      "data.batch_size=4", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
+      "trainer.log_every_n_steps=1", "callbacks.progress_bar=null", "callbacks.throughput.window_size=2"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, cache_dir) -> Path:
+    cwd = tmp_path_factory.mktemp("pretrain")
+    run_cli("train", *TINY, "data.seq_len=96", "hydra.run.dir=run", cwd=cwd)
+    return cwd / "run" / "checkpoints" / "last.ckpt"
+
+
+def test_sft_from_a_checkpoint_then_chat(pretrained, tmp_path):
+    proc = run_cli("train", "experiment=sft", f"init_from={pretrained}", *FT, "hydra.run.dir=sft", cwd=tmp_path)
+    record = json.loads((tmp_path / "sft" / "final_metrics.json").read_text())
+    assert "before training: val/loss" in proc.stdout and "examples/s" in proc.stdout
+    assert record["initial_metrics"]["val/loss"] > record["metrics"]["val/loss"]  # it learnt the replies
+    ckpt = tmp_path / "sft" / "checkpoints" / "last.ckpt"
+    chat = run_cli("generate", f"ckpt_path={ckpt}", "chat=true", "interactive=true", "temperature=0",
+                   "max_new_tokens=5", cwd=tmp_path, input="Which play is this passage from?\nAnd this one?\n")
+    assert chat.stdout.count("\n") >= 2 and "<|" not in chat.stdout  # a reply per line typed, each ended at <|end|>
+
+
+def test_chat_history_drops_the_oldest_exchanges_to_fit_the_context(chat):
+    from llmfoundry_pl.cli.generate import fit_context
+
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": r, "content": f"message {i} " * 4} for i, r in enumerate(["user", "assistant"] * 4)]
+    messages = [system, *turns[:-1]]  # ends with a user message
+    full = len(chat.prompt_ids(messages))
+    kept = fit_context(chat, messages, max_seq_len=full - 1)
+    assert kept[0] == system and kept[-1] == messages[-1] and kept[1]["role"] == "user"
+    assert len(kept) == len(messages) - 2 and len(chat.prompt_ids(kept)) < full - 1
+    assert fit_context(chat, messages, max_seq_len=full + 1) == messages
+
+
+def test_lora_run_resumes_exactly_and_exports_merged(pretrained, tmp_path):
+    lora = ["experiment=sft", f"init_from={pretrained}", *FT, "lora.enabled=true", "lora.r=4", "optim.lr=1e-2"]
+    run_cli("train", *lora, "hydra.run.dir=full", cwd=tmp_path)
+    run_cli("train", *lora, "trainer.max_steps=3", "hydra.run.dir=half", cwd=tmp_path)
+    run_cli("train", *lora, "ckpt_path=half/checkpoints/last.ckpt", "hydra.run.dir=resumed", cwd=tmp_path)
+    full = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    assert full and all(".lora_" in k for k in full)  # adapters only
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k])
+    refused = run_cli("export", "ckpt_path=full/checkpoints/last.ckpt", "out=merged", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "merge_lora=true" in refused.stderr
+    run_cli("export", "ckpt_path=full/checkpoints/last.ckpt", "out=merged", "merge_lora=true", "format=safetensors",
+            cwd=tmp_path)
+    from llmfoundry_pl.cli.common import load_model
+
+    merged, _, _ = load_model(str(tmp_path / "merged"))
+    adapted, _, _ = load_model(str(tmp_path / "full/checkpoints/last.ckpt"))  # base + adapters, from the .ckpt
+    tokens = torch.randint(0, merged.config.vocab_size, (1, 16))
+    torch.testing.assert_close(merged(tokens), adapted(tokens))
+
+
+def test_dpo_run_logs_preference_metrics(pretrained, tmp_path):
+    run_cli("train", "experiment=dpo", f"init_from={pretrained}", *FT, "optim.lr=3e-3", "hydra.run.dir=dpo",
+            cwd=tmp_path)
+    record = json.loads((tmp_path / "dpo" / "final_metrics.json").read_text())
+    assert record["initial_metrics"]["val/pref_acc"] == 0.5 and record["initial_metrics"]["val/reward_margin"] == 0
+    assert record["metrics"]["val/reward_margin"] != 0 and 0 <= record["metrics"]["val/pref_acc"] <= 1
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["experiment=sft"], "give the one to start from with init_from="),
+    (["experiment=sft", "init_from=PRETRAINED", "model.dim=64"], "different model from model=: dim 32 vs 64"),
+    (["lora.enabled=true"], "lora.enabled=true adapts a trained model"),
+    (["experiment=sft", "init_from=PRETRAINED", "data.path=missing.jsonl"], "missing.jsonl does not exist"),
+    (["experiment=sft", "init_from=nowhere.ckpt"], "init_from=nowhere.ckpt does not exist"),
+])
+def test_fine_tuning_mistakes_are_one_line(pretrained, tmp_path, overrides, message):
+    overrides = [o.replace("PRETRAINED", str(pretrained)) for o in overrides]
+    proc = run_cli("train", *FT, *overrides, cwd=tmp_path, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr
