@@ -285,6 +285,8 @@ def test_sft_from_a_checkpoint_then_chat(pretrained, tmp_path):
     assert "before training: val/loss" in proc.stdout and "examples/s" in proc.stdout
     assert record["initial_metrics"]["val/loss"] > record["metrics"]["val/loss"]  # it learnt the replies
     ckpt = tmp_path / "sft" / "checkpoints" / "last.ckpt"
+    refused = run_cli("eval", f"ckpt_path={ckpt}", cwd=tmp_path, check=False)  # no text split to fall back on
+    assert refused.returncode == 2 and "fine-tuned on sft data" in refused.stderr
     chat = run_cli("generate", f"ckpt_path={ckpt}", "chat=true", "interactive=true", "temperature=0",
                    "max_new_tokens=5", cwd=tmp_path, input="Which play is this passage from?\nAnd this one?\n")
     assert chat.stdout.count("\n") >= 2 and "<|" not in chat.stdout  # a reply per line typed, each ended at <|end|>

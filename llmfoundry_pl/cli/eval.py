@@ -38,6 +38,9 @@ def evaluation_data(cfg: DictConfig, source: ModelSource, model_cfg: ModelConfig
         raise ConfigError(f"ckpt_path={source.path} does not say what it was trained on, so there is no validation "
                           "split to take; give the text to evaluate with data.path=")
     run_data = run_data or {}
+    if cfg.data.path is None and "format" in run_data:
+        raise ConfigError(f"ckpt_path={source.path} was fine-tuned on {run_data['format']} data, not text; give the "
+                          "text to evaluate with data.path=, or score the demo task with task=demo")
     seq_len = cfg.data.seq_len or run_data.get("seq_len") or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context max_seq_len={model_cfg.max_seq_len}")

@@ -7,6 +7,7 @@ Examples::
     lfpl-train -m optim.lr=1e-3,3e-4 model.n_layers=4,6   # a sweep: summary table in the sweep directory
     lfpl-train ckpt_path=last                          # resume the newest run under paths.runs_dir
     lfpl-train trainer=ddp hardware=cpu trainer.devices=2
+    lfpl-train experiment=sft init_from=outputs/.../last.ckpt    # chat fine-tuning; experiment=dpo for DPO
 """
 
 from __future__ import annotations
