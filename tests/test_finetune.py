@@ -305,6 +305,20 @@ def test_chat_history_drops_the_oldest_exchanges_to_fit_the_context(chat):
     assert fit_context(chat, messages, max_seq_len=full + 1) == messages
 
 
+def test_sft_from_a_hugging_face_folder(pretrained, tmp_path):
+    from llmfoundry_pl.cli.common import load_model
+    from llmfoundry_pl.interop import save_hf
+
+    model, tokenizer, _ = load_model(str(pretrained))
+    save_hf(model, tokenizer, tmp_path / "hf")  # a Llama folder transformers loads, our tokenizer.model inside
+    run_cli("train", "experiment=sft", "init_from=hf", *FT, "trainer.max_steps=2", "trainer.val_check_interval=2",
+            "hydra.run.dir=sft", cwd=tmp_path)
+    record = json.loads((tmp_path / "sft" / "final_metrics.json").read_text())
+    assert record["initial_metrics"]["val/loss"] > record["metrics"]["val/loss"]
+    saved = torch.load(record["checkpoint"], weights_only=False)
+    assert saved["hyper_parameters"]["init_from"] == "hf" and "optimizer_states" in saved
+
+
 def test_lora_run_resumes_exactly_and_exports_merged(pretrained, tmp_path):
     lora = ["experiment=sft", f"init_from={pretrained}", *FT, "lora.enabled=true", "lora.r=4", "optim.lr=1e-2"]
     run_cli("train", *lora, "hydra.run.dir=full", cwd=tmp_path)
