@@ -9,43 +9,46 @@ The public API, in the order data flows: text → tokens → model → training 
     model, tokenizer = load_hf("TinyLlama-1.1B/")         # a local Hugging Face Llama folder, as our Transformer
 """
 
-from llmfoundry_pl.config import (
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    SchedulerConfig,
-    TrainConfig,
-    register_configs,
-)
-from llmfoundry_pl.data import TextDataModule, prepare_corpus
-from llmfoundry_pl.inference import generate, generate_text
-from llmfoundry_pl.interop import load_folder, load_hf, load_safetensors, save_hf, save_safetensors
-from llmfoundry_pl.lit_module import LitLlama
-from llmfoundry_pl.model import Transformer
-from llmfoundry_pl.tokenizer import Tokenizer, train_tokenizer
+import importlib
+
+# Public name → the module that defines it, imported on first use (PEP 562): `import llmfoundry_pl` stays cheap,
+# and a broken dependency (say sentencepiece) fails where its feature is used, not on every import of the package:
+# lfpl-doctor, which lives inside the package, could not otherwise start to report it.
+_EXPORTS = {
+    "ConfigError": "config",
+    "DataConfig": "config",
+    "ModelConfig": "config",
+    "OptimConfig": "config",
+    "SchedulerConfig": "config",
+    "TrainConfig": "config",
+    "register_configs": "config",
+    "TextDataModule": "data",
+    "prepare_corpus": "data",
+    "generate": "inference",
+    "generate_text": "inference",
+    "load_folder": "interop",
+    "load_hf": "interop",
+    "load_safetensors": "interop",
+    "save_hf": "interop",
+    "save_safetensors": "interop",
+    "LitLlama": "lit_module",
+    "Transformer": "model",
+    "Tokenizer": "tokenizer",
+    "train_tokenizer": "tokenizer",
+}
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError",
-    "DataConfig",
-    "LitLlama",
-    "ModelConfig",
-    "OptimConfig",
-    "SchedulerConfig",
-    "TextDataModule",
-    "Tokenizer",
-    "TrainConfig",
-    "Transformer",
-    "generate",
-    "generate_text",
-    "load_folder",
-    "load_hf",
-    "load_safetensors",
-    "prepare_corpus",
-    "register_configs",
-    "save_hf",
-    "save_safetensors",
-    "train_tokenizer",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -34,14 +34,20 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def split_overrides(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The overrides shared by every finished job, and each row's others: what the sweep varied ("-" if nothing)."""
+    finished = [r["overrides"].split() for r in rows if "val/loss" in r]
+    common = [o for o in finished[0] if all(o in f for f in finished)] if finished else []
+    varied = [" ".join(o for o in r.get("overrides", "").split() if o not in common) or "-" for r in rows]
+    return common, varied
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table, readable in a terminal and rendered by any Markdown viewer. Overrides shared by every job
     are listed once above it, so the column shows what the sweep varied."""
-    finished = [r["overrides"].split() for r in rows if "val/loss" in r]
-    common = [o for o in finished[0] if all(o in f for f in finished)] if finished else []
-    varied = lambda r: " ".join(o for o in r.get("overrides", "").split() if o not in common) or "-"
+    common, varied = split_overrides(rows)
     header = ["job", "overrides", *COLUMNS]
-    cells = [[str(r.get("job", "")), varied(r)] + [_fmt(r.get(c)) for c in COLUMNS] for r in rows]
+    cells = [[str(r.get("job", "")), v] + [_fmt(r.get(c)) for c in COLUMNS] for r, v in zip(rows, varied, strict=True)]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
     line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
     table = [line(header), line(["-" * w for w in widths]), *(line(row) for row in cells)]

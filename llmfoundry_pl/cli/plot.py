@@ -1,0 +1,172 @@
+"""``lfpl-plot``: PNG curves from a run's CSV log, or one chart comparing the runs of a sweep.
+
+    lfpl-plot outputs/2026-11-22/21-30-19            → <run>/plots/loss.png, bpb.png, lr.png, tokens_per_s.png, ...
+    lfpl-plot outputs/multirun/2026-11-22/21-40-02   → <sweep>/plots/sweep.png: every job's val/loss and val/bpb
+
+It reads ``csv/metrics.csv``, which every run writes with the default ``logger=csv``. To watch a run while it
+trains, use TensorBoard instead (``lfpl-train logger=tensorboard``, then ``tensorboard --logdir outputs``);
+lfpl-plot is for afterwards: files to keep, compare and put in a report. Only the curves whose columns the log has
+are drawn (a DPO run has preference accuracy, a run without the throughput callback has no tokens/s).
+
+Plain argparse rather than Hydra: its one input is a folder, and there is nothing to compose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+from llmfoundry_pl.cli.sweep_summary import collect_rows, split_overrides
+from llmfoundry_pl.tokenizer import atomic_write_bytes
+
+# One PNG per entry: file name, y-axis label, the columns drawn on it (those present). Lightning's
+# LearningRateMonitor names its columns lr-<optimizer>/pg<N>, matched by the prefix "lr-".
+RUN_CHARTS = (
+    ("loss", "loss (nats per token)", ("train/loss", "val/loss")),
+    ("bpb", "bits per byte", ("train/bpb", "val/bpb")),
+    ("lr", "learning rate", ("lr-",)),
+    # ThroughputMonitor: items are tokens; items_per_sec (all devices) is logged only when there are several.
+    ("tokens_per_s", "tokens/s", ("train/items_per_sec", "train/device/items_per_sec")),
+    ("mfu", "model FLOPs utilisation", ("train/device/mfu",)),
+    ("pref_acc", "preference accuracy (DPO)", ("val/pref_acc",)),
+    ("reward_margin", "reward margin (DPO)", ("train/reward_margin", "val/reward_margin")),
+)
+SWEEP_METRICS = ("val/loss", "val/bpb")
+Series = dict[str, list[tuple[int, float]]]  # column → (step, value) for the rows where it was logged
+
+
+class PlotError(Exception):
+    """A folder lfpl-plot cannot use; its message is one line naming the folder and what to give instead."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lfpl-plot", description="Write PNG curves from a run's csv/metrics.csv into <run>/plots/, or, for a "
+        "sweep folder (outputs/multirun/...), one chart comparing its jobs' val/loss and val/bpb.")
+    parser.add_argument("path", metavar="RUN_DIR_OR_SWEEP_DIR", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        written = plot(args.path)
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for path in written:
+        print(path)
+
+
+def plot(path: Path) -> list[Path]:
+    """The PNGs written for ``path``: a run folder or a sweep folder."""
+    if not path.is_dir():
+        raise PlotError(f"{path} is not a folder; give a run folder (outputs/<date>/<time>) or a sweep folder "
+                        "(outputs/multirun/<date>/<time>)")
+    figure = _figure_class()
+    if (path / "csv" / "metrics.csv").is_file():
+        return plot_run(path, figure)
+    if any((d / ".hydra").is_dir() for d in path.iterdir() if d.is_dir()):
+        return plot_sweep(path, figure)
+    hint = " (trained with logger=tensorboard? then: tensorboard --logdir " + str(path) + ")" \
+        if (path / "tensorboard").is_dir() else ""
+    raise PlotError(f"{path} holds neither a run's csv/metrics.csv nor a sweep's job folders{hint}")
+
+
+def read_metrics(csv_path: Path) -> Series:
+    """Every logged column of a Lightning CSVLogger file as its (step, value) points. Each row holds only the
+    metrics logged together (train metrics, validation metrics, learning rates), so most cells are empty."""
+    series: Series = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = row.get("step")
+            if not step:
+                continue
+            for column, value in row.items():
+                if column not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(column, []).append((int(float(step)), float(value)))
+    return series
+
+
+def plot_run(run_dir: Path, figure: type) -> list[Path]:
+    series = read_metrics(run_dir / "csv" / "metrics.csv")
+    run_name = "/".join(run_dir.resolve().parts[-2:])  # outputs/<date>/<time> → <date>/<time>
+    written = []
+    for name, ylabel, wanted in RUN_CHARTS:
+        columns = [c for c in series if any(c == w or (w.endswith("-") and c.startswith(w)) for w in wanted)]
+        if not columns:
+            continue
+        fig = figure(figsize=(7, 4.2), layout="constrained")
+        ax = fig.subplots()
+        for column, label in _labels_without_repeats(columns, series).items():
+            steps, values = zip(*series[column], strict=True)
+            ax.plot(steps, values, label=label, marker="o" if len(steps) <= 30 else None, markersize=3)
+        _finish(ax, ylabel, f"{ylabel} — {run_name}")
+        ax.legend()
+        written.append(_save(fig, run_dir / "plots" / f"{name}.png"))
+    if not written:
+        raise PlotError(f"{run_dir / 'csv' / 'metrics.csv'} has no metrics yet; plot it once training has logged")
+    return written
+
+
+def plot_sweep(sweep_dir: Path, figure: type) -> list[Path]:
+    """One figure, a panel per metric, a curve per job labelled by the overrides that set it apart."""
+    rows = collect_rows(sweep_dir)
+    _, labels = split_overrides(rows)
+    jobs = [(f"{r['job']}: {label}", read_metrics(sweep_dir / r["job"] / "csv" / "metrics.csv"))
+            for r, label in zip(rows, labels, strict=True) if (sweep_dir / r["job"] / "csv" / "metrics.csv").is_file()]
+    metrics = [m for m in SWEEP_METRICS if any(m in series for _, series in jobs)]
+    if not metrics:
+        raise PlotError(f"no job under {sweep_dir} has logged {' or '.join(SWEEP_METRICS)} yet")
+    fig = figure(figsize=(6.5 * len(metrics), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics, strict=True):
+        for label, series in jobs:
+            if metric in series:
+                steps, values = zip(*series[metric], strict=True)
+                ax.plot(steps, values, label=label, marker="o", markersize=3)
+        _finish(ax, metric, metric)
+    axes[0].legend(fontsize="small")
+    return [_save(fig, sweep_dir / "plots" / "sweep.png")]
+
+
+def _labels_without_repeats(columns: list[str], series: Series) -> dict[str, str]:
+    """{column: legend label}, a column whose points equal an earlier one's folded into its label (AdamW's two
+    parameter groups share one learning rate: one line "lr-AdamW/pg1 = lr-AdamW/pg2")."""
+    labels: dict[str, str] = {}
+    for column in columns:
+        same = next((k for k in labels if series[k] == series[column]), None)
+        if same is None:
+            labels[column] = column
+        else:
+            labels[same] += f" = {column}"
+    return labels
+
+
+def _finish(ax, ylabel: str, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.grid(alpha=0.3)
+
+
+def _figure_class() -> type:
+    """matplotlib's Figure, or a one-line error if matplotlib is missing. Used directly rather than through pyplot:
+    no global state and no window, whatever backend is configured; savefig(format="png") draws it with Agg."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotError("lfpl-plot needs matplotlib: pip install 'llmfoundry-pl[plot]'") from None
+    return Figure
+
+
+def _save(fig, path: Path) -> Path:
+    """Write the PNG whole or not at all (a temp file, then a rename): a half-written image never appears."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+if __name__ == "__main__":
+    main()

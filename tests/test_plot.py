@@ -1,0 +1,86 @@
+"""lfpl-plot on hand-written run and sweep folders laid out as lfpl-train leaves them (no training needed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmfoundry_pl.cli.plot import main, read_metrics
+from tests.conftest import run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(run_dir: Path, lr: float = 1e-3, steps: int = 40, overrides: tuple[str, ...] = ()) -> Path:
+    """A run folder with a metrics.csv shaped like Lightning's CSVLogger output: one header with every column,
+    each row filling only the metrics logged together (learning rates, training, validation, throughput)."""
+    header = ["epoch", "lr-AdamW/pg1", "lr-AdamW/pg2", "step", "train/device/items_per_sec", "train/loss",
+              "val/bpb", "val/loss"]
+    rows = []
+    for step in range(steps):
+        rate = lr * min(1.0, (step + 1) / 10)
+        rows.append(["", rate, rate, step, "", "", "", ""])
+        rows.append([0, "", "", step, "", 6.0 - step * lr * 20, "", ""])
+        if step % 10 == 9:
+            rows.append([0, "", "", step, 8000 + step, "", 4.8 - step * lr * 15, 6.0 - step * lr * 18])
+    (run_dir / "csv").mkdir(parents=True)
+    (run_dir / "csv" / "metrics.csv").write_text("\n".join(",".join(map(str, r)) for r in [header, *rows]) + "\n")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / "final_metrics.json").write_text(json.dumps(
+        {"overrides": list(overrides), "metrics": {"val/loss": 5.0, "val/bpb": 4.0}}))
+    return run_dir
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5_000, path  # a real image, not an empty canvas
+    assert not list(path.parent.glob(".*.tmp")), "a temp file was left behind"
+
+
+def test_plot_run_writes_one_png_per_logged_curve(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "2026-01-01" / "12-00-00")
+    series = read_metrics(run / "csv" / "metrics.csv")
+    assert len(series["train/loss"]) == 40 and len(series["val/loss"]) == 4 and series["val/loss"][0][0] == 9
+
+    main([str(run)])
+    written = sorted(p.name for p in (run / "plots").iterdir())
+    assert written == ["bpb.png", "loss.png", "lr.png", "tokens_per_s.png"]  # no MFU or DPO columns: no such PNG
+    for png in (run / "plots").iterdir():
+        assert_png(png)
+
+
+def test_plot_sweep_compares_the_jobs(tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun"
+    for job, lr in enumerate((1e-3, 3e-3)):
+        fake_run(sweep / str(job), lr=lr, overrides=("hardware=cpu", f"optim.lr={lr}"))
+    (sweep / "2" / ".hydra").mkdir(parents=True)  # a job that failed before logging anything
+
+    proc = run_cli("plot", str(sweep), cwd=tmp_path, timeout=120)  # as a user runs it
+    assert proc.stdout.split() == [str(sweep / "plots" / "sweep.png")]
+    assert_png(sweep / "plots" / "sweep.png")
+
+
+def test_plot_errors_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (tmp_path / "missing", empty):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(folder)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and str(folder) in err
+
+    run = tmp_path / "run"
+    (run / "csv").mkdir(parents=True)
+    (run / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n")  # started, nothing logged yet
+    with pytest.raises(SystemExit):
+        main([str(run)])
+    assert "has no metrics yet" in capsys.readouterr().err
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
+    with pytest.raises(SystemExit):
+        main([str(fake_run(tmp_path / "other"))])
+    assert "pip install 'llmfoundry-pl[plot]'" in capsys.readouterr().err
