@@ -473,6 +473,34 @@ class ExportConfig:
             raise ConfigError("verify=true checks a format=hf export with transformers; drop it for format=safetensors")
 
 
+@dataclass
+class ServeConfig:
+    """Root schema of ``lfpl-serve`` (conf/serve.yaml): the OpenAI-compatible server."""
+
+    ckpt_path: str = field(default=MISSING, metadata=_help(f"Model to serve: {MODEL_PATH_HELP}"))
+    model_name: str | None = field(
+        default=None, metadata=_help("The model's name in the API (the request's model field); null: the path's name.")
+    )
+    host: str = field(default="127.0.0.1", metadata=_help("Address to bind; 0.0.0.0 opens it to the network."))
+    port: int = field(default=8000, metadata=_help("TCP port."))
+    max_batch: int = field(default=16, metadata=_help("Requests decoded together (KV-cache slots)."))
+    queue_limit: int = field(default=64, metadata=_help("Requests allowed to wait for a slot; beyond: 429."))
+    request_timeout_s: float = field(default=120.0, metadata=_help("A generation is cut (finish_reason length) "
+                                                                   "after this many seconds."))
+    default_max_tokens: int = field(default=128, metadata=_help("max_tokens when a request gives none."))
+    api_key: str | None = field(
+        default=None, metadata=_help("Require 'Authorization: Bearer <api_key>' on /v1/ (or set LFPL_API_KEY).")
+    )
+    max_body_bytes: int = field(default=1_000_000, metadata=_help("Larger request bodies get 413."))
+    cors_origins: list[str] = field(default_factory=list, metadata=_help("Origins allowed by CORS; none by default."))
+    device: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "queue_limit", "default_max_tokens", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be 1 or more")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Schemas of Lightning's classes, derived from their signatures
 # --------------------------------------------------------------------------------------------------------------
@@ -533,6 +561,7 @@ def register_configs() -> None:
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="bench_schema", node=BenchConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
     cs.store(group="schema", name="data_text", node=DataConfig)
     cs.store(group="schema", name="data_chat", node=ChatDataConfig)
 

@@ -91,7 +91,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCacheLayer | None = None,
-        start_pos: int = 0, mask: torch.Tensor | None = None,
+        start_pos: int | torch.Tensor = 0, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``mask`` None is plain causal attention (training, a prompt from position 0); generation passes which
         cached key slots each new query may see (see :func:`attention_mask`)."""
@@ -152,10 +152,21 @@ def packed_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, 
     return index - example_start, (same_example & causal)[:, None]
 
 
+def row_positions_and_mask(start_pos: torch.Tensor, T: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) and mask (B, 1, T, end) when row b holds its own sequence, continuing at start_pos[b]: its
+    queries see its slots up to their own position, and none of the slots beyond (left from a longer sequence that
+    used the row before, or not yet written)."""
+    positions = start_pos[:, None] + torch.arange(T, device=start_pos.device)  # (B, T)
+    keys = torch.arange(end, device=start_pos.device)  # (S,)
+    return positions, (keys[None, None, :] <= positions[:, :, None])[:, None]
+
+
 class KVCacheLayer(Protocol):
     """What attention needs from a KV cache (see llmfoundry_pl/inference/kv_cache.py)."""
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def update(
+        self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _use_flash_attn(q: torch.Tensor) -> bool:
@@ -190,7 +201,7 @@ class TransformerBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCacheLayer | None = None,
-        start_pos: int = 0, mask: torch.Tensor | None = None,
+        start_pos: int | torch.Tensor = 0, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos, mask))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
@@ -231,7 +242,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(
-        self, tokens: torch.Tensor, kv_cache: list[KVCacheLayer] | None = None, start_pos: int = 0,
+        self, tokens: torch.Tensor, kv_cache: list[KVCacheLayer] | None = None, start_pos: int | torch.Tensor = 0,
         left_pad: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for ``tokens`` (B, T).
@@ -241,17 +252,22 @@ class Transformer(nn.Module):
         different lengths: row b starts with that many padding slots, which nobody attends to, and its positions
         count from its first real token — so each row computes exactly what it would alone.
 
+        For continuous batching, ``start_pos`` may be a (B,) tensor: row b is a sequence of its own that continues at
+        slot start_pos[b] of its cache row and attends to its own slots 0 .. start_pos[b] + T - 1 only (see
+        :func:`row_positions_and_mask`); sequences of any lengths then share one forward pass.
+
         For training on packed rows, ``segment_ids`` (B, T) numbers the examples packed side by side in each row:
         a token attends only to earlier tokens of its own example, and positions restart at 0 for each example —
         so each example computes exactly what it would alone (see :func:`packed_positions_and_mask`)."""
         B, T = tokens.shape
-        if start_pos + T > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {start_pos + T} tokens is longer than model.max_seq_len={self.config.max_seq_len}"
-            )
+        end = int(start_pos.max()) + T if isinstance(start_pos, torch.Tensor) else start_pos + T
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens is longer than model.max_seq_len={self.config.max_seq_len}")
         h = self.tok_embeddings(tokens)  # (B, T, D)
         if segment_ids is not None:
             positions, mask = packed_positions_and_mask(segment_ids)
+        elif isinstance(start_pos, torch.Tensor):
+            positions, mask = row_positions_and_mask(start_pos, T, end)
         elif left_pad is not None:  # each row's own positions: slot minus its padding
             positions = (torch.arange(start_pos, start_pos + T, device=tokens.device) - left_pad[:, None]).clamp(min=0)
             mask = attention_mask(T, start_pos, left_pad, tokens.device)

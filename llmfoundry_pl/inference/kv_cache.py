@@ -23,11 +23,23 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the keys/values of positions start_pos .. start_pos+T and return those of 0 .. start_pos+T."""
-        end = start_pos + k.size(1)
+    def update(
+        self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the keys/values of positions start_pos .. start_pos+T and return those of 0 .. start_pos+T.
+
+        With a (B,) tensor ``start_pos`` (continuous batching), row b stores at its own start_pos[b]; the B rows
+        are the cache's first B, and the slots returned run to the furthest row's end (the attention mask hides,
+        for each row, the slots past its own)."""
+        B, T = k.shape[:2]
+        end = int(start_pos.max()) + T if isinstance(start_pos, torch.Tensor) else start_pos + T
         if end > self.k.size(1):
             raise ValueError(f"the KV cache holds {self.k.size(1)} positions; position {end - 1} does not fit")
+        if isinstance(start_pos, torch.Tensor):
+            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+            slots = start_pos[:, None] + torch.arange(T, device=k.device)  # (B, T)
+            self.k[rows, slots], self.v[rows, slots] = k, v
+            return self.k[:B, :end], self.v[:B, :end]
         self.k[:, start_pos:end] = k
         self.v[:, start_pos:end] = v
         return self.k[:, :end], self.v[:, :end]

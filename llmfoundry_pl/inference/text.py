@@ -59,29 +59,50 @@ def stream_text(
     :func:`encode_prompt`). Takes the sampling options of :func:`~llmfoundry_pl.inference.generate.generate_steps`;
     with a ``draft_model`` (same tokenizer), tokens come from speculative decoding (and ``draft_tokens``, ``stats``
     of :func:`~llmfoundry_pl.inference.speculative.speculative_stream` apply)."""
-    streamer, emitted, held = TextStreamer(tokenizer), "", ""
     prompt_ids, end_id = encode_prompt(tokenizer, prompt, chat)
     if draft_model is None:
         ids = generate_stream(model, prompt_ids, max_new_tokens, eos_id=end_id, **kwargs)
     else:
         ids = speculative_stream(model, draft_model, prompt_ids, max_new_tokens, eos_id=end_id, **kwargs)
+    text = StopStringStreamer(tokenizer, stop)
     for token_id in ids:
-        text = emitted + held + streamer.push(token_id)
-        cut = _first_stop(text, stop)
-        if cut is not None:
+        if delta := text.push(token_id):
+            yield delta
+        if text.stopped:
             ids.close()  # stop generating
-            break
-        # Hold back a tail that may be the start of a stop string, until the next tokens tell.
-        keep = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        held = text[len(text) - keep :]
-        if out := text[len(emitted) : len(text) - keep]:
-            yield out
-            emitted += out
-    else:
-        text = emitted + held + streamer.flush()
-        cut = _first_stop(text, stop)
-    if tail := text[len(emitted) : cut]:
+            return
+    if tail := text.finish():
         yield tail
+
+
+class StopStringStreamer:
+    """A :class:`TextStreamer` that also ends just before the first of the ``stop`` strings: it holds back a tail
+    of text that may be the start of a stop string until the next tokens tell. ``push`` returns the next delta
+    (possibly empty) and sets ``stopped`` once a stop string is complete; ``finish`` returns what is left."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.streamer, self.stop = TextStreamer(tokenizer), list(stop)
+        self.text, self.emitted, self.stopped = "", 0, False  # text decoded so far; how much of it went out
+
+    def push(self, token_id: int) -> str:
+        self.text += self.streamer.push(token_id)
+        cut = _first_stop(self.text, self.stop)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(cut)
+        keep = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._emit(len(self.text) - keep)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self.text += self.streamer.flush()
+        cut = _first_stop(self.text, self.stop)
+        return self._emit(len(self.text) if cut is None else cut)
+
+    def _emit(self, upto: int) -> str:
+        delta, self.emitted = self.text[self.emitted : upto], max(self.emitted, upto)
+        return delta
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:

@@ -1,0 +1,62 @@
+"""``lfpl-serve``: an OpenAI-compatible server with continuous batching over a trained model.
+
+    lfpl-serve ckpt_path=outputs/.../last.ckpt                    # http://127.0.0.1:8000 (the playground at /)
+    lfpl-serve ckpt_path=my-export/ max_batch=32 port=9000 api_key=secret
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x")
+    client.completions.create(model="...", prompt="ROMEO:", max_tokens=50)   # the model's name: GET /v1/models
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, to_dataclass, user_errors
+from llmfoundry_pl.cli.generate import pick_device
+from llmfoundry_pl.config import ConfigError, ServeConfig, register_configs
+
+
+def serve(node: DictConfig) -> None:
+    cfg = to_dataclass(node, ServeConfig)
+    try:
+        import uvicorn
+
+        from llmfoundry_pl.serve.app import create_app
+        from llmfoundry_pl.serve.engine import Engine
+    except ImportError as e:
+        raise ConfigError(f"lfpl-serve needs {e.name}: pip install 'llmfoundry-pl[serve]'") from None
+    model, tokenizer, source = load_model(cfg.ckpt_path)
+    model = model.to(pick_device(cfg.device))
+    name = cfg.model_name or _default_name(source.path)
+    engine = Engine(model, tokenizer, max_batch=cfg.max_batch, queue_limit=cfg.queue_limit)
+    print(f"serving {source} as model {name!r} on http://{cfg.host}:{cfg.port} (playground at /)", flush=True)
+    uvicorn.run(create_app(engine, cfg, name), host=cfg.host, port=cfg.port, log_level="warning")
+
+
+def _default_name(path: str) -> str:
+    """The model's API name when none is given: a folder's name, or for a checkpoint its run folder's name and its
+    own (``outputs/2026-11-23/01-30-00/checkpoints/last.ckpt`` → ``01-30-00-last``)."""
+    p = Path(path)
+    if p.suffix != ".ckpt":
+        return p.name
+    run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    return f"{run.name}-{p.stem}"
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="serve")
+def _hydra_main(cfg: DictConfig) -> None:
+    with user_errors():
+        serve(cfg)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

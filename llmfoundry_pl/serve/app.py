@@ -1,0 +1,272 @@
+"""The OpenAI-compatible HTTP API over the continuous-batching engine, with FastAPI.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the project's one chat template),
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text) and the playground page at ``/``.
+Responses follow OpenAI's shapes (``choices``, ``usage``, ``finish_reason``); with ``"stream": true`` they are
+server-sent events of OpenAI's chunk objects, ending with ``data: [DONE]`` — so the official ``openai`` client works
+unchanged (the tests use it). Mistakes get a 4xx with OpenAI's error object naming the field, never a 500.
+
+Why FastAPI rather than LitServe: LitServe batches requests that arrive together and runs each batch to the end;
+continuous batching needs one loop that owns the model across requests (``engine.py``), and FastAPI lets each
+request simply wait on its own queue of events from that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from llmfoundry_pl.chat import ChatFormat
+from llmfoundry_pl.config import ConfigError, ServeConfig
+from llmfoundry_pl.serve.engine import Engine, QueueFull, SamplingParams
+from llmfoundry_pl.serve.engine import Request as EngineRequest
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Request bodies (pydantic checks types; the error handler names the field)
+# ------------------------------------------------------------------------------------------------------------------
+class _Sampling(BaseModel):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: Literal[1] = 1  # one choice per request
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class APIError(Exception):
+    """A request the server refuses: HTTP status, OpenAI error type, message and the offending field."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+def _error(status: int, message: str, param: str | None, kind: str, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The app
+# ------------------------------------------------------------------------------------------------------------------
+def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
+    """The server for ``engine`` (started and stopped with the app) under the name ``model_name``."""
+    chat = ChatFormat(engine.tokenizer) if _has_chat_tokens(engine) else None
+    context = engine.model.config.max_seq_len
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:  # the engine's thread lives as long as the server
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="llmfoundry-pl", docs_url=None, redoc_url=None, lifespan=lifespan)
+    if cfg.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """Body size limit and API key, before any parsing."""
+        if int(request.headers.get("content-length") or 0) > cfg.max_body_bytes:
+            return _error(413, f"request body larger than {cfg.max_body_bytes} bytes", None, "invalid_request_error")
+        if cfg.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):  # constant time
+                return _error(401, "invalid or missing API key (Authorization: Bearer ...)", None,
+                              "authentication_error")
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return _error(e.status, e.message, e.param, e.kind, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            return _error(400, "the body is not valid JSON", None, "invalid_request_error")
+        # loc is ("body", field, ...); a union field adds the member type it tried ("str", "list[str]"): not a field
+        path = [p for p in first["loc"][1:] if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_NAMES)]
+        field = ".".join(map(str, path)) or None
+        return _error(400, f"{field}: {first['msg']}", field, "invalid_request_error")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "llmfoundry-pl"}]}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> str:
+        lines = [
+            ("lfpl_requests_total", "counter", "Requests accepted.", engine.requests_total),
+            ("lfpl_generated_tokens_total", "counter", "Tokens generated.", engine.tokens_total),
+            ("lfpl_tokens_per_second", "gauge", "Tokens generated per second, last 10 s.", engine.tokens_per_second),
+            ("lfpl_queue_depth", "gauge", "Requests waiting for a slot.", len(engine.waiting)),
+            ("lfpl_running_batch_size", "gauge", "Requests being decoded together.", len(engine.running)),
+        ]
+        return "".join(f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}\n" for n, t, h, v in lines)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground() -> str:
+        return resources.files("llmfoundry_pl.serve").joinpath("playground.html").read_text(encoding="utf-8")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompt = body.prompt if isinstance(body.prompt, str) else _single(body.prompt)
+        ids = engine.tokenizer.encode(prompt, bos=True)
+        return await _generate(body, request, ids, engine.tokenizer.eos_id, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        if chat is None:
+            raise APIError(400, "this model's tokenizer has no chat tokens; use /v1/completions", "messages")
+        ids = chat.prompt_ids([m.model_dump() for m in body.messages])
+        return await _generate(body, request, ids, chat.end_id, chat=True)
+
+    async def _generate(body: _Sampling, http: Request, prompt_ids: list[int], end_id: int, chat: bool):
+        if body.model != model_name:
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}", "model",
+                           "not_found_error")
+        max_tokens = body.max_tokens or cfg.default_max_tokens
+        if len(prompt_ids) + max_tokens > context:
+            param = "max_tokens" if len(prompt_ids) < context else ("messages" if chat else "prompt")
+            raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceed the "
+                                f"model's context of {context} tokens", param)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
+                                top_p=None if body.top_p >= 1.0 else body.top_p, stop=stop, seed=body.seed,
+                                timeout_s=cfg.request_timeout_s)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        request = EngineRequest(prompt_ids, params, end_id, engine.tokenizer,
+                                lambda delta, reason: loop.call_soon_threadsafe(events.put_nowait, (delta, reason)))
+        try:
+            engine.submit(request)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy ({e}); retry shortly", None, "rate_limit_error",
+                           {"Retry-After": "1"}) from None
+        except ConfigError as e:
+            raise APIError(400, str(e), None) from None
+        response = _Response(chat, model_name, len(prompt_ids))
+        if body.stream:
+            return StreamingResponse(_sse(response, request, events, http), media_type="text/event-stream")
+        try:
+            text, reason = "", None
+            while reason is None:
+                delta, reason = await events.get()
+                text += delta
+        except asyncio.CancelledError:  # the client went away
+            engine.cancel(request)
+            raise
+        return response.whole(text, reason, len(request.output_ids))
+
+    async def _sse(response: _Response, request: EngineRequest, events: asyncio.Queue, http: Request
+                   ) -> AsyncIterator[str]:
+        """Server-sent events; a client that disconnects cancels its request (its slot frees at the next step)."""
+        try:
+            if response.chat:
+                yield _event(response.chunk({"role": "assistant", "content": ""}, None))
+            reason = None
+            while reason is None:
+                delta, reason = await events.get()
+                if delta:
+                    yield _event(response.chunk(delta, None))
+            yield _event(response.chunk("", reason, usage=len(request.output_ids)))
+            yield "data: [DONE]\n\n"
+        finally:
+            if request.finish_reason is None:
+                engine.cancel(request)
+
+    return app
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _single(prompts: list[str]) -> str:
+    if len(prompts) != 1:
+        raise APIError(400, "prompt must be one string (batches of prompts are not supported)", "prompt")
+    return prompts[0]
+
+
+def _has_chat_tokens(engine: Engine) -> bool:
+    try:
+        ChatFormat(engine.tokenizer)
+        return True
+    except ConfigError:
+        return False
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _Response:
+    """OpenAI's response and chunk objects for one request."""
+
+    def __init__(self, chat: bool, model: str, prompt_tokens: int) -> None:
+        self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def _usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def _head(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def whole(self, text: str, reason: str, completion_tokens: int) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": self._usage(completion_tokens)}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        return {**self._head("text_completion"), "choices": [choice], "usage": self._usage(completion_tokens)}
+
+    def chunk(self, delta: str | dict, reason: str | None, usage: int | None = None) -> dict:
+        if self.chat:
+            content = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
+            body = {**self._head("chat.completion.chunk"),
+                    "choices": [{"index": 0, "delta": content, "finish_reason": reason}]}
+        else:
+            body = {**self._head("text_completion"),
+                    "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}]}
+        if usage is not None:
+            body["usage"] = self._usage(usage)
+        return body

@@ -1,0 +1,286 @@
+"""Serving: the continuous-batching engine against solo generation, and lfpl-serve as a real server process driven
+by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmfoundry_pl.config import ModelConfig
+from llmfoundry_pl.data.corpus import bundled_corpus_dir
+from llmfoundry_pl.inference import generate_stream
+from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.serve.engine import Engine, QueueFull, Request, SamplingParams
+from llmfoundry_pl.tokenizer import Tokenizer, train_tokenizer
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    lines = (bundled_corpus_dir() / "tempest_gut.txt").read_text().splitlines()
+    return train_tokenizer([line for line in lines if line], vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                   max_seq_len=96)).eval()
+
+
+def solo(model, tokenizer, prompt: str, max_tokens: int) -> list[int]:
+    """Greedy tokens of one prompt generated alone, ending at end-of-text as the server's completions do."""
+    return list(generate_stream(model, tokenizer.encode(prompt, bos=True), max_tokens, eos_id=tokenizer.eos_id,
+                                temperature=0))
+
+
+def run_engine(engine: Engine, arrivals: dict[int, list[Request]], steps: int) -> None:
+    """Drive the engine by hand: before step s, submit arrivals[s]."""
+    for s in range(steps):
+        for request in arrivals.get(s, []):
+            engine.submit(request)
+        engine.step()
+
+
+def make_request(tokenizer, prompt: str, events: list | None = None, **params) -> Request:
+    events = [] if events is None else events
+    return Request(tokenizer.encode(prompt, bos=True), SamplingParams(**params), tokenizer.eos_id, tokenizer,
+                   lambda delta, reason: events.append((delta, reason)))
+
+
+PROMPTS = ["ROMEO:", "Hello there my friend, ", "A", "To be or not to be, that is", "Full fathom five", "Ariel"]
+
+
+def test_engine_greedy_outputs_equal_solo_generation_under_interleaved_arrivals(model, tokenizer):
+    alone = [solo(model, tokenizer, p, 12) for p in PROMPTS]
+    requests = [make_request(tokenizer, p, max_tokens=12, temperature=0) for p in PROMPTS]
+    # 3 slots for 6 requests arriving at different steps: some wait, rows are freed and reused mid-flight.
+    engine = Engine(model, tokenizer, max_batch=3, queue_limit=8)
+    run_engine(engine, {0: requests[:1], 2: requests[1:3], 5: requests[3:]}, steps=60)
+    assert [r.output_ids for r in requests] == alone
+    assert [r.finish_reason for r in requests] == ["length" if len(a) == 12 else "stop" for a in alone]
+    assert not engine.running and not engine.waiting
+
+
+def test_engine_seeded_sampling_does_not_depend_on_the_batch(model, tokenizer):
+    def sampled(batch_mates: int) -> list[int]:
+        engine = Engine(model, tokenizer, max_batch=4)
+        mine = make_request(tokenizer, "ROMEO:", max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+        others = [make_request(tokenizer, p, max_tokens=10, temperature=1.0, seed=i) for i, p in
+                  enumerate(PROMPTS[1 : 1 + batch_mates])]
+        run_engine(engine, {0: others, 1: [mine]}, steps=30)
+        return mine.output_ids
+
+    assert sampled(0) == sampled(3)
+
+
+def test_engine_stop_strings_timeouts_cancellation_and_queue_limit(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, queue_limit=2)
+    free = make_request(tokenizer, "ROMEO:", max_tokens=20, temperature=0)
+    run_engine(engine, {0: [free]}, steps=25)
+    text = tokenizer.decode(free.output_ids)
+    stop = text[5:7]  # a stop string that occurs in the greedy text
+    events = []
+    stopped = make_request(tokenizer, "ROMEO:", events, max_tokens=20, temperature=0, stop=[stop])
+    late = make_request(tokenizer, "ROMEO:", max_tokens=20, temperature=0, timeout_s=0.0)
+    run_engine(engine, {0: [stopped, late]}, steps=25)
+    assert "".join(d for d, _ in events) == text[: text.index(stop)] and events[-1][1] == "stop"
+    assert late.finish_reason == "length" and len(late.output_ids) == 1  # cut at its deadline
+
+    cancelled = make_request(tokenizer, "ROMEO:", max_tokens=50, temperature=0)
+    run_engine(engine, {0: [cancelled]}, steps=3)
+    assert engine.running == [cancelled]
+    engine.cancel(cancelled)
+    engine.step()
+    assert not engine.running and cancelled.finish_reason is None  # its slot is free; nothing more is sent
+
+    engine.submit(make_request(tokenizer, "A", max_tokens=1))
+    engine.submit(make_request(tokenizer, "B", max_tokens=1))
+    with pytest.raises(QueueFull):
+        engine.submit(make_request(tokenizer, "C", max_tokens=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lfpl-serve as users run it
+# ----------------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model, tokenizer):
+    from llmfoundry_pl.interop import save_safetensors
+
+    folder = tmp_path_factory.mktemp("serve") / "tiny-chat"
+    save_safetensors(model, tokenizer, folder)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmfoundry_pl.serve", f"ckpt_path={folder}", f"port={port}", f"api_key={API_KEY}",
+         "max_batch=4", "queue_limit=16", "max_body_bytes=4000", "device=cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=1)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read()) from None
+            time.sleep(0.2)
+    yield base, folder.name
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def client(base: str):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0)
+
+
+def post(base: str, path: str, body: bytes | dict, key: str | None = API_KEY) -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{base}{path}", data, headers), timeout=30) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def test_openai_client_completions_chat_streaming_and_models(server, model, tokenizer):
+    base, name = server
+    c = client(base)
+    assert [m.id for m in c.models.list().data] == [name]
+    tokens = solo(model, tokenizer, "ROMEO:", 10)
+    expected, reason = tokenizer.decode(tokens), "length" if len(tokens) == 10 else "stop"
+    done = c.completions.create(model=name, prompt="ROMEO:", max_tokens=10, temperature=0)
+    assert done.choices[0].text == expected and done.choices[0].finish_reason == reason
+    assert done.usage.completion_tokens == len(tokens)
+    assert done.usage.prompt_tokens == len(tokenizer.encode("ROMEO:", bos=True))
+    chunks = list(c.completions.create(model=name, prompt="ROMEO:", max_tokens=10, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == expected and chunks[-1].choices[0].finish_reason == reason
+
+    messages = [{"role": "user", "content": "Which play is this passage from?"}]
+    reply = c.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+    streamed = list(c.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0,
+                                              stream=True))
+    assert streamed[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.object == "chat.completion"
+
+
+def test_concurrent_greedy_requests_get_their_solo_outputs(server, model, tokenizer):
+    base, name = server
+    c = client(base)
+    prompts = PROMPTS * 2  # 12 clients on 4 slots: the rest wait in the queue
+    alone = [tokenizer.decode(solo(model, tokenizer, p, 16)) for p in prompts]
+    results: list[str | None] = [None] * len(prompts)
+
+    def ask(i: int) -> None:
+        stream = c.completions.create(model=name, prompt=prompts[i], max_tokens=16, temperature=0, stream=True)
+        results[i] = "".join(ch.choices[0].text for ch in stream)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for i, t in enumerate(threads):
+        t.start()
+        time.sleep(0.01 * (i % 3))  # staggered arrivals
+    for t in threads:
+        t.join(timeout=120)
+    assert results == alone
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", {"model": "M"}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": "M", "prompt": "hi"}, 400, "messages"),
+    ("/v1/completions", {"model": "M", "prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 500}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": "M", "prompt": "hi " * 200}, 400, "prompt"),
+    ("/v1/completions", {"model": "other", "prompt": "hi"}, 404, "model"),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"content": "hi"}]}, 400, "messages.0.role"),
+])
+def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, status, param):
+    base, name = server
+    if isinstance(body, dict) and body.get("model") == "M":
+        body = {**body, "model": name}
+    code, error, _ = post(base, path, body)
+    assert code == status and error["error"]["param"] == param and error["error"]["message"]
+    assert urllib.request.urlopen(f"{base}/health").status == 200  # still serving
+
+
+def test_api_key_body_limit_metrics_and_playground(server):
+    base, name = server
+    code, error, _ = post(base, "/v1/completions", {"model": name, "prompt": "hi"}, key=None)
+    assert code == 401 and error["error"]["type"] == "authentication_error"
+    code, _, _ = post(base, "/v1/completions", {"model": name, "prompt": "hi"}, key="wrong")
+    assert code == 401
+    code, error, _ = post(base, "/v1/completions", {"model": name, "prompt": "x" * 5000})  # limit: 4000 bytes
+    assert code == 413
+    metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+    for metric in ("lfpl_requests_total", "lfpl_generated_tokens_total", "lfpl_tokens_per_second",
+                   "lfpl_queue_depth", "lfpl_running_batch_size"):
+        assert f"\n{metric} " in metrics
+    page = urllib.request.urlopen(f"{base}/").read().decode()
+    assert "/v1/chat/completions" in page and "<script>" in page
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    base, name = server
+    body = json.dumps({"model": name, "prompt": "ROMEO:", "max_tokens": 80, "temperature": 0, "stream": True})
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    response = urllib.request.urlopen(urllib.request.Request(f"{base}/v1/completions", body.encode(), headers))
+    assert response.readline().startswith(b"data: ")
+    response.close()  # hang up mid-stream
+
+    def running() -> int:
+        text = urllib.request.urlopen(f"{base}/metrics").read().decode()
+        return int(float(text.split("\nlfpl_running_batch_size ")[1].split()[0]))
+
+    deadline = time.monotonic() + 20
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running() == 0
+
+
+def test_queue_full_is_429_with_retry_after(model, tokenizer):
+    from fastapi.testclient import TestClient
+
+    from llmfoundry_pl.config import ServeConfig
+    from llmfoundry_pl.serve.app import create_app
+
+    engine = Engine(model, tokenizer, max_batch=1, queue_limit=1)
+
+    def full(request):
+        raise QueueFull("1 requests are already waiting")
+
+    engine.submit = full
+    with TestClient(create_app(engine, ServeConfig(ckpt_path="x"), "m")) as http:
+        response = http.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 4})
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_serve_cli_mistakes_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "llmfoundry_pl.serve", "ckpt_path=missing.ckpt"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "ckpt_path=missing.ckpt does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr and Path(tmp_path).exists()
