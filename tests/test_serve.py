@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -241,6 +242,34 @@ def test_api_key_body_limit_metrics_and_playground(server):
         assert f"\n{metric} " in metrics
     page = urllib.request.urlopen(f"{base}/").read().decode()
     assert "/v1/chat/completions" in page and "<script>" in page
+
+
+def test_playground_streams_a_reply_in_a_real_browser(server, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("needs a Chromium browser (Debian: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    base, name = server
+    question = "Which play is this passage from?"
+    expected = client(base).chat.completions.create(model=name, messages=[{"role": "user", "content": question}],
+                                                    max_tokens=12, temperature=0).choices[0].message.content
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"{base}/")
+        page.fill("#key", API_KEY)
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "12")
+        page.fill("#prompt", question)
+        page.click("#send")
+        page.wait_for_function("document.getElementById('stop').disabled === false")  # streaming has begun
+        page.wait_for_function("document.getElementById('send').disabled === false", timeout=60_000)  # and ended
+        page.screenshot(path=str(tmp_path / "playground.png"))
+        reply = page.text_content("#log .assistant")
+        model_shown = page.text_content("#model")
+        browser.close()
+    assert reply == f"model: {expected}" and model_shown == name
+    assert (tmp_path / "playground.png").stat().st_size > 1000
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
