@@ -1,7 +1,8 @@
 """How much continuous batching buys: the same load against lfpl-serve with 16 slots and with 1 slot.
 
     python recipes/benchmark_serve.py                       # tiny preset, random weights: ~2 min on a 2-core CPU
-    python recipes/benchmark_serve.py --ckpt outputs/.../last.ckpt --clients 16 --requests 64 --max-tokens 64
+    python recipes/benchmark_serve.py --ckpt outputs/.../last.ckpt --clients 16 --requests 128 --max-tokens 64
+    python recipes/benchmark_serve.py --soak 60 --clients 64     # load test: 5xx, hung requests, memory
 
 Starts the server on loopback (a real ``lfpl-serve`` process), runs ``--clients`` concurrent streaming clients
 (the official ``openai`` client, one thread each) until ``--requests`` requests are done, and prints time to first
@@ -121,6 +122,62 @@ def run_load(base: str, name: str, clients: int, requests: int, max_tokens: int)
             "tokens_per_s": tokens[0] / seconds, "tokens": tokens[0], "seconds": seconds, "failed": failed[0]}
 
 
+def soak(base: str, name: str, clients: int, seconds: float, pid: int) -> dict:
+    """``clients`` threads send requests for ``seconds`` — streaming or not, and one in four hangs up after its
+    first chunk — counting server errors (5xx), other failures and hung requests (no answer within 60 s); the
+    server's resident memory before, right after and 5 s after the load."""
+    import random
+
+    from openai import APIStatusError, APITimeoutError, OpenAI
+
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+    counts = {"requests": 0, "disconnects": 0, "errors_5xx": 0, "errors_4xx": 0, "hung": 0, "other": 0}
+    lock, deadline = threading.Lock(), time.monotonic() + seconds
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        while time.monotonic() < deadline:
+            outcome = "requests"
+            try:
+                kwargs = dict(model=name, prompt="ROMEO:", max_tokens=rng.randint(1, 48), temperature=0.8)
+                if rng.random() < 0.5:
+                    client.completions.create(**kwargs)
+                else:
+                    hang_up = rng.random() < 0.25
+                    stream = client.completions.create(**kwargs, stream=True)
+                    for _ in stream:
+                        if hang_up:
+                            stream.close()  # hang up after the first chunk
+                            outcome = "disconnects"
+                            break
+            except APIStatusError as e:
+                outcome = "errors_5xx" if e.status_code >= 500 else "errors_4xx"
+            except APITimeoutError:
+                outcome = "hung"
+            except Exception:  # noqa: BLE001 - counted, not raised
+                outcome = "other"
+            with lock:
+                counts[outcome] += 1
+
+    rss = [_rss_mib(pid)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rss.append(_rss_mib(pid))
+    time.sleep(5)
+    rss.append(_rss_mib(pid))
+    return {**counts, "rss_before_mib": rss[0], "rss_after_mib": rss[1], "rss_idle_mib": rss[2]}
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure(model: str, max_batch: int, args: argparse.Namespace) -> dict:
     proc, base, name = start_server(model, max_batch, queue_limit=max(64, args.clients))
     try:
@@ -137,9 +194,20 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--soak", type=float, metavar="SECONDS",
+                        help="instead: a load test of --clients clients for SECONDS (errors, hangs, memory)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.ckpt or str(tiny_model_folder(Path(tmp)))
+        if args.soak:
+            proc, base, name = start_server(model, max_batch=16, queue_limit=max(64, args.clients))
+            try:
+                result = soak(base, name, args.clients, args.soak, proc.pid)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+            print(json.dumps({"clients": args.clients, "seconds": args.soak, **result}))
+            return
         batched = measure(model, max_batch=args.clients, args=args)
         one_at_a_time = measure(model, max_batch=1, args=args)
     for label, r in (("continuous batching", batched), ("one at a time", one_at_a_time)):
