@@ -267,8 +267,9 @@ def test_playground_streams_a_reply_in_a_real_browser(server, tmp_path):
         page.screenshot(path=str(tmp_path / "playground.png"))
         reply = page.text_content("#log .assistant")
         model_shown = page.text_content("#model")
+        server_shown = page.text_content("#server")
         browser.close()
-    assert reply == f"model: {expected}" and model_shown == name
+    assert reply == f"model: {expected}" and model_shown == name and "context 96 tokens" in server_shown
     assert (tmp_path / "playground.png").stat().st_size > 1000
 
 

@@ -125,7 +125,9 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok"}
+        """Liveness, and what the playground shows about the server."""
+        return {"status": "ok", "model": model_name, "context": context, "max_batch": engine.max_batch,
+                "running": len(engine.running), "waiting": len(engine.waiting), "chat": chat is not None}
 
     @app.get("/v1/models")
     async def models() -> dict:
