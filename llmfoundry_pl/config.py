@@ -323,16 +323,27 @@ MODEL_PATH_HELP = "a Lightning .ckpt (or last), a folder written by lfpl-export,
 class TrainConfig:
     """Root schema of ``lfpl-train`` (conf/train.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(
+        default_factory=ModelConfig, metadata=_help("The model's shape (model=tiny|small|base).")
+    )
     # DataConfig (data=text) or ChatDataConfig (data=sft, data=preference): each data file names its schema.
-    data: Any = MISSING
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: Any = field(
+        default=MISSING,
+        metadata=_help("The data: DataConfig for data=text, ChatDataConfig for data=sft and data=preference."),
+    )
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata=_help("AdamW settings (optim=adamw)."))
+    scheduler: SchedulerConfig = field(
+        default_factory=SchedulerConfig, metadata=_help("Learning-rate warmup and decay (scheduler=cosine|constant).")
+    )
     # Lightning objects: typed by the schemas that register_configs() derives from their signatures.
-    trainer: Any = MISSING
-    callbacks: Any = None
-    logger: Any = None
-    paths: PathsConfig = field(default_factory=PathsConfig)
+    trainer: Any = field(
+        default=MISSING, metadata=_help("Lightning Trainer arguments under their Lightning names (trainer=default).")
+    )
+    callbacks: Any = field(
+        default=None, metadata=_help("Lightning callbacks by name, each with its own arguments; null disables one.")
+    )
+    logger: Any = field(default=None, metadata=_help("Where metrics are logged (logger=csv|tensorboard)."))
+    paths: PathsConfig = field(default_factory=PathsConfig, metadata=_help("Run directory and caches."))
     seed: int = field(default=1337, metadata=_help("Global seed (model init, data windows, samples)."))
     ckpt_path: str | None = field(
         default=None,
@@ -342,8 +353,8 @@ class TrainConfig:
         default=None,
         metadata=_help(f"Start from these weights (fine-tuning), with a fresh optimizer: {MODEL_PATH_HELP}"),
     )
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata=_help("LoRA adapters for fine-tuning."))
+    dpo: DPOConfig = field(default_factory=DPOConfig, metadata=_help("DPO settings, used with data=preference."))
     initial_validation: bool = field(
         default=False, metadata=_help("Validate once before training, to log where fine-tuning starts from (step 0).")
     )
@@ -372,7 +383,7 @@ class BenchSettings:
 class BenchConfig(TrainConfig):
     """Root schema of ``lfpl-bench`` (conf/bench.yaml): the training config plus ``bench.*``."""
 
-    bench: BenchSettings = field(default_factory=BenchSettings)
+    bench: BenchSettings = field(default_factory=BenchSettings, metadata=_help("What lfpl-bench measures."))
 
 
 
@@ -400,7 +411,7 @@ class EvalConfig:
     """Root schema of ``lfpl-eval`` (conf/eval.yaml)."""
 
     ckpt_path: str = field(default=MISSING, metadata=_help(f"Model to evaluate: {MODEL_PATH_HELP}"))
-    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig, metadata=_help("The text to score."))
     task: str | None = field(
         default=None,
         metadata=_help("null: loss / perplexity / bits per byte on text (data.*); demo: accuracy on the held-out "
