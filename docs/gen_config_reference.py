@@ -27,7 +27,7 @@ CONF = ROOT / "conf"
 
 # (schema, where its keys live, one line on when it applies). Order = order on the page.
 SCHEMAS: list[tuple[type, str, str]] = [
-    (C.TrainConfig, "lfpl-train (top level)", "The root of `lfpl-train` (conf/train.yaml); its groups follow."),
+    (C.TrainConfig, "lfpl-train (top level)", "Its sub-configs are the sections below."),
     (C.ModelConfig, "model.*", "Every `model=` preset (conf/model/*.yaml) fills this schema."),
     (C.DataConfig, "data.*", "`data=text` (the default): plain text tokenized with a SentencePiece model."),
     (C.ChatDataConfig, "data.*", "`data=sft` and `data=preference`: JSONL fine-tuning data."),
@@ -36,14 +36,13 @@ SCHEMAS: list[tuple[type, str, str]] = [
     (C.OptimConfig, "optim.*", "The optimizer (`optim=adamw`)."),
     (C.SchedulerConfig, "scheduler.*", "The learning-rate schedule (`scheduler=cosine` or `constant`)."),
     (C.PathsConfig, "paths.*", "Where runs and caches go (`paths=default`)."),
-    (C.BenchConfig, "lfpl-bench (top level)", "The root of `lfpl-bench` (conf/bench.yaml): `lfpl-train`'s "
-                                              "config plus the field below."),
+    (C.BenchConfig, "lfpl-bench (top level)", "`lfpl-train`'s config plus the field below."),
     (C.BenchSettings, "bench.*", "What `lfpl-bench` measures."),
-    (C.EvalConfig, "lfpl-eval (top level)", "The root of `lfpl-eval` (conf/eval.yaml)."),
+    (C.EvalConfig, "lfpl-eval (top level)", ""),
     (C.EvalDataConfig, "lfpl-eval data.*", "The text `lfpl-eval` scores."),
-    (C.GenerateConfig, "lfpl-generate (top level)", "The root of `lfpl-generate` (conf/generate.yaml)."),
-    (C.ExportConfig, "lfpl-export (top level)", "The root of `lfpl-export` (conf/export.yaml)."),
-    (C.ServeConfig, "lfpl-serve (top level)", "The root of `lfpl-serve` (conf/serve.yaml)."),
+    (C.GenerateConfig, "lfpl-generate (top level)", ""),
+    (C.ExportConfig, "lfpl-export (top level)", ""),
+    (C.ServeConfig, "lfpl-serve (top level)", ""),
 ]
 
 
@@ -90,13 +89,16 @@ def _cell(text: str) -> str:
 
 def schema_section(schema: type, where: str, intro: str) -> list[str]:
     doc = " ".join((schema.__doc__ or "").strip().split("\n\n")[0].split())
-    lines = [f"## {schema.__name__}", "", f"Keys: `{where}`. {intro}", ""]
+    command, _, rest = where.partition(" (top level)")
+    keys = f"the top level of `{command}`" if _ else f"`{where}`"
+    lines = [f"## {schema.__name__}", "", f"Keys: {keys}. {intro}".rstrip(), ""]
     if doc and not doc.startswith(schema.__name__ + "("):  # dataclasses invent a signature docstring when none
         lines += [_cell(doc), ""]
     lines += ["| field | type | default | help |", "|---|---|---|---|"]
     for f in own_fields(schema):
         ftype = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        lines.append(f"| `{f.name}` | `{_cell(ftype)}` | {field_default(f)} | {_cell(field_help(f))} |")
+        # Inside a code span a pipe does not split the table cell (and an escaped one would show its backslash).
+        lines.append(f"| `{f.name}` | `{ftype}` | {field_default(f)} | {_cell(field_help(f))} |")
     return lines + [""]
 
 
