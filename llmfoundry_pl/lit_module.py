@@ -242,19 +242,13 @@ class LitDPO(LitLlama):
     """
 
     def __init__(
-        self,
-        model: ModelConfig | dict,
-        optim: OptimConfig | dict | None = None,
-        scheduler: SchedulerConfig | dict | None = None,
-        run_config: dict | None = None,
-        network: Transformer | None = None,
-        lora: LoraConfig | dict | None = None,
-        init_from: str | None = None,
-        dpo: DPOConfig | dict | None = None,
+        self, model: ModelConfig | dict, *, network: Transformer | None = None, dpo: DPOConfig | dict | None = None,
+        **kwargs,
     ) -> None:
+        """``dpo``: beta; the other arguments are :class:`LitLlama`'s (by keyword)."""
         network = network if network is not None else Transformer(_as(ModelConfig, model))
-        reference = copy.deepcopy(network).requires_grad_(False).eval()
-        super().__init__(model, optim, scheduler, run_config, network, lora, init_from)
+        reference = copy.deepcopy(network).requires_grad_(False).eval()  # before LitLlama adds any LoRA adapters
+        super().__init__(model, network=network, **kwargs)
         self.dpo_cfg = _as(DPOConfig, dpo or {})
         self.hparams["dpo"] = dataclasses.asdict(self.dpo_cfg)
         self.reference = reference
