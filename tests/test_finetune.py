@@ -347,6 +347,12 @@ def test_dpo_run_logs_preference_metrics(pretrained, tmp_path):
     record = json.loads((tmp_path / "dpo" / "final_metrics.json").read_text())
     assert record["initial_metrics"]["val/pref_acc"] == 0.5 and record["initial_metrics"]["val/reward_margin"] == 0
     assert record["metrics"]["val/reward_margin"] != 0 and 0 <= record["metrics"]["val/pref_acc"] <= 1
+    from llmfoundry_pl.cli.common import load_checkpoint
+
+    _, lit = load_checkpoint(record["checkpoint"])  # a DPO checkpoint loads as LitDPO, policy weights inside
+    assert isinstance(lit, LitDPO) and lit.dpo_cfg.beta == 0.1
+    saved = torch.load(record["checkpoint"], weights_only=False)["state_dict"]
+    torch.testing.assert_close(lit.model.output.weight, saved["model.output.weight"])
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
