@@ -98,10 +98,17 @@ def test_engine_stop_strings_timeouts_cancellation_and_queue_limit(model, tokeni
     stop = text[5:7]  # a stop string that occurs in the greedy text
     events = []
     stopped = make_request(tokenizer, "ROMEO:", events, max_tokens=20, temperature=0, stop=[stop])
-    late = make_request(tokenizer, "ROMEO:", max_tokens=20, temperature=0, timeout_s=0.0)
-    run_engine(engine, {0: [stopped, late]}, steps=25)
+    run_engine(engine, {0: [stopped]}, steps=25)
     assert "".join(d for d, _ in events) == text[: text.index(stop)] and events[-1][1] == "stop"
-    assert late.finish_reason == "length" and len(late.output_ids) == 1  # cut at its deadline
+
+    late = make_request(tokenizer, "ROMEO:", max_tokens=20, temperature=0, timeout_s=60)
+    run_engine(engine, {0: [late]}, steps=3)
+    late.deadline = time.monotonic() - 1  # its time runs out mid-generation
+    engine.step()
+    assert late.finish_reason == "length" and len(late.output_ids) == 5 and not engine.running  # 2 + 1 + 1, then 1
+    waited_too_long = make_request(tokenizer, "ROMEO:", max_tokens=20, temperature=0, timeout_s=0.0)
+    run_engine(engine, {0: [waited_too_long]}, steps=1)
+    assert waited_too_long.finish_reason == "length" and waited_too_long.output_ids == []  # never admitted
 
     cancelled = make_request(tokenizer, "ROMEO:", max_tokens=50, temperature=0)
     run_engine(engine, {0: [cancelled]}, steps=3)

@@ -150,7 +150,11 @@ class Engine:
                 request = self.waiting.popleft() if self.waiting else None
             if request is None:
                 break
-            if not request.cancelled:
+            if request.cancelled:
+                continue
+            if request.deadline is not None and time.monotonic() > request.deadline:
+                self._finish(request, "length")  # its time ran out while it waited: nothing generated
+            else:
                 self._prefill(request)
         self._release_finished()
         if not self.running:
