@@ -80,7 +80,7 @@ def _error(status: int, message: str, param: str | None, kind: str, headers: dic
 # ------------------------------------------------------------------------------------------------------------------
 def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
     """The server for ``engine`` (started and stopped with the app) under the name ``model_name``."""
-    chat = ChatFormat(engine.tokenizer) if _has_chat_tokens(engine) else None
+    chat = _chat_format(engine)
     context = engine.model.config.max_seq_len
     created = int(time.time())
 
@@ -227,12 +227,12 @@ def _single(prompts: list[str]) -> str:
     return prompts[0]
 
 
-def _has_chat_tokens(engine: Engine) -> bool:
+def _chat_format(engine: Engine) -> ChatFormat | None:
+    """The chat template for the model's tokenizer, or None if it lacks the chat tokens (chat requests then 400)."""
     try:
-        ChatFormat(engine.tokenizer)
-        return True
+        return ChatFormat(engine.tokenizer)
     except ConfigError:
-        return False
+        return None
 
 
 def _event(obj: dict) -> str:
