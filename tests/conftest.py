@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
@@ -22,6 +23,19 @@ TINY = [
     "scheduler.warmup_steps=2", "callbacks.progress_bar=null", "callbacks.sample_text.max_new_tokens=8",
     "sample_tokens=8", "callbacks.throughput.window_size=4",
 ]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: on a busy 2-core machine a second OpenMP thread that waits for a core
+    makes every small op stall (training test_interop's checkpoint measured 0.5 s vs 37 s). Modules that want it
+    say ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # the same for the commands run as subprocesses
+        yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -44,16 +44,7 @@ MIXED_TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread; on a busy 2-core machine a second OpenMP thread that waits
-    for a core makes every small op stall (training the checkpoint below measured 0.5 s vs 37 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # the same for the commands run as subprocesses
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
