@@ -1,4 +1,5 @@
-"""The two callbacks Lightning does not ship as we need them; everything else in conf/callbacks is Lightning's."""
+"""The two callbacks Lightning does not ship as we need them; everything else in conf/callbacks is Lightning's.
+Also the peak FLOP/s that MFU is measured against (used by the throughput callback, lfpl-bench and lfpl-plan)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import time
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 
 from llmfoundry_pl.inference import generate_text
+
+HALF_PRECISION = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
+                  "16-true": torch.float16}
 
 
 class SampleTextCallback(L.Callback):
@@ -79,3 +84,12 @@ def measure_matmul_flops(device: torch.device, n: int = 2048, dtype: torch.dtype
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
+
+
+def peak_matmul_flops(device: torch.device, precision: str) -> float:
+    """The FLOP/s MFU is measured against: the spec sheet on a GPU Lightning knows, else a matmul timed here."""
+    if device.type == "cuda":
+        flops = get_available_flops(device, HALF_PRECISION.get(precision, torch.float32))
+        if flops:
+            return float(flops)
+    return measure_matmul_flops(device)

@@ -180,6 +180,32 @@ class DataConfig:
             raise ConfigError(f"data.val_stride={self.val_stride} must be between 1 and data.seq_len={self.seq_len}")
 
 
+# Where litdata can stream chunks from; `local:` reads a folder through litdata's download cache, as it would a bucket.
+CHUNK_URI_PREFIXES = ("s3://", "gs://", "azure://", "local:")
+
+
+@dataclass
+class StreamingDataConfig(DataConfig):
+    """``data=streaming``: the text, tokenizer and split of ``data=text``, with the training windows written once as
+    litdata chunks and streamed from a folder or an object store (llmfoundry_pl/data/streaming.py)."""
+
+    chunks_dir: str | None = field(
+        default=None,
+        metadata=_help("The training chunks: a local folder (built there from data.path if it has none yet), or "
+                       "an s3://, gs:// or azure:// URI such a folder was uploaded to; null: built in data.cache_dir."),
+    )
+    chunk_bytes: str = field(
+        default="64MB", metadata=_help("Size of each chunk file: the unit that is downloaded, cached and shuffled.")
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunks_dir is not None and "://" in self.chunks_dir and not self.chunks_dir.startswith(
+                CHUNK_URI_PREFIXES):
+            raise ConfigError(f"data.chunks_dir={self.chunks_dir} is neither a local folder nor a URI litdata streams "
+                              f"from; use one starting with {', '.join(CHUNK_URI_PREFIXES)}")
+
+
 @dataclass
 class ChatDataConfig:
     """Fine-tuning data from JSONL, tokenized with the model's own tokenizer and the chat template
@@ -286,7 +312,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_help("Adam's beta1 and beta2."))
     eps: float = field(default=1e-8, metadata=_help("Adam's epsilon."))
     fused: bool | None = field(
-        default=None, metadata=_help("Fused AdamW kernel; null: on CUDA only (on CPU the foreach path is faster).")
+        default=None, metadata=_help("Fused AdamW kernel; null: on CUDA and CPU (measured faster), foreach on MPS.")
     )
 
 
@@ -317,6 +343,34 @@ class PathsConfig:
 
 
 MODEL_PATH_HELP = "a Lightning .ckpt (or last), a folder written by lfpl-export, or a Hugging Face Llama folder."
+QUANTIZE_MODES = ("none", "int8", "int8_weight", "int4_weight")  # see llmfoundry_pl/inference/quantize.py
+QUANTIZE_HELP = ("Inference with quantized linear layers: none (fp32), int8 (int8 weights and activations, CPU), "
+                 "int8_weight or int4_weight (weight-only, torchao; int4: CPU). Sizes, speeds, bits per byte: "
+                 "docs/benchmarks.md.")
+
+
+@dataclass
+class MachineConfig:
+    """What the hardware profile's device can hold and do, for ``lfpl-plan`` and the fit check of each profile."""
+
+    name: str = field(default="this machine", metadata=_help("The device, in words."))
+    memory_gb: float | None = field(
+        default=None,
+        metadata=_help("Memory for training tensors per device, GB (1e9 bytes); null: this machine's (CUDA "
+                       "device memory, MPS recommended working set, or RAM)."),
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata=_help("Peak matmul TFLOP/s at the profile's precision; null: Lightning's table on CUDA, "
+                       "measured on a CPU, unknown on MPS."),
+    )
+    mfu: float = field(
+        default=0.4, metadata=_help("Model FLOPs utilisation expected of a training step, for time estimates.")
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mfu <= 1:
+            raise ConfigError(f"machine.mfu={self.mfu} must be in (0, 1]")
 
 
 @dataclass
@@ -326,10 +380,12 @@ class TrainConfig:
     model: ModelConfig = field(
         default_factory=ModelConfig, metadata=_help("The model's shape (model=tiny|small|base).")
     )
-    # DataConfig (data=text) or ChatDataConfig (data=sft, data=preference): each data file names its schema.
+    # DataConfig (data=text), StreamingDataConfig (data=streaming) or ChatDataConfig (data=sft, data=preference):
+    # each data file names its schema.
     data: Any = field(
         default=MISSING,
-        metadata=_help("The data: DataConfig for data=text, ChatDataConfig for data=sft and data=preference."),
+        metadata=_help("The data: DataConfig for data=text, StreamingDataConfig for data=streaming, ChatDataConfig "
+                       "for data=sft and data=preference."),
     )
     optim: OptimConfig = field(default_factory=OptimConfig, metadata=_help("AdamW settings (optim=adamw)."))
     scheduler: SchedulerConfig = field(
@@ -359,8 +415,16 @@ class TrainConfig:
         default=False, metadata=_help("Validate once before training, to log where fine-tuning starts from (step 0).")
     )
     compile: bool = field(default=False, metadata=_help("torch.compile the model before training."))
+    keep_freed_memory: bool = field(
+        default=True,
+        metadata=_help("Linux: malloc keeps freed memory for the next step instead of returning it to the OS "
+                       "(~6% faster CPU training steps; resident memory stays at the peak)."),
+    )
     sample_prompt: str = field(default="", metadata=_help("Prompt of the sample printed after training."))
     sample_tokens: int = field(default=64, metadata=_help("Tokens in the sample printed after training."))
+    machine: MachineConfig = field(
+        default_factory=MachineConfig, metadata=_help("The hardware profile's device, for lfpl-plan.")
+    )
 
 
 @dataclass
@@ -385,6 +449,26 @@ class BenchConfig(TrainConfig):
 
     bench: BenchSettings = field(default_factory=BenchSettings, metadata=_help("What lfpl-bench measures."))
 
+
+@dataclass
+class PlanSettings:
+    """What ``lfpl-plan`` estimates (the ``plan.*`` keys)."""
+
+    tokens: float | None = field(
+        default=None, metadata=_help("Tokens to train, for the time estimate; null: the run's trainer.max_steps.")
+    )
+    tokens_per_s: float | None = field(
+        default=None,
+        metadata=_help("Training throughput measured by lfpl-bench (its tokens_per_s); null: estimated from "
+                       "machine.peak_tflops × machine.mfu."),
+    )
+
+
+@dataclass
+class PlanConfig(TrainConfig):
+    """Root schema of ``lfpl-plan`` (conf/plan.yaml): the training config plus ``plan.*``."""
+
+    plan: PlanSettings = field(default_factory=PlanSettings, metadata=_help("What lfpl-plan estimates."))
 
 
 @dataclass
@@ -420,6 +504,7 @@ class EvalConfig:
     task_limit: int | None = field(default=None, metadata=_help("Score only the first N questions; null: all."))
     accelerator: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
     precision: str | None = field(default=None, metadata=_help("Lightning precision; null keeps the default."))
+    quantize: str = field(default="none", metadata=_help(QUANTIZE_HELP))
 
 
 @dataclass
@@ -455,6 +540,7 @@ class GenerateConfig:
     draft_tokens: int = field(default=4, metadata=_help("Tokens the draft model guesses per target pass."))
     compile: bool = field(default=False, metadata=_help("torch.compile the model: faster decoding after a slow start."))
     device: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
+    quantize: str = field(default="none", metadata=_help(QUANTIZE_HELP))
 
 
 @dataclass
@@ -505,6 +591,7 @@ class ServeConfig:
     max_body_bytes: int = field(default=1_000_000, metadata=_help("Larger request bodies get 413."))
     cors_origins: list[str] = field(default_factory=list, metadata=_help("Origins allowed by CORS; none by default."))
     device: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
+    quantize: str = field(default="none", metadata=_help(QUANTIZE_HELP))
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "queue_limit", "default_max_tokens", "max_body_bytes"):
@@ -572,8 +659,10 @@ def register_configs() -> None:
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="bench_schema", node=BenchConfig)
+    cs.store(name="plan_schema", node=PlanConfig)
     cs.store(name="serve_schema", node=ServeConfig)
     cs.store(group="schema", name="data_text", node=DataConfig)
+    cs.store(group="schema", name="data_streaming", node=StreamingDataConfig)
     cs.store(group="schema", name="data_chat", node=ChatDataConfig)
 
     # Objects that the entry point builds itself (callbacks, loggers, plugins) are not Trainer config keys.

@@ -24,18 +24,16 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from lightning.fabric.utilities.throughput import get_available_flops
 from omegaconf import DictConfig, open_dict
 
-from llmfoundry_pl.callbacks import measure_matmul_flops
+from llmfoundry_pl.allocator import keep_freed_memory
+from llmfoundry_pl.callbacks import HALF_PRECISION, peak_matmul_flops
 from llmfoundry_pl.cli.common import CONFIG_PATH, prepare_data_and_model, to_dataclass, user_errors
 from llmfoundry_pl.config import BenchSettings, ConfigError, ModelConfig, OptimConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
-from llmfoundry_pl.lit_module import LitLlama
+from llmfoundry_pl.lit_module import LitLlama, use_fused_adamw
 from llmfoundry_pl.model import Transformer
-
-HALF_PRECISION = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
-                  "16-true": torch.float16}
+from llmfoundry_pl.planner import plan_memory
 
 
 class StepTimer(L.Callback):
@@ -70,6 +68,8 @@ class StepTimer(L.Callback):
 
 def bench(cfg: DictConfig) -> dict[str, float]:
     settings = to_dataclass(cfg.bench, BenchSettings)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     with open_dict(cfg):  # bench.batch_size / bench.seq_len override the data settings (and the model's context)
         cfg.data.batch_size = settings.batch_size or cfg.data.batch_size
         cfg.data.seq_len = settings.seq_len or cfg.data.seq_len
@@ -85,17 +85,22 @@ def bench(cfg: DictConfig) -> dict[str, float]:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     device = trainer.strategy.root_device
+    floor = _resident_memory(device)  # before the model exists: the training step's own memory is above it
     lit = LitLlama(model=model_cfg, optim=to_dataclass(cfg.optim, OptimConfig))
     if cfg.compile:
         lit.model.compile()
     tokens_per_call = cfg.data.batch_size * cfg.data.seq_len  # one micro-batch
-    peak_flops = _peak_flops(device, str(trainer.precision))
+    peak_flops = peak_matmul_flops(device, str(trainer.precision))
     flops_per_token = lit.model.flops_per_token(cfg.data.seq_len)
     _reset_peak_memory(device)
     trainer.fit(lit, datamodule=datamodule)
     # The timer sees micro-batches; waits[i] is the gap before starts[i + 1].
     rows = {"lightning": _row(timer.end - timer.starts[skip], len(timer.starts) - skip, sum(timer.waits[skip:]),
                               timer.first_step, tokens_per_call, flops_per_token, peak_flops, _peak_memory(device))}
+    precision, accumulate = str(trainer.precision), cfg.trainer.accumulate_grad_batches or 1
+    planned = plan_memory(model_cfg, cfg.data.batch_size, cfg.data.seq_len, precision, accumulate)
+    memory = {"train_mem_bytes": rows["lightning"]["peak_mem_bytes"] - floor,
+              "planned_mem_bytes": planned.resident(model_cfg.activation_checkpointing, device.type)}
 
     if settings.plain:
         torch.manual_seed(cfg.seed)
@@ -110,7 +115,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
         else:
             rows["litgpt"] = _plain_loop(litgpt_model.to(device), datamodule, cfg, device, total, settings.warmup,
                                          flops_per_token, peak_flops)
-    return _report(rows, cfg, lit.model, device, peak_flops)
+    return _report(rows, memory, cfg, lit.model, device, peak_flops)
 
 
 def _row(seconds: float, calls: int, wait: float, first_step: float, tokens_per_call: int, flops_per_token: int,
@@ -127,8 +132,9 @@ def _plain_loop(model: torch.nn.Module, datamodule: TextDataModule, cfg: DictCon
     """The same work as the Lightning step, written out: what a hand-rolled PyTorch script would do."""
     precision, accumulate = str(cfg.trainer.precision), cfg.trainer.accumulate_grad_batches or 1
     optim = cfg.optim
+    fused = use_fused_adamw(optim.fused, device.type, precision, cfg.trainer.gradient_clip_val)  # as LitLlama does
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                  weight_decay=optim.weight_decay)
+                                  weight_decay=optim.weight_decay, fused=fused)
     autocast = (torch.autocast(device.type, dtype=HALF_PRECISION[precision]) if precision.endswith("-mixed")
                 else nullcontext())
     batches: Iterator = iter(datamodule.train_batches(0, total * accumulate))
@@ -180,15 +186,6 @@ def _litgpt_twin(cfg: ModelConfig) -> torch.nn.Module | None:
     ))
 
 
-def _peak_flops(device: torch.device, precision: str) -> float:
-    """The FLOP/s MFU is measured against: the spec sheet on a GPU Lightning knows, else a matmul timed here."""
-    if device.type == "cuda":
-        flops = get_available_flops(device, HALF_PRECISION.get(precision, torch.float32))
-        if flops:
-            return float(flops)
-    return measure_matmul_flops(device)
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -199,6 +196,14 @@ def _reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _resident_memory(device: torch.device) -> int:
+    """Bytes in use now: 0 on a GPU (its peak counter starts from the reset), the resident memory elsewhere."""
+    if device.type == "cuda":
+        return 0
+    with open("/proc/self/statm") as f:  # Linux: pages resident is the second field
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
 def _peak_memory(device: torch.device) -> int:
     """Peak bytes: CUDA memory allocated on a GPU; the process's peak resident memory elsewhere (which only grows,
     so on a CPU later rows include earlier ones)."""
@@ -207,15 +212,19 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _report(rows: dict[str, dict[str, float]], cfg: DictConfig, model: Transformer, device: torch.device,
-            peak_flops: float) -> dict[str, float]:
+def _report(rows: dict[str, dict[str, float]], memory: dict[str, int], cfg: DictConfig, model: Transformer,
+            device: torch.device, peak_flops: float) -> dict[str, float]:
     print(f"\n{model.num_params() / 1e6:.1f}M parameters, batch {cfg.data.batch_size} × {cfg.data.seq_len} tokens, "
           f"precision {cfg.trainer.precision}, {device}, compile={cfg.compile}; peak {peak_flops / 1e12:.3f} TFLOP/s")
     print(f"{'':<10} {'tokens/s':>10} {'MFU':>6} {'data wait':>10} {'first step':>11} {'peak memory':>12}")
     for name, r in rows.items():
         print(f"{name:<10} {r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} {r['data_wait_frac']:>10.1%} "
               f"{r['first_step_s']:>10.2f}s {r['peak_mem_bytes'] / 2**20:>9,.0f} MiB")
-    result = {**rows["lightning"], "peak_flops": peak_flops}
+    result = {**rows["lightning"], "peak_flops": peak_flops, **memory,
+              "plan_error": memory["planned_mem_bytes"] / memory["train_mem_bytes"] - 1}
+    above = "" if device.type == "cuda" else ", above the resident memory before the model was built"
+    print(f"memory of the Lightning step (peak{above}): {memory['train_mem_bytes'] / 2**20:,.0f} MiB; lfpl-plan's "
+          f"estimate {memory['planned_mem_bytes'] / 2**20:,.0f} MiB ({result['plan_error']:+.0%})")
     for name in ("plain", "litgpt"):
         if name in rows:
             result[f"{name}_tokens_per_s"] = rows[name]["tokens_per_s"]

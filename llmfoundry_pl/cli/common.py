@@ -13,8 +13,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from llmfoundry_pl.config import ChatDataConfig, ConfigError, ModelConfig
-from llmfoundry_pl.data import ChatDataModule, TextDataModule
+from llmfoundry_pl.config import ChatDataConfig, ConfigError, ModelConfig, StreamingDataConfig
+from llmfoundry_pl.data import ChatDataModule, StreamingDataModule, TextDataModule
 from llmfoundry_pl.interop import ModelSource, load_folder
 from llmfoundry_pl.lit_module import LitDPO, LitLlama
 from llmfoundry_pl.lora import has_lora, merge_lora
@@ -53,6 +53,8 @@ def prepare_data_and_model(cfg: DictConfig) -> tuple[TextDataModule | ChatDataMo
         if tokenizer is None:
             raise ConfigError(f"data={data_cfg.format} fine-tunes a model: give the one to start from with init_from=")
         datamodule = ChatDataModule(data_cfg, tokenizer)
+    elif isinstance(data_cfg, StreamingDataConfig):
+        datamodule = StreamingDataModule(data_cfg, tokenizer=tokenizer)
     else:
         datamodule = TextDataModule(data_cfg, tokenizer=tokenizer)
     datamodule.prepare_data()

@@ -4,6 +4,7 @@
     lfpl-eval ckpt_path=... data.path=my_text_dir/                            # every token of other text
     lfpl-eval ckpt_path=exported_or_hf_folder/ data.path=book.txt data.stride=128   # sliding window, more context
     lfpl-eval ckpt_path=... task=demo task_limit=100                          # demo task accuracy vs chance
+    lfpl-eval ckpt_path=... accelerator=cpu quantize=int8                     # what int8 layers cost in bits per byte
 
 ``ckpt_path`` is a Lightning checkpoint, a folder written by ``lfpl-export`` or a Hugging Face Llama folder; the
 model's own tokenizer is always used. ``task=demo`` scores the held-out questions of the bundled fine-tuning task
@@ -21,12 +22,15 @@ from omegaconf import DictConfig
 
 from llmfoundry_pl.chat import ChatFormat
 from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, user_errors
+from llmfoundry_pl.cli.generate import pick_device
 from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.demo_task import demo_questions
 from llmfoundry_pl.inference import choice_accuracy
+from llmfoundry_pl.inference.quantize import quantize, weight_bytes
 from llmfoundry_pl.interop import ModelSource
 from llmfoundry_pl.lit_module import LitLlama
+from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
 
 
@@ -41,6 +45,10 @@ def evaluation_data(cfg: DictConfig, source: ModelSource, model_cfg: ModelConfig
     if cfg.data.path is None and "format" in run_data:
         raise ConfigError(f"ckpt_path={source.path} was fine-tuned on {run_data['format']} data, not text; give the "
                           "text to evaluate with data.path=, or score the demo task with task=demo")
+    if cfg.data.path is None and run_data.get("chunks_dir"):  # its split is in the chunk folder, not under data.path
+        raise ConfigError(f"ckpt_path={source.path} was trained on the chunks at data.chunks_dir="
+                          f"{run_data['chunks_dir']}, whose validation split lfpl-eval does not read; give the text "
+                          "to evaluate with data.path=")
     seq_len = cfg.data.seq_len or run_data.get("seq_len") or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context max_seq_len={model_cfg.max_seq_len}")
@@ -57,10 +65,19 @@ def evaluation_data(cfg: DictConfig, source: ModelSource, model_cfg: ModelConfig
 TASKS = ("demo",)  # task= values; null is the text evaluation
 
 
+def load_quantized(cfg: DictConfig) -> tuple[Transformer, Tokenizer, ModelSource]:
+    """``load_model`` of ``cfg.ckpt_path``, then with ``cfg.quantize`` its linear layers quantized on the device
+    that will run it (quantized weights are packed for one device's kernels, so Lightning must not move them)."""
+    model, tokenizer, source = load_model(cfg.ckpt_path)
+    if cfg.quantize != "none":
+        model = quantize(model.to(pick_device(cfg.accelerator)), cfg.quantize)
+    return model, tokenizer, source
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.task is not None:
         return evaluate_task(cfg)
-    model, tokenizer, source = load_model(cfg.ckpt_path)
+    model, tokenizer, source = load_quantized(cfg)
     data_cfg = evaluation_data(cfg, source, model.config, tokenizer)
     lit = LitLlama(model.config, network=model)
     lit.set_tokenizer(tokenizer)
@@ -74,10 +91,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     what = "validation split of the training data" if cfg.data.path is None else data_cfg.path
     windows = (f"windows of {data_cfg.seq_len} tokens every {data_cfg.val_stride}" if data_cfg.val_stride
                else f"back-to-back windows of {data_cfg.seq_len} tokens")
-    print(f"\nmodel: {source}\n{what}: {meta['val_tokens']:,} tokens, {windows}\n"
+    size, quantized = weight_bytes(model), "" if cfg.quantize == "none" else f", quantize={cfg.quantize}"
+    print(f"\nmodel: {source}{quantized}, weights {size / 1e6:.1f} MB\n"
+          f"{what}: {meta['val_tokens']:,} tokens, {windows}\n"
           f"loss {metrics['val/loss']:.4f} | perplexity {metrics['val/ppl']:.2f} | "
           f"bits per byte {metrics['val/bpb']:.4f}")
-    record = {"ckpt_path": source.path, "format": source.format, "data": what, "tokens": meta["val_tokens"],
+    record = {"ckpt_path": source.path, "format": source.format, "quantize": cfg.quantize,
+              "weight_bytes": size, "data": what, "tokens": meta["val_tokens"],
               "seq_len": data_cfg.seq_len, "stride": data_cfg.val_stride or data_cfg.seq_len, **metrics}
     print(json.dumps(record), flush=True)
     return metrics
@@ -91,7 +111,7 @@ def evaluate_task(cfg: DictConfig) -> dict[str, float]:
     if cfg.task_limit is not None and cfg.task_limit < 1:
         raise ConfigError(f"task_limit={cfg.task_limit} must be at least 1, or null for every question")
     questions = demo_questions("val")[: cfg.task_limit]
-    model, tokenizer, source = load_model(cfg.ckpt_path)
+    model, tokenizer, source = load_quantized(cfg)
     chat = ChatFormat(tokenizer)  # a ConfigError if the tokenizer lacks the chat tokens (an imported model)
     # Fabric places the model and applies cfg.precision the way the Trainer does for the text evaluation.
     fabric = L.Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
@@ -100,7 +120,7 @@ def evaluate_task(cfg: DictConfig) -> dict[str, float]:
     print(f"\nmodel: {source}\ntask {cfg.task}: which play is this passage from? {result['questions']} held-out "
           f"questions, {len(questions[0].choices)} choices each{cut}\n"
           f"accuracy {result['accuracy']:.4f} | chance {result['chance']:.4f}")
-    print(json.dumps({"ckpt_path": source.path, "task": cfg.task, **result}), flush=True)
+    print(json.dumps({"ckpt_path": source.path, "quantize": cfg.quantize, "task": cfg.task, **result}), flush=True)
     return result
 
 

@@ -5,6 +5,7 @@
     lfpl-generate ckpt_path=... interactive=true stream=true   # a prompt per line on stdin, until EOF
     lfpl-generate ckpt_path=big.ckpt draft_ckpt_path=small.ckpt temperature=0   # speculative decoding
     lfpl-generate ckpt_path=sft.ckpt chat=true interactive=true stream=true     # chat in the terminal, with history
+    lfpl-generate ckpt_path=... device=cpu quantize=int8                         # int8 linear layers (CPU)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from llmfoundry_pl.chat import ChatFormat, Message
 from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, user_errors
 from llmfoundry_pl.config import ConfigError, register_configs
 from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, stream_text
+from llmfoundry_pl.inference.quantize import quantize
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
 
@@ -37,10 +39,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_models(cfg: DictConfig) -> tuple[Transformer, Tokenizer, Transformer | None]:
-    """The model, its tokenizer and the optional draft model, on the chosen device."""
+    """The model, its tokenizer and the optional draft model, on the chosen device, quantized as asked."""
     device = pick_device(cfg.device)
     model, tokenizer, _ = load_model(cfg.ckpt_path)
-    model, draft = model.to(device), None
+    model, draft = quantize(model.to(device), cfg.quantize), None
     if cfg.draft_ckpt_path is not None:
         draft, draft_tokenizer, _ = load_model(cfg.draft_ckpt_path, key="draft_ckpt_path")
         if draft_tokenizer.sha256 != tokenizer.sha256:
@@ -48,7 +50,7 @@ def load_models(cfg: DictConfig) -> tuple[Transformer, Tokenizer, Transformer | 
                 f"draft_ckpt_path={cfg.draft_ckpt_path} uses a different tokenizer than ckpt_path; speculative "
                 "decoding needs a draft trained with the same tokenizer (data.tokenizer_path)"
             )
-        draft = draft.to(device)
+        draft = quantize(draft.to(device), cfg.quantize)
     if cfg.compile:  # dynamic: the cache grows by one slot per step, which must not mean one compilation per step
         model = torch.compile(model, dynamic=True)
         draft = draft if draft is None else torch.compile(draft, dynamic=True)

@@ -24,6 +24,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from llmfoundry_pl.allocator import keep_freed_memory
 from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     prepare_data_and_model,
@@ -42,6 +43,8 @@ from llmfoundry_pl.tokenizer import atomic_write_bytes
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job; returns the final held-out metrics (``val/loss``, ``val/ppl``, ``val/bpb``)."""
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
 

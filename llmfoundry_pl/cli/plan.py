@@ -1,0 +1,184 @@
+"""``lfpl-plan``: will this run fit, and how long will it take? Answered from the config alone, in a second.
+
+    lfpl-plan model=base hardware=rtx5060
+    lfpl-plan model=small hardware=cpu plan.tokens=1e9 plan.tokens_per_s=3000   # a throughput lfpl-bench measured
+    lfpl-plan model=base trainer=fsdp trainer.devices=4 machine.memory_gb=24
+
+Prints the parameters, training FLOPs per token, memory per device for weights / gradients / optimizer state /
+activations at the configured micro-batch and precision (with and without activation checkpointing), the largest
+micro-batch that fits the hardware profile's memory, and the time to train the run's tokens; then one JSON line.
+The memory model is in llmfoundry_pl/planner.py; ``lfpl-bench`` prints it next to the measured peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from llmfoundry_pl.callbacks import peak_matmul_flops
+from llmfoundry_pl.cli.common import CONFIG_PATH, to_dataclass, user_errors
+from llmfoundry_pl.config import ConfigError, MachineConfig, ModelConfig, PlanSettings, register_configs
+from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.planner import CPU_RESIDENT_FACTOR, MemoryPlan, largest_batch, plan_memory
+
+HEADROOM = 0.9  # a plan "fits" in 90% of the memory: allocator caching and fragmentation take the rest
+GB = 1e9
+
+
+def plan(cfg: DictConfig) -> dict[str, float]:
+    """Print the plan of the composed training config; returns the JSON line's figures."""
+    settings, machine = to_dataclass(cfg.plan, PlanSettings), to_dataclass(cfg.machine, MachineConfig)
+    model_cfg = to_dataclass(cfg.model, ModelConfig)
+    if model_cfg.vocab_size is None:  # the tokenizer decides it at training time: its configured size
+        vocab_size = cfg.data.get("vocab_size")
+        if vocab_size is None:
+            raise ConfigError("the vocabulary size is unknown here (the init_from model's): give model.vocab_size=")
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
+    with torch.device("meta"):  # shapes only: no memory, instant even for a large model
+        network = Transformer(model_cfg)
+
+    trainer, seq_len, batch = cfg.trainer, cfg.data.seq_len, cfg.data.batch_size
+    precision, accumulate = str(trainer.precision), trainer.accumulate_grad_batches or 1
+    devices = (trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1) * trainer.num_nodes
+    shards = devices if trainer.strategy == "fsdp" else 1
+    try:
+        memory = plan_memory(model_cfg, batch, seq_len, precision, accumulate, shards)
+    except ValueError as e:
+        raise ConfigError(f"{e}; set trainer.precision") from None
+    checkpointing, device_type = model_cfg.activation_checkpointing, _device_type(str(trainer.accelerator))
+    budget = _memory_bytes(machine) * HEADROOM
+    fits = {ckpt: largest_batch(model_cfg, seq_len, precision, budget, ckpt, device_type, accumulate, shards)
+            for ckpt in (False, True)}
+
+    flops_per_token = network.flops_per_token(seq_len)
+    tokens = settings.tokens or _run_tokens(cfg, devices)
+    per_device, source = _throughput(settings, machine, precision, flops_per_token)
+    tokens_per_s = per_device * devices if per_device else None
+    # Checkpointing re-runs each block's forward in the backward pass: 8N instead of 6N FLOPs per token.
+    recompute = 4 / 3 if checkpointing else 1.0
+
+    result = {
+        "params": network.num_params(), "flops_per_token": flops_per_token,
+        "tensor_peak_bytes": memory.peak(checkpointing), "peak_mem_bytes": memory.resident(checkpointing, device_type),
+        "peak_mem_bytes_plain": memory.resident(False, device_type),
+        "peak_mem_bytes_checkpointed": memory.resident(True, device_type), "memory_bytes": budget / HEADROOM,
+        "fits": memory.resident(checkpointing, device_type) <= budget, "largest_batch": fits[False],
+        "largest_batch_checkpointed": fits[True], "tokens": tokens, "tokens_per_s": tokens_per_s,
+        "hours": tokens / tokens_per_s * recompute / 3600 if tokens and tokens_per_s else None,
+    }
+    _print(cfg, machine, network, memory, result, source, devices, shards, device_type)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _device_type(accelerator: str) -> str:
+    """cuda, mps or cpu: the profile's accelerator, or for ``auto`` what this machine has."""
+    if accelerator in ("gpu", "cuda"):
+        return "cuda"
+    if accelerator in ("cpu", "mps"):
+        return accelerator
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _memory_bytes(machine: MachineConfig) -> float:
+    """The profile's memory, or this machine's: CUDA device memory, MPS's recommended working set, else RAM."""
+    if machine.memory_gb is not None:
+        return machine.memory_gb * GB
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    if torch.backends.mps.is_available():
+        return float(torch.mps.recommended_max_memory())
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _throughput(settings: PlanSettings, machine: MachineConfig, precision: str,
+                flops_per_token: float) -> tuple[float | None, str]:
+    """Tokens/s per device and where the figure comes from: measured (plan.tokens_per_s) or estimated from the
+    device's peak FLOP/s × the expected MFU."""
+    if settings.tokens_per_s:
+        return settings.tokens_per_s, "measured (plan.tokens_per_s)"
+    peak = machine.peak_tflops * 1e12 if machine.peak_tflops else _this_machines_peak(precision)
+    if peak is None:
+        return None, "unknown: give machine.peak_tflops= or plan.tokens_per_s= (from lfpl-bench)"
+    where = "machine.peak_tflops" if machine.peak_tflops else "this machine's"
+    return (peak * machine.mfu / flops_per_token,
+            f"estimated: {peak / 1e12:.3g} TFLOP/s ({where}) × MFU {machine.mfu} (machine.mfu)")
+
+
+def _this_machines_peak(precision: str) -> float | None:
+    if torch.cuda.is_available():
+        return peak_matmul_flops(torch.device("cuda"), precision)
+    if torch.backends.mps.is_available():
+        return None  # no spec table for Apple GPUs, and a timed matmul there says little about training
+    return peak_matmul_flops(torch.device("cpu"), precision)
+
+
+def _run_tokens(cfg: DictConfig, devices: int) -> float | None:
+    steps = cfg.trainer.max_steps
+    if steps is None or steps < 0:
+        return None
+    return float(steps * cfg.data.batch_size * cfg.data.seq_len * (cfg.trainer.accumulate_grad_batches or 1) * devices)
+
+
+def _print(cfg: DictConfig, machine: MachineConfig, network: Transformer, memory: MemoryPlan, result: dict,
+           source: str, devices: int, shards: int, device_type: str) -> None:
+    trainer, seq_len = cfg.trainer, cfg.data.seq_len
+    ckpt = network.config.activation_checkpointing
+    sharding = f", FSDP over {shards}" if shards > 1 else ""
+    print(f"{network.num_params() / 1e6:.1f}M parameters ({network.num_params(non_embedding=True) / 1e6:.1f}M "
+          f"outside the embeddings); {result['flops_per_token'] / 1e9:.3f} GFLOP per trained token at seq_len "
+          f"{seq_len}")
+    print(f"{machine.name}: {result['memory_bytes'] / GB:.1f} GB per device; {trainer.precision}, micro-batch "
+          f"{cfg.data.batch_size} × {seq_len}, accumulate {trainer.accumulate_grad_batches or 1}, {devices} "
+          f"device(s){sharding}")
+    weights = "weights" + (" (+ half copies)" if memory.weights > memory.gradients else "")
+    rows = [(weights, memory.weights, memory.weights),
+            ("gradients" + (" (after the peak)" if memory.accumulate == 1 else ""), memory.gradients,
+             memory.gradients),
+            ("optimizer (AdamW)", memory.optimizer, memory.optimizer),
+            ("activations", memory.activations, memory.activations_checkpointed),
+            ("peak (tensors)", memory.peak(False), memory.peak(True))]
+    if device_type == "cpu":
+        rows.append((f"process (×{CPU_RESIDENT_FACTOR}, CPU)", result["peak_mem_bytes_plain"],
+                     result["peak_mem_bytes_checkpointed"]))
+    print(f"{'memory per device':<28}{'plain':>10}{'checkpointed':>14}")
+    for name, plain, checkpointed in rows:
+        print(f"  {name:<26}{plain / GB:>8.2f} GB{checkpointed / GB:>11.2f} GB")
+    used = result["peak_mem_bytes"] / result["memory_bytes"]
+    verdict = "fits" if result["fits"] else f"does NOT fit (over {HEADROOM:.0%})"
+    print(f"this run ({'checkpointed' if ckpt else 'plain'}): {used:.0%} of the memory — {verdict}")
+    print(f"largest micro-batch that fits in {HEADROOM:.0%}: {result['largest_batch']} plain, "
+          f"{result['largest_batch_checkpointed']} with model.activation_checkpointing=true")
+    if result["tokens_per_s"] is None:
+        print(f"time: {source}")
+    elif result["tokens"] is None:
+        print(f"throughput {result['tokens_per_s']:,.0f} tokens/s, {source}; give plan.tokens= for a time")
+    else:
+        print(f"time for {result['tokens']:.3g} tokens: {_duration(result['hours'])} at "
+              f"{result['tokens_per_s']:,.0f} tokens/s{' (+1/3: recomputation)' if ckpt else ''}, {source}")
+
+
+def _duration(hours: float) -> str:
+    if hours < 1 / 60:
+        return f"{hours * 3600:.0f} s"
+    return f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="plan")
+def _hydra_main(cfg: DictConfig) -> None:
+    with user_errors():
+        plan(cfg)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""``data=streaming``: the training windows of ``data=text``, written once as litdata chunks and streamed.
+
+The text is tokenized exactly as for ``data=text`` (same cache, tokenizer and split); the training split is then cut
+into windows of seq_len+1 tokens, window ``i`` = tokens ``[i·seq_len, (i+1)·seq_len]`` (consecutive windows share one
+token, so every token is a target once per epoch), and written in litdata's ``TokensLoader`` chunks.
+A chunk folder holds everything a training machine needs, so it may live in an object store::
+
+    chunks-seq<seq_len>-<chunk_bytes>/       by default next to the token files in data.cache_dir
+        train/index.json  train/chunk-*.bin   the windows (litdata's format)
+        val.bin                               the validation split of data=text, scored by the same sweep
+        tokenizer.model                       the tokenizer that made the tokens
+        chunks.json                           written last: the token files' meta plus seq_len and the window count
+
+Folders are built under a temporary name and renamed into place, so an interrupted build leaves nothing that a later
+run would trust. From a URI, the small files are copied into data.cache_dir and the chunks stream through litdata's
+download cache there.
+
+Training order: litdata shuffles the chunks, then the windows inside them, from (data.seed, epoch); an epoch is one
+pass over the windows. Micro-batch ``m`` is found by counting whole epochs, then skipping into the epoch with
+litdata's own resume state, so — as on the memmap path — the order is a pure function of (seed, micro-batch index):
+resuming at optimizer step ``s`` restarts at micro-batch ``s · accumulate_grad_batches``, with no loader state saved.
+(Lightning would checkpoint the ``StreamingDataLoader``'s state itself, but with litdata 0.2.76 and Lightning 2.6 a
+run resumed that way repeats the resumed epoch's order in the next epoch, or fails with worker processes.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from llmfoundry_pl.config import CHUNK_URI_PREFIXES, ConfigError, StreamingDataConfig
+from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus
+from llmfoundry_pl.data.datamodule import TextDataModule
+from llmfoundry_pl.tokenizer import Tokenizer, atomic_write_bytes
+
+_PROGRESS_FROM = 100_000  # windows: smaller corpora are written without a progress bar
+
+
+def _litdata():
+    try:
+        import litdata
+    except ImportError:
+        raise ConfigError("data=streaming needs litdata: pip install 'llmfoundry-pl[streaming]'") from None
+    return litdata
+
+
+def prepare_chunks(cfg: StreamingDataConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenFiles, str]:
+    """The tokenizer, the validation tokens and where the training chunks are (a folder or a URI) for ``cfg``:
+    written on first use from ``data.path``, or taken from ``data.chunks_dir``.
+
+    ``tokenizer`` forces a given tokenizer (e.g. the one saved in a checkpoint), as for ``prepare_corpus``."""
+    _litdata()  # before any tokenizing: a missing install is the first thing to say
+    chunks_dir = cfg.chunks_dir.rstrip("/") if cfg.chunks_dir is not None else None
+    if chunks_dir is not None and chunks_dir.startswith(CHUNK_URI_PREFIXES):
+        folder, train = _mirror(chunks_dir, Path(cfg.cache_dir).expanduser()), f"{chunks_dir}/train"
+    else:
+        folder = Path(chunks_dir).expanduser() if chunks_dir is not None else None
+        if folder is None or _read_meta(folder) is None:
+            if folder is not None and folder.exists() and any(folder.iterdir()):
+                raise ConfigError(f"data.chunks_dir={cfg.chunks_dir} is a folder without chunks written by "
+                                  "llmfoundry-pl (no chunks.json); point it at a new or empty folder to build them")
+            corpus_tokenizer, token_files = prepare_corpus(cfg, tokenizer)
+            folder = folder or token_files.directory / f"chunks-seq{cfg.seq_len}-{cfg.chunk_bytes}"
+            if _read_meta(folder) is None:
+                _write_chunks(token_files, corpus_tokenizer, cfg, folder)
+        train = str(folder / "train")
+    meta = _read_meta(folder)
+    chunks_tokenizer = Tokenizer.from_file(folder / "tokenizer.model")
+    _check_chunks(cfg, meta, chunks_tokenizer, tokenizer)
+    return chunks_tokenizer, TokenFiles(folder, meta), train
+
+
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "chunks.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _check_chunks(cfg: StreamingDataConfig, meta: dict, chunks_tokenizer: Tokenizer, given: Tokenizer | None) -> None:
+    """The chunks must hold windows of data.seq_len tokens made by the tokenizer this run uses (checks that only a
+    given data.chunks_dir can fail: the folder built in the cache is named after both)."""
+    where = cfg.chunks_dir
+    if meta["seq_len"] != cfg.seq_len:
+        raise ConfigError(f"the chunks at data.chunks_dir={where} hold windows for seq_len={meta['seq_len']}, not "
+                          f"data.seq_len={cfg.seq_len}; set data.seq_len={meta['seq_len']}, or give a new "
+                          "data.chunks_dir folder to build chunks for this seq_len")
+    if given is not None:
+        if given.sha256 != chunks_tokenizer.sha256:
+            raise ConfigError(f"the chunks at data.chunks_dir={where} were made with another tokenizer than the "
+                              "model's; build chunks for this model in a new data.chunks_dir folder")
+    elif cfg.tokenizer_path is not None and Tokenizer.from_file(cfg.tokenizer_path).sha256 != chunks_tokenizer.sha256:
+        raise ConfigError(f"data.tokenizer_path={cfg.tokenizer_path} is not the tokenizer the chunks at "
+                          f"data.chunks_dir={where} were made with; drop data.tokenizer_path (the chunks carry theirs)")
+    elif chunks_tokenizer.vocab_size != cfg.vocab_size:
+        raise ConfigError(f"the chunks at data.chunks_dir={where} use a tokenizer of {chunks_tokenizer.vocab_size} "
+                          f"tokens but data.vocab_size={cfg.vocab_size}; set data.vocab_size="
+                          f"{chunks_tokenizer.vocab_size}")
+
+
+def _write_chunks(token_files: TokenFiles, tokenizer: Tokenizer, cfg: StreamingDataConfig, folder: Path) -> None:
+    """Write the chunk folder for ``token_files`` into a temporary folder, then rename it into place.
+
+    The windows go through litdata's chunk writer (``Cache``) in this process rather than ``litdata.optimize``: that
+    runs its work in child processes (5-10 s of start-up on a small CPU) and sets the process-wide multiprocessing
+    start method to spawn, after which every DataLoader worker of the run re-imports torch. Copying windows needs
+    neither, and one writer gives the same chunk layout (so the same training order) wherever the folder is built."""
+    litdata = _litdata()
+    n_windows = (token_files.meta["train_tokens"] - 1) // cfg.seq_len
+    if n_windows < 1:
+        raise ConfigError(f"the training split has {token_files.meta['train_tokens']} tokens, fewer than "
+                          f"data.seq_len+1={cfg.seq_len + 1}; lower data.seq_len or use more text")
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokens = np.memmap(token_files.train_path, dtype=token_files.dtype, mode="r")
+    writer = litdata.streaming.Cache(str(tmp / "train"), chunk_bytes=cfg.chunk_bytes,
+                                     item_loader=litdata.TokensLoader())
+    for i in tqdm(range(n_windows), desc="writing chunks", unit="window", disable=n_windows < _PROGRESS_FROM):
+        writer[i] = np.array(tokens[i * cfg.seq_len : (i + 1) * cfg.seq_len + 1])
+    writer.done()
+    litdata.complete_dataset(str(tmp / "train"))  # the writer's index shard → index.json
+    shutil.copyfile(token_files.val_path, tmp / "val.bin")
+    tokenizer.save(tmp / "tokenizer.model")
+    meta = {**token_files.meta, "seq_len": cfg.seq_len, "windows": n_windows, "chunk_bytes": cfg.chunk_bytes}
+    atomic_write_bytes(tmp / "chunks.json", json.dumps(meta, indent=2).encode())
+    _publish(tmp, folder)
+
+
+def _mirror(uri: str, cache_dir: Path) -> Path:
+    """A local copy of the small files of the chunk folder at ``uri`` (meta, tokenizer, validation tokens), refreshed
+    when the remote chunks.json changes; litdata caches the chunks it streams under its ``train/``."""
+    from litdata.streaming.downloader import get_downloader
+
+    local = cache_dir / f"streaming-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    downloader = get_downloader(uri, str(tmp), [])
+    try:
+        downloader.download_file(f"{uri}/chunks.json", str(tmp / "chunks.json"))
+    except Exception as e:  # missing file, no credentials, no network: each library says it its own way
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = " ".join(str(e).split())[:160]
+        raise ConfigError(f"cannot read {uri}/chunks.json ({type(e).__name__}: {reason}); check data.chunks_dir and "
+                          "its credentials, or, if nothing is there yet, build the chunks with lfpl-train "
+                          "data=streaming data.chunks_dir=LOCAL_FOLDER and upload LOCAL_FOLDER there") from None
+    if _read_meta(local) == _read_meta(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return local
+    for name in ("tokenizer.model", "val.bin"):
+        downloader.download_file(f"{uri}/{name}", str(tmp / name))
+    shutil.rmtree(local, ignore_errors=True)  # an older upload's files, and the chunks cached from it
+    _publish(tmp, local)
+    return local
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Rename a finished temporary folder into place; if another process (a DDP rank) got there first, keep its."""
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if _read_meta(folder) != _read_meta(tmp):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _inputs_and_targets(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate windows of seq_len+1 tokens into (input, target) batches, as the memmap path yields them."""
+    batch = torch.from_numpy(np.stack(windows).astype(np.int64))
+    return batch[:, :-1], batch[:, 1:]
+
+
+class StreamedBatches:
+    """Micro-batches ``first_batch .. first_batch + num_batches - 1`` of a stream of epochs, ``epoch_loader(e, skip)``
+    giving epoch ``e``'s loader past its first ``skip`` batches."""
+
+    def __init__(self, epoch_loader: Callable, first_batch: int, num_batches: int) -> None:
+        self.epoch_loader, self.first_batch, self.num_batches = epoch_loader, first_batch, num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, skip = 0, self.first_batch
+        while skip >= (per_epoch := len(self.epoch_loader(epoch, 0))):
+            epoch, skip = epoch + 1, skip - per_epoch
+        left = self.num_batches
+        while left > 0:
+            for batch in self.epoch_loader(epoch, skip):
+                yield batch
+                left -= 1
+                if left == 0:
+                    return
+            epoch, skip = epoch + 1, 0
+
+
+class StreamingDataModule(TextDataModule):
+    """``TextDataModule`` whose training windows stream from litdata chunks; validation is the same memmap sweep.
+
+    Validation stays on val.bin: it scores every held-out token once, in order, so val/loss and val/bpb are the very
+    numbers ``data=text`` and ``lfpl-eval`` report. The split is data.val_fraction of the corpus, copied to each
+    training machine: lower data.val_fraction for a corpus too large for one disk."""
+
+    def __init__(self, cfg: StreamingDataConfig, tokenizer: Tokenizer | None = None) -> None:
+        super().__init__(cfg, tokenizer)
+        self.train_input: str | None = None
+
+    def prepare_data(self) -> None:
+        """Build (or fetch) the chunk folder if it is not there yet (Lightning calls this on one process)."""
+        self.tokenizer, self.token_files, self.train_input = prepare_chunks(self.cfg, self._given_tokenizer)
+
+    def train_batches(self, first_batch: int, num_batches: int, rank: int = 0, world_size: int = 1) -> StreamedBatches:
+        """Micro-batches ``first_batch .. first_batch + num_batches - 1`` of training windows for this process.
+        litdata finds the rank and world size in ``torch.distributed`` itself; ``rank`` and ``world_size`` are
+        accepted so that callers of ``TextDataModule.train_batches`` work unchanged."""
+        if len(self._epoch_loader(0, 0)) == 0:
+            raise ConfigError(f"the training split has {self.token_files.meta['windows']} windows, fewer than one "
+                              f"batch of data.batch_size={self.cfg.batch_size} per device and worker; lower "
+                              "data.batch_size or data.seq_len, or use more text")
+        return StreamedBatches(self._epoch_loader, first_batch, num_batches)
+
+    def _epoch_loader(self, epoch: int, skip_batches: int):
+        """Epoch ``epoch`` (from 0) of the shuffled windows, as whole batches, past its first ``skip_batches``."""
+        litdata = _litdata()
+        remote = self.train_input.startswith(CHUNK_URI_PREFIXES)
+        dataset = litdata.StreamingDataset(
+            self.train_input, item_loader=litdata.TokensLoader(block_size=self.cfg.seq_len + 1), shuffle=True,
+            seed=self.cfg.seed, drop_last=True, cache_dir=str(self.token_files.directory / "train") if remote else None,
+        )
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        loader = litdata.StreamingDataLoader(
+            dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers, drop_last=True,
+            collate_fn=_inputs_and_targets, pin_memory=on_cuda,
+        )
+        # litdata numbers epochs from 1, and its loader counts one up as an iteration starts.
+        dataset.set_epoch(epoch + 1)
+        loader.current_epoch = epoch
+        if skip_batches:
+            # litdata's own resume state (what Lightning would checkpoint), written from the batch count.
+            samples, workers = skip_batches * self.cfg.batch_size, self.cfg.num_workers
+            loader.load_state_dict({
+                "dataset": dataset.state_dict(samples, workers, self.cfg.batch_size),
+                "current_epoch": epoch + 1,
+                "num_samples_yielded": samples,
+                "latest_worker_idx": (skip_batches - 1) % max(workers, 1),  # workers hand out batches in turn
+            })
+        return loader

@@ -1,0 +1,138 @@
+"""Post-training quantization for inference: the model's matmul weights stored in 8 or 4 bits instead of 32.
+
+    none         fp32 weights, as trained
+    int8         int8 weights (one scale per output row) and int8 activations quantized on the fly per call: integer
+                 matmuls through PyTorch's own CPU kernels (fbgemm / oneDNN, ``torch.ao`` dynamic quantization); CPU
+    int8_weight  int8 weights (one scale per row), dequantized to fp32 for each matmul (torchao); CPU and CUDA
+    int4_weight  4-bit weights in groups of 32 sharing a scale and zero point (torchao's CPU int4 kernel); CPU
+
+What is quantized: every ``nn.Linear`` — the seven matrices of each block and the output head, which holds
+vocab_size·dim weights, a quarter of the tiny model's. Not the token embedding: it is a table lookup, not a
+matmul, so it would save memory but no time (and a head tied to it stays fp32 too, see :func:`quantize`). Norms
+are vectors. The KV cache and the activations between layers stay fp32.
+
+int8 rounds a layer's input with one scale for the whole tensor, so in a batch (``prompt_file``, ``lfpl-serve``)
+a row's output depends a little on the rows beside it; the weight-only modes keep rows independent.
+
+Why it can pay: decoding one token reads every weight once for little arithmetic, so on big models the time is
+memory traffic, and int8 weights are a quarter of fp32's. On small models the time is per-operation overhead, and
+the extra work per matmul (quantizing activations, dequantizing weights) can make decoding slower — measured
+figures for both are in docs/benchmarks.md ("Quantized inference").
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from llmfoundry_pl.config import QUANTIZE_MODES, ConfigError
+from llmfoundry_pl.model import Transformer
+
+INT4_GROUP_SIZE = 32  # weights sharing one scale and zero point; of the kernel's 32/64/128, the most accurate
+_DEVICES = {"int8": ("cpu",), "int8_weight": ("cpu", "cuda"), "int4_weight": ("cpu",)}
+_WHY = {
+    "int8": "its integer matmul kernels are PyTorch's CPU ones (fbgemm / oneDNN); use int8_weight",
+    "int4_weight": "torchao's int4 kernel for fp32 models is a CPU one (its CUDA kernels need bf16 weights); "
+                   "use int8_weight",
+}
+
+
+def quantize(model: Transformer, mode: str) -> Transformer:
+    """``model`` with its linear layers quantized for inference by ``mode`` (one of :data:`QUANTIZE_MODES`), in
+    place, on the device it is on; ``none`` returns it unchanged. Quantize after moving the model to its device,
+    and before ``torch.compile``. The result is for inference only: its quantized weights have no gradients.
+
+    A head tied to the embedding (``tie_embeddings``) stays fp32: quantizing it would add an int8 copy beside the
+    fp32 table the lookup still needs."""
+    if mode not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize={mode} is not one of {', '.join(QUANTIZE_MODES)}")
+    if mode == "none":
+        return model
+    device = model.tok_embeddings.weight.device
+    if device.type not in _DEVICES[mode]:
+        raise ConfigError(f"quantize={mode} does not run on {device.type}: {_WHY[mode]}, or run on the CPU "
+                          "(device=cpu; lfpl-eval: accelerator=cpu)")
+    targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+               and not (name == "output" and model.config.tie_embeddings)]
+    model.eval()
+    if mode == "int8":
+        # torch.ao's dynamic quantization is deprecated in favour of torchao, but torchao's replacement
+        # (Int8DynamicActivationInt8WeightConfig) has no integer CPU kernel in eager mode: one 2048×5632 layer at
+        # batch 1 took 26 ms with it, 2.7 ms in fp32 and 0.5 ms with these fbgemm kernels (reference CPU, 1 thread).
+        # So this path stays while torch ships it, its deprecation warnings silenced: they would only puzzle a user.
+        # Per-channel weight scales: each output row gets its own, so rows of small weights keep their resolution.
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            return quantize_dynamic(model, dict.fromkeys(targets, per_channel_dynamic_qconfig), dtype=torch.qint8,
+                                    inplace=True)
+    if mode == "int4_weight":
+        modules = dict(model.named_modules())
+        narrow = [name for name in targets if modules[name].in_features % INT4_GROUP_SIZE]
+        if narrow:
+            raise ConfigError(f"quantize=int4_weight needs linear layers whose input width is a multiple of "
+                              f"{INT4_GROUP_SIZE}; {narrow[0]} takes {modules[narrow[0]].in_features}: use int8_weight")
+    quantize_, config = _torchao_config(mode)
+    keep = set(targets)
+    quantize_(model, config, filter_fn=lambda module, name: name in keep)
+    return model
+
+
+def _torchao_config(mode: str):
+    """torchao's ``quantize_`` and the config for ``mode``, or a one-line error saying how to install torchao."""
+    try:
+        with _quiet_torchao_import():
+            from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise ConfigError(f"quantize={mode} needs torchao: pip install 'llmfoundry-pl[quant]'") from None
+    # set_inductor_config=False: torchao would otherwise change torch.compile's global settings for the whole process.
+    if mode == "int8_weight":
+        return quantize_, Int8WeightOnlyConfig(set_inductor_config=False)
+    # torchao 0.18's only int4 path for fp32 weights on a CPU (_weight_int4pack_mm_for_cpu); its stable
+    # Int4WeightOnlyConfig packs for CUDA, XPU or NPU kernels, or needs the mslk package.
+    return quantize_, PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, set_inductor_config=False)
+
+
+@contextmanager
+def _quiet_torchao_import() -> Iterator[None]:
+    """Importing torchao logs a warning for each of its CUDA extensions a CPU-only torch cannot load, and torch a
+    deprecation note about one of torchao's types: noise for the kernels used here, so hidden during the import."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as stored in memory: every tensor of its state dict (a shared tensor once),
+    quantized ones with their scales and zero points. Derived buffers (RoPE tables) are not weights."""
+    seen: set[int] = set()
+    total = 0
+    for value in model.state_dict(keep_vars=True).values():
+        # torch.ao's quantized linear keeps (weight, bias) as a tuple; the dtype entry beside it holds no data.
+        for tensor in value if isinstance(value, tuple) else (value,):
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += _tensor_bytes(tensor)
+    return total
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    if t.is_quantized:  # torch.ao (per channel, as int8 makes it): int8 values + a scale and zero point per row
+        return t.int_repr().nbytes + t.q_per_channel_scales().nbytes + t.q_per_channel_zero_points().nbytes
+    if hasattr(t, "__tensor_flatten__"):  # a torchao tensor subclass: the sum of the tensors it is made of
+        return sum(_tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()

@@ -1,0 +1,6 @@
+"""``python -m llmfoundry_pl.plan``: the same as ``lfpl-plan`` (see llmfoundry_pl/cli/plan.py)."""
+
+from llmfoundry_pl.cli.plan import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""How much memory and time a training run needs, before running it (``lfpl-plan``; also printed by ``lfpl-bench``).
+
+Memory is counted tensor by tensor from what this project's model keeps for the backward pass — not from a rule
+of thumb — so that the estimate can be checked: ``tests/test_planner.py`` compares the activation count with the
+bytes autograd actually saves (``torch.autograd.graph.saved_tensors_hooks``) and ``lfpl-bench`` prints the plan
+next to the measured peak.
+
+Per transformer block and token, the backward pass needs (D = dim, Q = n_heads·head_dim, K = n_kv_heads·head_dim,
+F = hidden_dim):
+
+    attention:  block input, its RMS-normalised form, the normalised·gain input of wq/wk/wv (D each),
+                RoPE-rotated q (Q) and k (K), v (K), attention output (Q), the residual sum (D)
+    MLP:        its normalised form and input (D each), gate w1·x, silu(gate), up w3·x and their product (F each)
+
+In fp32 everything is 4 bytes. Under mixed precision (autocast) the residual stream and the norms stay fp32, matmul
+outputs are 2 bytes, and each matmul saves its own half-precision copy of its input (autocast casts per call: three
+copies for wq/wk/wv, two for w1/w3). After the last block: the final norm's tensors and the log-probabilities
+(vocab floats per token, fp32), plus, at the start of the backward pass, the loss's two vocab-sized gradient
+buffers — usually the largest single item.
+
+That count is the peak of PyTorch's allocator: on a CPU it matched ``torch.profiler``'s allocation events and
+PyTorch's ``MemTracker`` to the MiB, and on an H100 ``torch.cuda.max_memory_allocated`` within 1%. A CPU process
+holds more than its tensors, though (see :data:`CPU_RESIDENT_FACTOR`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from llmfoundry_pl.config import ModelConfig
+
+# Resident memory of a CPU training process above its tensors' peak: glibc's heap and the math libraries'
+# workspaces. Measured with the ref16m preset at micro-batches 8 and 16 (with and without keep_freed_memory, plain
+# loop and Lightning step): 1.43–1.53 × the allocator's peak.
+CPU_RESIDENT_FACTOR = 1.45
+MIXED = ("bf16-mixed", "16-mixed")  # fp32 weights, autocast to half for matmuls
+TRUE_HALF = ("bf16-true", "16-true")  # everything, weights and optimizer state included, in half precision
+FULL = ("32-true", "32")
+
+
+def _bytes(precision: str) -> tuple[int, int, int]:
+    """Sizes of (a weight, a matmul output, a residual-stream/norm value) under ``precision``."""
+    if precision in MIXED:
+        return 4, 2, 4
+    if precision in TRUE_HALF:
+        return 2, 2, 2
+    if precision in FULL:
+        return 4, 4, 4
+    raise ValueError(f"no memory model for precision={precision!r} (known: {', '.join(FULL + MIXED + TRUE_HALF)})")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device of one training step at a micro-batch of ``batch_size`` sequences."""
+
+    batch_size: int
+    weights: int  # parameters, plus autocast's half-precision copies of the matmul weights
+    gradients: int  # all of them: alive at the peak when micro-batches accumulate
+    optimizer: int  # AdamW's two moments
+    saved: int  # what autograd keeps for the backward pass
+    saved_checkpointed: int  # the same with model.activation_checkpointing=true, one block re-run at a time
+    loss_buffers: int  # the loss's two vocab-sized gradients at the start of the backward pass
+    accumulate: int
+
+    @property
+    def activations(self) -> int:
+        return self.saved + self.loss_buffers
+
+    @property
+    def activations_checkpointed(self) -> int:
+        return self.saved_checkpointed + self.loss_buffers
+
+    def resident(self, checkpointing: bool, device_type: str) -> int:
+        """What the device holds at the peak: the tensors on a GPU, more on a CPU (:data:`CPU_RESIDENT_FACTOR`)."""
+        return int(self.peak(checkpointing) * (CPU_RESIDENT_FACTOR if device_type == "cpu" else 1))
+
+    def peak(self, checkpointing: bool) -> int:
+        """Estimated peak bytes of a training step's tensors: at the start of the backward pass, when every saved tensor
+        and the loss's gradients are alive — plus all gradients when they accumulate over micro-batches (without
+        accumulation they are freed after each step and only appear as the activations go)."""
+        act = self.activations_checkpointed if checkpointing else self.activations
+        return self.weights + self.optimizer + (self.gradients if self.accumulate > 1 else 0) + act
+
+
+def plan_memory(
+    cfg: ModelConfig, batch_size: int, seq_len: int, precision: str, accumulate: int = 1, shards: int = 1
+) -> MemoryPlan:
+    """Memory of one training step of ``cfg`` per device.
+
+    ``shards`` > 1 is FSDP over that many devices: weights, gradients and optimizer state are split between them
+    (plus one block gathered whole at a time), activations are not."""
+    weight_b, matmul_b, stream_b = _bytes(precision)
+    mixed = precision in MIXED
+    D, Q, K, F, V, L = (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim,
+                        cfg.vocab_size, cfg.n_layers)
+    block_params = 2 * D + D * Q + 2 * D * K + Q * D + 3 * D * F
+    head_params = 0 if cfg.tie_embeddings else V * D
+    params = V * D + L * block_params + D + head_params
+    matmul_params = L * (block_params - 2 * D) + V * D
+
+    # Per token. Mixed: the norms' input and output and the residual sum in fp32, a half copy per matmul input.
+    # Otherwise the matmul inputs are the norms' outputs themselves.
+    norms = 4 * D * stream_b + 5 * D * matmul_b if mixed else 6 * D * stream_b
+    # + fp32 statistics: each norm's 1/rms, attention's log-sum-exp per head.
+    per_block = norms + (2 * Q + 2 * K + 4 * F) * matmul_b + 4 * (2 + cfg.n_heads)
+    final_norm = (2 * D * stream_b + D * matmul_b if mixed else 3 * D * stream_b) + 4
+    outside_blocks = final_norm + 4 * V + 2 * 8  # fp32 log-probabilities; int64 inputs and targets
+    tokens = batch_size * seq_len
+    sharded = params if shards == 1 else math.ceil(params / shards) + block_params
+    return MemoryPlan(
+        batch_size=batch_size,
+        weights=sharded * weight_b + (2 * matmul_params if mixed else 0),
+        gradients=sharded * weight_b,
+        optimizer=2 * sharded * weight_b,
+        saved=tokens * (L * per_block + outside_blocks),
+        saved_checkpointed=tokens * (L * D * stream_b + per_block + outside_blocks),
+        loss_buffers=tokens * (2 * 4 * V + (matmul_b * V if mixed else 0)),  # fp32 grads; mixed: + half copy
+        accumulate=accumulate,
+    )
+
+
+def largest_batch(
+    cfg: ModelConfig, seq_len: int, precision: str, memory_bytes: float, checkpointing: bool, device_type: str,
+    accumulate: int = 1, shards: int = 1,
+) -> int:
+    """The largest micro-batch whose planned peak fits in ``memory_bytes`` (0 if not even one sequence fits).
+    Memory grows linearly with the batch, so two plans give the exact answer."""
+    one = plan_memory(cfg, 1, seq_len, precision, accumulate, shards).resident(checkpointing, device_type)
+    two = plan_memory(cfg, 2, seq_len, precision, accumulate, shards).resident(checkpointing, device_type)
+    per_sequence, fixed = two - one, 2 * one - two
+    return max(0, int((memory_bytes - fixed) // per_sequence))

@@ -1,0 +1,123 @@
+"""The memory planner against what PyTorch really allocates, and lfpl-plan as users run it."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import profile
+
+from llmfoundry_pl.cli.plan import plan
+from llmfoundry_pl.config import ModelConfig
+from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.planner import CPU_RESIDENT_FACTOR, largest_batch, plan_memory
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Dimensions that differ from each other and from the batch's token count, so no tensor is mistaken for another.
+SHAPE = ModelConfig(vocab_size=1000, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, hidden_dim=320, max_seq_len=64)
+B, T = 3, 50
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 1000, (B, T), generator=g), torch.randint(0, 1000, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_planned_activations_are_what_autograd_saves(precision):
+    model = Transformer(SHAPE)
+    x, y = _batch()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    half_weight_sizes = {2 * p.numel() for p in model.parameters() if p.dim() == 2}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        # Weights and autocast's half copies of them are the plan's "weights", not activations.
+        if storage.data_ptr() not in weights and not (t.dtype == torch.bfloat16 and storage.nbytes() in
+                                                      half_weight_sizes and t.dim() == 2 and t.shape[0] != B * T):
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    planned = plan_memory(SHAPE, B, T, precision).saved
+    assert planned == pytest.approx(sum(saved.values()), rel=0.01)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_planned_peak_is_the_allocators_peak_in_a_training_step(checkpointing):
+    """The peak of every allocation PyTorch's CPU allocator makes in a steady-state step (the profiler's memory
+    events), plus the weights and AdamW state already held, against the plan."""
+    cfg = dataclasses.replace(SHAPE, activation_checkpointing=checkpointing)
+    model = Transformer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    x, y = _batch()
+
+    def step() -> None:
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the optimizer state exists from here on
+    with profile(profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    level = peak = 0
+    for e in events:
+        level += e.nbytes()
+        peak = max(peak, level)
+    held = 3 * sum(p.numel() for p in model.parameters()) * 4  # weights + two AdamW moments, fp32
+    assert plan_memory(cfg, B, T, "32-true").peak(checkpointing) == pytest.approx(held + peak, rel=0.05)
+
+
+def test_memory_grows_with_the_batch_and_shrinks_with_checkpointing_and_sharding():
+    one, four = plan_memory(SHAPE, 1, T, "32-true"), plan_memory(SHAPE, 4, T, "32-true")
+    assert four.activations > 3.9 * one.activations and four.weights == one.weights
+    assert four.activations_checkpointed < four.activations
+    sharded = plan_memory(SHAPE, 4, T, "32-true", shards=4)
+    assert sharded.optimizer < four.optimizer / 2 and sharded.activations == four.activations
+    mixed = plan_memory(SHAPE, 4, T, "bf16-mixed")
+    assert mixed.saved < four.saved and mixed.weights > four.weights  # half activations, + half weight copies
+    with pytest.raises(ValueError, match="precision='64-true'"):
+        plan_memory(SHAPE, 1, T, "64-true")
+
+
+def test_largest_batch_is_the_last_that_fits():
+    budget = 2e8
+    n = largest_batch(SHAPE, T, "32-true", budget, checkpointing=False, device_type="cpu")
+    resident = [plan_memory(SHAPE, b, T, "32-true").resident(False, "cpu") for b in (n, n + 1)]
+    assert resident[0] <= budget < resident[1]
+    assert resident[0] == int(plan_memory(SHAPE, n, T, "32-true").peak(False) * CPU_RESIDENT_FACTOR)
+    assert largest_batch(SHAPE, T, "32-true", budget, checkpointing=True, device_type="cpu") > n
+
+
+@pytest.mark.parametrize("hardware, model", [("rtx5060", "base"), ("m4pro", "small"), ("cpu", "tiny")])
+def test_each_hardware_profile_fits_the_model_it_is_meant_for(compose_train, hardware, model, capsys):
+    result = plan(compose_train([f"hardware={hardware}", f"model={model}"], name="plan"))
+    assert result["fits"], capsys.readouterr().out
+    assert result["largest_batch"] >= compose_train([f"hardware={hardware}"], name="plan").data.batch_size
+
+
+def test_plan_cli_prints_memory_fit_and_time(tmp_path):
+    out = run_cli("plan", "model=base", "hardware=rtx5060", "plan.tokens=1e9", cwd=tmp_path).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["params"] > 100e6 and result["fits"]
+    assert result["largest_batch_checkpointed"] > result["largest_batch"] > 0
+    assert result["memory_bytes"] == 7.5e9 and result["hours"] > 0
+    for line in ("optimizer (AdamW)", "activations", "largest micro-batch that fits", "time for 1e+09 tokens"):
+        assert line in out
+    assert list(tmp_path.iterdir()) == []  # a plan writes nothing
+
+
+def test_plan_says_when_a_run_does_not_fit(compose_train, capsys):
+    cfg = compose_train(["model=base", "hardware=rtx5060", "data.batch_size=64", "data.seq_len=2048"], name="plan")
+    assert plan(cfg)["fits"] is False and "does NOT fit" in capsys.readouterr().out
