@@ -85,7 +85,6 @@ def measure_matmul_flops(device: torch.device, n: int = 2048, dtype: torch.dtype
     return 2 * n**3 / best
 
 
-
 def peak_matmul_flops(device: torch.device, precision: str) -> float:
     """The FLOP/s MFU is measured against: the spec sheet on a GPU Lightning knows, else a matmul timed here."""
     if device.type == "cuda":

@@ -298,11 +298,14 @@ class Transformer(nn.Module):
                 total -= self.output.weight.numel()
         return total
 
+    def matmul_params(self) -> int:
+        """Weights used in matmuls: the blocks' projections and the output head. The embedding lookup is not a
+        matmul; the output head is, even when tied to it."""
+        cfg = self.config
+        norms = sum(p.numel() for n, p in self.named_parameters() if p.dim() < 2 and "norm" in n)
+        return self.num_params(non_embedding=True) + cfg.vocab_size * cfg.dim - norms
+
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward), PaLM's formula (Chowdhery et al., 2022, appendix B):
-        6 · (weights used in matmuls) + 12 · n_layers · dim · seq_len for the attention scores and values.
-        The embedding lookup is not a matmul; the output head is, even when tied."""
-        cfg = self.config
-        matmul_params = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.dim
-        matmul_params -= sum(p.numel() for n, p in self.named_parameters() if p.dim() < 2 and "norm" in n)
-        return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len
+        6 · (weights used in matmuls) + 12 · n_layers · dim · seq_len for the attention scores and values."""
+        return 6 * self.matmul_params() + 12 * self.config.n_layers * self.config.dim * seq_len

@@ -28,7 +28,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from llmfoundry_pl.config import ModelConfig
+from llmfoundry_pl.model import Transformer
 
 # Resident memory of a CPU training process above its tensors' peak: glibc's heap and the math libraries'
 # workspaces. Measured with the ref16m preset at micro-batches 8 and 16 (with and without keep_freed_memory, plain
@@ -94,10 +97,10 @@ def plan_memory(
     mixed = precision in MIXED
     D, Q, K, F, V, L = (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim,
                         cfg.vocab_size, cfg.n_layers)
-    block_params = 2 * D + D * Q + 2 * D * K + Q * D + 3 * D * F
-    head_params = 0 if cfg.tie_embeddings else V * D
-    params = V * D + L * block_params + D + head_params
-    matmul_params = L * (block_params - 2 * D) + V * D
+    with torch.device("meta"):  # the counts come from the model itself; on the meta device it takes no memory
+        network = Transformer(cfg)
+    params, matmul_params = network.num_params(), network.matmul_params()
+    block_params = sum(p.numel() for p in network.layers[0].parameters())
 
     # Per token. Mixed: the norms' input and output and the residual sum in fp32, a half copy per matmul input.
     # Otherwise the matmul inputs are the norms' outputs themselves.
