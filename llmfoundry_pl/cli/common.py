@@ -39,6 +39,17 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(2) from None
 
 
+def pick_device(name: str) -> torch.device:
+    """The device called ``name``; for ``auto`` the best this machine has: CUDA, else MPS, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def prepare_data_and_model(cfg: DictConfig) -> tuple[TextDataModule | ChatDataModule, ModelConfig, Transformer | None]:
     """The prepared data module, the model config and, with ``init_from``, the starting network of a training
     config (lfpl-train, lfpl-bench).

@@ -21,8 +21,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from llmfoundry_pl.chat import ChatFormat
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, user_errors
-from llmfoundry_pl.cli.generate import pick_device
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, user_errors
 from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.demo_task import demo_questions

@@ -20,22 +20,12 @@ import torch
 from omegaconf import DictConfig
 
 from llmfoundry_pl.chat import ChatFormat, Message
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, user_errors
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, user_errors
 from llmfoundry_pl.config import ConfigError, register_configs
 from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, stream_text
 from llmfoundry_pl.inference.quantize import quantize
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def load_models(cfg: DictConfig) -> tuple[Transformer, Tokenizer, Transformer | None]:

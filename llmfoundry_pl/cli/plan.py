@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from llmfoundry_pl.callbacks import peak_matmul_flops
-from llmfoundry_pl.cli.common import CONFIG_PATH, to_dataclass, user_errors
+from llmfoundry_pl.cli.common import CONFIG_PATH, pick_device, to_dataclass, user_errors
 from llmfoundry_pl.config import ConfigError, MachineConfig, ModelConfig, PlanSettings, register_configs
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.planner import CPU_RESIDENT_FACTOR, MemoryPlan, largest_batch, plan_memory
@@ -77,12 +77,9 @@ def plan(cfg: DictConfig) -> dict[str, float]:
 
 
 def _device_type(accelerator: str) -> str:
-    """cuda, mps or cpu: the profile's accelerator, or for ``auto`` what this machine has."""
-    if accelerator in ("gpu", "cuda"):
-        return "cuda"
-    if accelerator in ("cpu", "mps"):
-        return accelerator
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    """cuda, mps or cpu: the profile's accelerator (Lightning's "gpu" is CUDA), or for ``auto`` what this machine
+    has."""
+    return pick_device("cuda" if accelerator == "gpu" else accelerator).type
 
 
 def _memory_bytes(machine: MachineConfig) -> float:

@@ -15,8 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, to_dataclass, user_errors
-from llmfoundry_pl.cli.generate import pick_device
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, to_dataclass, user_errors
 from llmfoundry_pl.config import ConfigError, ServeConfig, register_configs
 from llmfoundry_pl.inference.quantize import quantize
 
