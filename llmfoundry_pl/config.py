@@ -349,6 +349,14 @@ QUANTIZE_HELP = ("Inference with quantized linear layers: none (fp32), int8 (int
                  "docs/benchmarks.md.")
 
 
+def check_quantize(mode: str) -> None:
+    """A one-line error unless ``mode`` is one of :data:`QUANTIZE_MODES`. Called by the schemas of lfpl-generate,
+    lfpl-eval and lfpl-serve, so a typo fails before a model is loaded, and by ``inference.quantize.quantize`` for
+    callers from Python."""
+    if mode not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize={mode} is not one of {', '.join(QUANTIZE_MODES)}")
+
+
 @dataclass
 class MachineConfig:
     """What the hardware profile's device can hold and do, for ``lfpl-plan`` and the fit check of each profile."""
@@ -414,7 +422,9 @@ class TrainConfig:
     initial_validation: bool = field(
         default=False, metadata=_help("Validate once before training, to log where fine-tuning starts from (step 0).")
     )
-    compile: bool = field(default=False, metadata=_help("torch.compile the model before training."))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile the training step (model and loss as one graph; validation stays eager). On a CPU it needs a "
+        "C++ compiler."))
     keep_freed_memory: bool = field(
         default=True,
         metadata=_help("Linux: malloc keeps freed memory for the next step instead of returning it to the OS "
@@ -506,6 +516,9 @@ class EvalConfig:
     precision: str | None = field(default=None, metadata=_help("Lightning precision; null keeps the default."))
     quantize: str = field(default="none", metadata=_help(QUANTIZE_HELP))
 
+    def __post_init__(self) -> None:
+        check_quantize(self.quantize)
+
 
 @dataclass
 class GenerateConfig:
@@ -541,6 +554,9 @@ class GenerateConfig:
     compile: bool = field(default=False, metadata=_help("torch.compile the model: faster decoding after a slow start."))
     device: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
     quantize: str = field(default="none", metadata=_help(QUANTIZE_HELP))
+
+    def __post_init__(self) -> None:
+        check_quantize(self.quantize)
 
 
 @dataclass
@@ -594,6 +610,7 @@ class ServeConfig:
     quantize: str = field(default="none", metadata=_help(QUANTIZE_HELP))
 
     def __post_init__(self) -> None:
+        check_quantize(self.quantize)
         for name in ("max_batch", "queue_limit", "default_max_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be 1 or more")
@@ -688,7 +705,8 @@ def auto_precision() -> str:
     import torch
 
     if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        # Native bf16 only (Ampere and later): torch also answers True for older GPUs that emulate it, slowly.
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
     return "32-true"
 
 

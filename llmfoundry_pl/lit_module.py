@@ -152,19 +152,35 @@ class LitLlama(L.LightningModule):
     def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(tokens, segment_ids=segment_ids)
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+    def train_forward(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """The training step's model and loss: ``{"loss": ...}``, plus whatever else the objective logs as
+        ``train/<name>``. The part of the step that :meth:`compile_training` compiles."""
         # (B, T) inputs and (B, T) targets: y is x shifted left by one token, IGNORE_INDEX where nothing is learnt
         # (fine-tuning prompts, padding); packed fine-tuning rows add (B, T) segment ids.
         x, y, *segment_ids = batch
         logits = self(x, *segment_ids)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
-        self.log("train/loss", loss, prog_bar=True)
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)}
+
+    def compile_training(self) -> None:
+        """torch.compile :meth:`train_forward`: the model and its loss as one graph, so the loss's softmax and its
+        gradient fuse with the rest (1-2% faster per step than compiling the model alone, on a 2-core CPU).
+        Validation and sampling stay eager: they run without gradients (no_grad, inference mode), and each mode
+        would compile graphs of its own — 16 s for the tiny preset's final validation on that CPU — for a few
+        batches. Parameter names, and so checkpoints, stay those of the plain model."""
+        self.train_forward = torch.compile(self.train_forward)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        outputs = self.train_forward(batch)
+        self.log("train/loss", outputs["loss"], prog_bar=True)
+        for name, value in outputs.items():
+            if name != "loss":
+                self.log(f"train/{name}", value)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             # Only on the steps Lightning writes logs: logging a Python number copies it to the GPU, which waits
             # for the GPU to finish (torch.cuda.set_sync_debug_mode flagged it once per step on an H100).
-            tokens_per_step = x.numel() * self.trainer.accumulate_grad_batches * self.trainer.world_size
+            tokens_per_step = batch[0].numel() * self.trainer.accumulate_grad_batches * self.trainer.world_size
             self.log("train/tokens", float((self.global_step + 1) * tokens_per_step), reduce_fx="max")
-        return loss
+        return outputs["loss"]
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         x, y, *segment_ids = batch
@@ -267,12 +283,9 @@ class LitDPO(LitLlama):
         chosen, rejected = (self.dpo_cfg.beta * (policy - reference)).chunk(2)
         return chosen, rejected
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def train_forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         chosen, rejected = self._rewards(batch)
-        loss = -F.logsigmoid(chosen - rejected).mean()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/reward_margin", (chosen - rejected).mean())
-        return loss
+        return {"loss": -F.logsigmoid(chosen - rejected).mean(), "reward_margin": (chosen - rejected).mean()}
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         chosen, rejected = self._rewards(batch)

@@ -21,6 +21,15 @@ buffers — usually the largest single item.
 That count is the peak of PyTorch's allocator: on a CPU it matched ``torch.profiler``'s allocation events and
 PyTorch's ``MemTracker`` to the MiB, and on an H100 ``torch.cuda.max_memory_allocated`` within 1%. A CPU process
 holds more than its tensors, though (see :data:`CPU_RESIDENT_FACTOR`).
+
+``compile=true`` (Inductor, model and loss compiled as one graph) saves less: it recomputes the normalised values
+and silu(gate) in the backward pass instead of keeping them, and keeps the logits (in the matmul dtype) instead of
+fp32 log-probabilities. Per block and token: the block input and the residual sum (D each, residual dtype), the
+normalised inputs of the attention and MLP matmuls (D each), RoPE-rotated q, k, v and the attention output
+(2Q + 2K), gate, up and their product (3F); after the blocks, the final norm's input and output and the logits.
+Its fused loss gradient takes the logits' place, so the step peaks when the output head's weight gradient is
+allocated on top of the saved tensors. Checked against the tensors Inductor saves (``tests/test_planner.py``) and
+the CPU allocator's peak (ref16m, 8 × 256, fp32: 552.1 MB planned, 552.0 MB measured).
 """
 
 from __future__ import annotations
@@ -63,16 +72,18 @@ class MemoryPlan:
     optimizer: int  # AdamW's two moments
     saved: int  # what autograd keeps for the backward pass
     saved_checkpointed: int  # the same with model.activation_checkpointing=true, one block re-run at a time
-    loss_buffers: int  # the loss's two vocab-sized gradients at the start of the backward pass
+    # Allocated on top of the saved tensors when the backward pass peaks: eager, the loss's two vocab-sized
+    # gradients; compiled, the output head's weight gradient (the fused loss gradient reuses the logits' place).
+    backward_buffers: int
     accumulate: int
 
     @property
     def activations(self) -> int:
-        return self.saved + self.loss_buffers
+        return self.saved + self.backward_buffers
 
     @property
     def activations_checkpointed(self) -> int:
-        return self.saved_checkpointed + self.loss_buffers
+        return self.saved_checkpointed + self.backward_buffers
 
     def resident(self, checkpointing: bool, device_type: str) -> int:
         """What the device holds at the peak: the tensors on a GPU, more on a CPU (:data:`CPU_RESIDENT_FACTOR`)."""
@@ -87,12 +98,14 @@ class MemoryPlan:
 
 
 def plan_memory(
-    cfg: ModelConfig, batch_size: int, seq_len: int, precision: str, accumulate: int = 1, shards: int = 1
+    cfg: ModelConfig, batch_size: int, seq_len: int, precision: str, accumulate: int = 1, shards: int = 1,
+    compiled: bool = False,
 ) -> MemoryPlan:
     """Memory of one training step of ``cfg`` per device.
 
     ``shards`` > 1 is FSDP over that many devices: weights, gradients and optimizer state are split between them
-    (plus one block gathered whole at a time), activations are not."""
+    (plus one block gathered whole at a time), activations are not. ``compiled``: the step runs under
+    ``compile=true``, which saves fewer tensors (see the module's docstring)."""
     weight_b, matmul_b, stream_b = _bytes(precision)
     mixed = precision in MIXED
     D, Q, K, F, V, L = (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim,
@@ -102,13 +115,21 @@ def plan_memory(
     params, matmul_params = network.num_params(), network.matmul_params()
     block_params = sum(p.numel() for p in network.layers[0].parameters())
 
-    # Per token. Mixed: the norms' input and output and the residual sum in fp32, a half copy per matmul input.
-    # Otherwise the matmul inputs are the norms' outputs themselves.
-    norms = 4 * D * stream_b + 5 * D * matmul_b if mixed else 6 * D * stream_b
-    # + fp32 statistics: each norm's 1/rms, attention's log-sum-exp per head.
-    per_block = norms + (2 * Q + 2 * K + 4 * F) * matmul_b + 4 * (2 + cfg.n_heads)
-    final_norm = (2 * D * stream_b + D * matmul_b if mixed else 3 * D * stream_b) + 4
-    outside_blocks = final_norm + 4 * V + 2 * 8  # fp32 log-probabilities; int64 inputs and targets
+    # Per token, + fp32 statistics: each norm's 1/rms, attention's log-sum-exp per head; int64 inputs and targets.
+    stats = 4 * (2 + cfg.n_heads)
+    if compiled:  # the stream (D, twice), the matmuls' normalised inputs (D, twice), q k v out, gate up product
+        per_block = 2 * D * stream_b + (2 * D + 2 * Q + 2 * K + 3 * F) * matmul_b + stats
+        outside_blocks = D * stream_b + (D + V) * matmul_b + 4 + 2 * 8  # final norm in and out, the logits
+        backward_buffers = V * D * weight_b  # the output head's weight gradient
+    else:
+        # Mixed: the norms' input and output and the residual sum in fp32, a half copy per matmul input. Otherwise
+        # the matmul inputs are the norms' outputs themselves.
+        norms = 4 * D * stream_b + 5 * D * matmul_b if mixed else 6 * D * stream_b
+        per_block = norms + (2 * Q + 2 * K + 4 * F) * matmul_b + stats
+        final_norm = (2 * D * stream_b + D * matmul_b if mixed else 3 * D * stream_b) + 4
+        outside_blocks = final_norm + 4 * V + 2 * 8  # fp32 log-probabilities
+        # The loss's two fp32 vocab-sized gradients per token; mixed: + their half copy.
+        backward_buffers = batch_size * seq_len * (2 * 4 * V + (matmul_b * V if mixed else 0))
     tokens = batch_size * seq_len
     sharded = params if shards == 1 else math.ceil(params / shards) + block_params
     return MemoryPlan(
@@ -118,18 +139,22 @@ def plan_memory(
         optimizer=2 * sharded * weight_b,
         saved=tokens * (L * per_block + outside_blocks),
         saved_checkpointed=tokens * (L * D * stream_b + per_block + outside_blocks),
-        loss_buffers=tokens * (2 * 4 * V + (matmul_b * V if mixed else 0)),  # fp32 grads; mixed: + half copy
+        backward_buffers=backward_buffers,
         accumulate=accumulate,
     )
 
 
 def largest_batch(
     cfg: ModelConfig, seq_len: int, precision: str, memory_bytes: float, checkpointing: bool, device_type: str,
-    accumulate: int = 1, shards: int = 1,
+    accumulate: int = 1, shards: int = 1, compiled: bool = False,
 ) -> int:
     """The largest micro-batch whose planned peak fits in ``memory_bytes`` (0 if not even one sequence fits).
     Memory grows linearly with the batch, so two plans give the exact answer."""
-    one = plan_memory(cfg, 1, seq_len, precision, accumulate, shards).resident(checkpointing, device_type)
-    two = plan_memory(cfg, 2, seq_len, precision, accumulate, shards).resident(checkpointing, device_type)
+
+    def resident(batch_size: int) -> int:
+        plan = plan_memory(cfg, batch_size, seq_len, precision, accumulate, shards, compiled)
+        return plan.resident(checkpointing, device_type)
+
+    one, two = resident(1), resident(2)
     per_sequence, fixed = two - one, 2 * one - two
     return max(0, int((memory_bytes - fixed) // per_sequence))

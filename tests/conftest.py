@@ -16,7 +16,7 @@ from llmfoundry_pl.config import register_configs
 
 # A model and run small enough for a 2-core CPU to train in seconds, through the real code paths.
 TINY = [
-    "hardware=cpu",
+    "hardware=cpu", "compile=false",  # seconds-long runs: compiling would take longer than training
     "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
     "data.vocab_size=512", "data.seq_len=32", "data.batch_size=4",
     "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",

@@ -7,7 +7,7 @@ import json
 from tests.conftest import run_cli
 
 TINY_BENCH = [
-    "hardware=cpu", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
+    "hardware=cpu", "compile=false", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
     "data.vocab_size=512", "bench.seq_len=32", "bench.batch_size=4", "bench.warmup=1",
 ]
 

@@ -6,18 +6,24 @@ import dataclasses
 from importlib import resources
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from llmfoundry_pl.cli.common import to_dataclass
+from llmfoundry_pl.cli.common import require_compiler, to_dataclass
 from llmfoundry_pl.cli.ddp import HydraDDPStrategy, HydraFSDPStrategy, build_strategy
 from llmfoundry_pl.config import (
     ChatDataConfig,
+    ConfigError,
     DataConfig,
+    EvalConfig,
+    GenerateConfig,
     LoraConfig,
     ModelConfig,
     OptimConfig,
     SchedulerConfig,
+    ServeConfig,
+    auto_precision,
     schema_from_signature,
 )
 from llmfoundry_pl.model import Transformer, TransformerBlock
@@ -76,13 +82,36 @@ def test_config_typos_and_wrong_types_fail_at_compose_time(compose_train, overri
         compose_train([override])
 
 
+@pytest.mark.parametrize(("name", "schema"), [("generate", GenerateConfig), ("eval", EvalConfig),
+                                              ("serve", ServeConfig)])
+def test_quantize_typo_fails_when_the_config_is_read(compose_train, name, schema):
+    cfg = compose_train(["ckpt_path=some/model", "quantize=int3"], name=name)
+    with pytest.raises(ConfigError) as error:
+        to_dataclass(cfg, schema)
+    assert str(error.value) == "quantize=int3 is not one of none, int8, int8_weight, int4_weight"
+    valid = compose_train(["ckpt_path=some/model", "quantize=int4_weight"], name=name)
+    assert to_dataclass(valid, schema).quantize == "int4_weight"
+
+
 def test_hardware_profiles_set_device_and_precision(compose_train):
     cpu = compose_train(["hardware=cpu"])
-    assert (cpu.trainer.accelerator, cpu.trainer.precision, cpu.compile) == ("cpu", "32-true", False)
+    assert (cpu.trainer.accelerator, cpu.trainer.precision, cpu.compile) == ("cpu", "32-true", True)
+    # fine-tuning batches vary in length (each new length would recompile): the experiments turn compile off
+    assert not compose_train(["hardware=cpu", "experiment=sft"]).compile
+    assert not compose_train(["hardware=cpu", "experiment=dpo"]).compile
     gpu = compose_train(["hardware=rtx5060"])
     assert (gpu.trainer.accelerator, gpu.trainer.precision) == ("gpu", "bf16-mixed")
     assert compose_train(["hardware=m4pro"]).trainer.accelerator == "mps"
     assert compose_train([]).trainer.precision == "32-true"  # auto on this CPU-only machine
+
+
+@pytest.mark.parametrize("capability, precision", [((8, 9), "bf16-mixed"), ((7, 0), "16-mixed")])
+def test_auto_precision_wants_native_bf16(monkeypatch, capability, precision):
+    # torch answers is_bf16_supported() True on pre-Ampere GPUs too (emulated, slow): hardware=auto must not pick it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or capability[0] >= 8)
+    assert auto_precision() == precision
 
 
 def test_schema_from_signature_keeps_names_defaults_and_plain_types():
@@ -107,3 +136,18 @@ def test_build_strategy_picks_hydra_aware_ddp_and_fsdp(monkeypatch):
     fsdp = build_strategy("fsdp", 2, TransformerBlock)
     assert isinstance(fsdp, HydraFSDPStrategy) and fsdp._state_dict_type == "full"
     assert TransformerBlock in fsdp.kwargs["auto_wrap_policy"]._module_classes
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch):
+    from torch._inductor import config as inductor_config
+    from torch._inductor.cpp_builder import cpp_compiler_search
+
+    require_compiler(torch.device("cpu"))  # this machine has one (Inductor's own search)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++"))
+    cpp_compiler_search.cache_clear()  # the search remembers its answer
+    try:
+        with pytest.raises(ConfigError, match="compile=true on a CPU needs a C\\+\\+ compiler.*compile=false"):
+            require_compiler(torch.device("cpu"))
+        require_compiler(torch.device("cuda"))  # GPU kernels come from Triton, not a C++ compiler
+    finally:
+        cpp_compiler_search.cache_clear()

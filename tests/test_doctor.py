@@ -1,4 +1,5 @@
-"""lfpl-doctor as a user runs it: a subprocess, on this machine and on a simulated broken install."""
+"""lfpl-doctor as a user runs it: a subprocess, on this machine and on a simulated broken install; and its CUDA
+and MPS branches, on simulated GPUs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from tests.conftest import run_cli
 
@@ -63,3 +67,115 @@ def test_doctor_plain_table_without_rich(capsys, monkeypatch) -> None:
     assert lines[1].split()[:2] == ["sentencepiece", "FAIL"] and lines[1].index("FAIL") == lines[0].index("ok")
     assert lines[3:] == ["FAIL sentencepiece: pip install 'sentencepiece>=0.2'",
                          "warn cache: export LFPL_CACHE_DIR=/a/bigger/disk", "1 required check(s) failed"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The GPU branches, on this CPU: torch's device queries answer as a CUDA or an Apple machine would
+# ------------------------------------------------------------------------------------------------------------------
+MIB = 2**20
+
+
+@pytest.fixture
+def smoke_tests(monkeypatch, tmp_path) -> list[tuple[str, bool]]:
+    """Keep the report to its device logic. The smoke test cannot run on a simulated GPU, so it records the device
+    and precision it was given; versions and configs (seconds of imports and composing) are tested above."""
+    from llmfoundry_pl.cli import doctor
+
+    given = []
+
+    def smoke_test(torch, device: str, bf16: bool = False) -> doctor.Check:
+        given.append((device, bf16))
+        return doctor.Check("smoke test", "forward+backward", "ok", f"on {device} (simulated)", data={"device": device})
+
+    monkeypatch.setattr(doctor, "check_smoke_test", smoke_test)
+    monkeypatch.setattr(doctor, "check_versions", list)
+    monkeypatch.setattr(doctor, "check_configs", list)
+    monkeypatch.setenv("LFPL_CACHE_DIR", str(tmp_path))
+    return given
+
+
+def simulate_cuda(monkeypatch, name: str, memory_mib: int, capability: tuple[int, int]) -> None:
+    """torch as it answers on a machine with one such NVIDIA GPU (bf16 as torch reports it natively: Ampere+)."""
+    import torch
+
+    props = SimpleNamespace(name=name, total_memory=memory_mib * MIB, major=capability[0], minor=capability[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: capability[0] >= 8)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def doctor_json(capsys) -> dict:
+    from llmfoundry_pl.cli.doctor import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert exit_.value.code == (0 if report["ok"] else 1)
+    return report
+
+
+@pytest.mark.parametrize(
+    ("name", "memory_mib", "capability", "gpu", "profile", "why"),
+    [
+        ("NVIDIA GeForce RTX 5060", 8151, (12, 0), {"memory_gib": 8.0, "compute_capability": "12.0", "bf16": True},
+         "rtx5060", "a 8 GiB GPU: bf16-mixed, micro-batch 8 × 4 accumulation"),
+        ("NVIDIA H100 80GB HBM3", 81559, (9, 0), {"memory_gib": 79.6, "compute_capability": "9.0", "bf16": True},
+         "auto", "a 80 GiB GPU: bf16-mixed, the data defaults"),
+        ("NVIDIA GeForce RTX 2070", 7982, (7, 5), {"memory_gib": 7.8, "compute_capability": "7.5", "bf16": False},
+         "auto", "a 8 GiB GPU without bf16: 16-mixed"),
+        ("Tesla V100-SXM2-32GB", 32510, (7, 0), {"memory_gib": 31.7, "compute_capability": "7.0", "bf16": False},
+         "auto", "a 32 GiB GPU: 16-mixed, the data defaults"),
+    ],
+    ids=["rtx5060-8gb", "h100-80gb", "rtx2070-8gb-no-bf16", "v100-32gb-no-bf16"],
+)
+def test_doctor_on_a_cuda_machine(monkeypatch, capsys, smoke_tests, name, memory_mib, capability, gpu, profile, why):
+    simulate_cuda(monkeypatch, name, memory_mib, capability)
+    report = doctor_json(capsys)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["cuda:0"]["status"] == "ok" and checks["cuda:0"]["data"] == {"name": name, **gpu}
+    bf16 = "yes" if gpu["bf16"] else "no (16-mixed)"
+    assert checks["cuda:0"]["detail"] == (f"{name}, {gpu['memory_gib']} GiB, compute {gpu['compute_capability']}, "
+                                          f"bf16 {bf16} (CUDA 12.8)")
+    assert checks["mps"]["data"] is False
+    assert smoke_tests == [("cuda", gpu["bf16"])]  # on the GPU, in the precision hardware=auto picks there
+    assert report["recommended_hardware"] == profile and checks["recommended"]["data"] == profile
+    assert checks["recommended"]["detail"].startswith(f"lfpl-train hardware={profile}  ({why}")
+    assert report["ok"] is True and report["failed"] == []
+
+
+def test_doctor_on_an_apple_machine(monkeypatch, capsys, smoke_tests):
+    import torch
+
+    from llmfoundry_pl.cli import doctor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(doctor, "_nvidia_driver_present", lambda: False)
+    report = doctor_json(capsys)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert (checks["cuda"]["status"], checks["cuda"]["detail"]) == ("info", "no CUDA GPU (CPU-only build)")
+    assert (checks["mps"]["status"], checks["mps"]["detail"], checks["mps"]["data"]) == (
+        "ok", "available (Apple GPU)", True)
+    assert smoke_tests == [("mps", False)]  # fp32: hardware=auto and m4pro train 32-true on MPS
+    assert report["recommended_hardware"] == "m4pro"
+    assert checks["recommended"]["detail"] == "lfpl-train hardware=m4pro  (an Apple GPU through MPS)"
+    assert report["ok"] is True
+
+
+@pytest.mark.parametrize(("device", "fix"), [("cuda", "nvidia-smi"), ("mps", "macOS")])
+def test_doctor_smoke_test_on_a_missing_gpu_names_that_gpu_s_fix(device, fix):
+    """The real smoke test, told to use a GPU this machine lacks: a FAIL row with the fix for that GPU."""
+    import torch
+
+    from llmfoundry_pl.cli.doctor import check_smoke_test, training_device
+
+    if training_device(torch) == device:
+        pytest.skip(f"this machine has {device}")
+    check = check_smoke_test(torch, device)
+    assert check.status == "FAIL" and check.detail.startswith(f"on {device}: ") and fix in check.fix
+    assert check.fix.endswith("training on the CPU still works: hardware=cpu")

@@ -103,3 +103,25 @@ def test_validation_bits_per_byte_use_the_tokenizer_bytes(datamodule):
     assert metrics["val/loss"] == pytest.approx(math.log(512), rel=0.05)
     assert 1.5 < metrics["val/loss"] / math.log(2) / metrics["val/bpb"] < 5
     assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-4)
+
+
+def test_compiled_training_takes_the_steps_eager_training_takes(datamodule):
+    # compile=true (the cpu profile's default): the model and its loss compiled as one graph must train the same
+    # weights as eager; validation stays eager and still runs.
+    weights = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        lit = LitLlama(tiny_model())
+        lit.set_tokenizer(datamodule.tokenizer)
+        initial = lit.model.output.weight.detach().clone()
+        if compiled:
+            lit.compile_training()
+        trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            limit_val_batches=1, val_check_interval=3, use_distributed_sampler=False,
+                            enable_model_summary=False)
+        trainer.fit(lit, datamodule=datamodule)
+        weights[compiled] = {k: v.clone() for k, v in lit.model.state_dict().items()}
+    assert weights[True].keys() == weights[False].keys()  # checkpoint names unchanged by compiling
+    for name, w in weights[False].items():
+        torch.testing.assert_close(weights[True][name], w, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.allclose(weights[True]["output.weight"], initial)  # it did train

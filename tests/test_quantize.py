@@ -12,6 +12,7 @@ import torch
 
 from llmfoundry_pl.cli.eval import evaluate
 from llmfoundry_pl.cli.generate import generate
+from llmfoundry_pl.cli.serve import serve
 from llmfoundry_pl.config import ConfigError, ModelConfig
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
 from llmfoundry_pl.inference import generate_stream
@@ -126,5 +127,10 @@ def test_generate_and_eval_commands_with_each_mode(folder, compose_train, capsys
     for mode in BOUNDS:
         assert records[mode]["quantize"] == mode and records[mode]["weight_bytes"] < records["none"]["weight_bytes"]
         assert records[mode]["val/bpb"] == pytest.approx(records["none"]["val/bpb"], rel=0.02)
-    with pytest.raises(ConfigError, match="quantize=int3 is not one of"):
-        generate(compose_train([f"ckpt_path={folder}", "quantize=int3"], name="generate"))
+
+
+@pytest.mark.parametrize(("command", "name"), [(generate, "generate"), (evaluate, "eval"), (serve, "serve")])
+def test_quantize_typo_fails_before_the_model_is_loaded(compose_train, command, name):
+    # ckpt_path does not exist: loading first would fail with that error instead of this one
+    with pytest.raises(ConfigError, match="^quantize=int3 is not one of none, int8, int8_weight, int4_weight$"):
+        command(compose_train(["ckpt_path=no/such/model", "quantize=int3"], name=name))

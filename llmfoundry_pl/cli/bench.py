@@ -28,7 +28,7 @@ from omegaconf import DictConfig, open_dict
 
 from llmfoundry_pl.allocator import keep_freed_memory
 from llmfoundry_pl.callbacks import HALF_PRECISION, peak_matmul_flops
-from llmfoundry_pl.cli.common import CONFIG_PATH, prepare_data_and_model, to_dataclass, user_errors
+from llmfoundry_pl.cli.common import CONFIG_PATH, prepare_data_and_model, require_compiler, to_dataclass, user_errors
 from llmfoundry_pl.config import BenchSettings, ConfigError, ModelConfig, OptimConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.lit_module import LitLlama, use_fused_adamw
@@ -88,7 +88,8 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     floor = _resident_memory(device)  # before the model exists: the training step's own memory is above it
     lit = LitLlama(model=model_cfg, optim=to_dataclass(cfg.optim, OptimConfig))
     if cfg.compile:
-        lit.model.compile()
+        require_compiler(device)
+        lit.compile_training()
     tokens_per_call = cfg.data.batch_size * cfg.data.seq_len  # one micro-batch
     peak_flops = peak_matmul_flops(device, str(trainer.precision))
     flops_per_token = lit.model.flops_per_token(cfg.data.seq_len)
@@ -98,15 +99,14 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     rows = {"lightning": _row(timer.end - timer.starts[skip], len(timer.starts) - skip, sum(timer.waits[skip:]),
                               timer.first_step, tokens_per_call, flops_per_token, peak_flops, _peak_memory(device))}
     precision, accumulate = str(trainer.precision), cfg.trainer.accumulate_grad_batches or 1
-    planned = plan_memory(model_cfg, cfg.data.batch_size, cfg.data.seq_len, precision, accumulate)
+    planned = plan_memory(model_cfg, cfg.data.batch_size, cfg.data.seq_len, precision, accumulate,
+                          compiled=cfg.compile)
     memory = {"train_mem_bytes": rows["lightning"]["peak_mem_bytes"] - floor,
               "planned_mem_bytes": planned.resident(model_cfg.activation_checkpointing, device.type)}
 
     if settings.plain:
         torch.manual_seed(cfg.seed)
         plain = Transformer(model_cfg).to(device)
-        if cfg.compile:
-            plain.compile()
         rows["plain"] = _plain_loop(plain, datamodule, cfg, device, total, settings.warmup, flops_per_token, peak_flops)
     if settings.litgpt:
         litgpt_model = _litgpt_twin(model_cfg)
@@ -137,6 +137,8 @@ def _plain_loop(model: torch.nn.Module, datamodule: TextDataModule, cfg: DictCon
                                   weight_decay=optim.weight_decay, fused=fused)
     autocast = (torch.autocast(device.type, dtype=HALF_PRECISION[precision]) if precision.endswith("-mixed")
                 else nullcontext())
+    # The same compiled unit as LitLlama.compile_training: model and loss in one graph.
+    loss_fn = torch.compile(_next_token_loss) if cfg.compile else _next_token_loss
     batches: Iterator = iter(datamodule.train_batches(0, total * accumulate))
     _reset_peak_memory(device)
     wait = first_step = 0.0
@@ -150,8 +152,7 @@ def _plain_loop(model: torch.nn.Module, datamodule: TextDataModule, cfg: DictCon
             x, y = (t.to(device, non_blocking=True) for t in next(batches))
             wait += time.perf_counter() - fetch_start
             with autocast:
-                logits = _logits(model, x)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100) / accumulate
+                loss = loss_fn(model, x, y) / accumulate
             loss.backward()
         if cfg.trainer.gradient_clip_val:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
@@ -166,9 +167,10 @@ def _plain_loop(model: torch.nn.Module, datamodule: TextDataModule, cfg: DictCon
                 flops_per_token, peak_flops, _peak_memory(device))
 
 
-def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _next_token_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     out = model(x)
-    return out.logits if hasattr(out, "logits") else out
+    logits = out.logits if hasattr(out, "logits") else out  # litgpt's GPT returns logits, HF-style models an output
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
 
 
 def _litgpt_twin(cfg: ModelConfig) -> torch.nn.Module | None:

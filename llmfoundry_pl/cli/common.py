@@ -50,6 +50,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def require_compiler(device: torch.device) -> None:
+    """compile=true on a CPU has torch.compile (Inductor) build C++ kernels: without a C++ compiler, say so in one
+    line before anything runs, not in Inductor's traceback at the first step. Asks Inductor's own compiler search
+    (it honours $CXX), so the answer is the one the compilation would get."""
+    if device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        raise ConfigError(
+            "compile=true on a CPU needs a C++ compiler for torch.compile's kernels and none was found: install one "
+            "(Debian/Ubuntu: apt install g++; macOS: xcode-select --install) or set CXX, or run with compile=false"
+        ) from None
+
+
 def prepare_data_and_model(cfg: DictConfig) -> tuple[TextDataModule | ChatDataModule, ModelConfig, Transformer | None]:
     """The prepared data module, the model config and, with ``init_from``, the starting network of a training
     config (lfpl-train, lfpl-bench).

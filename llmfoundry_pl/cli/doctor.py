@@ -14,6 +14,7 @@ library at the top, and every check catches its own errors: a broken install giv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -48,6 +49,11 @@ CPU_FLAGS = ("sse4_2", "fma", "avx", "avx2", "avx512f", "avx512_vnni", "avx512_b
              "asimd", "sve", "sve2", "bf16", "i8mm")  # ARM (/proc/cpuinfo "Features")
 MIN_FREE_GIB, LOW_FREE_GIB = 0.5, 5.0  # the bundled corpus needs megabytes; a real corpus's token files need GBs
 SMALL_GPU_GIB = 12  # up to this much memory, the rtx5060 profile's micro-batch × accumulation is the safe choice
+# What to try when the smoke test fails on a GPU (on the CPU: reinstall torch).
+SMOKE_TEST_FIX = {
+    "cuda": "check the driver with nvidia-smi; training on the CPU still works: hardware=cpu",
+    "mps": "update macOS and torch (MPS needs macOS 12.3+); training on the CPU still works: hardware=cpu",
+}
 GIB = 1024**3
 
 
@@ -91,7 +97,9 @@ def run_checks() -> list[Check]:
         return checks
     checks += check_devices(torch)
     checks.append(check_cache_disk())
-    checks.append(check_smoke_test(torch))
+    device = training_device(torch)
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)  # native, as hardware=auto
+    checks.append(check_smoke_test(torch, device, bf16=bf16))
     checks += check_configs()
     checks.append(recommend_hardware(torch))
     return checks
@@ -181,7 +189,8 @@ def _satisfies(version: str, specifier: str) -> bool:
 # ------------------------------------------------------------------------------------------------------------------
 def check_devices(torch: Any) -> list[Check]:
     checks = []
-    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    hip = getattr(torch.version, "hip", None)  # a ROCm build answers torch.cuda too, with version.cuda None
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {hip}" if hip else "CPU-only build"
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
@@ -196,7 +205,7 @@ def check_devices(torch: Any) -> list[Check]:
                             "locally/), or check nvidia-smi", False))
     else:
         checks.append(Check("devices", "cuda", "info", f"no CUDA GPU ({build})", data=False))
-    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    mps = _mps(torch)
     checks.append(Check("devices", "mps", "ok" if mps else "info", "available (Apple GPU)" if mps else "not available",
                         data=mps))
     checks.append(check_cpu(torch))
@@ -278,12 +287,11 @@ def check_cache_disk() -> Check:
 # ------------------------------------------------------------------------------------------------------------------
 # Smoke test, configs, recommendation
 # ------------------------------------------------------------------------------------------------------------------
-def check_smoke_test(torch: Any, steps: int = 3) -> Check:
-    """Forward, backward and a few AdamW steps of a tiny Transformer on the device training would pick, with the
-    precision hardware=auto would pick: the loss must be finite, every weight must get a finite gradient, and the
-    loss must fall on a repeated batch."""
-    device = "cuda" if torch.cuda.is_available() else "mps" if _mps(torch) else "cpu"
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+def check_smoke_test(torch: Any, device: str, bf16: bool = False, steps: int = 3) -> Check:
+    """Forward, backward and a few AdamW steps of a tiny Transformer on ``device`` (the one training would pick,
+    :func:`training_device`), in bf16 autocast or fp32 as hardware=auto would pick: the loss must be finite, every
+    weight must get a finite gradient, and the loss must fall on a repeated batch. Detection stays outside so that
+    the report's logic can be tested on a machine without the device."""
     try:
         from llmfoundry_pl.config import ModelConfig
         from llmfoundry_pl.model import Transformer
@@ -296,7 +304,9 @@ def check_smoke_test(torch: Any, steps: int = 3) -> Check:
         tokens = torch.randint(0, 256, (4, 33), device=device)
         losses = []
         for _ in range(steps):
-            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            # No autocast object at all in fp32: a torch without MPS autocast raises on torch.autocast("mps") even
+            # with enabled=False.
+            with torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
                 logits = model(tokens[:, :-1])  # (B, T, V)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
             optimizer.zero_grad()
@@ -308,8 +318,7 @@ def check_smoke_test(torch: Any, steps: int = 3) -> Check:
             optimizer.step()
         seconds = time.perf_counter() - start
     except Exception as e:
-        fix = _import_fix(e) or ("check the driver with nvidia-smi; training on the CPU still works: hardware=cpu"
-                                 if device != "cpu" else "reinstall torch: pip install --force-reinstall torch")
+        fix = _import_fix(e) or SMOKE_TEST_FIX.get(device, "reinstall torch: pip install --force-reinstall torch")
         return Check("smoke test", "forward+backward", "FAIL", f"on {device}: {_one_line(e)}", fix, {"device": device})
     data = {"device": device, "precision": "bf16-mixed" if bf16 else "32-true", "losses": losses, "seconds": seconds}
     detail = (f"{device} {data['precision']}: tiny Transformer, {steps} AdamW steps, loss {losses[0]:.3f} → "
@@ -360,12 +369,18 @@ def recommend_hardware(torch: Any) -> Check:
         elif gib <= SMALL_GPU_GIB:  # the rtx5060 profile assumes bf16
             profile, why = "auto", f"a {gib:.0f} GiB GPU without bf16: 16-mixed; lower data.batch_size if it runs out"
         else:
-            profile, why = "auto", f"a {gib:.0f} GiB GPU: bf16-mixed, the data defaults; raise data.batch_size freely"
+            precision = "bf16-mixed" if props.major >= 8 else "16-mixed"  # a V100 (32 GB) has no bf16
+            profile, why = "auto", f"a {gib:.0f} GiB GPU: {precision}, the data defaults; raise data.batch_size freely"
     elif _mps(torch):
         profile, why = "m4pro", "an Apple GPU through MPS"
     else:
         profile, why = "cpu", "no GPU: fp32, no compile"
     return Check("hardware", "recommended", "info", f"lfpl-train hardware={profile}  ({why})", data=profile)
+
+
+def training_device(torch: Any) -> str:
+    """The device lfpl-train's hardware=auto trains on: CUDA, else MPS, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "mps" if _mps(torch) else "cpu"
 
 
 def _mps(torch: Any) -> bool:

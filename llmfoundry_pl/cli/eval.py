@@ -21,8 +21,8 @@ import lightning as L
 from omegaconf import DictConfig
 
 from llmfoundry_pl.chat import ChatFormat
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, user_errors
-from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, register_configs
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, to_dataclass, user_errors
+from llmfoundry_pl.config import ConfigError, DataConfig, EvalConfig, ModelConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.demo_task import demo_questions
 from llmfoundry_pl.inference import choice_accuracy
@@ -33,7 +33,7 @@ from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
 
 
-def evaluation_data(cfg: DictConfig, source: ModelSource, model_cfg: ModelConfig, tokenizer: Tokenizer) -> DataConfig:
+def evaluation_data(cfg: EvalConfig, source: ModelSource, model_cfg: ModelConfig, tokenizer: Tokenizer) -> DataConfig:
     """What to evaluate on: with ``data.path`` unset, the validation split of the data the model was trained on;
     otherwise all of ``data.path`` (val_fraction=1)."""
     run_data = (source.run_config or {}).get("data")
@@ -64,7 +64,7 @@ def evaluation_data(cfg: DictConfig, source: ModelSource, model_cfg: ModelConfig
 TASKS = ("demo",)  # task= values; null is the text evaluation
 
 
-def load_quantized(cfg: DictConfig) -> tuple[Transformer, Tokenizer, ModelSource]:
+def load_quantized(cfg: EvalConfig) -> tuple[Transformer, Tokenizer, ModelSource]:
     """``load_model`` of ``cfg.ckpt_path``, then with ``cfg.quantize`` its linear layers quantized on the device
     that will run it (quantized weights are packed for one device's kernels, so Lightning must not move them)."""
     model, tokenizer, source = load_model(cfg.ckpt_path)
@@ -73,7 +73,8 @@ def load_quantized(cfg: DictConfig) -> tuple[Transformer, Tokenizer, ModelSource
     return model, tokenizer, source
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
+def evaluate(node: DictConfig) -> dict[str, float]:
+    cfg = to_dataclass(node, EvalConfig)  # the schema's checks (quantize=) run here, before any loading
     if cfg.task is not None:
         return evaluate_task(cfg)
     model, tokenizer, source = load_quantized(cfg)
@@ -102,7 +103,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def evaluate_task(cfg: DictConfig) -> dict[str, float]:
+def evaluate_task(cfg: EvalConfig) -> dict[str, float]:
     """Multiple-choice accuracy on the held-out questions of ``cfg.task`` (the first ``task_limit`` of them)."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task} is not a known task; use one of {', '.join(TASKS)}, or task=null for "

@@ -20,15 +20,15 @@ import torch
 from omegaconf import DictConfig
 
 from llmfoundry_pl.chat import ChatFormat, Message
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, user_errors
-from llmfoundry_pl.config import ConfigError, register_configs
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, require_compiler, to_dataclass, user_errors
+from llmfoundry_pl.config import ConfigError, GenerateConfig, register_configs
 from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, stream_text
 from llmfoundry_pl.inference.quantize import quantize
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
 
 
-def load_models(cfg: DictConfig) -> tuple[Transformer, Tokenizer, Transformer | None]:
+def load_models(cfg: GenerateConfig) -> tuple[Transformer, Tokenizer, Transformer | None]:
     """The model, its tokenizer and the optional draft model, on the chosen device, quantized as asked."""
     device = pick_device(cfg.device)
     model, tokenizer, _ = load_model(cfg.ckpt_path)
@@ -42,6 +42,7 @@ def load_models(cfg: DictConfig) -> tuple[Transformer, Tokenizer, Transformer | 
             )
         draft = quantize(draft.to(device), cfg.quantize)
     if cfg.compile:  # dynamic: the cache grows by one slot per step, which must not mean one compilation per step
+        require_compiler(device)
         model = torch.compile(model, dynamic=True)
         draft = draft if draft is None else torch.compile(draft, dynamic=True)
     return model, tokenizer, draft
@@ -74,8 +75,9 @@ def fit_context(chat: ChatFormat, messages: list[Message], max_seq_len: int) -> 
     return system + turns
 
 
-def generate(cfg: DictConfig) -> list[str]:
+def generate(node: DictConfig) -> list[str]:
     """Print, and return, the continuation of each prompt."""
+    cfg = to_dataclass(node, GenerateConfig)  # the schema's checks (quantize=) run here, before any loading
     if cfg.max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be 0 or more")
     if cfg.batch_size < 1:

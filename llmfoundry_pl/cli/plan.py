@@ -47,13 +47,13 @@ def plan(cfg: DictConfig) -> dict[str, float]:
     devices = (trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1) * trainer.num_nodes
     shards = devices if trainer.strategy == "fsdp" else 1
     try:
-        memory = plan_memory(model_cfg, batch, seq_len, precision, accumulate, shards)
+        memory = plan_memory(model_cfg, batch, seq_len, precision, accumulate, shards, cfg.compile)
     except ValueError as e:
         raise ConfigError(f"{e}; set trainer.precision") from None
     checkpointing, device_type = model_cfg.activation_checkpointing, _device_type(str(trainer.accelerator))
     budget = _memory_bytes(machine) * HEADROOM
-    fits = {ckpt: largest_batch(model_cfg, seq_len, precision, budget, ckpt, device_type, accumulate, shards)
-            for ckpt in (False, True)}
+    fits = {ckpt: largest_batch(model_cfg, seq_len, precision, budget, ckpt, device_type, accumulate, shards,
+                                cfg.compile) for ckpt in (False, True)}
 
     flops_per_token = network.flops_per_token(seq_len)
     tokens = settings.tokens or _run_tokens(cfg, devices)
@@ -130,9 +130,10 @@ def _print(cfg: DictConfig, machine: MachineConfig, network: Transformer, memory
     print(f"{network.num_params() / 1e6:.1f}M parameters ({network.num_params(non_embedding=True) / 1e6:.1f}M "
           f"outside the embeddings); {result['flops_per_token'] / 1e9:.3f} GFLOP per trained token at seq_len "
           f"{seq_len}")
-    print(f"{machine.name}: {result['memory_bytes'] / GB:.1f} GB per device; {trainer.precision}, micro-batch "
-          f"{cfg.data.batch_size} × {seq_len}, accumulate {trainer.accumulate_grad_batches or 1}, {devices} "
-          f"device(s){sharding}")
+    compiled = ", compiled" if cfg.compile else ""  # torch.compile saves fewer tensors for the backward pass
+    print(f"{machine.name}: {result['memory_bytes'] / GB:.1f} GB per device; {trainer.precision}{compiled}, "
+          f"micro-batch {cfg.data.batch_size} × {seq_len}, accumulate {trainer.accumulate_grad_batches or 1}, "
+          f"{devices} device(s){sharding}")
     weights = "weights" + (" (+ half copies)" if memory.weights > memory.gradients else "")
     rows = [(weights, memory.weights, memory.weights),
             ("gradients" + (" (after the peak)" if memory.accumulate == 1 else ""), memory.gradients,

@@ -28,6 +28,7 @@ from llmfoundry_pl.allocator import keep_freed_memory
 from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     prepare_data_and_model,
+    require_compiler,
     resolve_ckpt_path,
     to_dataclass,
     user_errors,
@@ -67,12 +68,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         **objective,
     )
     lit.set_tokenizer(datamodule.tokenizer)
-    if cfg.compile:
-        lit.model.compile()  # in place: parameter names (and so checkpoints) stay those of the plain model
 
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     trainer = _build_trainer(cfg.trainer, callbacks, loggers)
+    if cfg.compile:
+        require_compiler(trainer.strategy.root_device)
+        lit.compile_training()
 
     failed = True
     try:

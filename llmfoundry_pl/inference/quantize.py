@@ -30,7 +30,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from llmfoundry_pl.config import QUANTIZE_MODES, ConfigError
+from llmfoundry_pl.config import ConfigError, check_quantize
 from llmfoundry_pl.model import Transformer
 
 INT4_GROUP_SIZE = 32  # weights sharing one scale and zero point; of the kernel's 32/64/128, the most accurate
@@ -43,14 +43,13 @@ _WHY = {
 
 
 def quantize(model: Transformer, mode: str) -> Transformer:
-    """``model`` with its linear layers quantized for inference by ``mode`` (one of :data:`QUANTIZE_MODES`), in
+    """``model`` with its linear layers quantized for inference by ``mode`` (one of ``config.QUANTIZE_MODES``), in
     place, on the device it is on; ``none`` returns it unchanged. Quantize after moving the model to its device,
     and before ``torch.compile``. The result is for inference only: its quantized weights have no gradients.
 
     A head tied to the embedding (``tie_embeddings``) stays fp32: quantizing it would add an int8 copy beside the
     fp32 table the lookup still needs."""
-    if mode not in QUANTIZE_MODES:
-        raise ConfigError(f"quantize={mode} is not one of {', '.join(QUANTIZE_MODES)}")
+    check_quantize(mode)  # the CLIs' schemas already checked; this is for callers from Python
     if mode == "none":
         return model
     device = model.tok_embeddings.weight.device
