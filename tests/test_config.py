@@ -138,16 +138,15 @@ def test_build_strategy_picks_hydra_aware_ddp_and_fsdp(monkeypatch):
     assert TransformerBlock in fsdp.kwargs["auto_wrap_policy"]._module_classes
 
 
-def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch):
+def test_compile_without_a_cpp_compiler_is_one_line():
     from torch._inductor import config as inductor_config
     from torch._inductor.cpp_builder import cpp_compiler_search
 
     require_compiler(torch.device("cpu"))  # this machine has one (Inductor's own search)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++"))
-    cpp_compiler_search.cache_clear()  # the search remembers its answer
-    try:
+    # Inductor's own patch(): monkeypatch's undo would delete the setting from Inductor's config module.
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-c++")}):
         with pytest.raises(ConfigError, match="compile=true on a CPU needs a C\\+\\+ compiler.*compile=false"):
             require_compiler(torch.device("cpu"))
         require_compiler(torch.device("cuda"))  # GPU kernels come from Triton, not a C++ compiler
-    finally:
-        cpp_compiler_search.cache_clear()
+    cpp_compiler_search.cache_clear()
+    require_compiler(torch.device("cpu"))  # the real compiler is found again
