@@ -159,6 +159,42 @@ def test_torchrun_launch_recipe_on_one_node(tmp_path, cache_dir):
     assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["metrics"]["val/loss"] > 0
 
 
+# srun as far as recipes/multinode/slurm.sbatch needs it: start SLURM_NTASKS copies of the command, each with the
+# per-task variables the real srun sets, and fail if any task fails.
+FAKE_SRUN = """#!/usr/bin/env bash
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NODEID=0 "$@" &
+  pids+=($!)
+done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+exit $rc
+"""
+
+
+def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
+    """recipes/multinode/slurm.sbatch as SLURM would run it on one node with 2 tasks (srun simulated): Lightning's
+    SLURMEnvironment takes the ranks from SLURM's variables and joins the 2 processes (gloo)."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "multinode" / "slurm.sbatch"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lfpl-train", "SLURM_NNODES": "1", "SLURM_NTASKS": "2",
+             "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODELIST": "localhost", "MASTER_PORT": "29534"}
+    env = {**os.environ, **slurm, "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent),
+                                                            os.environ["PATH"]])}
+    proc = subprocess.run(["bash", str(recipe), *TINY], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "SLURM auto-requeueing enabled" in output  # Lightning chose its SLURMEnvironment ...
+    assert "MEMBER: 2/2" in output  # ... and the two srun tasks became one process group
+    metrics = json.loads((tmp_path / "outputs" / "slurm-4242" / "final_metrics.json").read_text())["metrics"]
+    assert metrics["val/loss"] > 0
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -97,12 +97,21 @@ def run_checks() -> list[Check]:
         return checks
     checks += check_devices(torch)
     checks.append(check_cache_disk())
-    device = training_device(torch)
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)  # native, as hardware=auto
-    checks.append(check_smoke_test(torch, device, bf16=bf16))
+    precision = _auto_precision()
+    checks.append(check_smoke_test(torch, training_device(torch), bf16=precision == "bf16-mixed"))
     checks += check_configs()
-    checks.append(recommend_hardware(torch))
+    checks.append(recommend_hardware(torch, precision))
     return checks
+
+
+def _auto_precision() -> str:
+    """The precision hardware=auto trains in (:func:`llmfoundry_pl.config.auto_precision`: bf16-mixed only on a GPU
+    with native bf16); 32-true when the package does not import, which the rows above already report."""
+    try:
+        from llmfoundry_pl.config import auto_precision
+    except Exception:
+        return "32-true"
+    return auto_precision()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -359,22 +368,20 @@ def check_configs() -> list[Check]:
     return checks
 
 
-def recommend_hardware(torch: Any) -> Check:
-    """The conf/hardware profile for this machine."""
+def recommend_hardware(torch: Any, precision: str) -> Check:
+    """The conf/hardware profile for this machine; ``precision`` is the one hardware=auto picks here."""
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        gib = props.total_memory / GIB
-        if gib <= SMALL_GPU_GIB and props.major >= 8:
+        gib = torch.cuda.get_device_properties(0).total_memory / GIB
+        if gib <= SMALL_GPU_GIB and precision == "bf16-mixed":
             profile, why = "rtx5060", f"a {gib:.0f} GiB GPU: bf16-mixed, micro-batch 8 × 4 accumulation"
         elif gib <= SMALL_GPU_GIB:  # the rtx5060 profile assumes bf16
             profile, why = "auto", f"a {gib:.0f} GiB GPU without bf16: 16-mixed; lower data.batch_size if it runs out"
-        else:
-            precision = "bf16-mixed" if props.major >= 8 else "16-mixed"  # a V100 (32 GB) has no bf16
+        else:  # e.g. a V100 (32 GB) has no native bf16: 16-mixed
             profile, why = "auto", f"a {gib:.0f} GiB GPU: {precision}, the data defaults; raise data.batch_size freely"
     elif _mps(torch):
         profile, why = "m4pro", "an Apple GPU through MPS"
     else:
-        profile, why = "cpu", "no GPU: fp32, no compile"
+        profile, why = "cpu", "no GPU: fp32 and torch.compile, which needs a C++ compiler"
     return Check("hardware", "recommended", "info", f"lfpl-train hardware={profile}  ({why})", data=profile)
 
 
