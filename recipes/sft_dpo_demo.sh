@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole path on the bundled data with the tiny preset: pretrain → supervised fine-tuning (SFT) → DPO, with the
 # demo task's held-out accuracy ("Which play is this passage from?", 13 titles) after each stage.
-# Expected: ~8 min on a 2-core CPU (measured: 476 s). The last line is one JSON object:
+# Expected: ~7 min on a 2-core CPU (measured: 389–423 s). The last line is one JSON object:
 #   {"chance", "base_acc", "sft_acc", "dpo_acc", "dpo_val_pref_acc_start", "dpo_val_pref_acc_end", "seconds"}
 # OUT=dir and QUESTIONS=n (held-out questions scored, default all 507) may be set in the environment.
 set -euo pipefail
@@ -10,7 +10,7 @@ questions=${QUESTIONS:-507}
 start=$SECONDS
 last_json() { tail -n 1; }
 
-# 1. Pretrain the tiny model on the plays (the default run, ~4 min).
+# 1. Pretrain the tiny model on the plays (the default run, compiled: ~3 min).
 lfpl-train hardware=cpu hydra.run.dir=$out/pretrain sample_tokens=0
 base=$out/pretrain/checkpoints/last.ckpt
 base_eval=$(lfpl-eval ckpt_path=$base task=demo task_limit=$questions | last_json)

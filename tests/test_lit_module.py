@@ -105,23 +105,33 @@ def test_validation_bits_per_byte_use_the_tokenizer_bytes(datamodule):
     assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-4)
 
 
-def test_compiled_training_takes_the_steps_eager_training_takes(datamodule):
+def test_compiled_training_takes_the_steps_eager_training_takes_and_repeats_them(compose_train, cache_dir):
     # compile=true (the cpu profile's default): the model and its loss compiled as one graph must train the same
-    # weights as eager; validation stays eager and still runs.
-    weights = {}
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        lit = LitLlama(tiny_model())
-        lit.set_tokenizer(datamodule.tokenizer)
-        initial = lit.model.output.weight.detach().clone()
-        if compiled:
-            lit.compile_training()
-        trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            limit_val_batches=1, val_check_interval=3, use_distributed_sampler=False,
-                            enable_model_summary=False)
-        trainer.fit(lit, datamodule=datamodule)
-        weights[compiled] = {k: v.clone() for k, v in lit.model.state_dict().items()}
-    assert weights[True].keys() == weights[False].keys()  # checkpoint names unchanged by compiling
-    for name, w in weights[False].items():
-        torch.testing.assert_close(weights[True][name], w, rtol=1e-4, atol=1e-5, msg=name)
-    assert not torch.allclose(weights[True]["output.weight"], initial)  # it did train
+    # weights as eager, and the same ones again in a second run: Inductor's embedding backward adds rows with
+    # atomics in whatever order the threads meet, unless the profile's trainer.deterministic=true tells it not to.
+    # Validation stays eager and still runs. The batch is large enough for both threads to hit the same rows.
+    deterministic = compose_train(["hardware=cpu"]).trainer.deterministic
+    datamodule = TextDataModule(DataConfig(vocab_size=512, seq_len=64, batch_size=8, cache_dir=str(cache_dir)))
+    datamodule.prepare_data()
+    weights = []
+    try:
+        for compiled in (False, True, True):
+            torch.manual_seed(0)
+            lit = LitLlama(tiny_model(max_seq_len=64))
+            lit.set_tokenizer(datamodule.tokenizer)
+            initial = lit.model.output.weight.detach().clone()
+            if compiled:
+                lit.compile_training()
+            trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                limit_val_batches=1, val_check_interval=3, use_distributed_sampler=False,
+                                enable_model_summary=False, deterministic=deterministic)
+            trainer.fit(lit, datamodule=datamodule)
+            weights.append({k: v.clone() for k, v in lit.model.state_dict().items()})
+    finally:
+        torch.use_deterministic_algorithms(False)  # Lightning set it process-wide; later tests expect the default
+    eager, compiled, again = weights
+    assert compiled.keys() == eager.keys()  # checkpoint names unchanged by compiling
+    for name, w in eager.items():
+        torch.testing.assert_close(compiled[name], w, rtol=1e-4, atol=1e-5, msg=name)
+        assert torch.equal(again[name], compiled[name]), f"{name}: a second compiled run trained other weights"
+    assert not torch.allclose(compiled["output.weight"], initial)  # it did train
