@@ -1,4 +1,4 @@
-"""The two callbacks Lightning does not ship as we need them; everything else in conf/callbacks is Lightning's.
+"""The callbacks Lightning does not ship as we need them; everything else in conf/callbacks is Lightning's.
 Also the peak FLOP/s that MFU is measured against (used by the throughput callback, lfpl-bench and lfpl-plan)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from llmfoundry_pl.inference import generate_text
@@ -38,6 +38,20 @@ class SampleTextCallback(L.Callback):
         message = f"[step {trainer.global_step}] sample: {self.prompt}{text}"
         bar = trainer.progress_bar_callback
         bar.print(message) if bar is not None else rank_zero_info(message)
+
+
+class LossProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, with the training loss read when the bar refreshes (every ``refresh_rate`` batches).
+
+    Why not ``self.log("train/loss", ..., prog_bar=True)``: Lightning turns every prog_bar metric into a Python
+    number after every batch, whether a bar shows it or not (Lightning issue #21232). On a GPU, reading a number
+    waits for the GPU to finish the step, so the CPU cannot queue the next step's kernels ahead of it. Read here, the
+    loss crosses to the host once per refresh instead of once per batch."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")  # the tensor logged by the last training step
+        return items if loss is None else {"train/loss": loss.item(), **items}
 
 
 class TokenThroughputMonitor(ThroughputMonitor):

@@ -667,7 +667,7 @@ def register_configs() -> None:
     from lightning.pytorch import loggers
     from omegaconf import OmegaConf
 
-    from llmfoundry_pl.callbacks import SampleTextCallback, TokenThroughputMonitor
+    from llmfoundry_pl.callbacks import LossProgressBar, SampleTextCallback, TokenThroughputMonitor
 
     OmegaConf.register_new_resolver("lfpl.auto_precision", auto_precision, replace=True)
     cs = ConfigStore.instance()
@@ -689,7 +689,7 @@ def register_configs() -> None:
     callback_classes = {
         "model_checkpoint": cb.ModelCheckpoint,
         "lr_monitor": cb.LearningRateMonitor,
-        "progress_bar": cb.TQDMProgressBar,
+        "progress_bar": LossProgressBar,
         "throughput": TokenThroughputMonitor,
         "sample_text": SampleTextCallback,
         "early_stopping": cb.EarlyStopping,

@@ -171,7 +171,9 @@ class LitLlama(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         outputs = self.train_forward(batch)
-        self.log("train/loss", outputs["loss"], prog_bar=True)
+        # Not prog_bar=True: that reads the loss back to the host after every step (a GPU sync); the progress bar
+        # (callbacks.LossProgressBar) reads it only when it refreshes.
+        self.log("train/loss", outputs["loss"])
         for name, value in outputs.items():
             if name != "loss":
                 self.log(f"train/{name}", value)

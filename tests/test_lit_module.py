@@ -4,6 +4,7 @@ import lightning as L
 import pytest
 import torch
 
+from llmfoundry_pl.callbacks import LossProgressBar
 from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, SchedulerConfig
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.lit_module import LitLlama, WarmupDecay, use_fused_adamw
@@ -91,6 +92,34 @@ def test_checkpoint_carries_tokenizer_and_config(datamodule, tmp_path):
     other = LitLlama(tiny_model(dim=64))
     with pytest.raises(ConfigError, match="model.dim: 32 → 64"):
         other.on_load_checkpoint(torch.load(tmp_path / "a.ckpt", weights_only=False))
+
+
+def test_training_reads_numbers_back_only_when_it_logs_or_refreshes_the_bar(datamodule, tmp_path, monkeypatch):
+    # On a GPU each tensor read back to the host (.item()) waits for the GPU: a sync. The loss is shown and
+    # logged, but read only on the steps the logger writes and the bar refreshes (here every 4th), not every step.
+    class BatchIndex(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.current = batch_idx
+
+    where, reads = BatchIndex(), []
+    item = torch.Tensor.item
+
+    def counted_item(tensor):
+        reads.append(getattr(where, "current", None))
+        return item(tensor)
+
+    bar = LossProgressBar(refresh_rate=4)
+    trainer = L.Trainer(max_steps=12, log_every_n_steps=4, limit_val_batches=0, callbacks=[where, bar],
+                        logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
+                        use_distributed_sampler=False, enable_model_summary=False)
+    lit = LitLlama(tiny_model())
+    lit.set_tokenizer(datamodule.tokenizer)
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    trainer.fit(lit, datamodule=datamodule)
+    monkeypatch.undo()
+    during_training = {i for i in reads if i is not None}
+    assert during_training and during_training <= {3, 7, 11}, sorted(during_training)
+    assert "train/loss" in bar.train_progress_bar.postfix  # the bar still shows the loss
 
 
 def test_validation_bits_per_byte_use_the_tokenizer_bytes(datamodule):
