@@ -268,9 +268,14 @@ def test_playground_streams_a_reply_in_a_real_browser(server, tmp_path):
         page.fill("#temperature", "0")
         page.fill("#max_tokens", "12")
         page.fill("#prompt", question)
+        # Stop is enabled only while the reply streams, which can be a few milliseconds: an observer records that
+        # it was, rather than a poll that might fall before and after it.
+        page.evaluate("""const stop = document.getElementById('stop');
+                         new MutationObserver(() => { if (!stop.disabled) window.streamed = true; })
+                             .observe(stop, {attributes: true})""")
         page.click("#send")
-        page.wait_for_function("document.getElementById('stop').disabled === false")  # streaming has begun
-        page.wait_for_function("document.getElementById('send').disabled === false", timeout=60_000)  # and ended
+        page.wait_for_function("window.streamed === true && document.getElementById('send').disabled === false",
+                               timeout=60_000)  # streaming began, and ended
         page.screenshot(path=str(tmp_path / "playground.png"))
         reply = page.text_content("#log .assistant")
         model_shown = page.text_content("#model")
