@@ -312,7 +312,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_help("Adam's beta1 and beta2."))
     eps: float = field(default=1e-8, metadata=_help("Adam's epsilon."))
     fused: bool | None = field(
-        default=None, metadata=_help("Fused AdamW kernel; null: on CUDA and CPU (measured faster), foreach on MPS.")
+        default=None, metadata=_help("Fused AdamW kernel; null: on CUDA and CPU (measured faster), foreach on MPS and "
+                                      "when clipping under 16-mixed (loss-scaled gradients).")
     )
 
 

@@ -16,6 +16,9 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, ModelConfig, OptimConfig, SchedulerConfig
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
@@ -39,16 +42,17 @@ def use_fused_adamw(requested: bool | None, device_type: str, precision: str, gr
     """Whether AdamW runs fused (one kernel for all parameters); ``requested`` None means auto.
 
     Fused wins on CUDA and, since torch 2.13, on CPU too (+9% whole training steps for the tiny and ref16m presets
-    on a 2-core AVX-512 CPU, against the multi-tensor foreach path); MPS keeps foreach (not measured). Lightning's
-    mixed-precision plugin refuses gradient clipping with a fused optimizer (it would unscale inside the kernel),
-    so auto steps aside when both are on — found on an H100 with hardware=rtx5060 (bf16-mixed, clipping 1.0)."""
-    clipping_mixed = bool(gradient_clip_val) and "mixed" in precision
-    if requested and clipping_mixed:
+    on a 2-core AVX-512 CPU, against the multi-tensor foreach path); MPS keeps foreach (not measured). Under
+    16-mixed a fused AdamW unscales the loss-scaled gradients inside its kernel, so they are still scaled when
+    clipping would run: clipping then needs the foreach path. bf16-mixed has no loss scale, and
+    :meth:`LitLlama.configure_gradient_clipping` clips there although Lightning refuses it."""
+    clipping_scaled = bool(gradient_clip_val) and precision == "16-mixed"
+    if requested and clipping_scaled:
         raise ConfigError(
-            f"optim.fused=true cannot clip gradients under precision={precision} (Lightning refuses it); "
-            "set optim.fused=null (auto) or trainer.gradient_clip_val=null"
+            f"optim.fused=true cannot clip gradients under precision={precision} (they are still loss-scaled when "
+            "clipping runs); set optim.fused=null (auto) or trainer.gradient_clip_val=null"
         )
-    return requested if requested is not None else device_type in ("cuda", "cpu") and not clipping_mixed
+    return requested if requested is not None else device_type in ("cuda", "cpu") and not clipping_scaled
 
 
 class LitLlama(L.LightningModule):
@@ -223,6 +227,25 @@ class LitLlama(L.LightningModule):
         schedule = WarmupDecay(self.scheduler_cfg, total_steps=self.trainer.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping (``trainer.gradient_clip_val``), also in two cases where Lightning refuses a sound one:
+
+        - FSDP, by norm (Lightning issue #19235): the norm is over every rank's shard, which only the root FSDP
+          module's own ``clip_grad_norm_`` can compute.
+        - a fused AdamW under bf16-mixed (Lightning issue #21435): Lightning refuses fused optimizers under any
+          mixed precision because under 16-mixed the gradients are still loss-scaled here; bf16-mixed has no loss
+          scale, so its gradients are the true ones and Lightning's plain clipping is right for them."""
+        strategy, precision = self.trainer.strategy, self.trainer.precision_plugin
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+        if gradient_clip_val and algorithm == GradClipAlgorithmType.NORM and isinstance(strategy, FSDPStrategy):
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+        elif gradient_clip_val and isinstance(precision, MixedPrecision) and precision.scaler is None:
+            # the base class's clipping, without MixedPrecision's refusal
+            Precision.clip_gradients(precision, optimizer, gradient_clip_val, algorithm)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 class WarmupDecay:

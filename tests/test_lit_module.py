@@ -3,9 +3,11 @@ import math
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 
 from llmfoundry_pl.callbacks import LossProgressBar
-from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, SchedulerConfig
+from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedulerConfig
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.lit_module import LitLlama, WarmupDecay, use_fused_adamw
 from llmfoundry_pl.metrics import LanguageModelMetrics
@@ -45,13 +47,13 @@ def test_weight_decay_skips_norms_and_embeddings():
     assert optimizer.defaults["fused"]  # CPU, full precision: the fused kernel measured faster
 
 
-def test_fused_adamw_auto_steps_aside_where_lightning_cannot_clip():
+def test_fused_adamw_auto_steps_aside_only_where_gradients_are_loss_scaled():
     assert use_fused_adamw(None, "cuda", "32-true", 1.0)
-    assert use_fused_adamw(None, "cuda", "bf16-mixed", None)
-    assert not use_fused_adamw(None, "cuda", "bf16-mixed", 1.0)  # Lightning's AMP plugin would raise mid-step
+    assert use_fused_adamw(None, "cuda", "bf16-mixed", 1.0)  # no loss scale: LitLlama clips it (Lightning would not)
+    assert not use_fused_adamw(None, "cuda", "16-mixed", 1.0)  # scaled gradients at clipping time
+    assert use_fused_adamw(None, "cuda", "16-mixed", None)
     assert use_fused_adamw(None, "cpu", "32-true", 1.0)
     assert not use_fused_adamw(None, "mps", "32-true", None)
-    assert not use_fused_adamw(None, "cpu", "bf16-mixed", 1.0)
     assert not use_fused_adamw(False, "cuda", "bf16-mixed", None)
     with pytest.raises(ConfigError, match="optim.fused=true cannot clip gradients under precision=16-mixed"):
         use_fused_adamw(True, "cuda", "16-mixed", 1.0)
@@ -164,3 +166,41 @@ def test_compiled_training_takes_the_steps_eager_training_takes_and_repeats_them
         torch.testing.assert_close(compiled[name], w, rtol=1e-4, atol=1e-5, msg=name)
         assert torch.equal(again[name], compiled[name]), f"{name}: a second compiled run trained other weights"
     assert not torch.allclose(compiled["output.weight"], initial)  # it did train
+
+
+def test_fused_adamw_clips_under_bf16_mixed(datamodule):
+    # Lightning refuses to clip for any fused optimizer under mixed precision (its issue #21435); LitLlama clips
+    # under bf16-mixed, which has no loss scale. The fused run must train what the foreach run, clipped by Lightning
+    # itself, trains, and clipping must have changed the result (the threshold is far below the gradient norm).
+    weights = {}
+    for name, fused, clip in (("fused", None, 1e-3), ("foreach", False, 1e-3), ("unclipped", None, None)):
+        torch.manual_seed(0)
+        lit = LitLlama(tiny_model(), optim=OptimConfig(fused=fused))
+        lit.set_tokenizer(datamodule.tokenizer)
+        trainer = L.Trainer(max_steps=3, precision="bf16-mixed", gradient_clip_val=clip, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                            use_distributed_sampler=False, enable_model_summary=False)
+        trainer.fit(lit, datamodule=datamodule)
+        assert trainer.optimizers[0].defaults["fused"] == (fused is None), name
+        weights[name] = {k: v.clone() for k, v in lit.model.state_dict().items()}
+    for key, w in weights["foreach"].items():
+        torch.testing.assert_close(weights["fused"][key], w, rtol=1e-4, atol=1e-6, msg=key)
+    assert not torch.allclose(weights["fused"]["output.weight"], weights["unclipped"]["output.weight"])
+
+
+def test_fsdp_clips_by_norm_through_its_root_module():
+    # Lightning's FSDP precision plugin refuses clipping by norm (its issue #19235): the norm spans every rank's
+    # shard, which only the root FSDP module's clip_grad_norm_ computes. FSDP needs a GPU; this checks the wiring.
+    class RootModule(torch.nn.Module):
+        clipped: list[float] = []
+
+        def clip_grad_norm_(self, max_norm):
+            self.clipped.append(max_norm)
+
+    strategy = FSDPStrategy()
+    strategy.model = RootModule()
+    lit = LitLlama(tiny_model())
+    lit.trainer = type("T", (), {"strategy": strategy, "precision_plugin": FSDPPrecision("bf16-mixed"),
+                                 "gradient_clip_val": 0.5, "gradient_clip_algorithm": None})()
+    lit.configure_gradient_clipping(torch.optim.AdamW(lit.parameters()), gradient_clip_val=0.5)
+    assert RootModule.clipped == [0.5]
