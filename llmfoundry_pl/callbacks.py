@@ -4,12 +4,13 @@ Also the peak FLOP/s that MFU is measured against (used by the throughput callba
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from llmfoundry_pl.inference import generate_text
@@ -54,29 +55,72 @@ class LossProgressBar(TQDMProgressBar):
         return items if loss is None else {"train/loss": loss.item(), **items}
 
 
-class TokenThroughputMonitor(ThroughputMonitor):
-    """Lightning's ThroughputMonitor set up for (inputs, targets) token batches: logs tokens/s (``items_per_sec``)
-    and, with the module's ``flops_per_batch``, MFU.
+class TokenThroughputMonitor(L.Callback):
+    """Training tokens/s and MFU, computed by Lightning's ``Throughput`` over about the last ``window_size``
+    optimizer steps and logged under the names Lightning's ThroughputMonitor uses (``train/device/items_per_sec``
+    — items are tokens — ``train/device/flops_per_sec``, ``train/device/mfu``, ...). Validation time is left out.
 
-    Lightning knows the peak FLOP/s of GPUs from their spec sheets but not of CPUs; there it returns no peak and
-    logs no MFU. We then measure the peak once (a large fp32 matmul on this machine), so a CPU run reports MFU too.
+    Why not Lightning's ThroughputMonitor: it synchronises the GPU after every batch to read the clock, which stops
+    the CPU from queueing the next step's kernels while the GPU runs this one. Here the clock is read only on the
+    steps the loggers write (every ``trainer.log_every_n_steps``), as litgpt's pretraining loop does: one wait per
+    logging interval, and the time between two readings is still exact.
+
+    Lightning knows the peak FLOP/s of GPUs from their spec sheets but not of CPUs; there we measure the peak once
+    (a large fp32 matmul on this machine), so a CPU run reports MFU too.
     """
 
-    def __init__(self, window_size: int = 50, measure_cpu_peak: bool = True) -> None:
-        super().__init__(batch_size_fn=lambda batch: batch[0].size(0), length_fn=lambda batch: batch[0].numel(),
-                         window_size=window_size)
-        self.measure_cpu_peak = measure_cpu_peak
+    def __init__(self, window_size: int = 20, measure_cpu_peak: bool = True) -> None:
+        self.window_size, self.measure_cpu_peak = window_size, measure_cpu_peak
+        self.throughput: Throughput | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
         device = trainer.strategy.root_device
-        if self.available_flops is None and self.measure_cpu_peak and device.type == "cpu":
-            self.available_flops = int(measure_matmul_flops(device))
-            if stage == "fit":
-                rank_zero_info(f"MFU is measured against this CPU's fp32 matmul peak, {self.available_flops / 1e9:.0f} "
-                               f"GFLOP/s with {torch.get_num_threads()} threads")
-            for throughput in self._throughputs.values():  # created by super().setup() with no peak
-                throughput.available_flops = self.available_flops
+        peak = get_available_flops(device, HALF_PRECISION.get(str(trainer.precision), torch.float32))
+        if peak is None and self.measure_cpu_peak and device.type == "cpu":
+            peak = int(measure_matmul_flops(device))
+            rank_zero_info(f"MFU is measured against this CPU's fp32 matmul peak, {peak / 1e9:.0f} GFLOP/s with "
+                           f"{torch.get_num_threads()} threads")
+        # Readings come every log_every_n_steps steps: keep enough of them to span window_size steps.
+        readings = max(2, math.ceil(self.window_size / trainer.log_every_n_steps) + 1)
+        self.throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=readings)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.throughput.reset()
+        self._start = self._read_clock(pl_module)
+        self._batches = self._samples = self._tokens = self._flops = 0
+        self._last_read_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self._batches += 1
+        self._samples += batch[0].size(0)
+        self._tokens += batch[0].numel()
+        self._flops += pl_module.flops_per_batch
+        step = trainer.global_step  # optimizer steps so far; unchanged while gradients accumulate
+        if step == self._last_read_step or step % trainer.log_every_n_steps:
+            return
+        self._last_read_step = step
+        self.throughput.update(time=self._read_clock(pl_module) - self._start, batches=self._batches,
+                               samples=self._samples, lengths=self._tokens, flops=self._flops)
+        self._flops = 0  # Throughput takes the FLOPs done since its previous reading
+        metrics = {f"train/{name}": float(value) for name, value in self.throughput.compute().items()}
+        pl_module.log_dict(metrics, rank_zero_only=True)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._validation_start = self._read_clock(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._start += self._read_clock(pl_module) - self._validation_start  # as if validation took no time
+
+    @staticmethod
+    def _read_clock(pl_module: L.LightningModule) -> float:
+        """Seconds, once the device has finished the work queued so far (a GPU runs behind the CPU)."""
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
 
 
 @functools.cache

@@ -204,7 +204,7 @@ class LitLlama(L.LightningModule):
 
     @property
     def flops_per_batch(self) -> int:
-        """Training FLOPs of one micro-batch, read by Lightning's ThroughputMonitor to report MFU."""
+        """Training FLOPs of one micro-batch, read by the throughput callback to report MFU."""
         dm = self.trainer.datamodule
         seq_len, batch_size = dm.cfg.seq_len, dm.cfg.batch_size
         return self.model.flops_per_token(seq_len) * seq_len * batch_size

@@ -43,7 +43,7 @@ def test_train_reports_and_leaves_checkpoint(trained_run):
     assert max(tokens) == 8 * 4 * 32  # 8 steps of 4 windows of 32 tokens
     with open(trained_run / "csv" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/device/mfu")]
-    # tokens/s and MFU from Lightning's ThroughputMonitor, against the CPU peak measured at start-up
+    # tokens/s and MFU from the throughput callback, against the CPU peak measured at start-up
     assert rows and all(0 < float(r["train/device/mfu"]) < 1 for r in rows)
     assert all(float(r["train/device/items_per_sec"]) > 0 for r in rows)
 

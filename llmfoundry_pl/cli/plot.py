@@ -28,7 +28,8 @@ RUN_CHARTS = (
     ("loss", "loss (nats per token)", ("train/loss", "val/loss")),
     ("bpb", "bits per byte", ("train/bpb", "val/bpb")),
     ("lr", "learning rate", ("lr-",)),
-    # ThroughputMonitor: items are tokens; items_per_sec (all devices) is logged only when there are several.
+    # The throughput callback (Lightning's metric names): items are tokens; items_per_sec (all devices) is logged
+    # only when there are several.
     ("tokens_per_s", "tokens/s", ("train/items_per_sec", "train/device/items_per_sec")),
     ("mfu", "model FLOPs utilisation", ("train/device/mfu",)),
     ("pref_acc", "preference accuracy (DPO)", ("val/pref_acc",)),

@@ -1,0 +1,69 @@
+import time
+
+import lightning as L
+import pytest
+
+from llmfoundry_pl.callbacks import TokenThroughputMonitor
+from llmfoundry_pl.config import DataConfig, ModelConfig
+from llmfoundry_pl.data import TextDataModule
+from llmfoundry_pl.lit_module import LitLlama
+
+STEP_S, VALIDATION_S = 0.25, 30.0  # what each training step and each validation "takes" on the test's clock
+
+
+class FakeClock(L.Callback):
+    """time.perf_counter for the run: each training batch takes STEP_S, each validation VALIDATION_S. Listed before
+    the monitor, so a batch's time has passed when the monitor reads the clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def on_train_batch_end(self, *args) -> None:
+        self.now += STEP_S
+
+    def on_validation_batch_end(self, *args) -> None:
+        self.now += VALIDATION_S
+
+
+def test_throughput_reads_the_clock_only_on_logging_steps_and_leaves_validation_out(cache_dir, monkeypatch):
+    # Lightning's ThroughputMonitor reads the clock (on a GPU: a sync) after every batch; ours only on the steps the
+    # loggers write. Rates between two readings must still be exact, and a validation inside the window must not
+    # lower them.
+    datamodule = TextDataModule(DataConfig(vocab_size=512, seq_len=32, batch_size=4, cache_dir=str(cache_dir)))
+    lit = LitLlama(ModelConfig(vocab_size=512, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32))
+    clock, monitor = FakeClock(), TokenThroughputMonitor(window_size=8, measure_cpu_peak=False)
+    read_at = []
+    read_clock = monitor._read_clock
+    def counted_read(module):
+        read_at.append((trainer.global_step, trainer.validating))
+        return read_clock(module)
+
+    monkeypatch.setattr(monitor, "_read_clock", counted_read)
+    logged = []
+
+    class Logged(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if "train/device/items_per_sec" in trainer.callback_metrics:
+                logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+    trainer = L.Trainer(max_steps=16, log_every_n_steps=4, val_check_interval=10, limit_val_batches=1,
+                        accumulate_grad_batches=2, callbacks=[clock, monitor, Logged()], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False,
+                        enable_model_summary=False)
+    monkeypatch.setattr(time, "perf_counter", clock)
+    trainer.fit(lit, datamodule=datamodule)
+    monkeypatch.undo()
+
+    tokens_per_step = 2 * 4 * 32  # 2 micro-batches of 4 × 32 tokens
+    first = logged[0]
+    # The first rates come at step 12, from the readings at steps 4, 8 and 12 (window_size=8): 16 micro-batches of
+    # STEP_S each, the validations at steps 5 and 10 left out.
+    assert first["train/device/items_per_sec"] == pytest.approx(tokens_per_step / (2 * STEP_S))
+    assert first["train/device/batches_per_sec"] == pytest.approx(1 / STEP_S)
+    assert first["train/device/flops_per_sec"] == pytest.approx(lit.flops_per_batch / STEP_S)
+    assert logged[-1]["train/lengths"] == 16 * tokens_per_step
+    assert [step for step, validating in read_at if not validating] == [0, 4, 8, 12, 16]  # start, logging steps
+    assert [step for step, validating in read_at if validating] == [5, 5, 10, 10, 15, 15]  # each validation's ends
