@@ -671,6 +671,7 @@ def register_configs() -> None:
     from llmfoundry_pl.callbacks import LossProgressBar, SampleTextCallback, TokenThroughputMonitor
 
     OmegaConf.register_new_resolver("lfpl.auto_precision", auto_precision, replace=True)
+    OmegaConf.register_new_resolver("lfpl.cpu_precision", cpu_precision, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
@@ -701,14 +702,30 @@ def register_configs() -> None:
 
 
 def auto_precision() -> str:
-    """Lightning precision for the best device found: bf16-mixed on CUDA with bf16, 16-mixed on older CUDA, and
-    32-true on MPS and CPU (CPUs without native bf16 run bf16 several times slower than fp32)."""
+    """Lightning precision for the best device found: bf16-mixed on CUDA with bf16, 16-mixed on older CUDA, 32-true
+    on MPS, and :func:`cpu_precision` on a CPU."""
     import torch
 
     if torch.cuda.is_available():
         # Native bf16 only (Ampere and later): torch also answers True for older GPUs that emulate it, slowly.
         return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
-    return "32-true"
+    if torch.backends.mps.is_available():
+        return "32-true"
+    return cpu_precision()
+
+
+def cpu_precision() -> str:
+    """bf16-mixed on a CPU that multiplies bf16 natively (x86 AVX512-BF16 or AMX), else 32-true.
+
+    Measured on 2-core VMs: an AMD EPYC with AVX512-BF16 multiplies 2048² bf16 matrices at 413 GFLOP/s against 193
+    for fp32, and trains 1.4x (tiny, eager) to 1.7x (ref16m, compiled) faster in bf16-mixed; a CPU without it
+    (AVX-512 alone) emulates bf16 at ~62 GFLOP/s against ~348 for fp32, several times slower."""
+    import torch
+
+    # torch.cpu's probes (private, but what torch's own CPU kernels consult), absent from older releases.
+    native = [getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported")]
+    return "bf16-mixed" if any(native) else "32-true"
 
 
 def _optional_members(name: str, classes: dict[str, type]) -> type:

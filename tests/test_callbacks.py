@@ -2,7 +2,9 @@ import time
 
 import lightning as L
 import pytest
+import torch
 
+from llmfoundry_pl import callbacks
 from llmfoundry_pl.callbacks import TokenThroughputMonitor
 from llmfoundry_pl.config import DataConfig, ModelConfig
 from llmfoundry_pl.data import TextDataModule
@@ -67,3 +69,16 @@ def test_throughput_reads_the_clock_only_on_logging_steps_and_leaves_validation_
     assert logged[-1]["train/lengths"] == 16 * tokens_per_step
     assert [step for step, validating in read_at if not validating] == [0, 4, 8, 12, 16]  # start, logging steps
     assert [step for step, validating in read_at if validating] == [5, 5, 10, 10, 15, 15]  # each validation's ends
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)])
+def test_cpu_mfu_is_measured_against_the_matmul_peak_of_the_precision(monkeypatch, precision, dtype):
+    # bf16-mixed multiplies in bf16, which a CPU with native bf16 (AVX512-BF16, AMX) runs about twice as fast as
+    # fp32: MFU against the fp32 peak would read above 100%.
+    timed = []
+    monkeypatch.setattr(callbacks, "measure_matmul_flops", lambda device, dtype: timed.append(dtype) or 1e11)
+    assert callbacks.peak_matmul_flops(torch.device("cpu"), precision) == 1e11  # lfpl-bench's and lfpl-plan's peak
+    trainer = L.Trainer(precision=precision, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    monitor = TokenThroughputMonitor()
+    monitor.setup(trainer, None, "fit")
+    assert timed == [dtype, dtype] and monitor.throughput.available_flops == 1e11

@@ -24,6 +24,7 @@ from llmfoundry_pl.config import (
     SchedulerConfig,
     ServeConfig,
     auto_precision,
+    cpu_precision,
     schema_from_signature,
 )
 from llmfoundry_pl.model import Transformer, TransformerBlock
@@ -95,14 +96,14 @@ def test_quantize_typo_fails_when_the_config_is_read(compose_train, name, schema
 
 def test_hardware_profiles_set_device_and_precision(compose_train):
     cpu = compose_train(["hardware=cpu"])
-    assert (cpu.trainer.accelerator, cpu.trainer.precision, cpu.compile) == ("cpu", "32-true", True)
+    assert (cpu.trainer.accelerator, cpu.trainer.precision, cpu.compile) == ("cpu", cpu_precision(), True)
     # fine-tuning batches vary in length (each new length would recompile): the experiments turn compile off
     assert not compose_train(["hardware=cpu", "experiment=sft"]).compile
     assert not compose_train(["hardware=cpu", "experiment=dpo"]).compile
     gpu = compose_train(["hardware=rtx5060"])
     assert (gpu.trainer.accelerator, gpu.trainer.precision) == ("gpu", "bf16-mixed")
     assert compose_train(["hardware=m4pro"]).trainer.accelerator == "mps"
-    assert compose_train([]).trainer.precision == "32-true"  # auto on this CPU-only machine
+    assert compose_train([]).trainer.precision == cpu_precision()  # auto on this CPU-only machine
 
 
 @pytest.mark.parametrize("capability, precision", [((8, 9), "bf16-mixed"), ((7, 0), "16-mixed")])
@@ -112,6 +113,20 @@ def test_auto_precision_wants_native_bf16(monkeypatch, capability, precision):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: including_emulation or capability[0] >= 8)
     assert auto_precision() == precision
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "precision"),
+                         [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"), (False, False, "32-true")])
+def test_cpu_precision_wants_native_bf16(monkeypatch, compose_train, avx512_bf16, amx, precision):
+    # A CPU without native bf16 emulates it several times slower than fp32; one with it multiplies bf16 ~2x faster.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert cpu_precision() == auto_precision() == precision
+    assert compose_train(["hardware=cpu"]).trainer.precision == precision
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert auto_precision() == "32-true"  # an Apple GPU: fp32 (MPS autocast unmeasured), whatever its CPU
 
 
 def test_schema_from_signature_keeps_names_defaults_and_plain_types():

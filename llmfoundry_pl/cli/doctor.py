@@ -106,7 +106,7 @@ def run_checks() -> list[Check]:
 
 def _auto_precision() -> str:
     """The precision hardware=auto trains in (:func:`llmfoundry_pl.config.auto_precision`: bf16-mixed only on a GPU
-    with native bf16); 32-true when the package does not import, which the rows above already report."""
+    or CPU with native bf16); 32-true when the package does not import, which the rows above already report."""
     try:
         from llmfoundry_pl.config import auto_precision
     except Exception:
@@ -381,7 +381,7 @@ def recommend_hardware(torch: Any, precision: str) -> Check:
     elif _mps(torch):
         profile, why = "m4pro", "an Apple GPU through MPS"
     else:
-        profile, why = "cpu", "no GPU: fp32 and torch.compile, which needs a C++ compiler"
+        profile, why = "cpu", f"no GPU: {precision} and torch.compile, which needs a C++ compiler"
     return Check("hardware", "recommended", "info", f"lfpl-train hardware={profile}  ({why})", data=profile)
 
 
