@@ -723,9 +723,9 @@ def cpu_precision() -> str:
     import torch
 
     # torch.cpu's probes (private, but what torch's own CPU kernels consult), absent from older releases.
-    native = [getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
-                                                                       "_is_amx_tile_supported")]
-    return "bf16-mixed" if any(native) else "32-true"
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    native = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return "bf16-mixed" if native else "32-true"
 
 
 def _optional_members(name: str, classes: dict[str, type]) -> type:
