@@ -66,7 +66,7 @@ class TokenThroughputMonitor(L.Callback):
     logging interval, and the time between two readings is still exact.
 
     Lightning knows the peak FLOP/s of GPUs from their spec sheets but not of CPUs; there we measure the peak once
-    (a large fp32 matmul on this machine), so a CPU run reports MFU too.
+    (a large matmul on this machine, in the dtype the precision multiplies in), so a CPU run reports MFU too.
     """
 
     def __init__(self, window_size: int = 20, measure_cpu_peak: bool = True) -> None:
@@ -76,12 +76,15 @@ class TokenThroughputMonitor(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        device, dtype = trainer.strategy.root_device, HALF_PRECISION.get(str(trainer.precision), torch.float32)
-        peak = get_available_flops(device, dtype)
-        if peak is None and self.measure_cpu_peak and device.type == "cpu":
-            peak = int(measure_matmul_flops(device, dtype=dtype))
-            rank_zero_info(f"MFU is measured against this CPU's {str(dtype).removeprefix('torch.')} matmul peak, "
-                           f"{peak / 1e9:.0f} GFLOP/s with {torch.get_num_threads()} threads")
+        device, precision = trainer.strategy.root_device, str(trainer.precision)
+        if device.type != "cpu":
+            peak = get_available_flops(device, HALF_PRECISION.get(precision, torch.float32))
+        elif self.measure_cpu_peak:
+            peak = int(peak_matmul_flops(device, precision))
+            rank_zero_info(f"MFU is measured against this CPU's matmul peak in {precision}, {peak / 1e9:.0f} GFLOP/s "
+                           f"with {torch.get_num_threads()} threads")
+        else:
+            peak = None
         # Readings come every log_every_n_steps steps: keep enough of them to span window_size steps.
         readings = max(2, math.ceil(self.window_size / trainer.log_every_n_steps) + 1)
         self.throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=readings)
