@@ -30,10 +30,13 @@ class SampleTextCallback(L.Callback):
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or pl_module.tokenizer is None:
+        if trainer.sanity_checking or pl_module.tokenizer is None:
+            return
+        model = pl_module.sampling_model()  # on every rank: under FSDP the ranks gather the weights together
+        if model is None:  # not global rank 0
             return
         text = generate_text(
-            pl_module.model, pl_module.tokenizer, self.prompt, self.max_new_tokens,
+            model, pl_module.tokenizer, self.prompt, self.max_new_tokens,
             temperature=self.temperature, top_k=self.top_k, seed=self.seed,
         )
         message = f"[step {trainer.global_step}] sample: {self.prompt}{text}"
@@ -77,14 +80,14 @@ class TokenThroughputMonitor(L.Callback):
         if stage != "fit":
             return
         device, precision = trainer.strategy.root_device, str(trainer.precision)
-        if device.type != "cpu":
-            peak = get_available_flops(device, HALF_PRECISION.get(precision, torch.float32))
-        elif self.measure_cpu_peak:
+        if device.type == "cuda":
+            peak = int(peak_matmul_flops(device, precision))  # the spec sheet's, as lfpl-bench's
+        elif device.type == "cpu" and self.measure_cpu_peak:
             peak = int(peak_matmul_flops(device, precision))
             rank_zero_info(f"MFU is measured against this CPU's matmul peak in {precision}, {peak / 1e9:.0f} GFLOP/s "
                            f"with {torch.get_num_threads()} threads")
         else:
-            peak = None
+            peak = None  # MPS: no spec sheet, and no timing taken
         # Readings come every log_every_n_steps steps: keep enough of them to span window_size steps.
         readings = max(2, math.ceil(self.window_size / trainer.log_every_n_steps) + 1)
         self.throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=readings)
@@ -140,18 +143,38 @@ def measure_matmul_flops(device: torch.device, n: int = 2048, dtype: torch.dtype
         a @ b
     best = float("inf")
     for _ in range(repeat):
+        _synchronize(device)
         t0 = time.perf_counter()
         a @ b
+        _synchronize(device)  # a GPU runs behind the CPU: time the product, not its launch
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
 
+# Dense tensor-core FLOP/s where Lightning 2.6's table is wrong. The SXM H200 names itself plainly "NVIDIA H200", which
+# the table misses, and its H200 entries are the datasheet's with-sparsity figures (2x). The H200 computes as the H100
+# SXM does (only its memory is larger and faster), so these are the H100 SXM's dense figures.
+_DENSE_SPEC_FLOPS = {"h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tf32": 494.7e12,
+                              torch.float32: 66.9e12}}
+
+
 def peak_matmul_flops(device: torch.device, precision: str) -> float:
-    """The FLOP/s MFU is measured against: the spec sheet on a GPU Lightning knows, else a matmul timed here, in
-    the dtype the precision multiplies in (a CPU with native bf16 multiplies bf16 about twice as fast as fp32)."""
+    """The FLOP/s MFU is measured against: the dense spec-sheet figure on a GPU that Lightning (or
+    ``_DENSE_SPEC_FLOPS``) knows, else a matmul timed here, in the dtype the precision multiplies in (a CPU with
+    native bf16 multiplies bf16 about twice as fast as fp32)."""
     dtype = HALF_PRECISION.get(precision, torch.float32)
     if device.type == "cuda":
+        chip = torch.cuda.get_device_name(device).lower()
+        spec = next((flops for name, flops in _DENSE_SPEC_FLOPS.items() if name in chip), None)
+        if spec is not None:  # fp32 matmuls run as TF32 unless their precision is "highest", as Lightning reads it
+            tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+            return spec["tf32" if tf32 else dtype]
         flops = get_available_flops(device, dtype)
         if flops:
             return float(flops)
     return measure_matmul_flops(device, dtype=dtype)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

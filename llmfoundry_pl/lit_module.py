@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, ModelConfig, OptimConfig, SchedulerConfig
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
@@ -112,8 +113,9 @@ class LitLlama(L.LightningModule):
                 f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={self.model.config.vocab_size}"
             )
         self.tokenizer = tokenizer
-        # Bytes of text per token id, for bits per byte; derived from the tokenizer, so not saved as state.
-        self.register_buffer("token_bytes", torch.from_numpy(tokenizer.token_bytes), persistent=False)
+        # Bytes of text per token id, for bits per byte; derived from the tokenizer, so not saved as state. Made on
+        # the module's device: resuming under FSDP calls this (from on_load_checkpoint) after the move to the GPU.
+        self.register_buffer("token_bytes", torch.from_numpy(tokenizer.token_bytes).to(self.device), persistent=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
@@ -201,6 +203,27 @@ class LitLlama(L.LightningModule):
         metrics = self.val_metrics.compute()  # torchmetrics adds up the sums across ranks
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True)
         self.val_metrics.reset()
+
+    def sampling_model(self) -> Transformer | None:
+        """The transformer to generate text with between training steps, on global rank 0; None on other ranks.
+
+        That is ``self.model``, except under FSDP. There each block holds a flat shard that only the FSDP forward of
+        the whole module gathers, in the precision's dtype, so a direct call of ``self.model`` fails (one GPU: "mat1
+        and mat2 ... float != BFloat16"; several: every rank holds a slice). Then the full weights are gathered, as
+        for a checkpoint, and rank 0 gets an unsharded fp32 copy. Under FSDP that is a collective: every rank must
+        call this."""
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, FSDPStrategy):
+            return self.model if self.trainer.is_global_zero else None
+        # cpu_offload: the full state goes to rank 0's host memory only (the other ranks get an empty dict).
+        state = get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.trainer.is_global_zero:
+            return None
+        network = Transformer(self.model.config)
+        if self.lora_cfg.enabled:
+            apply_lora(network, self.lora_cfg)
+        network.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        return network.to(self.device)
 
     @property
     def flops_per_batch(self) -> int:

@@ -82,3 +82,16 @@ def test_cpu_mfu_is_measured_against_the_matmul_peak_of_the_precision(monkeypatc
     monitor = TokenThroughputMonitor()
     monitor.setup(trainer, None, "fit")
     assert timed == [dtype, dtype] and monitor.throughput.available_flops == 1e11
+
+
+@pytest.mark.parametrize(("name", "precision", "matmul_precision", "expected"), [
+    ("NVIDIA H200", "bf16-mixed", "highest", 989.4e12),  # what an SXM H200 calls itself: not in Lightning's table
+    ("NVIDIA H200 NVL1", "16-mixed", "highest", 989.4e12),  # in it, with the with-sparsity figure (2e15)
+    ("NVIDIA H200", "32-true", "highest", 66.9e12),
+    ("NVIDIA H200", "32-true", "high", 494.7e12),  # fp32 matmuls as TF32
+])
+def test_h200_mfu_is_measured_against_its_dense_spec(monkeypatch, name, precision, matmul_precision, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: matmul_precision)
+    monkeypatch.setattr(callbacks, "measure_matmul_flops", lambda *a, **k: pytest.fail("timed a matmul"))
+    assert callbacks.peak_matmul_flops(torch.device("cuda", 0), precision) == expected

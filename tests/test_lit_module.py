@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 
 from llmfoundry_pl.callbacks import LossProgressBar
 from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedulerConfig
@@ -186,6 +186,61 @@ def test_fused_adamw_clips_under_bf16_mixed(datamodule):
     for key, w in weights["foreach"].items():
         torch.testing.assert_close(weights["fused"][key], w, rtol=1e-4, atol=1e-6, msg=key)
     assert not torch.allclose(weights["fused"]["output.weight"], weights["unclipped"]["output.weight"])
+
+
+def test_sampling_model_under_fsdp_is_a_full_copy_of_the_weights(tmp_path):
+    """Under FSDP (bf16-mixed, a shard unit per block, as trainer=fsdp builds it) a direct call of ``lit.model`` fails:
+    its blocks gather their weights in bf16 but the embedding's output is fp32. ``sampling_model`` gathers the full
+    weights and returns an unsharded fp32 copy. Real FSDP, on the CPU with gloo (Lightning's FSDPStrategy needs a
+    GPU, so it is given the wrapped module directly)."""
+    import functools
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from llmfoundry_pl.model import TransformerBlock
+
+    torch.manual_seed(0)
+    lit = LitLlama(tiny_model())
+    original = {k: v.clone() for k, v in lit.model.state_dict().items()}
+    tokens = torch.randint(0, 512, (2, 8))
+    expected = lit.model(tokens)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        bf16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
+        strategy = FSDPStrategy()
+        per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
+        strategy.model = FullyShardedDataParallel(lit, auto_wrap_policy=per_block, mixed_precision=bf16,
+                                                  use_orig_params=True, device_id=torch.device("cpu"))
+        strategy.model(tokens).sum().backward()  # a training step's forward and backward, through the root
+        lit.trainer = type("T", (), {"strategy": strategy, "is_global_zero": True})()
+        copy = lit.sampling_model()
+        lit.trainer = type("T", (), {"strategy": strategy, "is_global_zero": False})()
+        assert lit.sampling_model() is None  # a non-zero rank takes part in the gathering, and gets nothing
+        with pytest.raises(RuntimeError, match="same dtype"):  # what SampleTextCallback did before
+            lit.model(tokens)
+    finally:
+        dist.destroy_process_group()
+    assert copy is not lit.model and not any(isinstance(m, FullyShardedDataParallel) for m in copy.modules())
+    assert {k: v.dtype for k, v in copy.state_dict().items()} == {k: torch.float32 for k in original}
+    for key, value in copy.state_dict().items():
+        torch.testing.assert_close(value, original[key], rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(copy(tokens), expected)
+
+
+def test_token_bytes_are_made_on_the_modules_device(datamodule):
+    # Resuming under FSDP restores the checkpoint (and so set_tokenizer) after the module moved to the GPU: a buffer
+    # made on the CPU then failed validation ("indices should be either on cpu or on the same device").
+    lit = LitLlama(tiny_model()).to("meta")  # a device other than the CPU's, without a GPU
+    lit.set_tokenizer(datamodule.tokenizer)
+    assert lit.token_bytes.device.type == "meta"
+
+
+def test_sampling_model_without_fsdp_is_the_model_itself():
+    lit = LitLlama(tiny_model())
+    lit.trainer = type("T", (), {"strategy": SingleDeviceStrategy("cpu"), "is_global_zero": True})()
+    assert lit.sampling_model() is lit.model
 
 
 def test_fsdp_clips_by_norm_through_its_root_module():

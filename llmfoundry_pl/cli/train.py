@@ -38,7 +38,7 @@ from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, OptimConfig
 from llmfoundry_pl.data import ChatDataModule
 from llmfoundry_pl.inference import generate_text
 from llmfoundry_pl.lit_module import LitDPO, LitLlama
-from llmfoundry_pl.model import TransformerBlock
+from llmfoundry_pl.model import Transformer, TransformerBlock
 from llmfoundry_pl.tokenizer import atomic_write_bytes
 
 
@@ -86,6 +86,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
         train_seconds = time.perf_counter() - t0
         metrics = {k: float(v) for k, v in trainer.validate(lit, datamodule=datamodule, verbose=False)[0].items()}
+        # Before the process group goes: under FSDP every rank takes part in gathering the weights to sample with.
+        sampler = lit.sampling_model() if cfg.sample_tokens > 0 else None
         failed = False
     finally:
         end_distributed_job(trainer.strategy, failed)
@@ -98,7 +100,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         steps = trainer.global_step - start_step
         metrics[f"train_{unit}_per_s"] = steps * rows_per_step * per_row / train_seconds if train_seconds > 0 else 0.0
         metrics["train_seconds"] = train_seconds
-        _report(cfg, lit, trainer, metrics, initial, steps, unit)
+        _report(cfg, lit, trainer, metrics, initial, steps, unit, sampler)
     return metrics
 
 
@@ -125,9 +127,10 @@ def _checkpoint_step(ckpt_path: str | None) -> int:
 
 def _report(
     cfg: DictConfig, lit: LitLlama, trainer: L.Trainer, metrics: dict[str, float], initial: dict[str, float],
-    steps: int, unit: str,
+    steps: int, unit: str, sampler: Transformer | None,
 ) -> None:
-    """Print held-out quality, speed, a sample and the checkpoint; write them to final_metrics.json for sweeps."""
+    """Print held-out quality, speed, a sample (from ``sampler``, if any) and the checkpoint; write them to
+    final_metrics.json for sweeps."""
     if trainer.checkpoint_callback is None:
         ckpt, no_ckpt = "", "(none: callbacks.model_checkpoint is disabled)"
     else:
@@ -137,8 +140,8 @@ def _report(
              f"trained {steps} steps in {metrics['train_seconds']:.1f} s ({speed})"]
     if initial:
         lines.insert(1, f"before training: {_held_out(initial)}")
-    if cfg.sample_tokens > 0:
-        sample = generate_text(lit.model, lit.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
+    if sampler is not None:
+        sample = generate_text(sampler, lit.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
         lines.append(f"sample: {cfg.sample_prompt}{sample}")
     print("\n".join([*lines, f"checkpoint: {ckpt or no_ckpt}"]), flush=True)
     output_dir = Path(cfg.paths.output_dir)
