@@ -80,14 +80,12 @@ class TokenThroughputMonitor(L.Callback):
         if stage != "fit":
             return
         device, precision = trainer.strategy.root_device, str(trainer.precision)
-        if device.type == "cuda":
-            peak = int(peak_matmul_flops(device, precision))  # the spec sheet's, as lfpl-bench's
-        elif device.type == "cpu" and self.measure_cpu_peak:
-            peak = int(peak_matmul_flops(device, precision))
+        timed_cpu = device.type == "cpu" and self.measure_cpu_peak
+        # lfpl-bench's peak: a GPU's spec sheet, a CPU's timed matmul; none on MPS (no spec sheet, no timing)
+        peak = int(peak_matmul_flops(device, precision)) if device.type == "cuda" or timed_cpu else None
+        if timed_cpu:
             rank_zero_info(f"MFU is measured against this CPU's matmul peak in {precision}, {peak / 1e9:.0f} GFLOP/s "
                            f"with {torch.get_num_threads()} threads")
-        else:
-            peak = None  # MPS: no spec sheet, and no timing taken
         # Readings come every log_every_n_steps steps: keep enough of them to span window_size steps.
         readings = max(2, math.ceil(self.window_size / trainer.log_every_n_steps) + 1)
         self.throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=readings)
@@ -124,9 +122,14 @@ class TokenThroughputMonitor(L.Callback):
     @staticmethod
     def _read_clock(pl_module: L.LightningModule) -> float:
         """Seconds, once the device has finished the work queued so far (a GPU runs behind the CPU)."""
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+        synchronize(pl_module.device)
         return time.perf_counter()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until a GPU has finished the work queued on it (its kernels run behind the CPU); nothing elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @functools.cache
@@ -143,19 +146,22 @@ def measure_matmul_flops(device: torch.device, n: int = 2048, dtype: torch.dtype
         a @ b
     best = float("inf")
     for _ in range(repeat):
-        _synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         a @ b
-        _synchronize(device)  # a GPU runs behind the CPU: time the product, not its launch
+        synchronize(device)  # a GPU runs behind the CPU: time the product, not its launch
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
 
-# Dense tensor-core FLOP/s where Lightning 2.6's table is wrong. The SXM H200 names itself plainly "NVIDIA H200", which
-# the table misses, and its H200 entries are the datasheet's with-sparsity figures (2x). The H200 computes as the H100
-# SXM does (only its memory is larger and faster), so these are the H100 SXM's dense figures.
-_DENSE_SPEC_FLOPS = {"h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tf32": 494.7e12,
-                              torch.float32: 66.9e12}}
+# Dense tensor-core FLOP/s where Lightning 2.6's table is wrong, first match wins. The SXM H200 names itself plainly
+# "NVIDIA H200", which the table misses, and its H200 entries are the datasheets' with-sparsity figures (2x). The SXM
+# H200 computes as the H100 SXM does (only its memory is larger and faster): the H100 SXM's dense figures. The NVL
+# part: half its datasheet's with-sparsity figures.
+_DENSE_SPEC_FLOPS = {
+    "h200 nvl": {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, "tf32": 417.5e12, torch.float32: 60e12},
+    "h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tf32": 494.7e12, torch.float32: 66.9e12},
+}
 
 
 def peak_matmul_flops(device: torch.device, precision: str) -> float:
@@ -173,8 +179,3 @@ def peak_matmul_flops(device: torch.device, precision: str) -> float:
         if flops:
             return float(flops)
     return measure_matmul_flops(device, dtype=dtype)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

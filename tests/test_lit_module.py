@@ -1,16 +1,21 @@
+import functools
 import math
 
 import lightning as L
 import pytest
 import torch
+import torch.distributed as dist
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from llmfoundry_pl.callbacks import LossProgressBar
 from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedulerConfig
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.lit_module import LitLlama, WarmupDecay, use_fused_adamw
 from llmfoundry_pl.metrics import LanguageModelMetrics
+from llmfoundry_pl.model import TransformerBlock
 
 
 def tiny_model(**kw) -> ModelConfig:
@@ -193,14 +198,6 @@ def test_sampling_model_under_fsdp_is_a_full_copy_of_the_weights(tmp_path):
     its blocks gather their weights in bf16 but the embedding's output is fp32. ``sampling_model`` gathers the full
     weights and returns an unsharded fp32 copy. Real FSDP, on the CPU with gloo (Lightning's FSDPStrategy needs a
     GPU, so it is given the wrapped module directly)."""
-    import functools
-
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-    from llmfoundry_pl.model import TransformerBlock
-
     torch.manual_seed(0)
     lit = LitLlama(tiny_model())
     original = {k: v.clone() for k, v in lit.model.state_dict().items()}

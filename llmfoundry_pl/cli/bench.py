@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from llmfoundry_pl.allocator import keep_freed_memory
-from llmfoundry_pl.callbacks import HALF_PRECISION, peak_matmul_flops
+from llmfoundry_pl.callbacks import HALF_PRECISION, peak_matmul_flops, synchronize
 from llmfoundry_pl.cli.common import CONFIG_PATH, prepare_data_and_model, require_compiler, to_dataclass, user_errors
 from llmfoundry_pl.config import BenchSettings, ConfigError, ModelConfig, OptimConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
@@ -50,19 +50,19 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.timed_from:
-            _synchronize(pl_module.device)
+            synchronize(pl_module.device)
         self.starts.append(time.perf_counter())
         if self._last_end is not None:
             self.waits.append(self.starts[-1] - self._last_end)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
-            _synchronize(pl_module.device)
+            synchronize(pl_module.device)
             self.first_step = time.perf_counter() - self.starts[0]
         self._last_end = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        _synchronize(pl_module.device)
+        synchronize(pl_module.device)
         self.end = time.perf_counter()
 
 
@@ -144,7 +144,7 @@ def _plain_loop(model: torch.nn.Module, datamodule: TextDataModule, cfg: DictCon
     wait = first_step = 0.0
     for step in range(total):
         if step == warmup:  # the timed steps start here, on an idle GPU
-            _synchronize(device)
+            synchronize(device)
             start, wait = time.perf_counter(), 0.0
         t0 = time.perf_counter()
         for _ in range(accumulate):
@@ -159,9 +159,9 @@ def _plain_loop(model: torch.nn.Module, datamodule: TextDataModule, cfg: DictCon
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step == 0:
-            _synchronize(device)
+            synchronize(device)
             first_step = time.perf_counter() - t0
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return _row(seconds, (total - warmup) * accumulate, wait, first_step, cfg.data.batch_size * cfg.data.seq_len,
                 flops_per_token, peak_flops, _peak_memory(device))
@@ -186,11 +186,6 @@ def _litgpt_twin(cfg: ModelConfig) -> torch.nn.Module | None:
         rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm", norm_eps=cfg.norm_eps,
         mlp_class_name="LLaMAMLP", rope_base=int(cfg.rope_theta),
     ))
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reset_peak_memory(device: torch.device) -> None:
