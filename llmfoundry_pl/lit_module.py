@@ -215,8 +215,11 @@ class LitLlama(L.LightningModule):
         strategy = self.trainer.strategy
         if not isinstance(strategy, FSDPStrategy):
             return self.model if self.trainer.is_global_zero else None
-        # cpu_offload: the full state goes to rank 0's host memory only (the other ranks get an empty dict).
-        state = get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # cpu_offload: the full state goes to rank 0's host memory only (the other ranks get an empty dict). Not when
+        # the shards are in host memory already: offloading from the CPU to the CPU frees the gathered weights before
+        # they are copied (a segfault with 2 ranks, torch 2.13), and there rank 0 holds them anyway.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=self.device.type != "cpu")
+        state = get_model_state_dict(strategy.model, options=options)
         if not self.trainer.is_global_zero:
             return None
         network = Transformer(self.model.config)

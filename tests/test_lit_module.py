@@ -193,11 +193,29 @@ def test_fused_adamw_clips_under_bf16_mixed(datamodule):
     assert not torch.allclose(weights["fused"]["output.weight"], weights["unclipped"]["output.weight"])
 
 
+def _shard_with_fsdp(lit: LitLlama, tokens: torch.Tensor) -> FSDPStrategy:
+    """``lit`` wrapped as trainer=fsdp wraps it (bf16-mixed, a shard unit per block), after a training step's forward
+    and backward through the root. Real FSDP, on the CPU with gloo in an initialised process group: Lightning's
+    FSDPStrategy needs a GPU, so it is given the wrapped module directly."""
+    bf16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
+    strategy = FSDPStrategy()
+    per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
+    strategy.model = FullyShardedDataParallel(lit, auto_wrap_policy=per_block, mixed_precision=bf16,
+                                              use_orig_params=True, device_id=torch.device("cpu"))
+    strategy.model(tokens).sum().backward()
+    return strategy
+
+
+def _assert_full_fp32_copy(copy: torch.nn.Module, original: dict[str, torch.Tensor]) -> None:
+    assert not any(isinstance(m, FullyShardedDataParallel) for m in copy.modules())
+    assert {k: v.dtype for k, v in copy.state_dict().items()} == {k: torch.float32 for k in original}
+    for key, value in copy.state_dict().items():
+        torch.testing.assert_close(value, original[key], rtol=0, atol=0, msg=key)
+
+
 def test_sampling_model_under_fsdp_is_a_full_copy_of_the_weights(tmp_path):
-    """Under FSDP (bf16-mixed, a shard unit per block, as trainer=fsdp builds it) a direct call of ``lit.model`` fails:
-    its blocks gather their weights in bf16 but the embedding's output is fp32. ``sampling_model`` gathers the full
-    weights and returns an unsharded fp32 copy. Real FSDP, on the CPU with gloo (Lightning's FSDPStrategy needs a
-    GPU, so it is given the wrapped module directly)."""
+    """Under FSDP a direct call of ``lit.model`` fails: its blocks gather their weights in bf16 but the embedding's
+    output is fp32. ``sampling_model`` gathers the full weights and returns an unsharded fp32 copy."""
     torch.manual_seed(0)
     lit = LitLlama(tiny_model())
     original = {k: v.clone() for k, v in lit.model.state_dict().items()}
@@ -205,25 +223,42 @@ def test_sampling_model_under_fsdp_is_a_full_copy_of_the_weights(tmp_path):
     expected = lit.model(tokens)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
-        bf16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
-        strategy = FSDPStrategy()
-        per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
-        strategy.model = FullyShardedDataParallel(lit, auto_wrap_policy=per_block, mixed_precision=bf16,
-                                                  use_orig_params=True, device_id=torch.device("cpu"))
-        strategy.model(tokens).sum().backward()  # a training step's forward and backward, through the root
+        strategy = _shard_with_fsdp(lit, tokens)
         lit.trainer = type("T", (), {"strategy": strategy, "is_global_zero": True})()
         copy = lit.sampling_model()
-        lit.trainer = type("T", (), {"strategy": strategy, "is_global_zero": False})()
-        assert lit.sampling_model() is None  # a non-zero rank takes part in the gathering, and gets nothing
         with pytest.raises(RuntimeError, match="same dtype"):  # what SampleTextCallback did before
             lit.model(tokens)
     finally:
         dist.destroy_process_group()
-    assert copy is not lit.model and not any(isinstance(m, FullyShardedDataParallel) for m in copy.modules())
-    assert {k: v.dtype for k, v in copy.state_dict().items()} == {k: torch.float32 for k in original}
-    for key, value in copy.state_dict().items():
-        torch.testing.assert_close(value, original[key], rtol=0, atol=0, msg=key)
+    assert copy is not lit.model
+    _assert_full_fp32_copy(copy, original)
     torch.testing.assert_close(copy(tokens), expected)
+
+
+def _sample_from_two_shards(rank: int, rendezvous: str) -> None:
+    """One of two ranks (a process of its own): each builds the same model, FSDP splits its weights between them,
+    and ``sampling_model`` gathers both halves into rank 0's copy; rank 1 joins the gathering and gets nothing."""
+    torch.manual_seed(0)
+    lit = LitLlama(tiny_model())
+    original = {k: v.clone() for k, v in lit.model.state_dict().items()}
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        strategy = _shard_with_fsdp(lit, torch.randint(0, 512, (2, 8)))
+        held = sum(p.numel() for p in lit.model.parameters())
+        assert 0 < held < sum(v.numel() for v in original.values())  # this rank holds part of the weights only
+        lit.trainer = type("T", (), {"strategy": strategy, "is_global_zero": rank == 0})()
+        copy = lit.sampling_model()
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        _assert_full_fp32_copy(copy, original)
+    else:
+        assert copy is None
+
+
+def test_sampling_model_under_fsdp_gathers_the_shards_of_two_ranks(tmp_path):
+    # Two processes, as two GPUs would run it; an assertion failing in either fails the test with its traceback.
+    torch.multiprocessing.spawn(_sample_from_two_shards, args=(str(tmp_path / "rendezvous"),), nprocs=2)
 
 
 def test_token_bytes_are_made_on_the_modules_device(datamodule):
