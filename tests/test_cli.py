@@ -219,8 +219,10 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         (["model.n_layers=two"], "Value 'two' of type 'str' could not be converted to Integer"),
         (["hardware=m4pro"], "error: the trainer settings cannot run here: `MPSAccelerator` can not run"),
         (["trainer.precision=bf17"], "error: the trainer settings cannot run here: Precision 'bf17' is invalid"),
+        (["trainer=fsdp"], "error: trainer=fsdp needs CUDA GPUs and this run's device is cpu: use trainer=ddp"),
     ],
-    ids=["clashing-heads", "missing-data", "missing-ckpt", "typo", "wrong-type", "no-mps", "bad-precision"],
+    ids=["clashing-heads", "missing-data", "missing-ckpt", "typo", "wrong-type", "no-mps", "bad-precision",
+         "fsdp-on-cpu"],
 )
 def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides, message):
     proc = run_cli("train", *TINY, *overrides, cwd=tmp_path, check=False)

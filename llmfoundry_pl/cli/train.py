@@ -22,6 +22,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_pl.allocator import keep_freed_memory
@@ -106,16 +107,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def _build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     """The Lightning Trainer; settings this machine cannot run (``accelerator=gpu`` without a GPU, an unknown
-    precision) become one line naming the problem instead of a traceback."""
+    precision, FSDP without CUDA) become one line naming the problem instead of a traceback."""
     strategy = build_strategy(trainer_cfg.strategy, trainer_cfg.devices, block_class=TransformerBlock)
     try:
-        return instantiate(trainer_cfg, strategy=strategy, callbacks=callbacks, logger=loggers or False)
+        trainer = instantiate(trainer_cfg, strategy=strategy, callbacks=callbacks, logger=loggers or False)
     except InstantiationException as e:
         reason = " ".join(str(e.__cause__ or e).split())
         raise ConfigError(
             f"the trainer settings cannot run here: {reason} — fix trainer.*, or pick the hardware= profile of this "
             "machine (hardware=auto finds it)"
         ) from None
+    # Lightning accepts FSDP on any accelerator, and PyTorch's FSDP refuses anything but a GPU only once the ranks
+    # have started ("FSDP needs a non-CPU accelerator device"), with a traceback from each.
+    device = trainer.strategy.root_device
+    if isinstance(trainer.strategy, FSDPStrategy) and device.type != "cuda":
+        raise ConfigError(f"trainer=fsdp needs CUDA GPUs and this run's device is {device.type}: use trainer=ddp to "
+                          "train in several processes here, or run on a machine with GPUs (hardware=auto)")
+    return trainer
 
 
 def _checkpoint_step(ckpt_path: str | None) -> int:
