@@ -448,10 +448,16 @@ class BenchSettings:
     seq_len: int | None = field(default=None, metadata=_help("Tokens per sequence; null: data.seq_len."))
     plain: bool = field(default=True, metadata=_help("Also time a plain PyTorch loop over the same model and data."))
     litgpt: bool = field(default=True, metadata=_help("Also time litgpt's GPT of the same shape, if installed."))
+    rounds: int = field(
+        default=1,
+        metadata=_help("Times each contender runs, in turn (Lightning, plain, litgpt, Lightning, ...); the figures "
+                       "are the medians, and the spread between rounds shows the machine's noise."),
+    )
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.warmup < 1:
-            raise ConfigError(f"bench.steps={self.steps} and bench.warmup={self.warmup} must both be 1 or more")
+        if self.steps < 1 or self.warmup < 1 or self.rounds < 1:
+            raise ConfigError(f"bench.steps={self.steps}, bench.warmup={self.warmup} and bench.rounds={self.rounds} "
+                              "must all be 1 or more")
 
 
 @dataclass

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from llmfoundry_pl.cli.bench import _combine
 from tests.conftest import run_cli
 
 TINY_BENCH = [
@@ -13,18 +16,37 @@ TINY_BENCH = [
 
 
 def test_bench_times_the_lightning_step_and_the_plain_loop(tmp_path, cache_dir):
-    out = run_cli("bench", *TINY_BENCH, "bench.steps=3", "trainer.accumulate_grad_batches=2", cwd=tmp_path).stdout
+    proc = run_cli("bench", *TINY_BENCH, "bench.steps=3", "trainer.accumulate_grad_batches=2", "bench.rounds=2",
+                   cwd=tmp_path)
+    out = proc.stdout
     result = json.loads(out.strip().splitlines()[-1])
+    assert proc.stderr.count("`Trainer.fit` stopped") == 2 and "medians of 2 rounds" in out  # a Trainer per round
+    assert 0 <= result["tokens_per_s_spread"] < 2 and 0 <= result["plain_tokens_per_s_spread"] < 2
     assert result["tokens_per_s"] > 0 and result["plain_tokens_per_s"] > 0
     assert 0 < result["mfu"] < 1 and result["peak_flops"] > 1e9  # against the matmul peak measured in-process
     assert 0 <= result["data_wait_frac"] < 1 and result["peak_mem_bytes"] > 2**20
     assert abs(result["lightning_overhead"] - (1 - result["tokens_per_s"] / result["plain_tokens_per_s"])) < 1e-3
     assert "litgpt is not installed" in out or "litgpt_tokens_per_s" in result
-    table = out[out.index("tokens/s") :].splitlines()
+    table = out[out.index("tokens/s  spread") :].splitlines()
     assert [line.split()[0] for line in table[1:3]] == ["lightning", "plain"]
     assert list(tmp_path.iterdir()) == []  # bench writes no files
 
 
-def test_bench_mistakes_fail_with_one_line(tmp_path, cache_dir):
-    proc = run_cli("bench", *TINY_BENCH, "bench.steps=0", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "bench.steps=0" in proc.stderr and "Traceback" not in proc.stderr
+def test_bench_combines_rounds_into_medians_and_a_spread():
+    def round_(tokens_per_s, first_step, peak_mem):
+        return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s / 1e4, "data_wait_frac": 0.01,
+                "first_step_s": first_step, "peak_mem_bytes": peak_mem}
+
+    row = _combine([round_(900.0, 5.0, 300), round_(1000.0, 0.1, 200), round_(1200.0, 0.2, 400)])
+    # the middle rate, not the mean; the first round's first step (it compiles) and memory (the only one on a CPU
+    # that no other contender has run before)
+    assert row["tokens_per_s"] == 1000.0 and row["mfu"] == 0.1 and row["data_wait_frac"] == 0.01
+    assert row["first_step_s"] == 5.0 and row["peak_mem_bytes"] == 300
+    assert row["tokens_per_s_spread"] == pytest.approx(0.3)
+    assert "tokens_per_s_spread" not in _combine([round_(900.0, 5.0, 300)])  # one round shows no spread
+
+
+@pytest.mark.parametrize("override", ["bench.steps=0", "bench.rounds=0"])
+def test_bench_mistakes_fail_with_one_line(tmp_path, cache_dir, override):
+    proc = run_cli("bench", *TINY_BENCH, override, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and override in proc.stderr and "Traceback" not in proc.stderr

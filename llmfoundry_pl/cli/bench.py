@@ -13,11 +13,14 @@ step spent waiting for data. Prints a table, then one JSON line.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import resource
+import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from functools import partial
 
 import hydra
 import lightning as L
@@ -65,6 +68,12 @@ class StepTimer(L.Callback):
         synchronize(pl_module.device)
         self.end = time.perf_counter()
 
+    def figures(self, row: Callable[..., dict[str, float]], peak_mem: int) -> dict[str, float]:
+        """The timed micro-batches as ``row`` reports them. ``waits[i]`` is the gap before ``starts[i + 1]``."""
+        skip = self.timed_from
+        return row(self.end - self.starts[skip], len(self.starts) - skip, sum(self.waits[skip:]), self.first_step,
+                   peak_mem)
+
 
 def bench(cfg: DictConfig) -> dict[str, float]:
     settings = to_dataclass(cfg.bench, BenchSettings)
@@ -78,57 +87,88 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     if not isinstance(datamodule, TextDataModule) or network is not None:
         raise ConfigError("lfpl-bench times pretraining from scratch: use data=text and no init_from")
     total = settings.warmup + settings.steps
-    skip = settings.warmup * (cfg.trainer.accumulate_grad_batches or 1)  # untimed micro-batches
-    timer = StepTimer(timed_from=skip)
-    trainer = instantiate(
-        cfg.trainer, max_steps=total, limit_val_batches=0, num_sanity_val_steps=0, logger=False, callbacks=[timer],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
+    trainer, timer = _timed_trainer(cfg, settings.warmup, total)
     device = trainer.strategy.root_device
     floor = _resident_memory(device)  # before the model exists: the training step's own memory is above it
     lit = LitLlama(model=model_cfg, optim=to_dataclass(cfg.optim, OptimConfig))
     if cfg.compile:
         require_compiler(device)
         lit.compile_training()
-    tokens_per_call = cfg.data.batch_size * cfg.data.seq_len  # one micro-batch
     peak_flops = peak_matmul_flops(device, str(trainer.precision))
     flops_per_token = lit.model.flops_per_token(cfg.data.seq_len)
-    _reset_peak_memory(device)
-    trainer.fit(lit, datamodule=datamodule)
-    # The timer sees micro-batches; waits[i] is the gap before starts[i + 1].
-    rows = {"lightning": _row(timer.end - timer.starts[skip], len(timer.starts) - skip, sum(timer.waits[skip:]),
-                              timer.first_step, tokens_per_call, flops_per_token, peak_flops, _peak_memory(device))}
+    figures = partial(_row, tokens_per_call=cfg.data.batch_size * cfg.data.seq_len,
+                      flops_per_token=flops_per_token, peak_flops=peak_flops)
+    # The other contenders' models are built afresh in each round and dropped after it, so that the Lightning
+    # step's peak memory never holds their weights.
+    contenders: dict[str, Callable[[], torch.nn.Module]] = {}
+    if settings.plain:
+        contenders["plain"] = partial(Transformer, model_cfg)
+    if settings.litgpt and importlib.util.find_spec("litgpt") is None:
+        print("litgpt is not installed: its row is skipped (pip install litgpt to add it)")
+    elif settings.litgpt:
+        contenders["litgpt"] = partial(_litgpt_twin, model_cfg)
+    # The same compiled unit as LitLlama.compile_training: model and loss in one graph.
+    loss_fn = torch.compile(_next_token_loss) if cfg.compile else _next_token_loss
+
+    # Rounds alternate the contenders, so that a machine drifting faster or slower over the minutes (a shared VM,
+    # a GPU's clocks) shows as spread within each contender instead of as a gap between them.
+    rounds: dict[str, list[dict[str, float]]] = {"lightning": [], **{name: [] for name in contenders}}
+    for i in range(settings.rounds):
+        if i:  # a Trainer fits once; the model, compiled or not, carries over
+            trainer, timer = _timed_trainer(cfg, settings.warmup, total)
+        _reset_peak_memory(device)
+        trainer.fit(lit, datamodule=datamodule)
+        rounds["lightning"].append(timer.figures(figures, _peak_memory(device)))
+        for name, build in contenders.items():
+            torch.manual_seed(cfg.seed)
+            rounds[name].append(_plain_loop(build().to(device), loss_fn, datamodule, cfg, device, total,
+                                            settings.warmup, figures))
+    rows = {name: _combine(figures_per_round) for name, figures_per_round in rounds.items()}
+
     precision, accumulate = str(trainer.precision), cfg.trainer.accumulate_grad_batches or 1
     planned = plan_memory(model_cfg, cfg.data.batch_size, cfg.data.seq_len, precision, accumulate,
                           compiled=cfg.compile)
     memory = {"train_mem_bytes": rows["lightning"]["peak_mem_bytes"] - floor,
               "planned_mem_bytes": planned.resident(model_cfg.activation_checkpointing, device.type)}
-
-    if settings.plain:
-        torch.manual_seed(cfg.seed)
-        plain = Transformer(model_cfg).to(device)
-        rows["plain"] = _plain_loop(plain, datamodule, cfg, device, total, settings.warmup, flops_per_token, peak_flops)
-    if settings.litgpt:
-        litgpt_model = _litgpt_twin(model_cfg)
-        if litgpt_model is None:
-            print("litgpt is not installed: its row is skipped (pip install litgpt to add it)")
-        else:
-            rows["litgpt"] = _plain_loop(litgpt_model.to(device), datamodule, cfg, device, total, settings.warmup,
-                                         flops_per_token, peak_flops)
     return _report(rows, memory, cfg, lit.model, device, peak_flops)
 
 
-def _row(seconds: float, calls: int, wait: float, first_step: float, tokens_per_call: int, flops_per_token: int,
-         peak_flops: float, peak_mem: int) -> dict[str, float]:
-    """Figures of one contender: ``calls`` micro-batches of ``tokens_per_call`` tokens in ``seconds``, ``wait`` of
-    which went to fetching data."""
+def _timed_trainer(cfg: DictConfig, warmup: int, total: int) -> tuple[L.Trainer, StepTimer]:
+    """A Trainer for ``total`` optimizer steps of training only (no validation, logging or checkpoints), and the
+    timer it reports to, which leaves the first ``warmup`` steps untimed."""
+    timer = StepTimer(timed_from=warmup * (cfg.trainer.accumulate_grad_batches or 1))  # counted in micro-batches
+    trainer = instantiate(
+        cfg.trainer, max_steps=total, limit_val_batches=0, num_sanity_val_steps=0, logger=False, callbacks=[timer],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    return trainer, timer
+
+
+def _row(seconds: float, calls: int, wait: float, first_step: float, peak_mem: int, *, tokens_per_call: int,
+         flops_per_token: int, peak_flops: float) -> dict[str, float]:
+    """Figures of one contender in one round: ``calls`` micro-batches of ``tokens_per_call`` tokens in ``seconds``,
+    ``wait`` of which went to fetching data."""
     tokens_per_s = calls * tokens_per_call / seconds
     return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak_flops,
             "data_wait_frac": wait / seconds, "first_step_s": first_step, "peak_mem_bytes": peak_mem}
 
 
-def _plain_loop(model: torch.nn.Module, datamodule: TextDataModule, cfg: DictConfig, device: torch.device,
-                total: int, warmup: int, flops_per_token: int, peak_flops: float) -> dict[str, float]:
+def _combine(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """One contender's figures over its rounds: the median of each rate, the first round's first step (the one that
+    compiles) and peak memory, and, with two rounds or more, the spread of tokens/s (max - min, as a share of the
+    median). Only the first round's memory is its own on a CPU: the peak resident memory of a process never goes
+    down, so later rounds would count what the other contenders left."""
+    row = {key: statistics.median(r[key] for r in rounds) for key in ("tokens_per_s", "mfu", "data_wait_frac")}
+    row |= {"first_step_s": rounds[0]["first_step_s"], "peak_mem_bytes": rounds[0]["peak_mem_bytes"]}
+    if len(rounds) > 1:
+        tokens_per_s = [r["tokens_per_s"] for r in rounds]
+        row["tokens_per_s_spread"] = (max(tokens_per_s) - min(tokens_per_s)) / row["tokens_per_s"]
+    return row
+
+
+def _plain_loop(model: torch.nn.Module, loss_fn: Callable, datamodule: TextDataModule, cfg: DictConfig,
+                device: torch.device, total: int, warmup: int, figures: Callable[..., dict[str, float]]
+                ) -> dict[str, float]:
     """The same work as the Lightning step, written out: what a hand-rolled PyTorch script would do."""
     precision, accumulate = str(cfg.trainer.precision), cfg.trainer.accumulate_grad_batches or 1
     optim = cfg.optim
@@ -137,8 +177,6 @@ def _plain_loop(model: torch.nn.Module, datamodule: TextDataModule, cfg: DictCon
                                   weight_decay=optim.weight_decay, fused=fused)
     autocast = (torch.autocast(device.type, dtype=HALF_PRECISION[precision]) if precision.endswith("-mixed")
                 else nullcontext())
-    # The same compiled unit as LitLlama.compile_training: model and loss in one graph.
-    loss_fn = torch.compile(_next_token_loss) if cfg.compile else _next_token_loss
     batches: Iterator = iter(datamodule.train_batches(0, total * accumulate))
     _reset_peak_memory(device)
     wait = first_step = 0.0
@@ -162,9 +200,7 @@ def _plain_loop(model: torch.nn.Module, datamodule: TextDataModule, cfg: DictCon
             synchronize(device)
             first_step = time.perf_counter() - t0
     synchronize(device)
-    seconds = time.perf_counter() - start
-    return _row(seconds, (total - warmup) * accumulate, wait, first_step, cfg.data.batch_size * cfg.data.seq_len,
-                flops_per_token, peak_flops, _peak_memory(device))
+    return figures(time.perf_counter() - start, (total - warmup) * accumulate, wait, first_step, _peak_memory(device))
 
 
 def _next_token_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -173,13 +209,11 @@ def _next_token_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
 
 
-def _litgpt_twin(cfg: ModelConfig) -> torch.nn.Module | None:
-    """litgpt's GPT with our shape (Llama flavour: RMSNorm, SwiGLU, RoPE, GQA), or None without litgpt."""
-    try:
-        from litgpt.config import Config
-        from litgpt.model import GPT
-    except ImportError:
-        return None
+def _litgpt_twin(cfg: ModelConfig) -> torch.nn.Module:
+    """litgpt's GPT with our shape (Llama flavour: RMSNorm, SwiGLU, RoPE, GQA); litgpt is not a dependency."""
+    from litgpt.config import Config
+    from litgpt.model import GPT
+
     return GPT(Config(
         block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size, padded_vocab_size=cfg.vocab_size, n_layer=cfg.n_layers,
         n_head=cfg.n_heads, n_query_groups=cfg.n_kv_heads, n_embd=cfg.dim, intermediate_size=cfg.hidden_dim,
@@ -213,9 +247,14 @@ def _report(rows: dict[str, dict[str, float]], memory: dict[str, int], cfg: Dict
             device: torch.device, peak_flops: float) -> dict[str, float]:
     print(f"\n{model.num_params() / 1e6:.1f}M parameters, batch {cfg.data.batch_size} × {cfg.data.seq_len} tokens, "
           f"precision {cfg.trainer.precision}, {device}, compile={cfg.compile}; peak {peak_flops / 1e12:.3f} TFLOP/s")
-    print(f"{'':<10} {'tokens/s':>10} {'MFU':>6} {'data wait':>10} {'first step':>11} {'peak memory':>12}")
+    n_rounds = cfg.bench.rounds
+    if n_rounds > 1:
+        print(f"medians of {n_rounds} rounds, contenders alternating; spread: (max - min) / median of tokens/s")
+    spread = f" {'spread':>7}" if n_rounds > 1 else ""
+    print(f"{'':<10} {'tokens/s':>10}{spread} {'MFU':>6} {'data wait':>10} {'first step':>11} {'peak memory':>12}")
     for name, r in rows.items():
-        print(f"{name:<10} {r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} {r['data_wait_frac']:>10.1%} "
+        spread = f" {r['tokens_per_s_spread']:>7.1%}" if n_rounds > 1 else ""
+        print(f"{name:<10} {r['tokens_per_s']:>10,.0f}{spread} {r['mfu']:>6.1%} {r['data_wait_frac']:>10.1%} "
               f"{r['first_step_s']:>10.2f}s {r['peak_mem_bytes'] / 2**20:>9,.0f} MiB")
     result = {**rows["lightning"], "peak_flops": peak_flops, **memory,
               "plan_error": memory["planned_mem_bytes"] / memory["train_mem_bytes"] - 1}
@@ -226,6 +265,8 @@ def _report(rows: dict[str, dict[str, float]], memory: dict[str, int], cfg: Dict
         if name in rows:
             result[f"{name}_tokens_per_s"] = rows[name]["tokens_per_s"]
             result[f"{name}_mfu"] = rows[name]["mfu"]
+            if n_rounds > 1:
+                result[f"{name}_tokens_per_s_spread"] = rows[name]["tokens_per_s_spread"]
     if "plain" in rows:
         result["lightning_overhead"] = 1 - result["tokens_per_s"] / result["plain_tokens_per_s"]
         print(f"Lightning step vs plain loop: {result['lightning_overhead']:+.1%} overhead")
