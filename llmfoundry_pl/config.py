@@ -446,8 +446,12 @@ class BenchSettings:
     warmup: int = field(default=3, metadata=_help("Steps run first and not timed (the first one compiles)."))
     batch_size: int | None = field(default=None, metadata=_help("Sequences per step; null: data.batch_size."))
     seq_len: int | None = field(default=None, metadata=_help("Tokens per sequence; null: data.seq_len."))
-    plain: bool = field(default=True, metadata=_help("Also time a plain PyTorch loop over the same model and data."))
-    litgpt: bool = field(default=True, metadata=_help("Also time litgpt's GPT of the same shape, if installed."))
+    plain: bool = field(
+        default=True, metadata=_help("Also time a plain PyTorch loop over the same model and data (one device only).")
+    )
+    litgpt: bool = field(
+        default=True, metadata=_help("Also time litgpt's GPT of the same shape, if installed (one device only).")
+    )
     rounds: int = field(
         default=1,
         metadata=_help("Times each contender runs, in turn (Lightning, plain, litgpt, Lightning, ...); the figures "

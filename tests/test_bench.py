@@ -22,6 +22,7 @@ def test_bench_times_the_lightning_step_and_the_plain_loop(tmp_path, cache_dir):
     result = json.loads(out.strip().splitlines()[-1])
     assert proc.stderr.count("`Trainer.fit` stopped") == 2 and "medians of 2 rounds" in out  # a Trainer per round
     assert 0 <= result["tokens_per_s_spread"] < 2 and 0 <= result["plain_tokens_per_s_spread"] < 2
+    assert result["devices"] == 1 and result["tokens_per_step"] == 4 * 32 * 2  # batch × seq_len × accumulation
     assert result["tokens_per_s"] > 0 and result["plain_tokens_per_s"] > 0
     assert 0 < result["mfu"] < 1 and result["peak_flops"] > 1e9  # against the matmul peak measured in-process
     assert 0 <= result["data_wait_frac"] < 1 and result["peak_mem_bytes"] > 2**20
@@ -30,6 +31,19 @@ def test_bench_times_the_lightning_step_and_the_plain_loop(tmp_path, cache_dir):
     table = out[out.index("tokens/s  spread") :].splitlines()
     assert [line.split()[0] for line in table[1:3]] == ["lightning", "plain"]
     assert list(tmp_path.iterdir()) == []  # bench writes no files
+
+
+def test_bench_under_ddp_counts_the_tokens_of_every_rank(tmp_path, cache_dir):
+    proc = run_cli("bench", *TINY_BENCH, "trainer=ddp", "bench.steps=2", cwd=tmp_path)
+    out = proc.stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["devices"] == 2 and result["tokens_per_step"] == 2 * 4 * 32  # both ranks' micro-batches
+    assert "2 × cpu" in out and result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
+    # the single-device contenders are left out, and only rank 0 reports
+    assert "plain_tokens_per_s" not in result and "rows are skipped with 2 devices" in out
+    assert [line.split()[0] for line in out.splitlines() if line.startswith(("lightning ", "plain "))] == ["lightning"]
+    assert sum(line.startswith("{") for line in out.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bench_combines_rounds_into_medians_and_a_spread():

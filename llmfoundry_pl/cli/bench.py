@@ -3,12 +3,15 @@
     lfpl-bench                                                   # the default model on whatever hardware is found
     lfpl-bench model=ref16m data.vocab_size=8192 hardware=cpu bench.batch_size=8 bench.seq_len=256
     lfpl-bench model=base hardware=rtx5060 compile=true
+    lfpl-bench model=base compile=true bench.rounds=3             # medians of 3 rounds each, contenders in turn
+    lfpl-bench model=base compile=true trainer=ddp trainer.devices=8  # all ranks' tokens/s, MFU against 8 devices
 
 Times, on the same model shape and the same data windows: (1) the project's Lightning training step, (2) a plain
 PyTorch loop doing the same work (forward, cross-entropy, backward, clipping, AdamW) — so Lightning's overhead is a
 number — and (3) litgpt's ``GPT`` of the same shape when litgpt is installed. For each: tokens/s, MFU (against the
 matmul peak measured in this process on a CPU, the spec-sheet peak on a GPU), peak memory, and the share of each
-step spent waiting for data. Prints a table, then one JSON line.
+step spent waiting for data. Prints a table, then one JSON line. With several devices (DDP, FSDP) only the Lightning
+step is timed: its tokens/s counts every rank, and rank 0 reports.
 """
 
 from __future__ import annotations
@@ -26,12 +29,19 @@ import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from llmfoundry_pl.allocator import keep_freed_memory
 from llmfoundry_pl.callbacks import HALF_PRECISION, peak_matmul_flops, synchronize
-from llmfoundry_pl.cli.common import CONFIG_PATH, prepare_data_and_model, require_compiler, to_dataclass, user_errors
+from llmfoundry_pl.cli.common import (
+    CONFIG_PATH,
+    build_trainer,
+    prepare_data_and_model,
+    require_compiler,
+    to_dataclass,
+    user_errors,
+)
+from llmfoundry_pl.cli.ddp import end_distributed_job
 from llmfoundry_pl.config import BenchSettings, ConfigError, ModelConfig, OptimConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.lit_module import LitLlama, use_fused_adamw
@@ -88,41 +98,53 @@ def bench(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError("lfpl-bench times pretraining from scratch: use data=text and no init_from")
     total = settings.warmup + settings.steps
     trainer, timer = _timed_trainer(cfg, settings.warmup, total)
-    device = trainer.strategy.root_device
+    device, devices = trainer.strategy.root_device, trainer.world_size
+    launching = trainer.strategy  # the first fit's strategy starts the other ranks, so it reaps them at the end
     floor = _resident_memory(device)  # before the model exists: the training step's own memory is above it
     lit = LitLlama(model=model_cfg, optim=to_dataclass(cfg.optim, OptimConfig))
     if cfg.compile:
         require_compiler(device)
         lit.compile_training()
-    peak_flops = peak_matmul_flops(device, str(trainer.precision))
+    # Under DDP every rank times the same steps (the gradients' all-reduce keeps them in step): the Lightning row
+    # counts the tokens of all ranks, and MFU is against the peak of all devices.
+    peak_flops = peak_matmul_flops(device, str(trainer.precision)) * devices
     flops_per_token = lit.model.flops_per_token(cfg.data.seq_len)
-    figures = partial(_row, tokens_per_call=cfg.data.batch_size * cfg.data.seq_len,
-                      flops_per_token=flops_per_token, peak_flops=peak_flops)
+    tokens_per_call = cfg.data.batch_size * cfg.data.seq_len * devices  # one micro-batch on every device
+    figures = partial(_row, tokens_per_call=tokens_per_call, flops_per_token=flops_per_token, peak_flops=peak_flops)
     # The other contenders' models are built afresh in each round and dropped after it, so that the Lightning
     # step's peak memory never holds their weights.
     contenders: dict[str, Callable[[], torch.nn.Module]] = {}
-    if settings.plain:
-        contenders["plain"] = partial(Transformer, model_cfg)
-    if settings.litgpt and importlib.util.find_spec("litgpt") is None:
-        print("litgpt is not installed: its row is skipped (pip install litgpt to add it)")
-    elif settings.litgpt:
-        contenders["litgpt"] = partial(_litgpt_twin, model_cfg)
+    if devices > 1:
+        if (settings.plain or settings.litgpt) and trainer.is_global_zero:
+            print(f"the plain loop and litgpt's GPT run on one device: their rows are skipped with {devices} devices")
+    else:
+        if settings.plain:
+            contenders["plain"] = partial(Transformer, model_cfg)
+        if settings.litgpt and importlib.util.find_spec("litgpt") is None:
+            print("litgpt is not installed: its row is skipped (pip install litgpt to add it)")
+        elif settings.litgpt:
+            contenders["litgpt"] = partial(_litgpt_twin, model_cfg)
     # The same compiled unit as LitLlama.compile_training: model and loss in one graph.
     loss_fn = torch.compile(_next_token_loss) if cfg.compile else _next_token_loss
 
     # Rounds alternate the contenders, so that a machine drifting faster or slower over the minutes (a shared VM,
     # a GPU's clocks) shows as spread within each contender instead of as a gap between them.
     rounds: dict[str, list[dict[str, float]]] = {"lightning": [], **{name: [] for name in contenders}}
-    for i in range(settings.rounds):
-        if i:  # a Trainer fits once; the model, compiled or not, carries over
-            trainer, timer = _timed_trainer(cfg, settings.warmup, total)
-        _reset_peak_memory(device)
-        trainer.fit(lit, datamodule=datamodule)
-        rounds["lightning"].append(timer.figures(figures, _peak_memory(device)))
-        for name, build in contenders.items():
-            torch.manual_seed(cfg.seed)
-            rounds[name].append(_plain_loop(build().to(device), loss_fn, datamodule, cfg, device, total,
-                                            settings.warmup, figures))
+    failed = True
+    try:
+        for i in range(settings.rounds):
+            if i:  # a Trainer fits once; the model, compiled or not, carries over
+                trainer, timer = _timed_trainer(cfg, settings.warmup, total)
+            _reset_peak_memory(device)
+            trainer.fit(lit, datamodule=datamodule)
+            rounds["lightning"].append(timer.figures(figures, _peak_memory(device)))
+            for name, build in contenders.items():
+                torch.manual_seed(cfg.seed)
+                rounds[name].append(_plain_loop(build().to(device), loss_fn, datamodule, cfg, device, total,
+                                                settings.warmup, figures))
+        failed = False
+    finally:
+        end_distributed_job(launching, failed)
     rows = {name: _combine(figures_per_round) for name, figures_per_round in rounds.items()}
 
     precision, accumulate = str(trainer.precision), cfg.trainer.accumulate_grad_batches or 1
@@ -130,17 +152,18 @@ def bench(cfg: DictConfig) -> dict[str, float]:
                           compiled=cfg.compile)
     memory = {"train_mem_bytes": rows["lightning"]["peak_mem_bytes"] - floor,
               "planned_mem_bytes": planned.resident(model_cfg.activation_checkpointing, device.type)}
-    return _report(rows, memory, cfg, lit.model, device, peak_flops)
+    if not trainer.is_global_zero:
+        return {}
+    setup = {"devices": devices, "tokens_per_step": tokens_per_call * accumulate, "peak_flops": peak_flops}
+    return _report(rows, memory, setup, cfg, lit.model, device)
 
 
 def _timed_trainer(cfg: DictConfig, warmup: int, total: int) -> tuple[L.Trainer, StepTimer]:
     """A Trainer for ``total`` optimizer steps of training only (no validation, logging or checkpoints), and the
     timer it reports to, which leaves the first ``warmup`` steps untimed."""
     timer = StepTimer(timed_from=warmup * (cfg.trainer.accumulate_grad_batches or 1))  # counted in micro-batches
-    trainer = instantiate(
-        cfg.trainer, max_steps=total, limit_val_batches=0, num_sanity_val_steps=0, logger=False, callbacks=[timer],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
+    trainer = build_trainer(cfg.trainer, [timer], [], max_steps=total, limit_val_batches=0, num_sanity_val_steps=0,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     return trainer, timer
 
 
@@ -243,10 +266,13 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _report(rows: dict[str, dict[str, float]], memory: dict[str, int], cfg: DictConfig, model: Transformer,
-            device: torch.device, peak_flops: float) -> dict[str, float]:
-    print(f"\n{model.num_params() / 1e6:.1f}M parameters, batch {cfg.data.batch_size} × {cfg.data.seq_len} tokens, "
-          f"precision {cfg.trainer.precision}, {device}, compile={cfg.compile}; peak {peak_flops / 1e12:.3f} TFLOP/s")
+def _report(rows: dict[str, dict[str, float]], memory: dict[str, int], setup: dict[str, float], cfg: DictConfig,
+            model: Transformer, device: torch.device) -> dict[str, float]:
+    devices = setup["devices"]
+    on = f"{devices} × {device.type}" if devices > 1 else str(device)
+    print(f"\n{model.num_params() / 1e6:.1f}M parameters, batch {cfg.data.batch_size} × {cfg.data.seq_len} tokens "
+          f"per device, precision {cfg.trainer.precision}, {on}, compile={cfg.compile}; peak "
+          f"{setup['peak_flops'] / 1e12:.3f} TFLOP/s")
     n_rounds = cfg.bench.rounds
     if n_rounds > 1:
         print(f"medians of {n_rounds} rounds, contenders alternating; spread: (max - min) / median of tokens/s")
@@ -256,7 +282,7 @@ def _report(rows: dict[str, dict[str, float]], memory: dict[str, int], cfg: Dict
         spread = f" {r['tokens_per_s_spread']:>7.1%}" if n_rounds > 1 else ""
         print(f"{name:<10} {r['tokens_per_s']:>10,.0f}{spread} {r['mfu']:>6.1%} {r['data_wait_frac']:>10.1%} "
               f"{r['first_step_s']:>10.2f}s {r['peak_mem_bytes'] / 2**20:>9,.0f} MiB")
-    result = {**rows["lightning"], "peak_flops": peak_flops, **memory,
+    result = {**rows["lightning"], **setup, **memory,
               "plan_error": memory["planned_mem_bytes"] / memory["train_mem_bytes"] - 1}
     above = "" if device.type == "cuda" else ", above the resident memory before the model was built"
     print(f"memory of the Lightning step (peak{above}): {memory['train_mem_bytes'] / 2**20:,.0f} MiB; lfpl-plan's "

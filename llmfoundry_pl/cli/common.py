@@ -7,18 +7,23 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import lightning as L
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from llmfoundry_pl.cli.ddp import build_strategy
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, ModelConfig, StreamingDataConfig
 from llmfoundry_pl.data import ChatDataModule, StreamingDataModule, TextDataModule
 from llmfoundry_pl.interop import ModelSource, load_folder
 from llmfoundry_pl.lit_module import LitDPO, LitLlama
 from llmfoundry_pl.lora import has_lora, merge_lora
-from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.model import Transformer, TransformerBlock
 from llmfoundry_pl.tokenizer import Tokenizer
 
 CONFIG_PATH = "pkg://llmfoundry_pl.conf"  # conf/ ships inside the package (see pyproject.toml)
@@ -48,6 +53,29 @@ def pick_device(name: str) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list, **overrides: Any) -> L.Trainer:
+    """The Lightning Trainer of ``trainer.*`` (``overrides``: Trainer arguments that replace those settings), with a
+    Hydra-aware DDP/FSDP strategy; settings this machine cannot run (``accelerator=gpu`` without a GPU, an unknown
+    precision, FSDP without CUDA) become one line naming the problem instead of a traceback."""
+    strategy = build_strategy(trainer_cfg.strategy, trainer_cfg.devices, block_class=TransformerBlock)
+    try:
+        trainer = instantiate(trainer_cfg, strategy=strategy, callbacks=callbacks, logger=loggers or False,
+                              **overrides)
+    except InstantiationException as e:
+        reason = " ".join(str(e.__cause__ or e).split())
+        raise ConfigError(
+            f"the trainer settings cannot run here: {reason} — fix trainer.*, or pick the hardware= profile of this "
+            "machine (hardware=auto finds it)"
+        ) from None
+    # Lightning accepts FSDP on any accelerator, and PyTorch's FSDP refuses anything but a GPU only once the ranks
+    # have started ("FSDP needs a non-CPU accelerator device"), with a traceback from each.
+    device = trainer.strategy.root_device
+    if isinstance(trainer.strategy, FSDPStrategy) and device.type != "cuda":
+        raise ConfigError(f"trainer=fsdp needs CUDA GPUs and this run's device is {device.type}: use trainer=ddp to "
+                          "train in several processes here, or run on a machine with GPUs (hardware=auto)")
+    return trainer
 
 
 def require_compiler(device: torch.device) -> None:

@@ -20,26 +20,25 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_pl.allocator import keep_freed_memory
 from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
+    build_trainer,
     prepare_data_and_model,
     require_compiler,
     resolve_ckpt_path,
     to_dataclass,
     user_errors,
 )
-from llmfoundry_pl.cli.ddp import build_strategy, end_distributed_job
+from llmfoundry_pl.cli.ddp import end_distributed_job
 from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, OptimConfig, SchedulerConfig, register_configs
 from llmfoundry_pl.data import ChatDataModule
 from llmfoundry_pl.inference import generate_text
 from llmfoundry_pl.lit_module import LitDPO, LitLlama
-from llmfoundry_pl.model import Transformer, TransformerBlock
+from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import atomic_write_bytes
 
 
@@ -72,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
-    trainer = _build_trainer(cfg.trainer, callbacks, loggers)
+    trainer = build_trainer(cfg.trainer, callbacks, loggers)
     if cfg.compile:
         require_compiler(trainer.strategy.root_device)
         lit.compile_training()
@@ -103,27 +102,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["train_seconds"] = train_seconds
         _report(cfg, lit, trainer, metrics, initial, steps, unit, sampler)
     return metrics
-
-
-def _build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    """The Lightning Trainer; settings this machine cannot run (``accelerator=gpu`` without a GPU, an unknown
-    precision, FSDP without CUDA) become one line naming the problem instead of a traceback."""
-    strategy = build_strategy(trainer_cfg.strategy, trainer_cfg.devices, block_class=TransformerBlock)
-    try:
-        trainer = instantiate(trainer_cfg, strategy=strategy, callbacks=callbacks, logger=loggers or False)
-    except InstantiationException as e:
-        reason = " ".join(str(e.__cause__ or e).split())
-        raise ConfigError(
-            f"the trainer settings cannot run here: {reason} — fix trainer.*, or pick the hardware= profile of this "
-            "machine (hardware=auto finds it)"
-        ) from None
-    # Lightning accepts FSDP on any accelerator, and PyTorch's FSDP refuses anything but a GPU only once the ranks
-    # have started ("FSDP needs a non-CPU accelerator device"), with a traceback from each.
-    device = trainer.strategy.root_device
-    if isinstance(trainer.strategy, FSDPStrategy) and device.type != "cuda":
-        raise ConfigError(f"trainer=fsdp needs CUDA GPUs and this run's device is {device.type}: use trainer=ddp to "
-                          "train in several processes here, or run on a machine with GPUs (hardware=auto)")
-    return trainer
 
 
 def _checkpoint_step(ckpt_path: str | None) -> int:
