@@ -37,7 +37,10 @@ def _help(text: str) -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------------------------
 # Model
-# --------------------------------------------------------------------------------------------------------------
+# model.attention: "auto" picks among the others (llmfoundry_pl/model.py: attention_kernel).
+ATTENTION_CHOICES = ("auto", "sdpa", "math")
+
+
 @dataclass
 class ModelConfig:
     """Shape of a Llama-style decoder-only transformer (names follow Meta's Llama / torchtitan).
@@ -83,6 +86,12 @@ class ModelConfig:
     init_std: float = field(
         default=0.02, metadata=_help("Std of the normal init; residual output projections get std/sqrt(2·n_layers).")
     )
+    attention: str = field(
+        default="auto",
+        metadata=_help("Attention implementation: sdpa (PyTorch's fused kernels), math (the formula written out; "
+                       "keeps the T×T scores) or auto — flash-attn on CUDA in fp16/bf16 when installed, math on a "
+                       "CPU in bf16 up to 512 positions (1.1-1.17× faster training steps there), else sdpa."),
+    )
     activation_checkpointing: bool = field(
         default=False,
         metadata=_help("Training: keep only each block's input and recompute its activations in backward — "
@@ -113,6 +122,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ConfigError(f"model.attention={self.attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
         if self.hidden_dim is None:
             self.hidden_dim = llama_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 

@@ -36,7 +36,7 @@ def _as(cls: type, value: Any) -> Any:
 
 
 # ModelConfig fields that say how to run the model, not what it is: a resumed run may change them.
-RUN_OPTIONS = ("activation_checkpointing",)
+RUN_OPTIONS = ("activation_checkpointing", "attention")
 
 
 def use_fused_adamw(requested: bool | None, device_type: str, precision: str, gradient_clip_val: float | None) -> bool:

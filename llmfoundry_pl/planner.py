@@ -12,6 +12,10 @@ F = hidden_dim):
                 RoPE-rotated q (Q) and k (K), v (K), attention output (Q), the residual sum (D)
     MLP:        its normalised form and input (D each), gate w1·x, silu(gate), up w3·x and their product (F each)
 
+That is attention by a fused kernel (SDPA, flash-attn), which keeps one log-sum-exp per head instead of the scores.
+The written-out math that ``model.attention`` picks on a CPU in bf16 keeps a row of T scores per head and token
+instead (memory quadratic in the sequence length), with the key/value heads repeated to all query heads.
+
 In fp32 everything is 4 bytes. Under mixed precision (autocast) the residual stream and the norms stay fp32, matmul
 outputs are 2 bytes, and each matmul saves its own half-precision copy of its input (autocast casts per call: three
 copies for wq/wk/wv, two for w1/w3). After the last block: the final norm's tensors and the log-probabilities
@@ -26,10 +30,11 @@ holds more than its tensors, though (see :data:`CPU_RESIDENT_FACTOR`).
 and silu(gate) in the backward pass instead of keeping them, and keeps the logits (in the matmul dtype) instead of
 fp32 log-probabilities. Per block and token: the block input and the residual sum (D each, residual dtype), the
 normalised inputs of the attention and MLP matmuls (D each), RoPE-rotated q, k, v and the attention output
-(2Q + 2K), gate, up and their product (3F); after the blocks, the final norm's input and output and the logits.
-Its fused loss gradient takes the logits' place, so the step peaks when the output head's weight gradient is
-allocated on top of the saved tensors. Checked against the tensors Inductor saves (``tests/test_planner.py``) and
-the CPU allocator's peak (ref16m, 8 × 256, fp32: 552.1 MB planned, 552.0 MB measured).
+(2Q + 2K), gate, up and their product (3F); after the blocks, the final norm's input and output and the logits (in
+the matmul dtype). Its fused loss gradient takes the logits' place, so the step peaks when the output head's weight
+gradient is allocated on top of the saved tensors. Checked against the tensors Inductor saves
+(``tests/test_planner.py``) and the CPU allocator's peak (ref16m, 8 × 256, fp32: 552.1 MB planned, 552.0 MB
+measured).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from llmfoundry_pl.config import ModelConfig
-from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.model import Transformer, attention_kernel
 
 # Resident memory of a CPU training process above its tensors' peak: glibc's heap and the math libraries'
 # workspaces. Measured with the ref16m preset at micro-batches 8 and 16 (with and without keep_freed_memory, plain
@@ -99,33 +104,36 @@ class MemoryPlan:
 
 def plan_memory(
     cfg: ModelConfig, batch_size: int, seq_len: int, precision: str, accumulate: int = 1, shards: int = 1,
-    compiled: bool = False,
+    compiled: bool = False, *, device_type: str,
 ) -> MemoryPlan:
-    """Memory of one training step of ``cfg`` per device.
+    """Memory of one training step of ``cfg`` per device of type ``device_type`` ("cpu", "cuda", "mps").
 
     ``shards`` > 1 is FSDP over that many devices: weights, gradients and optimizer state are split between them
     (plus one block gathered whole at a time), activations are not. ``compiled``: the step runs under
-    ``compile=true``, which saves fewer tensors (see the module's docstring)."""
+    ``compile=true``, which saves fewer tensors (see the module's docstring). The device type and precision decide
+    which attention runs (``model.attention``), and the written-out math keeps more than the fused kernels."""
     weight_b, matmul_b, stream_b = _bytes(precision)
     mixed = precision in MIXED
-    D, Q, K, F, V, L = (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim,
-                        cfg.vocab_size, cfg.n_layers)
+    D, F, V, L = cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.n_layers
     with torch.device("meta"):  # the counts come from the model itself; on the meta device it takes no memory
         network = Transformer(cfg)
     params, matmul_params = network.num_params(), network.matmul_params()
     block_params = sum(p.numel() for p in network.layers[0].parameters())
 
-    # Per token, + fp32 statistics: each norm's 1/rms, attention's log-sum-exp per head; int64 inputs and targets.
-    stats = 4 * (2 + cfg.n_heads)
-    if compiled:  # the stream (D, twice), the matmuls' normalised inputs (D, twice), q k v out, gate up product
-        per_block = 2 * D * stream_b + (2 * D + 2 * Q + 2 * K + 3 * F) * matmul_b + stats
-        outside_blocks = D * stream_b + (D + V) * matmul_b + 4 + 2 * 8  # final norm in and out, the logits
+    # Per token, + fp32 statistics: each norm's 1/rms; int64 inputs and targets.
+    stats = 4 * 2
+    attention = _attention_saved(cfg, seq_len, precision, device_type, compiled, matmul_b)
+    if compiled:  # the stream (D, twice), the matmuls' normalised inputs (D, twice), attention, gate up product
+        per_block = 2 * D * stream_b + (2 * D + 3 * F) * matmul_b + attention + stats
+        # The final norm's input and output and the logits (all in the matmul dtype), three fp32 statistics (the
+        # norm's 1/rms, the loss's row max and log-sum-exp).
+        outside_blocks = (2 * D + V) * matmul_b + 3 * 4 + 2 * 8
         backward_buffers = V * D * weight_b  # the output head's weight gradient
     else:
         # Mixed: the norms' input and output and the residual sum in fp32, a half copy per matmul input. Otherwise
         # the matmul inputs are the norms' outputs themselves.
         norms = 4 * D * stream_b + 5 * D * matmul_b if mixed else 6 * D * stream_b
-        per_block = norms + (2 * Q + 2 * K + 4 * F) * matmul_b + stats
+        per_block = norms + 4 * F * matmul_b + attention + stats
         final_norm = (2 * D * stream_b + D * matmul_b if mixed else 3 * D * stream_b) + 4
         outside_blocks = final_norm + 4 * V + 2 * 8  # fp32 log-probabilities
         # The loss's two fp32 vocab-sized gradients per token; mixed: + their half copy.
@@ -144,6 +152,27 @@ def plan_memory(
     )
 
 
+def _attention_saved(
+    cfg: ModelConfig, seq_len: int, precision: str, device_type: str, compiled: bool, matmul_b: int
+) -> int:
+    """Bytes per token and block that attention keeps for the backward pass (its input projections excluded)."""
+    Q, K, H = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_heads
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if matmul_b == 2 else torch.float32
+    if attention_kernel(cfg.attention, device_type, dtype, seq_len) != "math":
+        # The fused kernels (SDPA, flash-attn): RoPE-rotated q and k, v, the output, and a log-sum-exp per head.
+        return (2 * Q + 2 * K) * matmul_b + 4 * H
+    # The written-out math: q, the key and value heads repeated to all H query heads, the output — and a row of
+    # seq_len scores per head, so memory grows with the square of the sequence length. Eager keeps the fp32 softmax
+    # output (+ its half copy for the product with v); Inductor keeps half-precision scores and probabilities and
+    # the softmax's row max and sum (in fp32, only the probabilities).
+    half = matmul_b < 4
+    if compiled:
+        scores = 2 * H * seq_len * matmul_b + 2 * 4 * H if half else 4 * H * seq_len
+    else:
+        scores = H * seq_len * (4 + (matmul_b if half else 0))
+    return 4 * Q * matmul_b + scores
+
+
 def largest_batch(
     cfg: ModelConfig, seq_len: int, precision: str, memory_bytes: float, checkpointing: bool, device_type: str,
     accumulate: int = 1, shards: int = 1, compiled: bool = False,
@@ -152,7 +181,7 @@ def largest_batch(
     Memory grows linearly with the batch, so two plans give the exact answer."""
 
     def resident(batch_size: int) -> int:
-        plan = plan_memory(cfg, batch_size, seq_len, precision, accumulate, shards, compiled)
+        plan = plan_memory(cfg, batch_size, seq_len, precision, accumulate, shards, compiled, device_type=device_type)
         return plan.resident(checkpointing, device_type)
 
     one, two = resident(1), resident(2)

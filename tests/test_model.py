@@ -3,11 +3,19 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmfoundry_pl import model as model_module
 from llmfoundry_pl.config import ConfigError, ModelConfig, llama_hidden_dim
 from llmfoundry_pl.interop import hf_names
-from llmfoundry_pl.model import Transformer, apply_rope, precompute_rope
+from llmfoundry_pl.model import (
+    Transformer,
+    apply_rope,
+    attention_mask,
+    math_attention,
+    packed_positions_and_mask,
+    precompute_rope,
+)
 from tests.helpers.run_if import RunIf
 
 
@@ -104,6 +112,7 @@ def test_llama_hidden_dim_rule():
         (dict(n_heads=4, n_kv_heads=3), "model.n_heads=4 is not divisible by model.n_kv_heads=3"),
         (dict(dim=36, n_heads=4, n_kv_heads=4), "head_dim"),
         (dict(dropout=1.5), "model.dropout=1.5"),
+        (dict(attention="flash"), "model.attention='flash' is not one of auto, sdpa, math"),
     ],
 )
 def test_model_config_rejects_clashing_values(overrides, message):
@@ -116,11 +125,79 @@ def test_model_rejects_sequences_longer_than_max_seq_len():
         Transformer(tiny_config())(torch.zeros(1, 25, dtype=torch.long))
 
 
-def test_flash_attn_is_used_only_on_cuda_half_precision(monkeypatch):
-    monkeypatch.setattr(model_module, "flash_attn_func", object())
-    assert not model_module._use_flash_attn(torch.zeros(1, dtype=torch.bfloat16))  # CPU
-    monkeypatch.setattr(model_module, "flash_attn_func", None)
-    assert not model_module._use_flash_attn(torch.zeros(1))
+def test_attention_kernel_follows_the_setting_and_where_attention_runs(monkeypatch):
+    choose, bf16, fp32 = model_module.attention_kernel, torch.bfloat16, torch.float32
+    monkeypatch.setattr(model_module, "flash_attn_func", None)  # flash-attn not installed
+    assert choose("auto", "cpu", bf16, 256) == "math"  # bf16 GEMMs beat the fused CPU kernel's fp32 arithmetic
+    assert choose("auto", "cpu", bf16, model_module.MATH_ATTENTION_MAX_KEYS + 1) == "sdpa"  # quadratic memory
+    assert choose("auto", "cpu", fp32, 256) == "sdpa"
+    assert choose("auto", "cpu", bf16, 256, masked=True) == "sdpa"
+    assert choose("auto", "cuda", bf16, 256) == choose("auto", "mps", bf16, 256) == "sdpa"
+    monkeypatch.setattr(model_module, "flash_attn_func", object())  # installed
+    assert choose("auto", "cuda", bf16, 4096) == choose("auto", "cuda", torch.float16, 64) == "flash_attn"
+    assert choose("auto", "cuda", fp32, 256) == choose("auto", "cuda", bf16, 256, masked=True) == "sdpa"
+    assert choose("auto", "cpu", bf16, 256) == "math"
+    for setting in ("sdpa", "math"):  # an explicit setting is obeyed, everywhere
+        assert choose(setting, "cuda", bf16, 4096, masked=True) == choose(setting, "cpu", fp32, 64) == setting
+
+
+@pytest.mark.parametrize("case", ["causal", "cached_prefix", "left_padded", "packed"])
+def test_math_attention_equals_sdpa_with_every_mask_the_model_builds(case):
+    """The written-out formula against PyTorch's fused kernel, outputs and gradients, grouped heads (4 query heads on
+    2 key/value heads) included."""
+    torch.manual_seed(0)
+    B, H, K, T, S, Hd = 2, 4, 2, 6, 6, 8
+    ours_mask = mask = None  # causal
+    if case == "cached_prefix":  # 3 new queries after 3 cached positions: causal, aligned to the last key
+        T, mask = 3, attention_mask(3, S - 3, None, torch.device("cpu"))
+    elif case == "left_padded":  # batched prompts: row 1 starts with 2 filler slots
+        ours_mask = mask = attention_mask(T, 0, torch.tensor([0, 2]), torch.device("cpu"))
+    elif case == "packed":  # several examples per row
+        ours_mask = mask = packed_positions_and_mask(torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1]]))[1]
+    q = torch.randn(B, H, T, Hd, requires_grad=True)
+    k, v = torch.randn(B, K, S, Hd, requires_grad=True), torch.randn(B, K, S, Hd, requires_grad=True)
+    ours = math_attention(q, k, v, ours_mask)
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    torch.testing.assert_close(ours, fused)
+    for a, b in zip(torch.autograd.grad(ours.square().sum(), (q, k, v)),
+                    torch.autograd.grad(fused.square().sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_math_attention_drops_probabilities_without_bias():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    exact = math_attention(q, k, v, None)
+    dropped = torch.stack([math_attention(q, k, v, None, dropout_p=0.5) for _ in range(2000)])
+    assert not torch.equal(dropped[0], exact) and not torch.equal(dropped[0], dropped[1])
+    torch.testing.assert_close(dropped.mean(0), exact, atol=0.1, rtol=0)  # kept ones scaled by 1 / (1 - p)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_model_trains_alike_with_the_math_or_sdpa(precision, monkeypatch):
+    """Logits and every gradient of the model with ``attention=math`` against ``attention=sdpa``; in bf16 on a CPU,
+    ``auto`` picks the math."""
+    math_runs = []
+    monkeypatch.setattr(model_module, "math_attention",
+                        lambda *args, f=model_module.math_attention: math_runs.append(1) or f(*args))
+    torch.manual_seed(0)
+    cfg = tiny_config(dim=64, n_heads=4, n_kv_heads=2)
+    fused = Transformer(dataclasses.replace(cfg, attention="sdpa"))
+    written = Transformer(dataclasses.replace(cfg, attention="math" if precision == "32-true" else "auto"))
+    written.load_state_dict(fused.state_dict())
+    x = torch.randint(0, 97, (3, 24))
+    logits, grads = [], []
+    for model in (fused, written):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            out = model(x)
+        out.float().logsumexp(-1).mean().backward()
+        logits.append(out.float())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert len(math_runs) == cfg.n_layers  # the written model really ran the math, once per block
+    tol = {} if precision == "32-true" else dict(atol=3e-2, rtol=3e-2)  # bf16: 8 bits of mantissa
+    torch.testing.assert_close(logits[1], logits[0], **tol)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name, **tol)
 
 
 @RunIf(min_gpus=1, bf16_cuda=True, package="flash_attn")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Dimensions that differ from each other and from the batch's token count, so no tensor is mistaken for another.
 SHAPE = ModelConfig(vocab_size=1000, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, hidden_dim=320, max_seq_len=64)
 B, T = 3, 50
+plan_cpu = functools.partial(plan_memory, device_type="cpu")  # what these tests measure runs on the CPU
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,10 +32,9 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 1000, (B, T), generator=g), torch.randint(0, 1000, (B, T), generator=g)
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_planned_activations_are_what_autograd_saves(precision):
-    model = Transformer(SHAPE)
-    x, y = _batch()
+def _recorder(model: torch.nn.Module) -> tuple[dict[int, int], Callable[[torch.Tensor], torch.Tensor]]:
+    """Bytes per storage that autograd saves for the backward pass, activations only, and the pack hook (for
+    ``torch.autograd.graph.saved_tensors_hooks``) that records them."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     half_weight_sizes = {2 * p.numel() for p in model.parameters() if p.dim() == 2}
     saved: dict[int, int] = {}
@@ -45,18 +47,34 @@ def test_planned_activations_are_what_autograd_saves(precision):
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+    return saved, pack
+
+
+def _autocast(precision: str) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_planned_activations_are_what_autograd_saves(precision, attention):
+    shape = dataclasses.replace(SHAPE, attention=attention)
+    model = Transformer(shape)
+    x, y = _batch()
+    saved, pack = _recorder(model)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(precision):
         F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-    planned = plan_memory(SHAPE, B, T, precision).saved
+    planned = plan_cpu(shape, B, T, precision).saved
     assert planned == pytest.approx(sum(saved.values()), rel=0.01)
+    if attention == "math":  # the (T, T) scores per head: more than the fused kernel's log-sum-exp
+        fused = plan_cpu(dataclasses.replace(shape, attention="sdpa"), B, T, precision)
+        assert planned > 1.15 * fused.saved
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_planned_peak_is_the_allocators_peak_in_a_training_step(checkpointing):
+@pytest.mark.parametrize(("checkpointing", "attention"), [(False, "sdpa"), (True, "sdpa"), (False, "math")])
+def test_planned_peak_is_the_allocators_peak_in_a_training_step(checkpointing, attention):
     """The peak of every allocation PyTorch's CPU allocator makes in a steady-state step (the profiler's memory
     events), plus the weights and AdamW state already held, against the plan."""
-    cfg = dataclasses.replace(SHAPE, activation_checkpointing=checkpointing)
+    cfg = dataclasses.replace(SHAPE, activation_checkpointing=checkpointing, attention=attention)
     model = Transformer(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), fused=True)
     x, y = _batch()
@@ -68,7 +86,7 @@ def test_planned_peak_is_the_allocators_peak_in_a_training_step(checkpointing):
 
     step()  # the optimizer state exists from here on
     held = 3 * sum(p.numel() for p in model.parameters()) * 4  # weights + two AdamW moments, fp32
-    assert plan_memory(cfg, B, T, "32-true").peak(checkpointing) == pytest.approx(held + _step_peak(step), rel=0.05)
+    assert plan_cpu(cfg, B, T, "32-true").peak(checkpointing) == pytest.approx(held + _step_peak(step), rel=0.05)
 
 
 def _step_peak(step) -> int:
@@ -84,54 +102,53 @@ def _step_peak(step) -> int:
     return peak
 
 
-def test_planned_compiled_step_is_what_inductor_saves_and_allocates():
+# The cpu profile's defaults: compiled, in fp32 (SDPA) or, on a CPU with native bf16, bf16-mixed (the math).
+@pytest.mark.parametrize(("precision", "attention"), [("32-true", "sdpa"), ("bf16-mixed", "math")])
+def test_planned_compiled_step_is_what_inductor_saves_and_allocates(precision, attention):
     # compile=true (the cpu profile's default) compiles model and loss as one graph, which saves fewer tensors.
     # One block: the count is per block, and compiling takes less time.
-    shape = dataclasses.replace(SHAPE, n_layers=1)
+    shape = dataclasses.replace(SHAPE, n_layers=1, attention=attention)
     model = Transformer(shape)
     optimizer = torch.optim.AdamW(model.parameters(), fused=True)
     x, y = _batch()
-    loss = torch.compile(lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in weights:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+    compiled = torch.compile(lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+    saved, pack = _recorder(model)
 
     def step() -> None:
-        loss(x, y).backward()
+        with _autocast(precision):
+            loss = compiled(x, y)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()  # compiles; the optimizer state exists from here on
-    planned = plan_memory(shape, B, T, "32-true", compiled=True)
+    planned = plan_cpu(shape, B, T, precision, compiled=True)
     assert planned.saved == pytest.approx(sum(saved.values()), rel=0.01)
-    assert planned.saved < 0.85 * plan_memory(shape, B, T, "32-true").saved  # it does save less than eager
+    eager = plan_cpu(shape, B, T, precision)
+    assert planned.saved < 0.85 * eager.saved  # it does save less than eager
     held = 3 * sum(p.numel() for p in model.parameters()) * 4
     assert planned.peak(False) == pytest.approx(held + _step_peak(step), rel=0.05)
 
 
 def test_memory_grows_with_the_batch_and_shrinks_with_checkpointing_and_sharding():
-    one, four = plan_memory(SHAPE, 1, T, "32-true"), plan_memory(SHAPE, 4, T, "32-true")
+    one, four = plan_cpu(SHAPE, 1, T, "32-true"), plan_cpu(SHAPE, 4, T, "32-true")
     assert four.activations > 3.9 * one.activations and four.weights == one.weights
     assert four.activations_checkpointed < four.activations
-    sharded = plan_memory(SHAPE, 4, T, "32-true", shards=4)
+    sharded = plan_cpu(SHAPE, 4, T, "32-true", shards=4)
     assert sharded.optimizer < four.optimizer / 2 and sharded.activations == four.activations
-    mixed = plan_memory(SHAPE, 4, T, "bf16-mixed")
+    mixed = plan_cpu(SHAPE, 4, T, "bf16-mixed")
     assert mixed.saved < four.saved and mixed.weights > four.weights  # half activations, + half weight copies
     with pytest.raises(ValueError, match="precision='64-true'"):
-        plan_memory(SHAPE, 1, T, "64-true")
+        plan_cpu(SHAPE, 1, T, "64-true")
 
 
 def test_largest_batch_is_the_last_that_fits():
     budget = 2e8
     n = largest_batch(SHAPE, T, "32-true", budget, checkpointing=False, device_type="cpu")
-    resident = [plan_memory(SHAPE, b, T, "32-true").resident(False, "cpu") for b in (n, n + 1)]
+    resident = [plan_cpu(SHAPE, b, T, "32-true").resident(False, "cpu") for b in (n, n + 1)]
     assert resident[0] <= budget < resident[1]
-    assert resident[0] == int(plan_memory(SHAPE, n, T, "32-true").peak(False) * CPU_RESIDENT_FACTOR)
+    assert resident[0] == int(plan_cpu(SHAPE, n, T, "32-true").peak(False) * CPU_RESIDENT_FACTOR)
     assert largest_batch(SHAPE, T, "32-true", budget, checkpointing=True, device_type="cpu") > n
 
 

@@ -149,7 +149,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
 
     precision, accumulate = str(trainer.precision), cfg.trainer.accumulate_grad_batches or 1
     planned = plan_memory(model_cfg, cfg.data.batch_size, cfg.data.seq_len, precision, accumulate,
-                          compiled=cfg.compile)
+                          compiled=cfg.compile, device_type=device.type)
     memory = {"train_mem_bytes": rows["lightning"]["peak_mem_bytes"] - floor,
               "planned_mem_bytes": planned.resident(model_cfg.activation_checkpointing, device.type)}
     if not trainer.is_global_zero:

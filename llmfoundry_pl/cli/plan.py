@@ -46,11 +46,12 @@ def plan(cfg: DictConfig) -> dict[str, float]:
     precision, accumulate = str(trainer.precision), trainer.accumulate_grad_batches or 1
     devices = (trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1) * trainer.num_nodes
     shards = devices if trainer.strategy == "fsdp" else 1
+    checkpointing, device_type = model_cfg.activation_checkpointing, _device_type(str(trainer.accelerator))
     try:
-        memory = plan_memory(model_cfg, batch, seq_len, precision, accumulate, shards, cfg.compile)
+        memory = plan_memory(model_cfg, batch, seq_len, precision, accumulate, shards, cfg.compile,
+                             device_type=device_type)
     except ValueError as e:
         raise ConfigError(f"{e}; set trainer.precision") from None
-    checkpointing, device_type = model_cfg.activation_checkpointing, _device_type(str(trainer.accelerator))
     budget = _memory_bytes(machine) * HEADROOM
     fits = {ckpt: largest_batch(model_cfg, seq_len, precision, budget, ckpt, device_type, accumulate, shards,
                                 cfg.compile) for ckpt in (False, True)}
