@@ -72,6 +72,7 @@ class MemoryPlan:
     """Bytes per device of one training step at a micro-batch of ``batch_size`` sequences."""
 
     batch_size: int
+    attention: str  # what computes attention: "flash_attn", "math" or "sdpa" (model.attention, see attention_kernel)
     weights: int  # parameters, plus autocast's half-precision copies of the matmul weights
     gradients: int  # all of them: alive at the peak when micro-batches accumulate
     optimizer: int  # AdamW's two moments
@@ -122,7 +123,9 @@ def plan_memory(
 
     # Per token, + fp32 statistics: each norm's 1/rms; int64 inputs and targets.
     stats = 4 * 2
-    attention = _attention_saved(cfg, seq_len, precision, device_type, compiled, matmul_b)
+    matmul_dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if matmul_b == 2 else torch.float32
+    kernel = attention_kernel(cfg.attention, device_type, matmul_dtype, seq_len)
+    attention = _attention_saved(cfg, seq_len, kernel, compiled, matmul_b)
     if compiled:  # the stream (D, twice), the matmuls' normalised inputs (D, twice), attention, gate up product
         per_block = 2 * D * stream_b + (2 * D + 3 * F) * matmul_b + attention + stats
         # The final norm's input and output and the logits (all in the matmul dtype), three fp32 statistics (the
@@ -142,6 +145,7 @@ def plan_memory(
     sharded = params if shards == 1 else math.ceil(params / shards) + block_params
     return MemoryPlan(
         batch_size=batch_size,
+        attention=kernel,
         weights=sharded * weight_b + (2 * matmul_params if mixed else 0),
         gradients=sharded * weight_b,
         optimizer=2 * sharded * weight_b,
@@ -152,13 +156,11 @@ def plan_memory(
     )
 
 
-def _attention_saved(
-    cfg: ModelConfig, seq_len: int, precision: str, device_type: str, compiled: bool, matmul_b: int
-) -> int:
-    """Bytes per token and block that attention keeps for the backward pass (its input projections excluded)."""
+def _attention_saved(cfg: ModelConfig, seq_len: int, kernel: str, compiled: bool, matmul_b: int) -> int:
+    """Bytes per token and block that attention by ``kernel`` keeps for the backward pass (its input projections
+    excluded)."""
     Q, K, H = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_heads
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if matmul_b == 2 else torch.float32
-    if attention_kernel(cfg.attention, device_type, dtype, seq_len) != "math":
+    if kernel != "math":
         # The fused kernels (SDPA, flash-attn): RoPE-rotated q and k, v, the output, and a log-sum-exp per head.
         return (2 * Q + 2 * K) * matmul_b + 4 * H
     # The written-out math: q, the key and value heads repeated to all H query heads, the output — and a row of

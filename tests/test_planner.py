@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
+from llmfoundry_pl import model as model_module
 from llmfoundry_pl.cli.plan import plan
 from llmfoundry_pl.config import ModelConfig
-from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.model import MATH_ATTENTION_MAX_KEYS, Transformer
 from llmfoundry_pl.planner import CPU_RESIDENT_FACTOR, largest_batch, plan_memory
 from tests.conftest import run_cli
 
@@ -143,6 +144,21 @@ def test_memory_grows_with_the_batch_and_shrinks_with_checkpointing_and_sharding
         plan_cpu(SHAPE, 1, T, "64-true")
 
 
+def test_plan_counts_the_attention_that_auto_picks_where_the_step_runs(monkeypatch):
+    monkeypatch.setattr(model_module, "flash_attn_func", None)  # as without flash-attn installed
+    math, fused = dataclasses.replace(SHAPE, attention="math"), dataclasses.replace(SHAPE, attention="sdpa")
+    for seq_len, precision, device_type, picked in [
+        (T, "bf16-mixed", "cpu", "math"),  # where the written-out math runs bf16 GEMMs
+        (MATH_ATTENTION_MAX_KEYS + 1, "bf16-mixed", "cpu", "sdpa"),  # a sequence past the math's limit
+        (T, "32-true", "cpu", "sdpa"),
+        (T, "bf16-mixed", "cuda", "sdpa"),
+    ]:
+        auto = plan_memory(SHAPE, B, seq_len, precision, device_type=device_type)
+        assert auto.attention == picked, (seq_len, precision, device_type)
+        explicit = plan_memory(math if picked == "math" else fused, B, seq_len, precision, device_type=device_type)
+        assert auto == dataclasses.replace(explicit, attention=picked)
+
+
 def test_largest_batch_is_the_last_that_fits():
     budget = 2e8
     n = largest_batch(SHAPE, T, "32-true", budget, checkpointing=False, device_type="cpu")
@@ -165,6 +181,7 @@ def test_plan_cli_prints_memory_fit_and_time(tmp_path):
     assert result["params"] > 100e6 and result["fits"]
     assert result["largest_batch_checkpointed"] > result["largest_batch"] > 0
     assert result["memory_bytes"] == 7.5e9 and result["hours"] > 0
+    assert f"attention={result['attention']}," in out  # the kernel whose saved tensors the plan counts
     for line in ("optimizer (AdamW)", "activations", "largest micro-batch that fits", "time for 1e+09 tokens"):
         assert line in out
     assert list(tmp_path.iterdir()) == []  # a plan writes nothing

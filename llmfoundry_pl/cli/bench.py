@@ -154,7 +154,8 @@ def bench(cfg: DictConfig) -> dict[str, float]:
               "planned_mem_bytes": planned.resident(model_cfg.activation_checkpointing, device.type)}
     if not trainer.is_global_zero:
         return {}
-    setup = {"devices": devices, "tokens_per_step": tokens_per_call * accumulate, "peak_flops": peak_flops}
+    setup = {"devices": devices, "tokens_per_step": tokens_per_call * accumulate, "peak_flops": peak_flops,
+             "attention": planned.attention}
     return _report(rows, memory, setup, cfg, lit.model, device)
 
 
@@ -266,12 +267,13 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _report(rows: dict[str, dict[str, float]], memory: dict[str, int], setup: dict[str, float], cfg: DictConfig,
+def _report(rows: dict[str, dict[str, float]], memory: dict[str, int], setup: dict[str, float | str], cfg: DictConfig,
             model: Transformer, device: torch.device) -> dict[str, float]:
     devices = setup["devices"]
     on = f"{devices} × {device.type}" if devices > 1 else str(device)
     print(f"\n{model.num_params() / 1e6:.1f}M parameters, batch {cfg.data.batch_size} × {cfg.data.seq_len} tokens "
-          f"per device, precision {cfg.trainer.precision}, {on}, compile={cfg.compile}; peak "
+          f"per device, precision {cfg.trainer.precision}, {on}, compile={cfg.compile}, "
+          f"attention={setup['attention']}; peak "
           f"{setup['peak_flops'] / 1e12:.3f} TFLOP/s")
     n_rounds = cfg.bench.rounds
     if n_rounds > 1:
