@@ -37,6 +37,7 @@ def _help(text: str) -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------------------------
 # Model
+# --------------------------------------------------------------------------------------------------------------
 # model.attention: "auto" picks among the others (llmfoundry_pl/model.py: attention_kernel).
 ATTENTION_CHOICES = ("auto", "sdpa", "math")
 
@@ -90,7 +91,7 @@ class ModelConfig:
         default="auto",
         metadata=_help("Attention implementation: sdpa (PyTorch's fused kernels), math (the formula written out; "
                        "keeps the T×T scores) or auto — flash-attn on CUDA in fp16/bf16 when installed, math on a "
-                       "CPU in bf16 up to 512 positions (1.1-1.17× faster training steps there), else sdpa."),
+                       "CPU in bf16 up to 512 positions (1.05-1.17× faster training steps there), else sdpa."),
     )
     activation_checkpointing: bool = field(
         default=False,
