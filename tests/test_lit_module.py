@@ -14,7 +14,7 @@ from llmfoundry_pl.callbacks import LossProgressBar
 from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedulerConfig
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.lit_module import LitLlama, WarmupDecay, use_fused_adamw
-from llmfoundry_pl.metrics import LanguageModelMetrics
+from llmfoundry_pl.metrics import LanguageModelMetrics, PreferenceMetrics
 from llmfoundry_pl.model import TransformerBlock
 
 
@@ -72,6 +72,19 @@ def test_metrics_sum_exactly_across_unequal_batches():
     assert out["loss"].item() == pytest.approx(12 / 5)
     assert out["ppl"].item() == pytest.approx(math.exp(12 / 5), rel=1e-5)
     assert out["bpb"].item() == pytest.approx(12 / math.log(2) / 20)
+
+
+def test_metrics_keep_summing_in_float64_when_the_module_is_cast_to_bf16():
+    # Lightning's bf16-true casts the LightningModule, metric states included, with .to(torch.bfloat16).
+    nats = [16584.98, 16603.36, 16590.01]  # a validation batch of 4096 tokens at ~4 nats each
+    m = LanguageModelMetrics().to(torch.bfloat16)
+    for value in nats:
+        m.update(torch.tensor(value), torch.tensor(4096), torch.tensor(12566))
+    assert m.compute()["loss"].item() == pytest.approx(sum(nats) / (3 * 4096), rel=1e-6)
+    pairs = PreferenceMetrics().to(torch.bfloat16)
+    for _ in range(2):
+        pairs.update(torch.tensor([0.1]), torch.tensor([300.3]))
+    assert pairs.compute()["reward_margin"].item() == pytest.approx(300.3, rel=1e-6)
 
 
 @pytest.fixture(scope="module")
