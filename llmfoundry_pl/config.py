@@ -362,6 +362,19 @@ QUANTIZE_HELP = ("Inference with quantized linear layers: none (fp32), int8 (int
                  "docs/benchmarks.md.")
 
 
+# Lightning's names for a model held in one dtype, weights and activations: lfpl-generate's and lfpl-serve's
+# precision= (lfpl-eval passes any Lightning precision to its Trainer). See inference.quantize.for_inference.
+INFERENCE_PRECISIONS = ("32-true", "bf16-true", "16-true")
+INFERENCE_PRECISION_HELP = ("The model's dtype: 32-true (fp32, as trained), bf16-true or 16-true (half the memory; "
+                            "bigger models decode faster where the device computes in bf16/fp16 natively).")
+
+
+def check_inference_precision(precision: str) -> None:
+    """A one-line error unless ``precision`` is one of :data:`INFERENCE_PRECISIONS`."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"precision={precision} is not one of {', '.join(INFERENCE_PRECISIONS)}")
+
+
 def check_quantize(mode: str) -> None:
     """A one-line error unless ``mode`` is one of :data:`QUANTIZE_MODES`. Called by the schemas of lfpl-generate,
     lfpl-eval and lfpl-serve, so a typo fails before a model is loaded, and by ``inference.quantize.quantize`` for
@@ -576,9 +589,11 @@ class GenerateConfig:
     draft_tokens: int = field(default=4, metadata=_help("Tokens the draft model guesses per target pass."))
     compile: bool = field(default=False, metadata=_help("torch.compile the model: faster decoding after a slow start."))
     device: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
+    precision: str = field(default="32-true", metadata=_help(INFERENCE_PRECISION_HELP))
     quantize: str = field(default="none", metadata=_help(QUANTIZE_HELP))
 
     def __post_init__(self) -> None:
+        check_inference_precision(self.precision)
         check_quantize(self.quantize)
 
 
@@ -630,9 +645,11 @@ class ServeConfig:
     max_body_bytes: int = field(default=1_000_000, metadata=_help("Larger request bodies get 413."))
     cors_origins: list[str] = field(default_factory=list, metadata=_help("Origins allowed by CORS; none by default."))
     device: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
+    precision: str = field(default="32-true", metadata=_help(INFERENCE_PRECISION_HELP))
     quantize: str = field(default="none", metadata=_help(QUANTIZE_HELP))
 
     def __post_init__(self) -> None:
+        check_inference_precision(self.precision)
         check_quantize(self.quantize)
         for name in ("max_batch", "queue_limit", "default_max_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:

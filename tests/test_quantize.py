@@ -1,5 +1,6 @@
-"""Quantized inference (llmfoundry_pl/inference/quantize.py): logits near fp32's by what each bit width allows,
-weights that really shrink, lfpl-generate / lfpl-eval with quantize= on a model folder, and served requests."""
+"""Quantized and half-precision inference (llmfoundry_pl/inference/quantize.py): logits near fp32's by what each bit
+width allows, weights that really shrink, lfpl-generate / lfpl-eval with quantize= and precision= on a model folder,
+and served requests."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from llmfoundry_pl.cli.serve import serve
 from llmfoundry_pl.config import ConfigError, ModelConfig
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
 from llmfoundry_pl.inference import generate_stream
-from llmfoundry_pl.inference.quantize import quantize, weight_bytes
+from llmfoundry_pl.inference.quantize import for_inference, quantize, weight_bytes
 from llmfoundry_pl.interop import save_safetensors
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.serve.engine import Engine, Request, SamplingParams
@@ -80,6 +81,32 @@ def test_quantize_refusals_are_one_line(model, monkeypatch):
         quantize(copy.deepcopy(model), "int8_weight")
 
 
+# Half precision rounds every weight and activation: bf16 keeps 8 bits of mantissa (relative step 2^-8), fp16 11.
+HALF_BOUNDS = {"bf16-true": (torch.bfloat16, 0.03), "16-true": (torch.float16, 0.004)}
+
+
+@pytest.mark.parametrize("precision", HALF_BOUNDS)
+def test_half_precision_halves_the_weights_and_keeps_logits_close(model, precision):
+    dtype, bound = HALF_BOUNDS[precision]
+    tokens = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(1))
+    half = for_inference(copy.deepcopy(model), torch.device("cpu"), precision)
+    assert {p.dtype for p in half.parameters()} == {dtype}
+    assert weight_bytes(half) == 2 * model.num_params()
+    with torch.no_grad():
+        reference, logits = model(tokens), half(tokens)
+    error = ((logits - reference).norm() / reference.norm()).item()
+    assert 0 < error < bound
+    # Decoding runs on it, the KV cache in its dtype; a weight-only mode quantizes the half weights.
+    assert len(list(generate_stream(half, [1, 2, 3], 5, temperature=0))) == 5
+    both = for_inference(copy.deepcopy(model), torch.device("cpu"), precision, "int8_weight")
+    with torch.no_grad():
+        logits = both(tokens)  # fp32: the model's output head returns fp32 logits whatever its dtype
+    error = ((logits - reference).norm() / reference.norm()).item()
+    assert logits.dtype == torch.float32 and 0 < error < bound + BOUNDS["int8_weight"][0]  # the two roundings add up
+    with pytest.raises(ConfigError, match="^quantize=int8 runs PyTorch's integer kernels between fp32 activations"):
+        for_inference(copy.deepcopy(model), torch.device("cpu"), precision, "int8")
+
+
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
     return train_tokenizer(sorted(bundled_corpus_dir().glob("*.txt"))[0].read_text().splitlines(), vocab_size=400)
@@ -127,6 +154,17 @@ def test_generate_and_eval_commands_with_each_mode(folder, compose_train, capsys
     for mode in BOUNDS:
         assert records[mode]["quantize"] == mode and records[mode]["weight_bytes"] < records["none"]["weight_bytes"]
         assert records[mode]["val/bpb"] == pytest.approx(records["none"]["val/bpb"], rel=0.02)
+    # Half precision, alone and under a weight-only mode (quantized in bf16, as lfpl-generate does it).
+    half = generate(compose_train([f"ckpt_path={folder}", "prompt=ROMEO:", "max_new_tokens=8", "temperature=0",
+                                   "device=cpu", "precision=bf16-true"], name="generate"))
+    assert capsys.readouterr().out.startswith("ROMEO:" + half[0])
+    evaluate(compose_train([f"ckpt_path={folder}", f"data.path={text}", "accelerator=cpu", "precision=bf16-true",
+                            "quantize=int8_weight"], name="eval"))
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["val/bpb"] == pytest.approx(records["none"]["val/bpb"], rel=0.02)
+    with pytest.raises(ConfigError, match="^quantize=int8 runs PyTorch's integer kernels"):  # not a kernel's error
+        evaluate(compose_train([f"ckpt_path={folder}", f"data.path={text}", "accelerator=cpu", "precision=bf16-true",
+                                "quantize=int8"], name="eval"))
 
 
 @pytest.mark.parametrize(("command", "name"), [(generate, "generate"), (evaluate, "eval"), (serve, "serve")])
@@ -134,3 +172,6 @@ def test_quantize_typo_fails_before_the_model_is_loaded(compose_train, command, 
     # ckpt_path does not exist: loading first would fail with that error instead of this one
     with pytest.raises(ConfigError, match="^quantize=int3 is not one of none, int8, int8_weight, int4_weight$"):
         command(compose_train(["ckpt_path=no/such/model", "quantize=int3"], name=name))
+    if name != "eval":  # lfpl-eval hands any Lightning precision to its Trainer
+        with pytest.raises(ConfigError, match="^precision=bf16-mixed is not one of 32-true, bf16-true, 16-true$"):
+            command(compose_train(["ckpt_path=no/such/model", "precision=bf16-mixed"], name=name))

@@ -26,7 +26,7 @@ from llmfoundry_pl.config import ConfigError, DataConfig, EvalConfig, ModelConfi
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.demo_task import demo_questions
 from llmfoundry_pl.inference import choice_accuracy
-from llmfoundry_pl.inference.quantize import quantize, weight_bytes
+from llmfoundry_pl.inference.quantize import PRECISION_DTYPES, for_inference, weight_bytes
 from llmfoundry_pl.interop import ModelSource
 from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.model import Transformer
@@ -66,10 +66,12 @@ TASKS = ("demo",)  # task= values; null is the text evaluation
 
 def load_quantized(cfg: EvalConfig) -> tuple[Transformer, Tokenizer, ModelSource]:
     """``load_model`` of ``cfg.ckpt_path``, then with ``cfg.quantize`` its linear layers quantized on the device
-    that will run it (quantized weights are packed for one device's kernels, so Lightning must not move them)."""
+    that will run it (quantized weights are packed for one device's kernels, so Lightning must not move them), in
+    the dtype of a "-true" ``cfg.precision`` (as lfpl-generate quantizes them)."""
     model, tokenizer, source = load_model(cfg.ckpt_path)
     if cfg.quantize != "none":
-        model = quantize(model.to(pick_device(cfg.accelerator)), cfg.quantize)
+        precision = cfg.precision if cfg.precision in PRECISION_DTYPES else "32-true"  # mixed: fp32 weights
+        model = for_inference(model, pick_device(cfg.accelerator), precision, cfg.quantize)
     return model, tokenizer, source
 
 

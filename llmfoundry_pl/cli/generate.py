@@ -23,16 +23,17 @@ from llmfoundry_pl.chat import ChatFormat, Message
 from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, require_compiler, to_dataclass, user_errors
 from llmfoundry_pl.config import ConfigError, GenerateConfig, register_configs
 from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, stream_text
-from llmfoundry_pl.inference.quantize import quantize
+from llmfoundry_pl.inference.quantize import for_inference
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
 
 
 def load_models(cfg: GenerateConfig) -> tuple[Transformer, Tokenizer, Transformer | None]:
-    """The model, its tokenizer and the optional draft model, on the chosen device, quantized as asked."""
+    """The model, its tokenizer and the optional draft model, on the chosen device, in the precision and quantized
+    as asked."""
     device = pick_device(cfg.device)
     model, tokenizer, _ = load_model(cfg.ckpt_path)
-    model, draft = quantize(model.to(device), cfg.quantize), None
+    model, draft = for_inference(model, device, cfg.precision, cfg.quantize), None
     if cfg.draft_ckpt_path is not None:
         draft, draft_tokenizer, _ = load_model(cfg.draft_ckpt_path, key="draft_ckpt_path")
         if draft_tokenizer.sha256 != tokenizer.sha256:
@@ -40,7 +41,7 @@ def load_models(cfg: GenerateConfig) -> tuple[Transformer, Tokenizer, Transforme
                 f"draft_ckpt_path={cfg.draft_ckpt_path} uses a different tokenizer than ckpt_path; speculative "
                 "decoding needs a draft trained with the same tokenizer (data.tokenizer_path)"
             )
-        draft = quantize(draft.to(device), cfg.quantize)
+        draft = for_inference(draft, device, cfg.precision, cfg.quantize)
     if cfg.compile:  # dynamic: the cache grows by one slot per step, which must not mean one compilation per step
         require_compiler(device)
         model = torch.compile(model, dynamic=True)

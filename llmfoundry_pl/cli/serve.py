@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, to_dataclass, user_errors
 from llmfoundry_pl.config import ConfigError, ServeConfig, register_configs
-from llmfoundry_pl.inference.quantize import quantize
+from llmfoundry_pl.inference.quantize import for_inference
 
 
 def serve(node: DictConfig) -> None:
@@ -30,7 +30,7 @@ def serve(node: DictConfig) -> None:
     except ImportError as e:
         raise ConfigError(f"lfpl-serve needs {e.name}: pip install 'llmfoundry-pl[serve]'") from None
     model, tokenizer, source = load_model(cfg.ckpt_path)
-    model = quantize(model.to(pick_device(cfg.device)), cfg.quantize)
+    model = for_inference(model, pick_device(cfg.device), cfg.precision, cfg.quantize)
     name = cfg.model_name or _default_name(source.path)
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch, queue_limit=cfg.queue_limit)
     print(f"serving {source} as model {name!r} on http://{cfg.host}:{cfg.port} (playground at /)", flush=True)

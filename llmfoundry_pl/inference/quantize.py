@@ -1,6 +1,6 @@
 """Post-training quantization for inference: the model's matmul weights stored in 8 or 4 bits instead of 32.
 
-    none         fp32 weights, as trained
+    none         the weights as they are: fp32 as trained, or bf16/fp16 under precision=bf16-true/16-true
     int8         int8 weights (one scale per output row) and int8 activations quantized on the fly per call: integer
                  matmuls through PyTorch's own CPU kernels (fbgemm / oneDNN, ``torch.ao`` dynamic quantization); CPU
     int8_weight  int8 weights (one scale per row), dequantized to fp32 for each matmul (torchao); CPU and CUDA
@@ -30,8 +30,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from llmfoundry_pl.config import ConfigError, check_quantize
+from llmfoundry_pl.config import INFERENCE_PRECISIONS, ConfigError, check_inference_precision, check_quantize
 from llmfoundry_pl.model import Transformer
+
+PRECISION_DTYPES = dict(zip(INFERENCE_PRECISIONS, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 INT4_GROUP_SIZE = 32  # weights sharing one scale and zero point; of the kernel's 32/64/128, the most accurate
 _DEVICES = {"int8": ("cpu",), "int8_weight": ("cpu", "cuda"), "int4_weight": ("cpu",)}
@@ -40,6 +42,15 @@ _WHY = {
     "int4_weight": "torchao's int4 kernel for fp32 models is a CPU one (its CUDA kernels need bf16 weights); "
                    "use int8_weight",
 }
+
+
+def for_inference(model: Transformer, device: torch.device, precision: str = "32-true",
+                  mode: str = "none") -> Transformer:
+    """``model`` as lfpl-generate, lfpl-serve and lfpl-eval run it: moved to ``device``, its weights cast to
+    ``precision``'s dtype (one of ``config.INFERENCE_PRECISIONS``), then its linear layers quantized by ``mode``
+    (torchao's weight-only modes keep the dtype they find for their scales and activations)."""
+    check_inference_precision(precision)
+    return quantize(model.to(device=device, dtype=PRECISION_DTYPES[precision]), mode)
 
 
 def quantize(model: Transformer, mode: str) -> Transformer:
@@ -56,6 +67,9 @@ def quantize(model: Transformer, mode: str) -> Transformer:
     if device.type not in _DEVICES[mode]:
         raise ConfigError(f"quantize={mode} does not run on {device.type}: {_WHY[mode]}, or run on the CPU "
                           "(device=cpu; lfpl-eval: accelerator=cpu)")
+    if mode == "int8" and model.tok_embeddings.weight.dtype != torch.float32:
+        raise ConfigError("quantize=int8 runs PyTorch's integer kernels between fp32 activations: use "
+                          "precision=32-true with it, or quantize=int8_weight")
     targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
                and not (name == "output" and model.config.tie_embeddings)]
     model.eval()
