@@ -22,11 +22,18 @@ from omegaconf import DictConfig
 
 from llmfoundry_pl.chat import ChatFormat
 from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, to_dataclass, user_errors
-from llmfoundry_pl.config import ConfigError, DataConfig, EvalConfig, ModelConfig, register_configs
+from llmfoundry_pl.config import (
+    INFERENCE_PRECISIONS,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    register_configs,
+)
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.demo_task import demo_questions
 from llmfoundry_pl.inference import choice_accuracy
-from llmfoundry_pl.inference.quantize import PRECISION_DTYPES, for_inference, weight_bytes
+from llmfoundry_pl.inference.quantize import for_inference, weight_bytes
 from llmfoundry_pl.interop import ModelSource
 from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.model import Transformer
@@ -70,7 +77,7 @@ def load_quantized(cfg: EvalConfig) -> tuple[Transformer, Tokenizer, ModelSource
     the dtype of a "-true" ``cfg.precision`` (as lfpl-generate quantizes them)."""
     model, tokenizer, source = load_model(cfg.ckpt_path)
     if cfg.quantize != "none":
-        precision = cfg.precision if cfg.precision in PRECISION_DTYPES else "32-true"  # mixed: fp32 weights
+        precision = cfg.precision if cfg.precision in INFERENCE_PRECISIONS else "32-true"  # mixed: fp32 weights
         model = for_inference(model, pick_device(cfg.accelerator), precision, cfg.quantize)
     return model, tokenizer, source
 

@@ -3,13 +3,16 @@
     none         the weights as they are: fp32 as trained, or bf16/fp16 under precision=bf16-true/16-true
     int8         int8 weights (one scale per output row) and int8 activations quantized on the fly per call: integer
                  matmuls through PyTorch's own CPU kernels (fbgemm / oneDNN, ``torch.ao`` dynamic quantization); CPU
-    int8_weight  int8 weights (one scale per row), dequantized to fp32 for each matmul (torchao); CPU and CUDA
+    int8_weight  int8 weights (one scale per row), dequantized to the model's dtype for each matmul (torchao); CPU
+                 and CUDA
     int4_weight  4-bit weights in groups of 32 sharing a scale and zero point (torchao's CPU int4 kernel); CPU
 
 What is quantized: every ``nn.Linear`` — the seven matrices of each block and the output head, which holds
 vocab_size·dim weights, a quarter of the tiny model's. Not the token embedding: it is a table lookup, not a
 matmul, so it would save memory but no time (and a head tied to it stays fp32 too, see :func:`quantize`). Norms
-are vectors. The KV cache and the activations between layers stay fp32.
+are vectors. The KV cache and the activations between layers stay in the model's dtype: fp32, or bf16/fp16 when
+:func:`for_inference` casts the model first (``precision=bf16-true``/``16-true``), which is also what torchao's
+weight-only modes then compute in (their int4 CPU kernel is several times faster on bf16 than on fp32).
 
 int8 rounds a layer's input with one scale for the whole tensor, so in a batch (``prompt_file``, ``lfpl-serve``)
 a row's output depends a little on the rows beside it; the weight-only modes keep rows independent.
@@ -33,7 +36,7 @@ from torch import nn
 from llmfoundry_pl.config import INFERENCE_PRECISIONS, ConfigError, check_inference_precision, check_quantize
 from llmfoundry_pl.model import Transformer
 
-PRECISION_DTYPES = dict(zip(INFERENCE_PRECISIONS, (torch.float32, torch.bfloat16, torch.float16), strict=True))
+_DTYPES = dict(zip(INFERENCE_PRECISIONS, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 INT4_GROUP_SIZE = 32  # weights sharing one scale and zero point; of the kernel's 32/64/128, the most accurate
 _DEVICES = {"int8": ("cpu",), "int8_weight": ("cpu", "cuda"), "int4_weight": ("cpu",)}
@@ -50,7 +53,7 @@ def for_inference(model: Transformer, device: torch.device, precision: str = "32
     ``precision``'s dtype (one of ``config.INFERENCE_PRECISIONS``), then its linear layers quantized by ``mode``
     (torchao's weight-only modes keep the dtype they find for their scales and activations)."""
     check_inference_precision(precision)
-    return quantize(model.to(device=device, dtype=PRECISION_DTYPES[precision]), mode)
+    return quantize(model.to(device=device, dtype=_DTYPES[precision]), mode)
 
 
 def quantize(model: Transformer, mode: str) -> Transformer:
