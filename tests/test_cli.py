@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmfoundry_pl.config import cpu_has_native_fp16
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
 from llmfoundry_pl.tokenizer import train_tokenizer
 from tests.conftest import TINY, run_cli
@@ -220,9 +221,11 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         (["hardware=m4pro"], "error: the trainer settings cannot run here: `MPSAccelerator` can not run"),
         (["trainer.precision=bf17"], "error: the trainer settings cannot run here: Precision 'bf17' is invalid"),
         (["trainer=fsdp"], "error: trainer=fsdp needs CUDA GPUs and this run's device is cpu: use trainer=ddp"),
+        pytest.param(["trainer.precision=16-true"], "error: trainer.precision=16-true needs fp16 matmuls",
+                     marks=pytest.mark.skipif(cpu_has_native_fp16(), reason="this CPU multiplies fp16 natively")),
     ],
     ids=["clashing-heads", "missing-data", "missing-ckpt", "typo", "wrong-type", "no-mps", "bad-precision",
-         "fsdp-on-cpu"],
+         "fsdp-on-cpu", "fp16-on-cpu"],
 )
 def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides, message):
     proc = run_cli("train", *TINY, *overrides, cwd=tmp_path, check=False)

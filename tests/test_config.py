@@ -24,6 +24,7 @@ from llmfoundry_pl.config import (
     SchedulerConfig,
     ServeConfig,
     auto_precision,
+    check_fp16_on_cpu,
     cpu_precision,
     schema_from_signature,
 )
@@ -127,6 +128,19 @@ def test_cpu_precision_wants_native_bf16(monkeypatch, compose_train, avx512_bf16
     assert compose_train(["hardware=cpu"]).trainer.precision == precision
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert auto_precision() == "32-true"  # an Apple GPU: fp32 (MPS autocast unmeasured), whatever its CPU
+
+
+def test_fp16_on_a_cpu_needs_fp16_instructions(monkeypatch):
+    # Without them torch multiplies fp16 60-400x slower than fp32: a run that seems to hang, refused in one line.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
+    with pytest.raises(ConfigError, match="^trainer.precision=16-true needs fp16 matmuls, and this CPU has no fp16"):
+        check_fp16_on_cpu("cpu", "16-true", "trainer.precision")
+    # A GPU; Lightning's 16-mixed, which it runs as bf16-mixed on a CPU; fp32 and bf16; eval's default (None).
+    for device_type, precision in [("cuda", "16-true"), ("cpu", "16-mixed"), ("cpu", "32-true"), ("cpu", "bf16-true"),
+                                   ("cpu", None)]:
+        check_fp16_on_cpu(device_type, precision, "trainer.precision")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: True)  # AVX512-FP16 or AMX-FP16
+    check_fp16_on_cpu("cpu", "16-true", "trainer.precision")
 
 
 def test_schema_from_signature_keeps_names_defaults_and_plain_types():

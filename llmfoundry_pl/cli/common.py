@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from llmfoundry_pl.cli.ddp import build_strategy
-from llmfoundry_pl.config import ChatDataConfig, ConfigError, ModelConfig, StreamingDataConfig
+from llmfoundry_pl.config import ChatDataConfig, ConfigError, ModelConfig, StreamingDataConfig, check_fp16_on_cpu
 from llmfoundry_pl.data import ChatDataModule, StreamingDataModule, TextDataModule
 from llmfoundry_pl.interop import ModelSource, load_folder
 from llmfoundry_pl.lit_module import LitDPO, LitLlama
@@ -58,7 +58,8 @@ def pick_device(name: str) -> torch.device:
 def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list, **overrides: Any) -> L.Trainer:
     """The Lightning Trainer of ``trainer.*`` (``overrides``: Trainer arguments that replace those settings), with a
     Hydra-aware DDP/FSDP strategy; settings this machine cannot run (``accelerator=gpu`` without a GPU, an unknown
-    precision, FSDP without CUDA) become one line naming the problem instead of a traceback."""
+    precision, FSDP without CUDA, fp16 on a CPU without fp16 instructions) become one line naming the problem instead
+    of a traceback."""
     strategy = build_strategy(trainer_cfg.strategy, trainer_cfg.devices, block_class=TransformerBlock)
     try:
         trainer = instantiate(trainer_cfg, strategy=strategy, callbacks=callbacks, logger=loggers or False,
@@ -75,6 +76,7 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list, **ove
     if isinstance(trainer.strategy, FSDPStrategy) and device.type != "cuda":
         raise ConfigError(f"trainer=fsdp needs CUDA GPUs and this run's device is {device.type}: use trainer=ddp to "
                           "train in several processes here, or run on a machine with GPUs (hardware=auto)")
+    check_fp16_on_cpu(device.type, trainer.precision, "trainer.precision")
     return trainer
 
 

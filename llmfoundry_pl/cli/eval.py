@@ -28,6 +28,7 @@ from llmfoundry_pl.config import (
     DataConfig,
     EvalConfig,
     ModelConfig,
+    check_fp16_on_cpu,
     register_configs,
 )
 from llmfoundry_pl.data import TextDataModule
@@ -84,6 +85,7 @@ def load_quantized(cfg: EvalConfig) -> tuple[Transformer, Tokenizer, ModelSource
 
 def evaluate(node: DictConfig) -> dict[str, float]:
     cfg = to_dataclass(node, EvalConfig)  # the schema's checks (quantize=) run here, before any loading
+    check_fp16_on_cpu(pick_device(cfg.accelerator).type, cfg.precision, "precision")
     if cfg.task is not None:
         return evaluate_task(cfg)
     model, tokenizer, source = load_quantized(cfg)

@@ -33,7 +33,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from llmfoundry_pl.config import INFERENCE_PRECISIONS, ConfigError, check_inference_precision, check_quantize
+from llmfoundry_pl.config import (
+    INFERENCE_PRECISIONS,
+    ConfigError,
+    check_fp16_on_cpu,
+    check_inference_precision,
+    check_quantize,
+)
 from llmfoundry_pl.model import Transformer
 
 _DTYPES = dict(zip(INFERENCE_PRECISIONS, (torch.float32, torch.bfloat16, torch.float16), strict=True))
@@ -53,6 +59,7 @@ def for_inference(model: Transformer, device: torch.device, precision: str = "32
     ``precision``'s dtype (one of ``config.INFERENCE_PRECISIONS``), then its linear layers quantized by ``mode``
     (torchao's weight-only modes keep the dtype they find for their scales and activations)."""
     check_inference_precision(precision)
+    check_fp16_on_cpu(device.type, precision, "precision")
     return quantize(model.to(device=device, dtype=_DTYPES[precision]), mode)
 
 
