@@ -779,8 +779,8 @@ def cpu_has_native_fp16() -> bool:
 
 def check_fp16_on_cpu(device_type: str, precision: str | None, key: str) -> None:
     """A one-line error for ``precision=16-true`` on a CPU without fp16 instructions; ``key`` names the setting.
-    Called by the training and inference entry points before any work starts. (Lightning itself runs 16-mixed on a
-    CPU as bf16-mixed.)"""
+    Called by the training and inference entry points before a step runs. (Lightning itself runs 16-mixed on a CPU
+    as bf16-mixed.)"""
     if device_type == "cpu" and precision == "16-true" and not cpu_has_native_fp16():
         raise ConfigError(f"{key}={precision} needs fp16 matmuls, and this CPU has no fp16 instructions (AVX512-FP16, "
                           "AMX-FP16): they run 60-400x slower than fp32 here; use a bf16 precision or 32-true")

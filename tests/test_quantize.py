@@ -172,6 +172,16 @@ def test_generate_and_eval_commands_with_each_mode(folder, compose_train, capsys
                                 "quantize=int8"], name="eval"))
 
 
+def test_fp16_is_refused_on_a_cpu_without_fp16_instructions(folder, compose_train, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
+    text = tmp_path / "verse.txt"
+    text.write_text(sorted(bundled_corpus_dir().glob("*.txt"))[4].read_text()[:3000])
+    for command, name, where in [(generate, "generate", ["device=cpu"]),
+                                 (evaluate, "eval", ["accelerator=cpu", f"data.path={text}"])]:
+        with pytest.raises(ConfigError, match="^precision=16-true needs fp16 matmuls, and this CPU has no fp16"):
+            command(compose_train([f"ckpt_path={folder}", *where, "precision=16-true"], name=name))
+
+
 @pytest.mark.parametrize(("command", "name"), [(generate, "generate"), (evaluate, "eval"), (serve, "serve")])
 def test_quantize_typo_fails_before_the_model_is_loaded(compose_train, command, name):
     # ckpt_path does not exist: loading first would fail with that error instead of this one

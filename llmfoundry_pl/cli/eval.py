@@ -85,7 +85,6 @@ def load_quantized(cfg: EvalConfig) -> tuple[Transformer, Tokenizer, ModelSource
 
 def evaluate(node: DictConfig) -> dict[str, float]:
     cfg = to_dataclass(node, EvalConfig)  # the schema's checks (quantize=) run here, before any loading
-    check_fp16_on_cpu(pick_device(cfg.accelerator).type, cfg.precision, "precision")
     if cfg.task is not None:
         return evaluate_task(cfg)
     model, tokenizer, source = load_quantized(cfg)
@@ -97,6 +96,7 @@ def evaluate(node: DictConfig) -> dict[str, float]:
         accelerator=cfg.accelerator, devices=1, precision=cfg.precision, logger=False, enable_checkpointing=False,
         enable_model_summary=False, use_distributed_sampler=False,
     )
+    check_fp16_on_cpu(trainer.strategy.root_device.type, trainer.precision, "precision")
     metrics = {k: float(v) for k, v in trainer.validate(lit, datamodule=datamodule, verbose=False)[0].items()}
     meta = datamodule.token_files.meta
     what = "validation split of the training data" if cfg.data.path is None else data_cfg.path
@@ -126,6 +126,7 @@ def evaluate_task(cfg: EvalConfig) -> dict[str, float]:
     chat = ChatFormat(tokenizer)  # a ConfigError if the tokenizer lacks the chat tokens (an imported model)
     # Fabric places the model and applies cfg.precision the way the Trainer does for the text evaluation.
     fabric = L.Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
+    check_fp16_on_cpu(fabric.device.type, cfg.precision, "precision")
     result = choice_accuracy(fabric.setup_module(model), chat, questions)
     cut = f" ({result['truncated']} cut from the left to fit the context)" if result["truncated"] else ""
     print(f"\nmodel: {source}\ntask {cfg.task}: which play is this passage from? {result['questions']} held-out "
