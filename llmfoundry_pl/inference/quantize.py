@@ -33,16 +33,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from llmfoundry_pl.config import (
-    INFERENCE_PRECISIONS,
-    ConfigError,
-    check_fp16_on_cpu,
-    check_inference_precision,
-    check_quantize,
-)
+from llmfoundry_pl.callbacks import HALF_PRECISION
+from llmfoundry_pl.config import ConfigError, check_fp16_on_cpu, check_inference_precision, check_quantize
 from llmfoundry_pl.model import Transformer
-
-_DTYPES = dict(zip(INFERENCE_PRECISIONS, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 INT4_GROUP_SIZE = 32  # weights sharing one scale and zero point; of the kernel's 32/64/128, the most accurate
 _DEVICES = {"int8": ("cpu",), "int8_weight": ("cpu", "cuda"), "int4_weight": ("cpu",)}
@@ -60,7 +53,7 @@ def for_inference(model: Transformer, device: torch.device, precision: str = "32
     (torchao's weight-only modes keep the dtype they find for their scales and activations)."""
     check_inference_precision(precision)
     check_fp16_on_cpu(device.type, precision, "precision")
-    return quantize(model.to(device=device, dtype=_DTYPES[precision]), mode)
+    return quantize(model.to(device=device, dtype=HALF_PRECISION.get(precision, torch.float32)), mode)
 
 
 def quantize(model: Transformer, mode: str) -> Transformer:
