@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmfoundry_pl.callbacks import HALF_PRECISION
 from llmfoundry_pl.config import ModelConfig
 from llmfoundry_pl.model import Transformer, attention_kernel
 
@@ -123,8 +124,7 @@ def plan_memory(
 
     # Per token, + fp32 statistics: each norm's 1/rms; int64 inputs and targets.
     stats = 4 * 2
-    matmul_dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if matmul_b == 2 else torch.float32
-    kernel = attention_kernel(cfg.attention, device_type, matmul_dtype, seq_len)
+    kernel = attention_kernel(cfg.attention, device_type, HALF_PRECISION.get(precision, torch.float32), seq_len)
     attention = _attention_saved(cfg, seq_len, kernel, compiled, matmul_b)
     if compiled:  # the stream (D, twice), the matmuls' normalised inputs (D, twice), attention, gate up product
         per_block = 2 * D * stream_b + (2 * D + 3 * F) * matmul_b + attention + stats
