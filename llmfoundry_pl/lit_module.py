@@ -25,6 +25,7 @@ from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, ModelConfig
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
 from llmfoundry_pl.inference.scoring import sequence_log_probs
 from llmfoundry_pl.lora import ADAPTER_MARK, apply_lora
+from llmfoundry_pl.loss import next_token_loss, uses_chunked_loss
 from llmfoundry_pl.metrics import LanguageModelMetrics, PreferenceMetrics
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
@@ -36,7 +37,7 @@ def _as(cls: type, value: Any) -> Any:
 
 
 # ModelConfig fields that say how to run the model, not what it is: a resumed run may change them.
-RUN_OPTIONS = ("activation_checkpointing", "attention")
+RUN_OPTIONS = ("activation_checkpointing", "attention", "logits")
 
 
 def use_fused_adamw(requested: bool | None, device_type: str, precision: str, gradient_clip_val: float | None) -> bool:
@@ -103,6 +104,7 @@ class LitLlama(L.LightningModule):
             apply_lora(self.model, self.lora_cfg)
         self.val_metrics = LanguageModelMetrics()
         self.tokenizer: Tokenizer | None = None
+        self.compiled = False  # whether compile_training ran; model.logits=auto looks at it
 
     # ---------------------------------------------------------------------------------------------------------
     # Tokenizer: travels inside the checkpoint
@@ -164,8 +166,8 @@ class LitLlama(L.LightningModule):
         # (B, T) inputs and (B, T) targets: y is x shifted left by one token, IGNORE_INDEX where nothing is learnt
         # (fine-tuning prompts, padding); packed fine-tuning rows add (B, T) segment ids.
         x, y, *segment_ids = batch
-        logits = self(x, *segment_ids)  # (B, T, V)
-        return {"loss": F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)}
+        chunked = uses_chunked_loss(self.model.config.logits, self.compiled)
+        return {"loss": next_token_loss(self.model, x, y, *segment_ids, chunked=chunked)}
 
     def compile_training(self) -> None:
         """torch.compile :meth:`train_forward`: the model and its loss as one graph, so the loss's softmax and its
@@ -174,6 +176,7 @@ class LitLlama(L.LightningModule):
         would compile graphs of its own — 16 s for the tiny preset's final validation on that CPU — for a few
         batches. Parameter names, and so checkpoints, stay those of the plain model."""
         self.train_forward = torch.compile(self.train_forward)
+        self.compiled = True
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         outputs = self.train_forward(batch)

@@ -314,6 +314,15 @@ class Transformer(nn.Module):
         For training on packed rows, ``segment_ids`` (B, T) numbers the examples packed side by side in each row:
         a token attends only to earlier tokens of its own example, and positions restart at 0 for each example —
         so each example computes exactly what it would alone (see :func:`packed_positions_and_mask`)."""
+        h = self.hidden_states(tokens, kv_cache, start_pos, left_pad, segment_ids)
+        return self.output(h).float()  # (B, T, V); fp32 logits keep the softmax exact under autocast
+
+    def hidden_states(
+        self, tokens: torch.Tensor, kv_cache: list[KVCacheLayer] | None = None, start_pos: int | torch.Tensor = 0,
+        left_pad: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What :meth:`forward` feeds the output head: the final normalised hidden states (B, T, D). The training
+        loss can take it from here a chunk of tokens at a time (:func:`llmfoundry_pl.loss.linear_cross_entropy`)."""
         B, T = tokens.shape
         end = int(start_pos.max()) + T if isinstance(start_pos, torch.Tensor) else start_pos + T
         if end > self.config.max_seq_len:
@@ -338,7 +347,7 @@ class Transformer(nn.Module):
             # Activation checkpointing (Chen et al., 2016): store the block's input only and run it again during
             # backward. Same gradients (dropout masks are replayed from the saved RNG state), far less memory.
             h = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
-        return self.output(self.norm(h)).float()  # (B, T, V); fp32 logits keep the softmax exact under autocast
+        return self.norm(h)
 
     # ---------------------------------------------------------------------------------------------------------
     # Helpers: size and cost

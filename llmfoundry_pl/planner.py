@@ -35,6 +35,11 @@ the matmul dtype). Its fused loss gradient takes the logits' place, so the step 
 gradient is allocated on top of the saved tensors. Checked against the tensors Inductor saves
 (``tests/test_planner.py``) and the CPU allocator's peak (ref16m, 8 × 256, fp32: 552.1 MB planned, 552.0 MB
 measured).
+
+The chunked loss (``model.logits``; what ``auto`` picks for an eager step, see ``llmfoundry_pl/loss.py``) keeps
+no logits at all: after the blocks only the final norm's tensors and the hidden states' gradient (D per token),
+plus the head weight's gradient (V·D, fp32) and one chunk's logits at a time. Checked against the CPU
+allocator's peak, eager and compiled.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import torch
 
 from llmfoundry_pl.callbacks import HALF_PRECISION
 from llmfoundry_pl.config import ModelConfig
+from llmfoundry_pl.loss import chunk_tokens, uses_chunked_loss
 from llmfoundry_pl.model import Transformer, attention_kernel
 
 # Resident memory of a CPU training process above its tensors' peak: glibc's heap and the math libraries'
@@ -80,7 +86,8 @@ class MemoryPlan:
     saved: int  # what autograd keeps for the backward pass
     saved_checkpointed: int  # the same with model.activation_checkpointing=true, one block re-run at a time
     # Allocated on top of the saved tensors when the backward pass peaks: eager, the loss's two vocab-sized
-    # gradients; compiled, the output head's weight gradient (the fused loss gradient reuses the logits' place).
+    # gradients; compiled, the output head's weight gradient (the fused loss gradient reuses the logits' place);
+    # chunked loss, the head weight's gradient and one chunk's logits.
     backward_buffers: int
     accumulate: int
 
@@ -126,22 +133,33 @@ def plan_memory(
     stats = 4 * 2
     kernel = attention_kernel(cfg.attention, device_type, HALF_PRECISION.get(precision, torch.float32), seq_len)
     attention = _attention_saved(cfg, seq_len, kernel, compiled, matmul_b)
+    tokens = batch_size * seq_len
     if compiled:  # the stream (D, twice), the matmuls' normalised inputs (D, twice), attention, gate up product
         per_block = 2 * D * stream_b + (2 * D + 3 * F) * matmul_b + attention + stats
-        # The final norm's input and output and the logits (all in the matmul dtype), three fp32 statistics (the
-        # norm's 1/rms, the loss's row max and log-sum-exp).
-        outside_blocks = (2 * D + V) * matmul_b + 3 * 4 + 2 * 8
-        backward_buffers = V * D * weight_b  # the output head's weight gradient
     else:
         # Mixed: the norms' input and output and the residual sum in fp32, a half copy per matmul input. Otherwise
         # the matmul inputs are the norms' outputs themselves.
         norms = 4 * D * stream_b + 5 * D * matmul_b if mixed else 6 * D * stream_b
         per_block = norms + 4 * F * matmul_b + attention + stats
+    # After the blocks, per token (+ the int64 inputs and targets), and what the backward pass allocates on top.
+    if uses_chunked_loss(cfg.logits, compiled):
+        # The chunked loss (llmfoundry_pl/loss.py) keeps no logits. The final norm keeps its input (compiled: and
+        # 1/rms only; eager: and its normalised form), the loss the hidden states' gradient and the head weight's
+        # (summed in fp32). During the loss's forward one chunk's logits come and go (two fp32 copies at most)
+        # and, in half precision, each chunk's share of the weight gradient before it is added up.
+        outside_blocks = (2 if compiled else 3) * D * stream_b + 4 + 2 * 8
+        chunk = min(chunk_tokens(V), tokens)
+        backward_buffers = V * D * 4 + chunk * V * 8 + (V * D * matmul_b if matmul_b < 4 else 0)
+    elif compiled:
+        # The final norm's input and output and the logits (all in the matmul dtype), three fp32 statistics (the
+        # norm's 1/rms, the loss's row max and log-sum-exp).
+        outside_blocks = (2 * D + V) * matmul_b + 3 * 4 + 2 * 8
+        backward_buffers = V * D * weight_b  # the output head's weight gradient
+    else:
         final_norm = (2 * D * stream_b + D * matmul_b if mixed else 3 * D * stream_b) + 4
         outside_blocks = final_norm + 4 * V + 2 * 8  # fp32 log-probabilities
         # The loss's two fp32 vocab-sized gradients per token; mixed: + their half copy.
-        backward_buffers = batch_size * seq_len * (2 * 4 * V + (matmul_b * V if mixed else 0))
-    tokens = batch_size * seq_len
+        backward_buffers = tokens * (2 * 4 * V + (matmul_b * V if mixed else 0))
     sharded = params if shards == 1 else math.ceil(params / shards) + block_params
     return MemoryPlan(
         batch_size=batch_size,

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
+from llmfoundry_pl import loss as loss_module
 from llmfoundry_pl import model as model_module
 from llmfoundry_pl.cli.plan import plan
 from llmfoundry_pl.config import ModelConfig
+from llmfoundry_pl.loss import next_token_loss
 from llmfoundry_pl.model import MATH_ATTENTION_MAX_KEYS, Transformer
 from llmfoundry_pl.planner import CPU_RESIDENT_FACTOR, largest_batch, plan_memory
 from tests.conftest import run_cli
@@ -23,7 +25,9 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Dimensions that differ from each other and from the batch's token count, so no tensor is mistaken for another.
-SHAPE = ModelConfig(vocab_size=1000, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, hidden_dim=320, max_seq_len=64)
+# The full logits in the loss, as the steps below compute it (the chunked loss has tests of its own at the end).
+SHAPE = ModelConfig(vocab_size=1000, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, hidden_dim=320, max_seq_len=64,
+                    logits="full")
 B, T = 3, 50
 plan_cpu = functools.partial(plan_memory, device_type="cpu")  # what these tests measure runs on the CPU
 
@@ -130,6 +134,53 @@ def test_planned_compiled_step_is_what_inductor_saves_and_allocates(precision, a
     assert planned.saved < 0.85 * eager.saved  # it does save less than eager
     held = 3 * sum(p.numel() for p in model.parameters()) * 4
     assert planned.peak(False) == pytest.approx(held + _step_peak(step), rel=0.05)
+
+
+# The chunked loss (model.logits=chunked; auto's choice in an eager step): one chunk of the batch (B·T = 150 tokens)
+# as in the small models' steps, or several (the last one short) as with a large vocabulary.
+@pytest.mark.parametrize("chunk", [None, 32])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_planned_peak_with_the_chunked_loss_is_the_allocators_peak(precision, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(loss_module, "CHUNK_LOGITS_BYTES", 4 * SHAPE.vocab_size * chunk)
+    cfg = dataclasses.replace(SHAPE, logits="chunked")
+    model = Transformer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    x, y = _batch()
+
+    def step() -> None:
+        with _autocast(precision):
+            loss = next_token_loss(model, x, y, chunked=True)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    held = 3 * sum(p.numel() for p in model.parameters()) * 4
+    planned = plan_cpu(cfg, B, T, precision)
+    assert planned.peak(False) == pytest.approx(held + _step_peak(step), rel=0.05)
+    if chunk:  # several chunks: only one chunk's logits at a time, not the batch's (and their two gradients)
+        assert planned.activations < 0.85 * plan_cpu(SHAPE, B, T, precision).activations
+
+
+def test_planned_compiled_step_with_the_chunked_loss_is_what_it_allocates():
+    # model.logits=chunked with compile=true: the blocks compiled, the loss run eagerly after them.
+    cfg = dataclasses.replace(SHAPE, n_layers=1, logits="chunked")
+    model = Transformer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    x, y = _batch()
+    compiled = torch.compile(functools.partial(next_token_loss, chunked=True))
+
+    def step() -> None:
+        compiled(model, x, y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # compiles; the optimizer state exists from here on
+    held = 3 * sum(p.numel() for p in model.parameters()) * 4
+    planned = plan_cpu(cfg, B, T, "32-true", compiled=True)
+    assert planned.peak(False) == pytest.approx(held + _step_peak(step), rel=0.05)
+    assert planned.activations < plan_cpu(cfg, B, T, "32-true").activations  # Inductor keeps fewer block tensors
 
 
 def test_memory_grows_with_the_batch_and_shrinks_with_checkpointing_and_sharding():

@@ -44,7 +44,9 @@ from llmfoundry_pl.cli.common import (
 from llmfoundry_pl.cli.ddp import end_distributed_job
 from llmfoundry_pl.config import BenchSettings, ConfigError, ModelConfig, OptimConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
+from llmfoundry_pl.data.datamodule import IGNORE_INDEX
 from llmfoundry_pl.lit_module import LitLlama, use_fused_adamw
+from llmfoundry_pl.loss import next_token_loss, uses_chunked_loss
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.planner import plan_memory
 
@@ -124,8 +126,11 @@ def bench(cfg: DictConfig) -> dict[str, float]:
             print("litgpt is not installed: its row is skipped (pip install litgpt to add it)")
         elif settings.litgpt:
             contenders["litgpt"] = partial(_litgpt_twin, model_cfg)
-    # The same compiled unit as LitLlama.compile_training: model and loss in one graph.
-    loss_fn = torch.compile(_next_token_loss) if cfg.compile else _next_token_loss
+    # The Lightning step's loss (full or chunked logits, as model.logits picks) for the plain loop, litgpt's own
+    # model output for its row; compiled as LitLlama.compile_training compiles it: model and loss in one graph.
+    losses = {"plain": partial(next_token_loss, chunked=uses_chunked_loss(model_cfg.logits, cfg.compile)),
+              "litgpt": _litgpt_loss}
+    loss_fns = {name: torch.compile(fn) if cfg.compile else fn for name, fn in losses.items()}
 
     # Rounds alternate the contenders, so that a machine drifting faster or slower over the minutes (a shared VM,
     # a GPU's clocks) shows as spread within each contender instead of as a gap between them.
@@ -140,8 +145,8 @@ def bench(cfg: DictConfig) -> dict[str, float]:
             rounds["lightning"].append(timer.figures(figures, _peak_memory(device)))
             for name, build in contenders.items():
                 torch.manual_seed(cfg.seed)
-                rounds[name].append(_plain_loop(build().to(device), loss_fn, datamodule, cfg, device, total,
-                                                settings.warmup, figures))
+                rounds[name].append(_plain_loop(build().to(device), loss_fns[name], datamodule, cfg, device,
+                                                total, settings.warmup, figures))
         failed = False
     finally:
         end_distributed_job(launching, failed)
@@ -227,10 +232,8 @@ def _plain_loop(model: torch.nn.Module, loss_fn: Callable, datamodule: TextDataM
     return figures(time.perf_counter() - start, (total - warmup) * accumulate, wait, first_step, _peak_memory(device))
 
 
-def _next_token_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    logits = out.logits if hasattr(out, "logits") else out  # litgpt's GPT returns logits, HF-style models an output
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+def _litgpt_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def _litgpt_twin(cfg: ModelConfig) -> torch.nn.Module:

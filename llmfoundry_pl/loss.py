@@ -1,0 +1,110 @@
+"""The training loss through the output head, a chunk of tokens at a time: the (tokens, vocab) logits never exist.
+
+For a model with a large vocabulary the logits are the largest activation of a training step: B·T·V numbers, kept
+for backward in fp32 (8 × 512 tokens × a 32,000 vocabulary is 0.5 GB, and its gradient as much again), more than a
+small model's blocks keep together. :func:`linear_cross_entropy` computes the same mean cross-entropy, but per chunk
+of tokens: the chunk's logits, its share of the loss and, right away, its gradients for the hidden states and the
+head's weight — so only one chunk's logits are ever alive. This is the "fused linear cross-entropy" of Liger-Kernel
+and of torchtune/Unsloth-style fine-tuning, written in PyTorch ops (Liger's is Triton, CUDA only) so the same code
+runs on a CPU, a GPU and a Mac. The FLOPs are the plain path's (one matmul forward, two for the gradients).
+
+Because the gradients are computed in forward, backward only scales them by the incoming gradient: the loss must be
+the last thing the graph does with the head (true of a training step, whose loss is what backward starts from).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmfoundry_pl.data.datamodule import IGNORE_INDEX
+from llmfoundry_pl.model import Transformer
+
+# One chunk's fp32 logits take at most about this much memory (at least one token per chunk). On a 2-core CPU,
+# 32 MiB chunks (512 tokens × a 16k vocabulary) ran as fast as whole-batch logits; much smaller chunks cost matmul
+# efficiency, larger ones memory.
+CHUNK_LOGITS_BYTES = 32 * 2**20
+
+
+def next_token_loss(model: Transformer, tokens: torch.Tensor, targets: torch.Tensor,
+                    segment_ids: torch.Tensor | None = None, *, chunked: bool) -> torch.Tensor:
+    """Mean cross-entropy of ``model``'s predictions for ``tokens`` (B, T) against ``targets`` (B, T), skipping
+    ``IGNORE_INDEX``: the pretraining and fine-tuning loss. ``chunked`` takes it from the hidden states a chunk of
+    tokens at a time (:func:`linear_cross_entropy`), else from the full logits; the two agree to rounding."""
+    if chunked:  # (the head is a plain nn.Linear: LoRA never adapts it, config.LORA_TARGETS)
+        hidden = model.hidden_states(tokens, segment_ids=segment_ids)  # (B, T, D)
+        return linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, targets.flatten())
+    logits = model(tokens, segment_ids=segment_ids)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def uses_chunked_loss(setting: str, compiled: bool) -> bool:
+    """Whether the training loss goes through :func:`linear_cross_entropy` under ``model.logits=setting``.
+
+    ``auto`` chunks unless the step is compiled. Eager, the chunks need far less memory at the same speed (ref16m
+    with a 32k vocabulary, 8 × 256 tokens, 2-core CPU: 1.4 instead of 2.5 GB). Compiled (model and loss as one
+    graph), Inductor fuses the full logits' softmax and its gradient and keeps only half-precision logits, while
+    the chunks run eagerly after the compiled blocks: there the full logits were 1.16× faster and no larger at
+    that size; the chunks pay off only where the logits outgrow the rest (large batches, activation
+    checkpointing). Figures in docs/benchmarks.md."""
+    return setting == "chunked" or (setting == "auto" and not compiled)
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk: as many as keep one chunk's fp32 logits within :data:`CHUNK_LOGITS_BYTES`."""
+    return max(1, CHUNK_LOGITS_BYTES // (4 * vocab_size))
+
+
+# Not compiled: traced by Dynamo, the chunk loop runs slower and keeps more memory than eagerly (2-core CPU).
+@torch.compiler.disable
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, without the full logits in memory.
+
+    ``hidden`` (N, D) are the final (normalised) hidden states, ``weight`` (V, D) the output head's weight,
+    ``targets`` (N,) token ids with ``IGNORE_INDEX`` where nothing is learnt. Equals
+    ``F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=IGNORE_INDEX)``, gradients included.
+    Under autocast the matmuls run in the autocast dtype, as the plain output head's would; the softmax is in fp32.
+    """
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        counted = targets != IGNORE_INDEX
+        n_counted = counted.sum().clamp(min=1)  # a batch with nothing to learn gives 0 loss and 0 gradients
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in fp32
+        nats = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        chunk = chunk_tokens(weight.shape[0])
+        with torch.autocast(hidden.device.type, enabled=False):  # the dtypes below are chosen by hand
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start : start + chunk].to(dtype)
+                labels = targets[start : start + chunk].clamp(min=0)[:, None]  # ignored rows: any valid index
+                keep = counted[start : start + chunk, None]
+                log_probs = torch.log_softmax((h @ w.t()).float(), dim=-1)  # (chunk, V)
+                nats -= (log_probs.gather(1, labels) * keep).sum()
+                # d(nats)/d(logits) = softmax − one-hot at the label, zero on ignored rows; built in place in the
+                # log-probabilities' memory, the one (chunk, V) buffer this chunk needs
+                minus_one = torch.full_like(labels, -1, dtype=torch.float32)
+                grad_logits = log_probs.exp_().scatter_add_(1, labels, minus_one).mul_(keep).to(dtype)
+                grad_hidden[start : start + chunk] = grad_logits @ w
+                if dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), h)
+                else:  # the product in half precision, as autocast's would be, summed in fp32
+                    grad_weight += grad_logits.t() @ h
+        # Kept on ctx rather than by save_for_backward: they are no inputs or outputs, and backward scales them in
+        # place instead of allocating a copy of each (so the graph can be backpropagated once only, as a loss is).
+        ctx.grad_hidden = grad_hidden.div_(n_counted)
+        ctx.grad_weight = grad_weight.div_(n_counted).to(weight.dtype)
+        return nats / n_counted
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        del ctx.grad_hidden, ctx.grad_weight  # a second backward fails here instead of scaling twice
+        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None

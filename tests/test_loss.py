@@ -1,0 +1,188 @@
+"""The chunked training loss (model.logits) against the full logits' cross-entropy, in every way a step runs it."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+from llmfoundry_pl import loss as loss_module
+from llmfoundry_pl.config import ConfigError, ModelConfig
+from llmfoundry_pl.data.datamodule import IGNORE_INDEX
+from llmfoundry_pl.lit_module import LitLlama
+from llmfoundry_pl.loss import chunk_tokens, linear_cross_entropy, uses_chunked_loss
+from llmfoundry_pl.model import TransformerBlock
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V, D, N = 300, 24, 70
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 16 tokens: several per batch, the last one short."""
+    monkeypatch.setattr(loss_module, "CHUNK_LOGITS_BYTES", 4 * V * 16)
+    assert chunk_tokens(V) == 16
+
+
+def _inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, D, generator=g).to(dtype).requires_grad_()
+    weight = (0.3 * torch.randn(V, D, generator=g)).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::5] = IGNORE_INDEX  # prompts and padding are not learnt
+    return hidden, weight, targets
+
+
+# fp32; bf16-mixed (autocast: half matmuls, fp32 weights); bf16-true (half weights, no autocast)
+CASES = {"32-true": (torch.float32, False), "bf16-mixed": (torch.float32, True), "bf16-true": (torch.bfloat16, False)}
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("precision", CASES)
+def test_chunked_loss_and_gradients_are_the_full_logits(precision):
+    dtype, autocast = CASES[precision]
+    hidden, weight, targets = _inputs(dtype)
+    results = []
+    for loss_fn in (lambda: F.cross_entropy((hidden @ weight.t()).float(), targets, ignore_index=IGNORE_INDEX),
+                    lambda: linear_cross_entropy(hidden, weight, targets)):
+        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            loss = loss_fn()
+        # an incoming gradient other than 1 (as gradient accumulation divides the loss)
+        grads = torch.autograd.grad(0.25 * loss, (hidden, weight))
+        results.append((loss, *grads))
+    (full, *full_grads), (chunked, *chunked_grads) = results
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)  # the softmax is in fp32 either way
+    for got, expected in zip(chunked_grads, full_grads, strict=True):
+        assert got.dtype == expected.dtype == dtype
+        if dtype == torch.float32 and not autocast:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+        else:  # products rounded to bf16 on both sides, per chunk on one of them
+            torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max())
+
+
+def test_a_batch_with_nothing_to_learn_gives_zero_not_nan():
+    hidden, weight, targets = _inputs(torch.float32)
+    loss = linear_cross_entropy(hidden, weight, torch.full_like(targets, IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert not hidden.grad.any() and not weight.grad.any()
+
+
+def test_a_second_backward_fails_instead_of_scaling_twice():
+    hidden, weight, targets = _inputs(torch.float32)
+    loss = linear_cross_entropy(hidden, weight, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(AttributeError):
+        loss.backward()
+
+
+def test_auto_chunks_unless_the_step_is_compiled():
+    assert uses_chunked_loss("auto", compiled=False) and not uses_chunked_loss("auto", compiled=True)
+    assert uses_chunked_loss("chunked", compiled=False) and uses_chunked_loss("chunked", compiled=True)
+    assert not uses_chunked_loss("full", compiled=False) and not uses_chunked_loss("full", compiled=True)
+    with pytest.raises(ConfigError, match="model.logits='fused' is not one of auto, full, chunked"):
+        ModelConfig(vocab_size=V, logits="fused")
+
+
+def _model_config(**kw) -> ModelConfig:
+    return ModelConfig(**{**dict(vocab_size=V, dim=D, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32), **kw})
+
+
+def _packed_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two rows, each two examples packed side by side, the prompt part of each ignored (a fine-tuning batch)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (2, 20), generator=g), torch.randint(0, V, (2, 20), generator=g)
+    segment_ids = torch.tensor([[0] * 12 + [1] * 8, [0] * 5 + [1] * 15])
+    y[:, :3] = IGNORE_INDEX
+    y[0, 12:14] = IGNORE_INDEX
+    return x, y, segment_ids
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_training_step_loss_and_gradients_do_not_depend_on_model_logits(monkeypatch):
+    calls = []
+    monkeypatch.setattr(loss_module, "linear_cross_entropy",
+                        lambda *a: calls.append(1) or linear_cross_entropy(*a))  # did the chunks run?
+    results = {}
+    for logits in ("full", "chunked", "auto"):
+        torch.manual_seed(0)
+        lit = LitLlama(_model_config(logits=logits))
+        loss = lit.train_forward(_packed_batch())["loss"]
+        loss.backward()
+        results[logits] = (loss.detach(), {n: p.grad for n, p in lit.model.named_parameters()})
+    assert len(calls) == 2  # chunked, and auto in an eager step
+    full_loss, full_grads = results["full"]
+    for logits in ("chunked", "auto"):
+        loss, grads = results[logits]
+        torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, full_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_compiled_step_keeps_the_full_logits_under_auto_and_chunks_when_asked(monkeypatch):
+    calls = []
+    monkeypatch.setattr(loss_module, "linear_cross_entropy",
+                        lambda *a: calls.append(1) or linear_cross_entropy(*a))
+    batch = _packed_batch()
+    torch.manual_seed(0)
+    reference = LitLlama(_model_config(logits="full")).train_forward(batch)["loss"]
+    for logits, chunked in (("auto", False), ("chunked", True)):
+        torch.manual_seed(0)
+        lit = LitLlama(_model_config(logits=logits))
+        lit.compile_training()
+        loss = lit.train_forward(batch)["loss"]
+        assert len(calls) == chunked, logits
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+
+
+class _TrainingStep(torch.nn.Module):
+    """``lit``'s training loss as the forward of a module, which FSDP can wrap (as Lightning's wrapper does)."""
+
+    def __init__(self, lit: LitLlama) -> None:
+        super().__init__()
+        self.lit = lit
+
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.lit.train_forward(batch)["loss"]
+
+
+def _fsdp_gradients(rank: int, rendezvous: str) -> None:
+    """One of two ranks (a process of its own): the same batch's chunked loss on the same model, unsharded and then
+    with FSDP splitting the weights between the ranks; rank 0 compares the gradients, gathered whole."""
+    loss_module.CHUNK_LOGITS_BYTES = 4 * V * 16  # several chunks, as the small_chunks fixture sets
+    batch = _packed_batch()
+    torch.manual_seed(0)
+    plain = _TrainingStep(LitLlama(_model_config(logits="chunked")))
+    plain(*batch).backward()
+    expected = {n: p.grad for n, p in plain.named_parameters()}
+    torch.manual_seed(0)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
+        sharded = FullyShardedDataParallel(_TrainingStep(LitLlama(_model_config(logits="chunked"))),
+                                           auto_wrap_policy=per_block, use_orig_params=True,
+                                           device_id=torch.device("cpu"))
+        sharded(*batch).backward()  # both ranks see the same batch: the averaged gradient is the plain one
+        with FullyShardedDataParallel.summon_full_params(sharded, with_grads=True):
+            got = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in sharded.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        assert got.keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_chunked_loss_under_fsdp_gives_the_unsharded_gradients(tmp_path):
+    # trainer=fsdp: the head's weight belongs to the root unit, sharded between the ranks and gathered for its
+    # forward, where the training step runs (Lightning's wrapper, as _TrainingStep here). Real FSDP on the CPU (gloo),
+    # two processes, as two GPUs would run it; an assertion failing in either fails the test with its traceback.
+    torch.multiprocessing.spawn(_fsdp_gradients, args=(str(tmp_path / "rendezvous"),), nprocs=2)
