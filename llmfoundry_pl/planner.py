@@ -80,6 +80,7 @@ class MemoryPlan:
 
     batch_size: int
     attention: str  # what computes attention: "flash_attn", "math" or "sdpa" (model.attention, see attention_kernel)
+    logits: str  # how the loss meets the output head: "full" or "chunked" (model.logits, see uses_chunked_loss)
     weights: int  # parameters, plus autocast's half-precision copies of the matmul weights
     gradients: int  # all of them: alive at the peak when micro-batches accumulate
     optimizer: int  # AdamW's two moments
@@ -142,7 +143,8 @@ def plan_memory(
         norms = 4 * D * stream_b + 5 * D * matmul_b if mixed else 6 * D * stream_b
         per_block = norms + 4 * F * matmul_b + attention + stats
     # After the blocks, per token (+ the int64 inputs and targets), and what the backward pass allocates on top.
-    if uses_chunked_loss(cfg.logits, compiled):
+    chunked = uses_chunked_loss(cfg.logits, compiled)
+    if chunked:
         # The chunked loss (llmfoundry_pl/loss.py) keeps no logits. The final norm keeps its input (compiled: and
         # 1/rms only; eager: and its normalised form), the loss the hidden states' gradient and the head weight's
         # (summed in fp32). During the loss's forward one chunk's logits come and go (two fp32 copies at most)
@@ -164,6 +166,7 @@ def plan_memory(
     return MemoryPlan(
         batch_size=batch_size,
         attention=kernel,
+        logits="chunked" if chunked else "full",
         weights=sharded * weight_b + (2 * matmul_params if mixed else 0),
         gradients=sharded * weight_b,
         optimizer=2 * sharded * weight_b,

@@ -26,7 +26,8 @@ def test_bench_times_the_lightning_step_and_the_plain_loop(tmp_path, cache_dir):
     assert result["tokens_per_s"] > 0 and result["plain_tokens_per_s"] > 0
     assert 0 < result["mfu"] < 1 and result["peak_flops"] > 1e9  # against the matmul peak measured in-process
     assert 0 <= result["data_wait_frac"] < 1 and result["peak_mem_bytes"] > 2**20
-    assert f"attention={result['attention']};" in out and result["attention"] in ("math", "sdpa")  # on a CPU
+    assert f"attention={result['attention']}," in out and result["attention"] in ("math", "sdpa")  # on a CPU
+    assert f"logits={result['logits']};" in out and result["logits"] == "chunked"  # model.logits=auto, eager
     assert abs(result["lightning_overhead"] - (1 - result["tokens_per_s"] / result["plain_tokens_per_s"])) < 1e-3
     assert "litgpt is not installed" in out or "litgpt_tokens_per_s" in result
     table = out[out.index("tokens/s  spread") :].splitlines()

@@ -233,6 +233,7 @@ def test_plan_cli_prints_memory_fit_and_time(tmp_path):
     assert result["largest_batch_checkpointed"] > result["largest_batch"] > 0
     assert result["memory_bytes"] == 7.5e9 and result["hours"] > 0
     assert f"attention={result['attention']}," in out  # the kernel whose saved tensors the plan counts
+    assert f"logits={result['logits']}," in out and result["logits"] == "full"  # the rtx5060 profile compiles
     for line in ("optimizer (AdamW)", "activations", "largest micro-batch that fits", "time for 1e+09 tokens"):
         assert line in out
     assert list(tmp_path.iterdir()) == []  # a plan writes nothing

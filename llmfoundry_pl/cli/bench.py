@@ -160,7 +160,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     if not trainer.is_global_zero:
         return {}
     setup = {"devices": devices, "tokens_per_step": tokens_per_call * accumulate, "peak_flops": peak_flops,
-             "attention": planned.attention}
+             "attention": planned.attention, "logits": planned.logits}
     return _report(rows, memory, setup, cfg, lit.model, device)
 
 
@@ -276,7 +276,7 @@ def _report(rows: dict[str, dict[str, float]], memory: dict[str, int], setup: di
     on = f"{devices} × {device.type}" if devices > 1 else str(device)
     print(f"\n{model.num_params() / 1e6:.1f}M parameters, batch {cfg.data.batch_size} × {cfg.data.seq_len} tokens "
           f"per device, precision {cfg.trainer.precision}, {on}, compile={cfg.compile}, "
-          f"attention={setup['attention']}; peak "
+          f"attention={setup['attention']}, logits={setup['logits']}; peak "
           f"{setup['peak_flops'] / 1e12:.3f} TFLOP/s")
     n_rounds = cfg.bench.rounds
     if n_rounds > 1:

@@ -71,7 +71,7 @@ def plan(cfg: DictConfig) -> dict[str, float]:
         "fits": memory.resident(checkpointing, device_type) <= budget, "largest_batch": fits[False],
         "largest_batch_checkpointed": fits[True], "tokens": tokens, "tokens_per_s": tokens_per_s,
         "hours": tokens / tokens_per_s * recompute / 3600 if tokens and tokens_per_s else None,
-        "attention": memory.attention,
+        "attention": memory.attention, "logits": memory.logits,
     }
     _print(cfg, machine, network, memory, result, source, devices, shards, device_type)
     print(json.dumps(result), flush=True)
@@ -134,8 +134,8 @@ def _print(cfg: DictConfig, machine: MachineConfig, network: Transformer, memory
           f"{seq_len}")
     compiled = ", compiled" if cfg.compile else ""  # torch.compile saves fewer tensors for the backward pass
     print(f"{machine.name}: {result['memory_bytes'] / GB:.1f} GB per device; {trainer.precision}{compiled}, "
-          f"attention={memory.attention}, micro-batch {cfg.data.batch_size} × {seq_len}, accumulate "
-          f"{trainer.accumulate_grad_batches or 1}, {devices} device(s){sharding}")
+          f"attention={memory.attention}, logits={memory.logits}, micro-batch {cfg.data.batch_size} × {seq_len}, "
+          f"accumulate {trainer.accumulate_grad_batches or 1}, {devices} device(s){sharding}")
     weights = "weights" + (" (+ half copies)" if memory.weights > memory.gradients else "")
     rows = [(weights, memory.weights, memory.weights),
             ("gradients" + (" (after the peak)" if memory.accumulate == 1 else ""), memory.gradients,
