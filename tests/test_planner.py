@@ -81,17 +81,29 @@ def test_planned_peak_is_the_allocators_peak_in_a_training_step(checkpointing, a
     events), plus the weights and AdamW state already held, against the plan."""
     cfg = dataclasses.replace(SHAPE, activation_checkpointing=checkpointing, attention=attention)
     model = Transformer(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
     x, y = _batch()
+    measured = _training_step_peak(model, lambda: F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+    assert plan_cpu(cfg, B, T, "32-true").peak(checkpointing) == pytest.approx(measured, rel=0.05)
+
+
+def _training_step_peak(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], precision: str = "32-true",
+                        first_step: contextlib.AbstractContextManager | None = None) -> int:
+    """What a steady-state training step of ``loss_fn`` (fused AdamW) holds at its peak: the fp32 weights and two
+    AdamW moments, plus the highest level of the allocator's bytes during the step. ``first_step`` wraps the step
+    run before (compiling, if ``loss_fn`` is compiled, and creating the optimizer state)."""
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
 
     def step() -> None:
-        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        with _autocast(precision):
+            loss = loss_fn()
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # the optimizer state exists from here on
-    held = 3 * sum(p.numel() for p in model.parameters()) * 4  # weights + two AdamW moments, fp32
-    assert plan_cpu(cfg, B, T, "32-true").peak(checkpointing) == pytest.approx(held + _step_peak(step), rel=0.05)
+    with first_step or contextlib.nullcontext():
+        step()
+    held = 3 * sum(p.numel() for p in model.parameters()) * 4
+    return held + _step_peak(step)
 
 
 def _step_peak(step) -> int:
@@ -114,26 +126,17 @@ def test_planned_compiled_step_is_what_inductor_saves_and_allocates(precision, a
     # One block: the count is per block, and compiling takes less time.
     shape = dataclasses.replace(SHAPE, n_layers=1, attention=attention)
     model = Transformer(shape)
-    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
     x, y = _batch()
     compiled = torch.compile(lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
     saved, pack = _recorder(model)
-
-    def step() -> None:
-        with _autocast(precision):
-            loss = compiled(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()  # compiles; the optimizer state exists from here on
+    # the first step (compiling) records what autograd saves
+    measured = _training_step_peak(model, lambda: compiled(x, y), precision,
+                                   first_step=torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
     planned = plan_cpu(shape, B, T, precision, compiled=True)
     assert planned.saved == pytest.approx(sum(saved.values()), rel=0.01)
     eager = plan_cpu(shape, B, T, precision)
     assert planned.saved < 0.85 * eager.saved  # it does save less than eager
-    held = 3 * sum(p.numel() for p in model.parameters()) * 4
-    assert planned.peak(False) == pytest.approx(held + _step_peak(step), rel=0.05)
+    assert planned.peak(False) == pytest.approx(measured, rel=0.05)
 
 
 # The chunked loss (model.logits=chunked; auto's choice in an eager step): one chunk of the batch (B·T = 150 tokens)
@@ -145,20 +148,10 @@ def test_planned_peak_with_the_chunked_loss_is_the_allocators_peak(precision, ch
         monkeypatch.setattr(loss_module, "CHUNK_LOGITS_BYTES", 4 * SHAPE.vocab_size * chunk)
     cfg = dataclasses.replace(SHAPE, logits="chunked")
     model = Transformer(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
     x, y = _batch()
-
-    def step() -> None:
-        with _autocast(precision):
-            loss = next_token_loss(model, x, y, chunked=True)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    held = 3 * sum(p.numel() for p in model.parameters()) * 4
+    measured = _training_step_peak(model, lambda: next_token_loss(model, x, y, chunked=True), precision)
     planned = plan_cpu(cfg, B, T, precision)
-    assert planned.peak(False) == pytest.approx(held + _step_peak(step), rel=0.05)
+    assert planned.peak(False) == pytest.approx(measured, rel=0.05)
     if chunk:  # several chunks: only one chunk's logits at a time, not the batch's (and their two gradients)
         assert planned.activations < 0.85 * plan_cpu(SHAPE, B, T, precision).activations
 
@@ -167,19 +160,11 @@ def test_planned_compiled_step_with_the_chunked_loss_is_what_it_allocates():
     # model.logits=chunked with compile=true: the blocks compiled, the loss run eagerly after them.
     cfg = dataclasses.replace(SHAPE, n_layers=1, logits="chunked")
     model = Transformer(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
     x, y = _batch()
     compiled = torch.compile(functools.partial(next_token_loss, chunked=True))
-
-    def step() -> None:
-        compiled(model, x, y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # compiles; the optimizer state exists from here on
-    held = 3 * sum(p.numel() for p in model.parameters()) * 4
+    measured = _training_step_peak(model, lambda: compiled(model, x, y))
     planned = plan_cpu(cfg, B, T, "32-true", compiled=True)
-    assert planned.peak(False) == pytest.approx(held + _step_peak(step), rel=0.05)
+    assert planned.peak(False) == pytest.approx(measured, rel=0.05)
     assert planned.activations < plan_cpu(cfg, B, T, "32-true").activations  # Inductor keeps fewer block tensors
 
 
