@@ -16,6 +16,7 @@ from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.lit_module import LitLlama, WarmupDecay, use_fused_adamw
 from llmfoundry_pl.metrics import LanguageModelMetrics, PreferenceMetrics
 from llmfoundry_pl.model import TransformerBlock
+from tests.helpers.gloo import run_on_gloo_ranks
 
 
 def tiny_model(**kw) -> ModelConfig:
@@ -251,21 +252,17 @@ def test_sampling_model_under_fsdp_is_a_full_copy_of_the_weights(tmp_path):
     torch.testing.assert_close(copy(tokens), expected)
 
 
-def _sample_from_two_shards(rank: int, rendezvous: str) -> None:
-    """One of two ranks (a process of its own): each builds the same model, FSDP splits its weights between them,
-    and ``sampling_model`` gathers both halves into rank 0's copy; rank 1 joins the gathering and gets nothing."""
+def _sample_from_two_shards(rank: int) -> None:
+    """One of two ranks: each builds the same model, FSDP splits its weights between them, and ``sampling_model``
+    gathers both halves into rank 0's copy; rank 1 joins the gathering and gets nothing."""
     torch.manual_seed(0)
     lit = LitLlama(tiny_model())
     original = {k: v.clone() for k, v in lit.model.state_dict().items()}
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
-    try:
-        strategy = _shard_with_fsdp(lit, torch.randint(0, 512, (2, 8)))
-        held = sum(p.numel() for p in lit.model.parameters())
-        assert 0 < held < sum(v.numel() for v in original.values())  # this rank holds part of the weights only
-        lit.trainer = type("T", (), {"strategy": strategy, "is_global_zero": rank == 0})()
-        copy = lit.sampling_model()
-    finally:
-        dist.destroy_process_group()
+    strategy = _shard_with_fsdp(lit, torch.randint(0, 512, (2, 8)))
+    held = sum(p.numel() for p in lit.model.parameters())
+    assert 0 < held < sum(v.numel() for v in original.values())  # this rank holds part of the weights only
+    lit.trainer = type("T", (), {"strategy": strategy, "is_global_zero": rank == 0})()
+    copy = lit.sampling_model()
     if rank == 0:
         _assert_full_fp32_copy(copy, original)
     else:
@@ -273,8 +270,7 @@ def _sample_from_two_shards(rank: int, rendezvous: str) -> None:
 
 
 def test_sampling_model_under_fsdp_gathers_the_shards_of_two_ranks(tmp_path):
-    # Two processes, as two GPUs would run it; an assertion failing in either fails the test with its traceback.
-    torch.multiprocessing.spawn(_sample_from_two_shards, args=(str(tmp_path / "rendezvous"),), nprocs=2)
+    run_on_gloo_ranks(_sample_from_two_shards, tmp_path)
 
 
 def test_token_bytes_are_made_on_the_modules_device(datamodule):

@@ -7,7 +7,6 @@ import functools
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
@@ -18,6 +17,7 @@ from llmfoundry_pl.data.datamodule import IGNORE_INDEX
 from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.loss import chunk_tokens, linear_cross_entropy, uses_chunked_loss
 from llmfoundry_pl.model import TransformerBlock
+from tests.helpers.gloo import run_on_gloo_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,9 +154,9 @@ class _TrainingStep(torch.nn.Module):
         return self.lit.train_forward(batch)["loss"]
 
 
-def _fsdp_gradients(rank: int, rendezvous: str) -> None:
-    """One of two ranks (a process of its own): the same batch's chunked loss on the same model, unsharded and then
-    with FSDP splitting the weights between the ranks; rank 0 compares the gradients, gathered whole."""
+def _fsdp_gradients(rank: int) -> None:
+    """One of two ranks: the same batch's chunked loss on the same model, unsharded and then with FSDP splitting the
+    weights between the ranks; rank 0 compares the gradients, gathered whole."""
     loss_module.CHUNK_LOGITS_BYTES = 4 * V * 16  # several chunks, as the small_chunks fixture sets
     batch = _packed_batch()
     torch.manual_seed(0)
@@ -164,17 +164,12 @@ def _fsdp_gradients(rank: int, rendezvous: str) -> None:
     plain(*batch).backward()
     expected = {n: p.grad for n, p in plain.named_parameters()}
     torch.manual_seed(0)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
-    try:
-        per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
-        sharded = FullyShardedDataParallel(_TrainingStep(LitLlama(_model_config(logits="chunked"))),
-                                           auto_wrap_policy=per_block, use_orig_params=True,
-                                           device_id=torch.device("cpu"))
-        sharded(*batch).backward()  # both ranks see the same batch: the averaged gradient is the plain one
-        with FullyShardedDataParallel.summon_full_params(sharded, with_grads=True):
-            got = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in sharded.named_parameters()}
-    finally:
-        dist.destroy_process_group()
+    per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
+    sharded = FullyShardedDataParallel(_TrainingStep(LitLlama(_model_config(logits="chunked"))),
+                                       auto_wrap_policy=per_block, use_orig_params=True, device_id=torch.device("cpu"))
+    sharded(*batch).backward()  # both ranks see the same batch: the averaged gradient is the plain one
+    with FullyShardedDataParallel.summon_full_params(sharded, with_grads=True):
+        got = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in sharded.named_parameters()}
     if rank == 0:
         assert got.keys() == expected.keys()
         for name, grad in expected.items():
@@ -183,6 +178,5 @@ def _fsdp_gradients(rank: int, rendezvous: str) -> None:
 
 def test_chunked_loss_under_fsdp_gives_the_unsharded_gradients(tmp_path):
     # trainer=fsdp: the head's weight belongs to the root unit, sharded between the ranks and gathered for its
-    # forward, where the training step runs (Lightning's wrapper, as _TrainingStep here). Real FSDP on the CPU (gloo),
-    # two processes, as two GPUs would run it; an assertion failing in either fails the test with its traceback.
-    torch.multiprocessing.spawn(_fsdp_gradients, args=(str(tmp_path / "rendezvous"),), nprocs=2)
+    # forward, where the training step runs (Lightning's wrapper, as _TrainingStep here). Real FSDP on the CPU.
+    run_on_gloo_ranks(_fsdp_gradients, tmp_path)
