@@ -40,7 +40,7 @@ def _help(text: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------------------
 # model.attention: "auto" picks among the others (llmfoundry_pl/model.py: attention_kernel).
 ATTENTION_CHOICES = ("auto", "sdpa", "math")
-# model.logits: how the training loss meets the output head (llmfoundry_pl/loss.py: uses_chunked_loss).
+# model.logits: how the loss (training and validation) meets the output head (llmfoundry_pl/loss.py: uses_chunked_loss).
 LOGITS_CHOICES = ("auto", "full", "chunked")
 
 
@@ -103,10 +103,11 @@ class ModelConfig:
     )
     logits: str = field(
         default="auto",
-        metadata=_help("Training loss: full (all B·T·vocab logits at once), chunked (through the output head a "
-                       "chunk of tokens at a time, the full logits never in memory: ref16m at vocab 32k, 8×256, "
-                       "eager: 1.4 instead of 2.5 GB, same speed) or auto — chunked unless the step is compiled "
-                       "(compile=true), where Inductor's fused loss over the full logits is faster."),
+        metadata=_help("Training and validation loss: full (all B·T·vocab logits at once), chunked (through the "
+                       "output head a chunk of tokens at a time, the full logits never in memory: ref16m at vocab "
+                       "32k, 8×256, eager: 1.4 instead of 2.5 GB, same speed) or auto — chunked unless the step is "
+                       "compiled (compile=true compiles training steps only, where Inductor's fused loss over the "
+                       "full logits is faster)."),
     )
 
     def __post_init__(self) -> None:

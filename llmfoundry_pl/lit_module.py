@@ -195,8 +195,10 @@ class LitLlama(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         x, y, *segment_ids = batch
-        logits = self(x, *segment_ids)
-        nats = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        # Validation runs eagerly (compile_training compiles the training step only), so under model.logits=auto it
+        # takes the chunks: its full logits, B·T·V copied to fp32 twice, outgrew a chunked training step's peak.
+        chunked = uses_chunked_loss(self.model.config.logits, compiled=False)
+        nats = next_token_loss(self.model, x, y, *segment_ids, chunked=chunked, reduction="sum")
         counted = y != IGNORE_INDEX
         # Without a tokenizer the bytes behind each token are unknown: val/bpb then reads as bits per token.
         n_bytes = self.token_bytes[y[counted]].sum() if self.tokenizer is not None else counted.sum()

@@ -10,6 +10,8 @@ runs on a CPU, a GPU and a Mac. The FLOPs are the plain path's (one matmul forwa
 
 Because the gradients are computed in forward, backward only scales them by the incoming gradient: the loss must be
 the last thing the graph does with the head (true of a training step, whose loss is what backward starts from).
+Without gradients (validation) the chunks compute the loss only; there the full logits are no smaller either
+(B·T·V in the matmul dtype, then copied to fp32 for the softmax), and would outgrow a chunked training step.
 """
 
 from __future__ import annotations
@@ -27,15 +29,25 @@ CHUNK_LOGITS_BYTES = 32 * 2**20
 
 
 def next_token_loss(model: Transformer, tokens: torch.Tensor, targets: torch.Tensor,
-                    segment_ids: torch.Tensor | None = None, *, chunked: bool) -> torch.Tensor:
-    """Mean cross-entropy of ``model``'s predictions for ``tokens`` (B, T) against ``targets`` (B, T), skipping
-    ``IGNORE_INDEX``: the pretraining and fine-tuning loss. ``chunked`` takes it from the hidden states a chunk of
-    tokens at a time (:func:`linear_cross_entropy`), else from the full logits; the two agree to rounding."""
-    if chunked:  # (the head is a plain nn.Linear: LoRA never adapts it, config.LORA_TARGETS)
+                    segment_ids: torch.Tensor | None = None, *, chunked: bool, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``model``'s predictions for ``tokens`` (B, T) against ``targets`` (B, T), skipping
+    ``IGNORE_INDEX``: the pretraining and fine-tuning loss ("mean" over the counted tokens; "sum" for validation's
+    totals). ``chunked`` takes it from the hidden states a chunk of tokens at a time (:func:`linear_cross_entropy`),
+    else from the full logits; the two agree to rounding. A quantized head (``lfpl-eval quantize=...``) is always
+    run whole: its weight is packed for its own kernels, not a matrix the chunks could multiply by."""
+    # (LoRA never adapts the head, config.LORA_TARGETS: in training it is a plain nn.Linear)
+    if chunked and _is_plain_linear(model.output):
         hidden = model.hidden_states(tokens, segment_ids=segment_ids)  # (B, T, D)
-        return linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, targets.flatten())
+        return linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, targets.flatten(), reduction)
     logits = model(tokens, segment_ids=segment_ids)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def _is_plain_linear(head: torch.nn.Module) -> bool:
+    """Whether ``head`` multiplies by an ordinary weight tensor (not a quantized module or a packed tensor subclass,
+    such as torch.ao's int8 ``Linear`` or torchao's ``Int8Tensor``)."""
+    weight = getattr(head, "weight", None)
+    return type(weight) in (torch.Tensor, torch.nn.Parameter)  # (a Parameter of a subclass has the subclass's type)
 
 
 def uses_chunked_loss(setting: str, compiled: bool) -> bool:
@@ -57,54 +69,72 @@ def chunk_tokens(vocab_size: int) -> int:
 
 # Not compiled: traced by Dynamo, the chunk loop runs slower and keeps more memory than eagerly (2-core CPU).
 @torch.compiler.disable
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, without the full logits in memory.
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``targets``, without the full logits in memory.
 
     ``hidden`` (N, D) are the final (normalised) hidden states, ``weight`` (V, D) the output head's weight,
     ``targets`` (N,) token ids with ``IGNORE_INDEX`` where nothing is learnt. Equals
-    ``F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=IGNORE_INDEX)``, gradients included.
-    Under autocast the matmuls run in the autocast dtype, as the plain output head's would; the softmax is in fp32.
+    ``F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)``
+    ("mean" over the counted tokens, or "sum"), gradients included. Under autocast the matmuls run in the autocast
+    dtype, as the plain output head's would; the softmax is in fp32. Without gradients (validation, under no_grad)
+    only the loss is computed: no gradient buffers, a third of the FLOPs.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: use 'mean' or 'sum'")
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-    return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
+    counted = targets != IGNORE_INDEX
+    # The mean divides by the counted tokens; a batch with nothing to learn gives 0 loss and 0 gradients (not NaN).
+    divisor = counted.sum().clamp(min=1) if reduction == "mean" else 1
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, counted, divisor, dtype)
+    nats = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    with torch.autocast(device_type, enabled=False):  # the dtypes are chosen by hand
+        for _, _, labels, keep, log_probs in _chunk_log_probs(hidden, weight.to(dtype), targets, counted):
+            nats -= (log_probs.gather(1, labels) * keep).sum()
+    return nats / divisor
+
+
+def _chunk_log_probs(hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor):
+    """For each chunk of tokens: its first row, its hidden states in ``w``'s dtype, its labels (N, 1), which rows
+    count (N, 1), and its fp32 log-probabilities (N, V), the one (chunk, V) buffer a chunk needs."""
+    chunk = chunk_tokens(w.shape[0])
+    for start in range(0, hidden.shape[0], chunk):
+        h = hidden[start : start + chunk].to(w.dtype)
+        labels = targets[start : start + chunk].clamp(min=0)[:, None]  # ignored rows: any valid index
+        keep = counted[start : start + chunk, None]
+        yield start, h, labels, keep, torch.log_softmax((h @ w.t()).float(), dim=-1)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
-        counted = targets != IGNORE_INDEX
-        n_counted = counted.sum().clamp(min=1)  # a batch with nothing to learn gives 0 loss and 0 gradients
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor,
+                divisor: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
         w = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in fp32
         nats = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        chunk = chunk_tokens(weight.shape[0])
-        with torch.autocast(hidden.device.type, enabled=False):  # the dtypes below are chosen by hand
-            for start in range(0, hidden.shape[0], chunk):
-                h = hidden[start : start + chunk].to(dtype)
-                labels = targets[start : start + chunk].clamp(min=0)[:, None]  # ignored rows: any valid index
-                keep = counted[start : start + chunk, None]
-                log_probs = torch.log_softmax((h @ w.t()).float(), dim=-1)  # (chunk, V)
+        with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are chosen by hand
+            for start, h, labels, keep, log_probs in _chunk_log_probs(hidden, w, targets, counted):
                 nats -= (log_probs.gather(1, labels) * keep).sum()
                 # d(nats)/d(logits) = softmax − one-hot at the label, zero on ignored rows; built in place in the
-                # log-probabilities' memory, the one (chunk, V) buffer this chunk needs
+                # log-probabilities' memory
                 minus_one = torch.full_like(labels, -1, dtype=torch.float32)
                 grad_logits = log_probs.exp_().scatter_add_(1, labels, minus_one).mul_(keep).to(dtype)
-                grad_hidden[start : start + chunk] = grad_logits @ w
+                grad_hidden[start : start + h.shape[0]] = grad_logits @ w
                 if dtype == torch.float32:
                     grad_weight.addmm_(grad_logits.t(), h)
                 else:  # the product in half precision, as autocast's would be, summed in fp32
                     grad_weight += grad_logits.t() @ h
         # Kept on ctx rather than by save_for_backward: they are no inputs or outputs, and backward scales them in
         # place instead of allocating a copy of each (so the graph can be backpropagated once only, as a loss is).
-        ctx.grad_hidden = grad_hidden.div_(n_counted)
-        ctx.grad_weight = grad_weight.div_(n_counted).to(weight.dtype)
-        return nats / n_counted
+        ctx.grad_hidden = grad_hidden.div_(divisor)
+        ctx.grad_weight = grad_weight.div_(divisor).to(weight.dtype)
+        return nats / divisor
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None, None]:
         grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
         del ctx.grad_hidden, ctx.grad_weight  # a second backward fails here instead of scaling twice
-        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None
+        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None, None

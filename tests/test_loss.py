@@ -14,9 +14,10 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from llmfoundry_pl import loss as loss_module
 from llmfoundry_pl.config import ConfigError, ModelConfig
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
+from llmfoundry_pl.inference.quantize import quantize
 from llmfoundry_pl.lit_module import LitLlama
-from llmfoundry_pl.loss import chunk_tokens, linear_cross_entropy, uses_chunked_loss
-from llmfoundry_pl.model import TransformerBlock
+from llmfoundry_pl.loss import chunk_tokens, linear_cross_entropy, next_token_loss, uses_chunked_loss
+from llmfoundry_pl.model import Transformer, TransformerBlock
 from tests.helpers.gloo import run_on_gloo_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,16 +45,21 @@ def _inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 CASES = {"32-true": (torch.float32, False), "bf16-mixed": (torch.float32, True), "bf16-true": (torch.bfloat16, False)}
 
 
+def _full_logits_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy((hidden @ weight.t()).float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
 @pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("precision", CASES)
-def test_chunked_loss_and_gradients_are_the_full_logits(precision):
+def test_chunked_loss_and_gradients_are_the_full_logits(precision, reduction):
     dtype, autocast = CASES[precision]
     hidden, weight, targets = _inputs(dtype)
     results = []
-    for loss_fn in (lambda: F.cross_entropy((hidden @ weight.t()).float(), targets, ignore_index=IGNORE_INDEX),
-                    lambda: linear_cross_entropy(hidden, weight, targets)):
+    for loss_fn in (_full_logits_loss, linear_cross_entropy):
         with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
-            loss = loss_fn()
+            loss = loss_fn(hidden, weight, targets, reduction)
         # an incoming gradient other than 1 (as gradient accumulation divides the loss)
         grads = torch.autograd.grad(0.25 * loss, (hidden, weight))
         results.append((loss, *grads))
@@ -66,6 +72,20 @@ def test_chunked_loss_and_gradients_are_the_full_logits(precision):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
         else:  # products rounded to bf16 on both sides, per chunk on one of them
             torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max())
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("precision", CASES)
+def test_without_gradients_only_the_loss_is_computed(precision, monkeypatch):
+    # Validation (no_grad): the same sum, and none of the gradient work or buffers.
+    monkeypatch.setattr(loss_module._LinearCrossEntropy, "forward", None)  # would fail if called
+    dtype, autocast = CASES[precision]
+    hidden, weight, targets = _inputs(dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        chunked = linear_cross_entropy(hidden, weight, targets, "sum")
+        full = _full_logits_loss(hidden, weight, targets, "sum")
+    assert not chunked.requires_grad
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-5)
 
 
 def test_a_batch_with_nothing_to_learn_gives_zero_not_nan():
@@ -127,6 +147,45 @@ def test_training_step_loss_and_gradients_do_not_depend_on_model_logits(monkeypa
             torch.testing.assert_close(grad, full_grads[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.usefixtures("small_chunks")
+def test_validation_totals_do_not_depend_on_model_logits(monkeypatch):
+    # Validation runs eagerly, so under auto it takes the chunks even where the training step is compiled: its full
+    # logits, copied to fp32 twice, would outgrow a chunked training step.
+    calls = []
+    monkeypatch.setattr(loss_module, "linear_cross_entropy",
+                        lambda *a: calls.append(1) or linear_cross_entropy(*a))
+    totals = {}
+    for logits in ("full", "chunked", "auto"):
+        torch.manual_seed(0)
+        lit = LitLlama(_model_config(logits=logits))
+        lit.compile_training()  # compiles on the first training step only, which never comes here
+        with torch.no_grad():
+            lit.validation_step(_packed_batch(), 0)
+        totals[logits] = lit.val_metrics.compute()
+    assert len(calls) == 2  # chunked, and auto
+    for logits in ("chunked", "auto"):
+        assert totals[logits].keys() == totals["full"].keys()
+        for name, value in totals[logits].items():
+            torch.testing.assert_close(value, totals["full"][name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_a_quantized_head_is_run_whole(monkeypatch):
+    # lfpl-eval quantize=int8: the head is torch.ao's int8 Linear, its weight packed for its own kernels (a method,
+    # not a matrix the chunks could multiply by), so the loss takes its logits whole.
+    calls = []
+    monkeypatch.setattr(loss_module, "linear_cross_entropy",
+                        lambda *a: calls.append(1) or linear_cross_entropy(*a))
+    torch.manual_seed(0)
+    model = quantize(Transformer(_model_config()), "int8")
+    x, y, segment_ids = _packed_batch()
+    with torch.no_grad():
+        nats = next_token_loss(model, x, y, segment_ids, chunked=True, reduction="sum")
+        logits = model(x, segment_ids=segment_ids)
+    assert calls == []
+    expected = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(nats, expected)
+
+
 def test_compiled_step_keeps_the_full_logits_under_auto_and_chunks_when_asked(monkeypatch):
     calls = []
     monkeypatch.setattr(loss_module, "linear_cross_entropy",
@@ -158,6 +217,8 @@ def _fsdp_gradients(rank: int) -> None:
     """One of two ranks: the same batch's chunked loss on the same model, unsharded and then with FSDP splitting the
     weights between the ranks; rank 0 compares the gradients, gathered whole."""
     loss_module.CHUNK_LOGITS_BYTES = 4 * V * 16  # several chunks, as the small_chunks fixture sets
+    calls, chunked_loss = [], loss_module.linear_cross_entropy  # (a spawned process: patched for this rank only)
+    loss_module.linear_cross_entropy = lambda *a: calls.append(1) or chunked_loss(*a)
     batch = _packed_batch()
     torch.manual_seed(0)
     plain = _TrainingStep(LitLlama(_model_config(logits="chunked")))
@@ -170,6 +231,7 @@ def _fsdp_gradients(rank: int) -> None:
     sharded(*batch).backward()  # both ranks see the same batch: the averaged gradient is the plain one
     with FullyShardedDataParallel.summon_full_params(sharded, with_grads=True):
         got = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in sharded.named_parameters()}
+    assert len(calls) == 2  # FSDP's unsharded head weight is still one the chunks multiply by
     if rank == 0:
         assert got.keys() == expected.keys()
         for name, grad in expected.items():

@@ -17,6 +17,7 @@ from llmfoundry_pl import loss as loss_module
 from llmfoundry_pl import model as model_module
 from llmfoundry_pl.cli.plan import plan
 from llmfoundry_pl.config import ModelConfig
+from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.loss import next_token_loss
 from llmfoundry_pl.model import MATH_ATTENTION_MAX_KEYS, Transformer
 from llmfoundry_pl.planner import CPU_RESIDENT_FACTOR, largest_batch, plan_memory
@@ -166,6 +167,31 @@ def test_planned_compiled_step_with_the_chunked_loss_is_what_it_allocates():
     planned = plan_cpu(cfg, B, T, "32-true", compiled=True)
     assert planned.peak(False) == pytest.approx(measured, rel=0.05)
     assert planned.activations < plan_cpu(cfg, B, T, "32-true").activations  # Inductor keeps fewer block tensors
+
+
+# Validation holds the weights and AdamW's moments (the gradients are freed) and runs a batch without gradients. A
+# large vocabulary's full logits, copied to fp32 twice there, outgrew a chunked training step; validation chunks
+# too (eager, so under auto as well), and the planned training peak stays the run's peak.
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_validation_stays_below_the_planned_training_peak(precision, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_LOGITS_BYTES", 4 * 4000 * 32)  # several chunks per batch
+    cfg = dataclasses.replace(SHAPE, vocab_size=4000, dim=48, n_heads=4, n_kv_heads=2, hidden_dim=128)
+    batch = _batch()
+
+    def validation_peak(logits: str) -> int:
+        torch.manual_seed(0)
+        lit = LitLlama(dataclasses.replace(cfg, logits=logits)).eval()
+        held = 3 * sum(p.numel() for p in lit.parameters()) * 4
+
+        def step() -> None:
+            with torch.no_grad(), _autocast(precision):
+                lit.validation_step(batch, 0)
+
+        return held + _step_peak(step)
+
+    # checkpointed: the smallest training step the planner counts
+    planned = plan_cpu(dataclasses.replace(cfg, logits="auto"), B, T, precision).peak(checkpointing=True)
+    assert validation_peak("auto") < planned < validation_peak("full")
 
 
 def test_memory_grows_with_the_batch_and_shrinks_with_checkpointing_and_sharding():
