@@ -32,6 +32,14 @@ def small_chunks(monkeypatch):
     assert chunk_tokens(V) == 16
 
 
+@pytest.fixture
+def chunk_calls(monkeypatch) -> list[int]:
+    """One entry per call of :func:`linear_cross_entropy` through the loss module: whether the chunks ran."""
+    calls = []
+    monkeypatch.setattr(loss_module, "linear_cross_entropy", lambda *a: calls.append(1) or linear_cross_entropy(*a))
+    return calls
+
+
 def _inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(N, D, generator=g).to(dtype).requires_grad_()
@@ -127,10 +135,7 @@ def _packed_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_training_step_loss_and_gradients_do_not_depend_on_model_logits(monkeypatch):
-    calls = []
-    monkeypatch.setattr(loss_module, "linear_cross_entropy",
-                        lambda *a: calls.append(1) or linear_cross_entropy(*a))  # did the chunks run?
+def test_training_step_loss_and_gradients_do_not_depend_on_model_logits(chunk_calls):
     results = {}
     for logits in ("full", "chunked", "auto"):
         torch.manual_seed(0)
@@ -138,7 +143,7 @@ def test_training_step_loss_and_gradients_do_not_depend_on_model_logits(monkeypa
         loss = lit.train_forward(_packed_batch())["loss"]
         loss.backward()
         results[logits] = (loss.detach(), {n: p.grad for n, p in lit.model.named_parameters()})
-    assert len(calls) == 2  # chunked, and auto in an eager step
+    assert len(chunk_calls) == 2  # chunked, and auto in an eager step
     full_loss, full_grads = results["full"]
     for logits in ("chunked", "auto"):
         loss, grads = results[logits]
@@ -148,12 +153,9 @@ def test_training_step_loss_and_gradients_do_not_depend_on_model_logits(monkeypa
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_validation_totals_do_not_depend_on_model_logits(monkeypatch):
+def test_validation_totals_do_not_depend_on_model_logits(chunk_calls):
     # Validation runs eagerly, so under auto it takes the chunks even where the training step is compiled: its full
     # logits, copied to fp32 twice, would outgrow a chunked training step.
-    calls = []
-    monkeypatch.setattr(loss_module, "linear_cross_entropy",
-                        lambda *a: calls.append(1) or linear_cross_entropy(*a))
     totals = {}
     for logits in ("full", "chunked", "auto"):
         torch.manual_seed(0)
@@ -162,34 +164,28 @@ def test_validation_totals_do_not_depend_on_model_logits(monkeypatch):
         with torch.no_grad():
             lit.validation_step(_packed_batch(), 0)
         totals[logits] = lit.val_metrics.compute()
-    assert len(calls) == 2  # chunked, and auto
+    assert len(chunk_calls) == 2  # chunked, and auto
     for logits in ("chunked", "auto"):
         assert totals[logits].keys() == totals["full"].keys()
         for name, value in totals[logits].items():
             torch.testing.assert_close(value, totals["full"][name], rtol=1e-6, atol=1e-6, msg=name)
 
 
-def test_a_quantized_head_is_run_whole(monkeypatch):
+def test_a_quantized_head_is_run_whole(chunk_calls):
     # lfpl-eval quantize=int8: the head is torch.ao's int8 Linear, its weight packed for its own kernels (a method,
     # not a matrix the chunks could multiply by), so the loss takes its logits whole.
-    calls = []
-    monkeypatch.setattr(loss_module, "linear_cross_entropy",
-                        lambda *a: calls.append(1) or linear_cross_entropy(*a))
     torch.manual_seed(0)
     model = quantize(Transformer(_model_config()), "int8")
     x, y, segment_ids = _packed_batch()
     with torch.no_grad():
         nats = next_token_loss(model, x, y, segment_ids, chunked=True, reduction="sum")
         logits = model(x, segment_ids=segment_ids)
-    assert calls == []
+    assert chunk_calls == []
     expected = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     torch.testing.assert_close(nats, expected)
 
 
-def test_compiled_step_keeps_the_full_logits_under_auto_and_chunks_when_asked(monkeypatch):
-    calls = []
-    monkeypatch.setattr(loss_module, "linear_cross_entropy",
-                        lambda *a: calls.append(1) or linear_cross_entropy(*a))
+def test_compiled_step_keeps_the_full_logits_under_auto_and_chunks_when_asked(chunk_calls):
     batch = _packed_batch()
     torch.manual_seed(0)
     reference = LitLlama(_model_config(logits="full")).train_forward(batch)["loss"]
@@ -198,7 +194,7 @@ def test_compiled_step_keeps_the_full_logits_under_auto_and_chunks_when_asked(mo
         lit = LitLlama(_model_config(logits=logits))
         lit.compile_training()
         loss = lit.train_forward(batch)["loss"]
-        assert len(calls) == chunked, logits
+        assert len(chunk_calls) == chunked, logits
         torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -217,8 +213,8 @@ def _fsdp_gradients(rank: int) -> None:
     """One of two ranks: the same batch's chunked loss on the same model, unsharded and then with FSDP splitting the
     weights between the ranks; rank 0 compares the gradients, gathered whole."""
     loss_module.CHUNK_LOGITS_BYTES = 4 * V * 16  # several chunks, as the small_chunks fixture sets
-    calls, chunked_loss = [], loss_module.linear_cross_entropy  # (a spawned process: patched for this rank only)
-    loss_module.linear_cross_entropy = lambda *a: calls.append(1) or chunked_loss(*a)
+    chunk_calls, chunked_loss = [], loss_module.linear_cross_entropy  # (a spawned process: patched for this rank only)
+    loss_module.linear_cross_entropy = lambda *a: chunk_calls.append(1) or chunked_loss(*a)
     batch = _packed_batch()
     torch.manual_seed(0)
     plain = _TrainingStep(LitLlama(_model_config(logits="chunked")))
@@ -231,7 +227,7 @@ def _fsdp_gradients(rank: int) -> None:
     sharded(*batch).backward()  # both ranks see the same batch: the averaged gradient is the plain one
     with FullyShardedDataParallel.summon_full_params(sharded, with_grads=True):
         got = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in sharded.named_parameters()}
-    assert len(calls) == 2  # FSDP's unsharded head weight is still one the chunks multiply by
+    assert len(chunk_calls) == 2  # FSDP's unsharded head weight is still one the chunks multiply by
     if rank == 0:
         assert got.keys() == expected.keys()
         for name, grad in expected.items():
