@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -134,15 +136,23 @@ def _packed_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, y, segment_ids
 
 
-@pytest.mark.usefixtures("small_chunks")
-def test_training_step_loss_and_gradients_do_not_depend_on_model_logits(chunk_calls):
+def _under_each_logits_setting(run: Callable[[LitLlama], Any]) -> dict[str, Any]:
+    """``run(lit)`` for a fresh, identically initialised LitLlama under each ``model.logits`` setting."""
     results = {}
     for logits in ("full", "chunked", "auto"):
         torch.manual_seed(0)
-        lit = LitLlama(_model_config(logits=logits))
+        results[logits] = run(LitLlama(_model_config(logits=logits)))
+    return results
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_training_step_loss_and_gradients_do_not_depend_on_model_logits(chunk_calls):
+    def step(lit: LitLlama) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = lit.train_forward(_packed_batch())["loss"]
         loss.backward()
-        results[logits] = (loss.detach(), {n: p.grad for n, p in lit.model.named_parameters()})
+        return loss.detach(), {n: p.grad for n, p in lit.model.named_parameters()}
+
+    results = _under_each_logits_setting(step)
     assert len(chunk_calls) == 2  # chunked, and auto in an eager step
     full_loss, full_grads = results["full"]
     for logits in ("chunked", "auto"):
@@ -156,14 +166,13 @@ def test_training_step_loss_and_gradients_do_not_depend_on_model_logits(chunk_ca
 def test_validation_totals_do_not_depend_on_model_logits(chunk_calls):
     # Validation runs eagerly, so under auto it takes the chunks even where the training step is compiled: its full
     # logits, copied to fp32 twice, would outgrow a chunked training step.
-    totals = {}
-    for logits in ("full", "chunked", "auto"):
-        torch.manual_seed(0)
-        lit = LitLlama(_model_config(logits=logits))
+    def validate(lit: LitLlama) -> dict[str, torch.Tensor]:
         lit.compile_training()  # compiles on the first training step only, which never comes here
         with torch.no_grad():
             lit.validation_step(_packed_batch(), 0)
-        totals[logits] = lit.val_metrics.compute()
+        return lit.val_metrics.compute()
+
+    totals = _under_each_logits_setting(validate)
     assert len(chunk_calls) == 2  # chunked, and auto
     for logits in ("chunked", "auto"):
         assert totals[logits].keys() == totals["full"].keys()
