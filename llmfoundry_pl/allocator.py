@@ -10,7 +10,8 @@ the heap first grows until freed neighbours merge; then a step faults ~25× fewe
 what jemalloc or tcmalloc (the usual advice, via ``LD_PRELOAD``) do, without an extra system package. The price is
 a resident-memory floor at the run's peak, which a training process reaches every step anyway.
 
-Only glibc (Linux) has ``mallopt``; elsewhere this does nothing.
+Only glibc (Linux) has ``mallopt``; elsewhere this does nothing. ``release_freed_memory`` gives the kept memory back
+once, when a measurement must start from what is really in use (``llmfoundry_pl/memory_meter.py``).
 """
 
 from __future__ import annotations
@@ -25,17 +26,33 @@ _M_MMAP_MAX = -4
 _KEEP_UP_TO = 2**31 - 1  # free memory at the heap's top is returned to the OS past this much (C int: at most 2 GiB)
 
 
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS; True if it applied.
 
     Process-wide and not undone: call it at the start of a training process (``keep_freed_memory=true``, the
     default of lfpl-train and lfpl-bench)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl without mallopt)
+    mallopt = getattr(_glibc(), "mallopt", None)
+    if mallopt is None:  # not Linux, or not glibc (e.g. musl without mallopt)
         return False
     # mallopt returns 1 on success; a libc that rejects a parameter leaves that setting as it was.
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO))
+
+
+def release_freed_memory() -> bool:
+    """Return the heap's free memory to the OS now (glibc's ``malloc_trim``, which also releases free pages in the
+    middle of the heap, not only at its top); True if it ran. The kept blocks are faulted in again when next needed,
+    so call it between measurements, not between training steps."""
+    malloc_trim = getattr(_glibc(), "malloc_trim", None)
+    if malloc_trim is None:
+        return False
+    malloc_trim(0)
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -26,6 +27,7 @@ def test_bench_times_the_lightning_step_and_the_plain_loop(tmp_path, cache_dir):
     assert result["tokens_per_s"] > 0 and result["plain_tokens_per_s"] > 0
     assert 0 < result["mfu"] < 1 and result["peak_flops"] > 1e9  # against the matmul peak measured in-process
     assert 0 <= result["data_wait_frac"] < 1 and result["peak_mem_bytes"] > 2**20
+    assert 0 < result["train_mem_bytes"] < result["peak_mem_bytes"] and result["plain_train_mem_bytes"] > 0
     assert f"attention={result['attention']}," in out and result["attention"] in ("math", "sdpa")  # on a CPU
     assert f"logits={result['logits']};" in out and result["logits"] == "chunked"  # model.logits=auto, eager
     assert abs(result["lightning_overhead"] - (1 - result["tokens_per_s"] / result["plain_tokens_per_s"])) < 1e-3
@@ -51,13 +53,13 @@ def test_bench_under_ddp_counts_the_tokens_of_every_rank(tmp_path, cache_dir):
 def test_bench_combines_rounds_into_medians_and_a_spread():
     def round_(tokens_per_s, first_step, peak_mem):
         return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s / 1e4, "data_wait_frac": 0.01,
-                "first_step_s": first_step, "peak_mem_bytes": peak_mem}
+                "first_step_s": first_step, "peak_mem_bytes": peak_mem, "train_mem_bytes": peak_mem - 100}
 
     row = _combine([round_(900.0, 5.0, 300), round_(1000.0, 0.1, 200), round_(1200.0, 0.2, 400)])
-    # the middle rate, not the mean; the first round's first step (it compiles) and memory (the only one on a CPU
-    # that no other contender has run before)
+    # the middle rate, not the mean; the first round's first step (it compiles) and memory (the one that is its own
+    # where the peak cannot be restarted)
     assert row["tokens_per_s"] == 1000.0 and row["mfu"] == 0.1 and row["data_wait_frac"] == 0.01
-    assert row["first_step_s"] == 5.0 and row["peak_mem_bytes"] == 300
+    assert row["first_step_s"] == 5.0 and row["peak_mem_bytes"] == 300 and row["train_mem_bytes"] == 200
     assert row["tokens_per_s_spread"] == pytest.approx(0.3)
     assert "tokens_per_s_spread" not in _combine([round_(900.0, 5.0, 300)])  # one round shows no spread
 
@@ -66,3 +68,26 @@ def test_bench_combines_rounds_into_medians_and_a_spread():
 def test_bench_mistakes_fail_with_one_line(tmp_path, cache_dir, override):
     proc = run_cli("bench", *TINY_BENCH, override, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and override in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_sweep_measures_each_job_afresh_and_ends_with_a_table(tmp_path, cache_dir):
+    """lfpl-bench -m: the jobs run in one process, yet the smaller second job's memory is its own (the process's
+    resident peak is restarted per job and contender, after the freed heap is handed back), and a table compares
+    them."""
+    tiny = [arg for arg in TINY_BENCH if not arg.startswith("bench.batch_size=")]
+    proc = run_cli("bench", "-m", *tiny, "bench.steps=2", "data.vocab_size=8192", "model.logits=full",
+                   "bench.batch_size=16,1", cwd=tmp_path)
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    jobs = [json.loads((sweep / str(n) / "final_metrics.json").read_text()) for n in range(2)]
+    assert [job["overrides"][-1] for job in jobs] == ["bench.batch_size=16", "bench.batch_size=1"]
+    big, small = (job["metrics"] for job in jobs)
+    assert big["tokens_per_step"] == 16 * 32 and small["tokens_per_step"] == 32
+    # batch 16's full logits (16 × 32 × 8192: fp32 copies, their softmax and gradients) need ~80 MiB more than
+    # batch 1's: the Lightning step's and the plain loop's own memory show it, and so does the process's peak
+    for key in ("peak_mem_bytes", "train_mem_bytes", "plain_train_mem_bytes"):
+        assert small[key] < big[key] - 50 * 2**20, key
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [float(r["tokens_per_s"]) for r in rows] == [big["tokens_per_s"], small["tokens_per_s"]]
+    summary = (sweep / "summary.md").read_text()
+    assert "sweep summary" in proc.stdout and "| 1   | bench.batch_size=1 " in summary
+    assert f"| {big['train_mem_bytes'] / 2**20:,.0f} MiB" in summary  # bytes shown in MiB; the CSV keeps them exact

@@ -5,20 +5,21 @@
     lfpl-bench model=base hardware=rtx5060 compile=true
     lfpl-bench model=base compile=true bench.rounds=3             # medians of 3 rounds each, contenders in turn
     lfpl-bench model=base compile=true trainer=ddp trainer.devices=8  # all ranks' tokens/s, MFU against 8 devices
+    lfpl-bench -m compile=true,false model.logits=full,chunked    # 4 jobs, then a table of their figures
 
 Times, on the same model shape and the same data windows: (1) the project's Lightning training step, (2) a plain
 PyTorch loop doing the same work (forward, cross-entropy, backward, clipping, AdamW) — so Lightning's overhead is a
 number — and (3) litgpt's ``GPT`` of the same shape when litgpt is installed. For each: tokens/s, MFU (against the
 matmul peak measured in this process on a CPU, the spec-sheet peak on a GPU), peak memory, and the share of each
 step spent waiting for data. Prints a table, then one JSON line. With several devices (DDP, FSDP) only the Lightning
-step is timed: its tokens/s counts every rank, and rank 0 reports.
+step is timed: its tokens/s counts every rank, and rank 0 reports. A multirun (``-m``) runs the jobs in turn in one
+process, each measured afresh (``memory_meter``), and ends with a table of every job's figures.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -29,8 +30,11 @@ import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
+from llmfoundry_pl import memory_meter
 from llmfoundry_pl.allocator import keep_freed_memory
 from llmfoundry_pl.callbacks import HALF_PRECISION, peak_matmul_flops, synchronize
 from llmfoundry_pl.cli.common import (
@@ -42,6 +46,7 @@ from llmfoundry_pl.cli.common import (
     user_errors,
 )
 from llmfoundry_pl.cli.ddp import end_distributed_job
+from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import BenchSettings, ConfigError, ModelConfig, OptimConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
@@ -102,7 +107,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     trainer, timer = _timed_trainer(cfg, settings.warmup, total)
     device, devices = trainer.strategy.root_device, trainer.world_size
     launching = trainer.strategy  # the first fit's strategy starts the other ranks, so it reaps them at the end
-    floor = _resident_memory(device)  # before the model exists: the training step's own memory is above it
+    floor = memory_meter.start(device)  # before the model exists: the training step's own memory is above it
     lit = LitLlama(model=model_cfg, optim=to_dataclass(cfg.optim, OptimConfig))
     if cfg.compile:
         require_compiler(device)
@@ -140,13 +145,15 @@ def bench(cfg: DictConfig) -> dict[str, float]:
         for i in range(settings.rounds):
             if i:  # a Trainer fits once; the model, compiled or not, carries over
                 trainer, timer = _timed_trainer(cfg, settings.warmup, total)
-            _reset_peak_memory(device)
+            memory_meter.start(device)
             trainer.fit(lit, datamodule=datamodule)
-            rounds["lightning"].append(timer.figures(figures, _peak_memory(device)))
+            rounds["lightning"].append(_own_memory(timer.figures(figures, memory_meter.peak(device)), floor))
             for name, build in contenders.items():
                 torch.manual_seed(cfg.seed)
-                rounds[name].append(_plain_loop(build().to(device), loss_fns[name], datamodule, cfg, device,
-                                                total, settings.warmup, figures))
+                before = memory_meter.start(device)  # the Lightning model is still there: count what comes on top
+                row = _plain_loop(build().to(device), loss_fns[name], datamodule, cfg, device, total,
+                                  settings.warmup, figures)
+                rounds[name].append(_own_memory(row, before))
         failed = False
     finally:
         end_distributed_job(launching, failed)
@@ -155,13 +162,12 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     precision, accumulate = str(trainer.precision), cfg.trainer.accumulate_grad_batches or 1
     planned = plan_memory(model_cfg, cfg.data.batch_size, cfg.data.seq_len, precision, accumulate,
                           compiled=cfg.compile, device_type=device.type)
-    memory = {"train_mem_bytes": rows["lightning"]["peak_mem_bytes"] - floor,
-              "planned_mem_bytes": planned.resident(model_cfg.activation_checkpointing, device.type)}
     if not trainer.is_global_zero:
         return {}
     setup = {"devices": devices, "tokens_per_step": tokens_per_call * accumulate, "peak_flops": peak_flops,
-             "attention": planned.attention, "logits": planned.logits}
-    return _report(rows, memory, setup, cfg, lit.model, device)
+             "attention": planned.attention, "logits": planned.logits,
+             "planned_mem_bytes": planned.resident(model_cfg.activation_checkpointing, device.type)}
+    return _report(rows, setup, cfg, lit.model, device)
 
 
 def _timed_trainer(cfg: DictConfig, warmup: int, total: int) -> tuple[L.Trainer, StepTimer]:
@@ -182,13 +188,19 @@ def _row(seconds: float, calls: int, wait: float, first_step: float, peak_mem: i
             "data_wait_frac": wait / seconds, "first_step_s": first_step, "peak_mem_bytes": peak_mem}
 
 
+def _own_memory(row: dict[str, float], floor: int) -> dict[str, float]:
+    """The row with the memory its contender added: its peak above ``floor``, what was in use before its model was
+    built (on a CPU that leaves out the interpreter, the libraries and the data; on a GPU, other models)."""
+    return row | {"train_mem_bytes": row["peak_mem_bytes"] - floor}
+
+
 def _combine(rounds: list[dict[str, float]]) -> dict[str, float]:
     """One contender's figures over its rounds: the median of each rate, the first round's first step (the one that
     compiles) and peak memory, and, with two rounds or more, the spread of tokens/s (max - min, as a share of the
-    median). Only the first round's memory is its own on a CPU: the peak resident memory of a process never goes
-    down, so later rounds would count what the other contenders left."""
+    median). The first round's memory, because it is the one that is its own on every device: where the peak
+    cannot be restarted (``memory_meter``: a CPU outside Linux), later rounds would count the other contenders'."""
     row = {key: statistics.median(r[key] for r in rounds) for key in ("tokens_per_s", "mfu", "data_wait_frac")}
-    row |= {"first_step_s": rounds[0]["first_step_s"], "peak_mem_bytes": rounds[0]["peak_mem_bytes"]}
+    row |= {key: rounds[0][key] for key in ("first_step_s", "peak_mem_bytes", "train_mem_bytes")}
     if len(rounds) > 1:
         tokens_per_s = [r["tokens_per_s"] for r in rounds]
         row["tokens_per_s_spread"] = (max(tokens_per_s) - min(tokens_per_s)) / row["tokens_per_s"]
@@ -207,7 +219,6 @@ def _plain_loop(model: torch.nn.Module, loss_fn: Callable, datamodule: TextDataM
     autocast = (torch.autocast(device.type, dtype=HALF_PRECISION[precision]) if precision.endswith("-mixed")
                 else nullcontext())
     batches: Iterator = iter(datamodule.train_batches(0, total * accumulate))
-    _reset_peak_memory(device)
     wait = first_step = 0.0
     for step in range(total):
         if step == warmup:  # the timed steps start here, on an idle GPU
@@ -229,7 +240,8 @@ def _plain_loop(model: torch.nn.Module, loss_fn: Callable, datamodule: TextDataM
             synchronize(device)
             first_step = time.perf_counter() - t0
     synchronize(device)
-    return figures(time.perf_counter() - start, (total - warmup) * accumulate, wait, first_step, _peak_memory(device))
+    seconds = time.perf_counter() - start
+    return figures(seconds, (total - warmup) * accumulate, wait, first_step, memory_meter.peak(device))
 
 
 def _litgpt_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -249,29 +261,8 @@ def _litgpt_twin(cfg: ModelConfig) -> torch.nn.Module:
     ))
 
 
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _resident_memory(device: torch.device) -> int:
-    """Bytes in use now: 0 on a GPU (its peak counter starts from the reset), the resident memory elsewhere."""
-    if device.type == "cuda":
-        return 0
-    with open("/proc/self/statm") as f:  # Linux: pages resident is the second field
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _peak_memory(device: torch.device) -> int:
-    """Peak bytes: CUDA memory allocated on a GPU; the process's peak resident memory elsewhere (which only grows,
-    so on a CPU later rows include earlier ones)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _report(rows: dict[str, dict[str, float]], memory: dict[str, int], setup: dict[str, float | str], cfg: DictConfig,
-            model: Transformer, device: torch.device) -> dict[str, float]:
+def _report(rows: dict[str, dict[str, float]], setup: dict[str, float | str], cfg: DictConfig, model: Transformer,
+            device: torch.device) -> dict[str, float]:
     devices = setup["devices"]
     on = f"{devices} × {device.type}" if devices > 1 else str(device)
     print(f"\n{model.num_params() / 1e6:.1f}M parameters, batch {cfg.data.batch_size} × {cfg.data.seq_len} tokens "
@@ -282,20 +273,23 @@ def _report(rows: dict[str, dict[str, float]], memory: dict[str, int], setup: di
     if n_rounds > 1:
         print(f"medians of {n_rounds} rounds, contenders alternating; spread: (max - min) / median of tokens/s")
     spread = f" {'spread':>7}" if n_rounds > 1 else ""
-    print(f"{'':<10} {'tokens/s':>10}{spread} {'MFU':>6} {'data wait':>10} {'first step':>11} {'peak memory':>12}")
+    print(f"{'':<10} {'tokens/s':>10}{spread} {'MFU':>6} {'data wait':>10} {'first step':>11} {'peak memory':>12} "
+          f"{'own memory':>11}")
     for name, r in rows.items():
         spread = f" {r['tokens_per_s_spread']:>7.1%}" if n_rounds > 1 else ""
         print(f"{name:<10} {r['tokens_per_s']:>10,.0f}{spread} {r['mfu']:>6.1%} {r['data_wait_frac']:>10.1%} "
-              f"{r['first_step_s']:>10.2f}s {r['peak_mem_bytes'] / 2**20:>9,.0f} MiB")
-    result = {**rows["lightning"], **setup, **memory,
-              "plan_error": memory["planned_mem_bytes"] / memory["train_mem_bytes"] - 1}
-    above = "" if device.type == "cuda" else ", above the resident memory before the model was built"
-    print(f"memory of the Lightning step (peak{above}): {memory['train_mem_bytes'] / 2**20:,.0f} MiB; lfpl-plan's "
-          f"estimate {memory['planned_mem_bytes'] / 2**20:,.0f} MiB ({result['plan_error']:+.0%})")
+              f"{r['first_step_s']:>10.2f}s {r['peak_mem_bytes'] / 2**20:>8,.0f} MiB "
+              f"{r['train_mem_bytes'] / 2**20:>7,.0f} MiB")
+    own, planned = rows["lightning"]["train_mem_bytes"], setup["planned_mem_bytes"]
+    result = {**rows["lightning"], **setup, "plan_error": planned / own - 1}
+    print(f"own memory: the peak above what was in use before the contender's model was built "
+          f"({memory_meter.counted(device)}); lfpl-plan's estimate for the Lightning step: {planned / 2**20:,.0f} MiB "
+          f"({result['plan_error']:+.0%})")
     for name in ("plain", "litgpt"):
         if name in rows:
             result[f"{name}_tokens_per_s"] = rows[name]["tokens_per_s"]
             result[f"{name}_mfu"] = rows[name]["mfu"]
+            result[f"{name}_train_mem_bytes"] = rows[name]["train_mem_bytes"]
             if n_rounds > 1:
                 result[f"{name}_tokens_per_s_spread"] = rows[name]["tokens_per_s_spread"]
     if "plain" in rows:
@@ -308,7 +302,9 @@ def _report(rows: dict[str, dict[str, float]], memory: dict[str, int], setup: di
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
 def _hydra_main(cfg: DictConfig) -> None:
     with user_errors():
-        bench(cfg)
+        result = bench(cfg)
+        if result and HydraConfig.get().mode == RunMode.MULTIRUN:  # rank 0 of a sweep's job: figures for its table
+            write_final_metrics(HydraConfig.get().runtime.output_dir, result)
 
 
 def main() -> None:

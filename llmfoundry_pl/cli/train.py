@@ -12,14 +12,12 @@ Examples::
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,12 +32,12 @@ from llmfoundry_pl.cli.common import (
     user_errors,
 )
 from llmfoundry_pl.cli.ddp import end_distributed_job
+from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, OptimConfig, SchedulerConfig, register_configs
 from llmfoundry_pl.data import ChatDataModule
 from llmfoundry_pl.inference import generate_text
 from llmfoundry_pl.lit_module import LitDPO, LitLlama
 from llmfoundry_pl.model import Transformer
-from llmfoundry_pl.tokenizer import atomic_write_bytes
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -130,10 +128,7 @@ def _report(
         sample = generate_text(sampler, lit.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
         lines.append(f"sample: {cfg.sample_prompt}{sample}")
     print("\n".join([*lines, f"checkpoint: {ckpt or no_ckpt}"]), flush=True)
-    output_dir = Path(cfg.paths.output_dir)
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    record = {"overrides": overrides, "metrics": metrics, "initial_metrics": initial, "checkpoint": ckpt}
-    atomic_write_bytes(output_dir / "final_metrics.json", json.dumps(record, indent=2).encode())
+    write_final_metrics(Path(cfg.paths.output_dir), metrics, initial_metrics=initial, checkpoint=ckpt)
 
 
 def _held_out(metrics: dict[str, float]) -> str:
