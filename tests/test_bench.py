@@ -76,14 +76,16 @@ def test_bench_sweep_measures_each_job_afresh_and_ends_with_a_table(tmp_path, ca
     them."""
     tiny = [arg for arg in TINY_BENCH if not arg.startswith("bench.batch_size=")]
     proc = run_cli("bench", "-m", *tiny, "bench.steps=2", "data.vocab_size=8192", "model.logits=full",
-                   "bench.batch_size=16,1", cwd=tmp_path)
+                   "bench.batch_size=32,1", cwd=tmp_path)
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     jobs = [json.loads((sweep / str(n) / "final_metrics.json").read_text()) for n in range(2)]
-    assert [job["overrides"][-1] for job in jobs] == ["bench.batch_size=16", "bench.batch_size=1"]
+    assert [job["overrides"][-1] for job in jobs] == ["bench.batch_size=32", "bench.batch_size=1"]
     big, small = (job["metrics"] for job in jobs)
-    assert big["tokens_per_step"] == 16 * 32 and small["tokens_per_step"] == 32
-    # batch 16's full logits (16 × 32 × 8192: fp32 copies, their softmax and gradients) need ~80 MiB more than
-    # batch 1's: the Lightning step's and the plain loop's own memory show it, and so does the process's peak
+    assert big["tokens_per_step"] == 32 * 32 and small["tokens_per_step"] == 32
+    # batch 32's full logits (32 × 32 × 8192 in fp32 is 32 MiB a copy: the logits, their softmax and gradients) need
+    # ~150 MiB more than batch 1's: the Lightning step's and the plain loop's own memory show it, and so does the
+    # process's peak. The margin is wide on purpose: the process's floor creeps up from job to job (freed Python
+    # and allocator memory that is not all handed back), by ~25 MiB on CI's machine.
     for key in ("peak_mem_bytes", "train_mem_bytes", "plain_train_mem_bytes"):
         assert small[key] < big[key] - 50 * 2**20, key
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
