@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,17 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 @pytest.mark.notebooks
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom_within_two_minutes(path: Path, tmp_path: Path, monkeypatch):
+def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("LFPL_CACHE_DIR", str(tmp_path / "cache"))
     notebook = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
         f"{path.name} is committed with outputs; clear them (they go stale)")
-    start = time.perf_counter()
+    # timeout: a cell that hangs fails here instead of at pytest's 10-minute limit. How long each notebook takes is a
+    # figure, not a pass/fail: pytest's --durations list (pyproject.toml) prints it, and notebooks/README.md quotes it.
     nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
                             ).execute()
-    assert time.perf_counter() - start < 120, f"{path.name} took more than the 2 minutes a learner is promised"
     markdown = " ".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
     assert "**English.**" in markdown and "**中文。**" in markdown  # every explanation in both languages
 
