@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, ModelConfig, OptimConfig, SchedulerConfig
@@ -55,6 +56,19 @@ def use_fused_adamw(requested: bool | None, device_type: str, precision: str, gr
             "clipping runs); set optim.fused=null (auto) or trainer.gradient_clip_val=null"
         )
     return requested if requested is not None else device_type in ("cuda", "cpu") and not clipping_scaled
+
+
+def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's two parameter groups for ``model``'s trainable weights: the matrices, decayed by ``weight_decay``, and
+    the rest (norm gains, embedding tables, and an output head tied to one) not decayed: decaying a norm gain or an
+    embedding row pulls it towards 0 for no benefit. Embeddings are found by module type, not by name, so the rule
+    is the same for any model (lfpl-bench applies it to litgpt's ``GPT`` too)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # a tied weight comes once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class LitLlama(L.LightningModule):
@@ -245,13 +259,7 @@ class LitLlama(L.LightningModule):
     # ---------------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
-        # Decay matrices only: decaying norm gains or embedding rows pulls them towards 0 for no benefit.
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.dim() >= 2 and "tok_embeddings" not in name else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = adamw_param_groups(self.model, cfg.weight_decay)
         fused = use_fused_adamw(cfg.fused, self.device.type, str(self.trainer.precision),
                                 self.trainer.gradient_clip_val)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)

@@ -7,15 +7,16 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from llmfoundry_pl.callbacks import LossProgressBar
 from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedulerConfig
 from llmfoundry_pl.data import TextDataModule
-from llmfoundry_pl.lit_module import LitLlama, WarmupDecay, use_fused_adamw
+from llmfoundry_pl.lit_module import LitLlama, WarmupDecay, adamw_param_groups, use_fused_adamw
 from llmfoundry_pl.metrics import LanguageModelMetrics, PreferenceMetrics
-from llmfoundry_pl.model import TransformerBlock
+from llmfoundry_pl.model import Transformer, TransformerBlock
 from tests.helpers.gloo import run_on_gloo_ranks
 
 
@@ -51,6 +52,23 @@ def test_weight_decay_skips_norms_and_embeddings():
                                       "w3.weight", "output.weight")) for p in decayed["params"])
     assert {names[id(p)] for p in plain["params"]} >= {"tok_embeddings.weight", "norm.weight"}
     assert optimizer.defaults["fused"]  # CPU, full precision: the fused kernel measured faster
+
+
+def test_weight_decay_finds_embeddings_by_type_whatever_their_name():
+    # a tied output head is the embedding table: listed once, and not decayed
+    tied = Transformer(tiny_model(tie_embeddings=True))
+    decayed, plain = adamw_param_groups(tied, 0.1)
+    assert not any(p is tied.tok_embeddings.weight for p in decayed["params"])
+    assert sum(p is tied.output.weight for p in plain["params"]) == 1
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(tied.parameters()))
+    # litgpt's names (lfpl-bench's plain loop groups its GPT's weights with the same rule)
+    other = nn.ModuleDict({"wte": nn.Embedding(16, 4), "lm_head": nn.Linear(4, 16, bias=False),
+                           "ln_f": nn.LayerNorm(4)})
+    other.lm_head.requires_grad_(False)
+    decayed, plain = adamw_param_groups(other, 0.1)
+    assert decayed["params"] == [] and plain["params"] == [other.wte.weight, other.ln_f.weight, other.ln_f.bias]
+    other.lm_head.requires_grad_(True)
+    assert adamw_param_groups(other, 0.1)[0]["params"] == [other.lm_head.weight]
 
 
 def test_fused_adamw_auto_steps_aside_only_where_gradients_are_loss_scaled():

@@ -50,7 +50,7 @@ from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import BenchSettings, ConfigError, ModelConfig, OptimConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
-from llmfoundry_pl.lit_module import LitLlama, use_fused_adamw
+from llmfoundry_pl.lit_module import LitLlama, adamw_param_groups, use_fused_adamw
 from llmfoundry_pl.loss import next_token_loss, uses_chunked_loss
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.planner import plan_memory
@@ -214,8 +214,8 @@ def _plain_loop(model: torch.nn.Module, loss_fn: Callable, datamodule: TextDataM
     precision, accumulate = str(cfg.trainer.precision), cfg.trainer.accumulate_grad_batches or 1
     optim = cfg.optim
     fused = use_fused_adamw(optim.fused, device.type, precision, cfg.trainer.gradient_clip_val)  # as LitLlama does
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                  weight_decay=optim.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(adamw_param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
+                                  eps=optim.eps, fused=fused)
     autocast = (torch.autocast(device.type, dtype=HALF_PRECISION[precision]) if precision.endswith("-mixed")
                 else nullcontext())
     batches: Iterator = iter(datamodule.train_batches(0, total * accumulate))
