@@ -329,10 +329,10 @@ class DPOConfig:
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class OptimConfig:
-    """AdamW. Weight decay applies to matrices only: norms and embeddings are not decayed."""
+    """AdamW. Weight decay applies to the linear layers' weights only: norms and embeddings are not decayed."""
 
     lr: float = field(default=3e-3, metadata=_help("Peak learning rate, reached after the warmup."))
-    weight_decay: float = field(default=0.1, metadata=_help("Decoupled weight decay on the weight matrices."))
+    weight_decay: float = field(default=0.1, metadata=_help("Decoupled weight decay on the linear layers' weights."))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_help("Adam's beta1 and beta2."))
     eps: float = field(default=1e-8, metadata=_help("Adam's epsilon."))
     fused: bool | None = field(

@@ -59,15 +59,19 @@ def use_fused_adamw(requested: bool | None, device_type: str, precision: str, gr
 
 
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW's two parameter groups for ``model``'s trainable weights: the matrices, decayed by ``weight_decay``, and
-    the rest (norm gains, embedding tables, and an output head tied to one) not decayed: decaying a norm gain or an
-    embedding row pulls it towards 0 for no benefit. Embeddings are found by module type, not by name, so the rule
-    is the same for any model (lfpl-bench applies it to litgpt's ``GPT`` too)."""
+    """AdamW's two parameter groups for ``model``'s trainable weights: the weights of its linear layers, decayed by
+    ``weight_decay``, and the rest (norm gains, embedding tables, an output head tied to one) not decayed: decaying a
+    norm gain or an embedding row pulls it towards 0 for no benefit.
+
+    Decided by the layer that holds each weight, not by its name or shape, so the rule is the same for any model
+    (lfpl-bench applies it to litgpt's ``GPT`` too) and under FSDP, where with several ranks every parameter is a
+    1-D slice of its rank's shard by the time the optimizer is built (a rule on ``p.dim()`` decayed nothing there)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
     decay, no_decay = [], []
     for p in model.parameters():  # a tied weight comes once
         if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+            (decay if id(p) in linear else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
