@@ -24,6 +24,7 @@ def test_bench_times_the_lightning_step_and_the_plain_loop(tmp_path, cache_dir):
     assert proc.stderr.count("`Trainer.fit` stopped") == 2 and "medians of 2 rounds" in out  # a Trainer per round
     assert 0 <= result["tokens_per_s_spread"] < 2 and 0 <= result["plain_tokens_per_s_spread"] < 2
     assert result["devices"] == 1 and result["tokens_per_step"] == 4 * 32 * 2  # batch × seq_len × accumulation
+    assert out.count(f"{result['params'] / 1e6:.1f}M parameters") == 1 and result["params"] > 2 * 512 * 32
     assert result["tokens_per_s"] > 0 and result["plain_tokens_per_s"] > 0
     assert 0 < result["mfu"] < 1 and result["peak_flops"] > 1e9  # against the matmul peak measured in-process
     assert 0 <= result["data_wait_frac"] < 1 and result["peak_mem_bytes"] > 2**20

@@ -291,9 +291,10 @@ def test_sampling_model_under_fsdp_gathers_the_shards_of_two_ranks(tmp_path):
     run_on_gloo_ranks(_sample_from_two_shards, tmp_path)
 
 
-def _decay_groups_of_two_shards(rank: int) -> None:
+def _decay_groups_and_flops_of_two_shards(rank: int) -> None:
     """One of two ranks: the optimizer built on the FSDP-wrapped module (as trainer=fsdp builds it) decays the same
-    weights as without FSDP, though every parameter is a 1-D slice of this rank's shard by then."""
+    weights as without FSDP, and the FLOPs behind MFU are the whole model's, though every parameter is a 1-D slice
+    of this rank's shard by then."""
     lit = LitLlama(tiny_model())
     lit.trainer = type("T", (), {"max_steps": 10, "precision": "bf16-mixed", "gradient_clip_val": 1.0})()
 
@@ -303,14 +304,15 @@ def _decay_groups_of_two_shards(rank: int) -> None:
         assert groups[0]["weight_decay"] > 0 and groups[1]["weight_decay"] == 0
         return [[names[id(p)] for p in group["params"]] for group in groups]
 
-    expected = groups_by_name()
+    expected, flops = groups_by_name(), lit.model.flops_per_token(8)
     _shard_with_fsdp(lit, torch.randint(0, 512, (2, 8)))
     assert all(p.dim() == 1 for p in lit.model.parameters())
     assert groups_by_name() == expected and "layers.0.attention.wq.weight" in expected[0]
+    assert lit.model.flops_per_token(8) == flops
 
 
-def test_weight_decay_under_fsdp_of_two_ranks_is_the_same(tmp_path):
-    run_on_gloo_ranks(_decay_groups_of_two_shards, tmp_path)
+def test_weight_decay_and_flops_under_fsdp_of_two_ranks_are_the_unwrapped_models(tmp_path):
+    run_on_gloo_ranks(_decay_groups_and_flops_of_two_shards, tmp_path)
 
 
 def test_token_bytes_are_made_on_the_modules_device(datamodule):

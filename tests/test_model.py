@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llmfoundry_pl import model as model_module
 from llmfoundry_pl.config import ConfigError, ModelConfig, llama_hidden_dim
@@ -84,10 +85,13 @@ def test_model_parameter_count_matches_formula():
     assert tied.num_params() == expected - 100 * 64
 
 
-def test_model_flops_per_token_counts_matmuls_and_attention():
-    cfg = tiny_config()
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_flops_per_token_counts_matmuls_and_attention(tied):
+    cfg = tiny_config(tie_embeddings=tied)
     m = Transformer(cfg)
-    weights = m.num_params(non_embedding=True) - (2 * cfg.n_layers + 1) * cfg.dim + cfg.vocab_size * cfg.dim
+    # the linear layers' weights, the output head counted as a matmul even when it is the embedding table
+    weights = sum(layer.weight.numel() for layer in m.modules() if isinstance(layer, nn.Linear))
+    assert m.matmul_params() == weights
     assert m.flops_per_token(24) == 6 * weights + 12 * cfg.n_layers * cfg.dim * 24
 
 

@@ -115,7 +115,8 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     # Under DDP every rank times the same steps (the gradients' all-reduce keeps them in step): the Lightning row
     # counts the tokens of all ranks, and MFU is against the peak of all devices.
     peak_flops = peak_matmul_flops(device, str(trainer.precision)) * devices
-    flops_per_token = lit.model.flops_per_token(cfg.data.seq_len)
+    # Counted before fitting: under FSDP with several ranks each rank then holds a slice of the weights.
+    params, flops_per_token = lit.model.num_params(), lit.model.flops_per_token(cfg.data.seq_len)
     tokens_per_call = cfg.data.batch_size * cfg.data.seq_len * devices  # one micro-batch on every device
     figures = partial(_row, tokens_per_call=tokens_per_call, flops_per_token=flops_per_token, peak_flops=peak_flops)
     # The other contenders' models are built afresh in each round and dropped after it, so that the Lightning
@@ -164,10 +165,10 @@ def bench(cfg: DictConfig) -> dict[str, float]:
                           compiled=cfg.compile, device_type=device.type)
     if not trainer.is_global_zero:
         return {}
-    setup = {"devices": devices, "tokens_per_step": tokens_per_call * accumulate, "peak_flops": peak_flops,
-             "attention": planned.attention, "logits": planned.logits,
+    setup = {"params": params, "devices": devices, "tokens_per_step": tokens_per_call * accumulate,
+             "peak_flops": peak_flops, "attention": planned.attention, "logits": planned.logits,
              "planned_mem_bytes": planned.resident(model_cfg.activation_checkpointing, device.type)}
-    return _report(rows, setup, cfg, lit.model, device)
+    return _report(rows, setup, cfg, device)
 
 
 def _timed_trainer(cfg: DictConfig, warmup: int, total: int) -> tuple[L.Trainer, StepTimer]:
@@ -261,11 +262,11 @@ def _litgpt_twin(cfg: ModelConfig) -> torch.nn.Module:
     ))
 
 
-def _report(rows: dict[str, dict[str, float]], setup: dict[str, float | str], cfg: DictConfig, model: Transformer,
-            device: torch.device) -> dict[str, float]:
+def _report(rows: dict[str, dict[str, float]], setup: dict[str, float | str], cfg: DictConfig, device: torch.device
+            ) -> dict[str, float]:
     devices = setup["devices"]
     on = f"{devices} × {device.type}" if devices > 1 else str(device)
-    print(f"\n{model.num_params() / 1e6:.1f}M parameters, batch {cfg.data.batch_size} × {cfg.data.seq_len} tokens "
+    print(f"\n{setup['params'] / 1e6:.1f}M parameters, batch {cfg.data.batch_size} × {cfg.data.seq_len} tokens "
           f"per device, precision {cfg.trainer.precision}, {on}, compile={cfg.compile}, "
           f"attention={setup['attention']}, logits={setup['logits']}; peak "
           f"{setup['peak_flops'] / 1e12:.3f} TFLOP/s")
