@@ -272,6 +272,9 @@ def test_non_editable_install_finds_configs_and_corpus(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out[0].startswith(str(target)) and out[1] == "13"
+    # every config group ships, the ones added later included (each folder must be listed in pyproject.toml)
+    yaml_files = lambda conf: {p.relative_to(conf) for p in conf.rglob("*.yaml")}
+    assert yaml_files(target / "llmfoundry_pl" / "conf") == yaml_files(repo / "conf")
     cfg = subprocess.run([sys.executable, "-m", "llmfoundry_pl.train", "--cfg", "job", "model=small"], env=env,
                          cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert "dim: 512" in cfg
