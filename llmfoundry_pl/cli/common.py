@@ -71,7 +71,10 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list, **ove
             "machine (hardware=auto finds it)"
         ) from None
     # Lightning accepts FSDP on any accelerator, and PyTorch's FSDP refuses anything but a GPU only once the ranks
-    # have started ("FSDP needs a non-CPU accelerator device"), with a traceback from each.
+    # have started ("FSDP needs a non-CPU accelerator device"), with a traceback from each. PyTorch's FSDP itself can
+    # run on CPU ranks over gloo (given device_id=cpu, as tests/test_loss.py does), but Lightning passes no device
+    # there, and the full state dict its checkpoints gather (offload_to_cpu=True) segfaults on CPU ranks (torch
+    # 2.13, tried 2026-12-06): running it here would mean overriding both in Lightning's FSDPStrategy.
     device = trainer.strategy.root_device
     if isinstance(trainer.strategy, FSDPStrategy) and device.type != "cuda":
         raise ConfigError(f"trainer=fsdp needs CUDA GPUs and this run's device is {device.type}: use trainer=ddp to "
