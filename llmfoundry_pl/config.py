@@ -340,6 +340,14 @@ class OptimConfig:
                                       "when clipping under 16-mixed (loss-scaled gradients).")
     )
 
+    def __post_init__(self) -> None:
+        # torch.optim.AdamW checks these too, but only when the optimizer is built, after the model and data are.
+        for name in ("lr", "weight_decay", "eps"):
+            if not getattr(self, name) >= 0:  # `not >=` also refuses NaN
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be a number, 0 or more")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9,0.95]")
+
 
 @dataclass
 class SchedulerConfig:
@@ -352,6 +360,10 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.decay not in ("cosine", "linear", "constant"):
             raise ConfigError(f"scheduler.decay={self.decay!r} is not one of cosine, linear, constant")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"scheduler.warmup_steps={self.warmup_steps} must be 0 or more")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"scheduler.min_lr_ratio={self.min_lr_ratio} must be in [0, 1] (a fraction of optim.lr)")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -172,7 +172,9 @@ def test_token_file_pickles_without_its_data(token_file):
 
 @pytest.mark.parametrize(
     ("max_steps", "accumulate", "message"),
-    [(-1, 1, "set trainer.max_steps"), (10, 0, "trainer.accumulate_grad_batches=0 must be 1 or more")],
+    [(-1, 1, "trainer.max_steps=-1 must be a positive number of optimizer steps: training draws windows"),
+     (0, 1, "trainer.max_steps=0 must be a positive number"),
+     (10, 0, "trainer.accumulate_grad_batches=0 must be 1 or more")],
 )
 def test_training_needs_steps_and_whole_accumulation(max_steps, accumulate, message):
     from types import SimpleNamespace
@@ -183,3 +185,14 @@ def test_training_needs_steps_and_whole_accumulation(max_steps, accumulate, mess
     dm.trainer = SimpleNamespace(max_steps=max_steps, accumulate_grad_batches=accumulate, global_step=0)
     with pytest.raises(ConfigError, match=message):
         dm.train_dataloader()
+
+
+def test_a_resumed_fit_draws_the_micro_batches_from_its_step_on():
+    from types import SimpleNamespace
+
+    from llmfoundry_pl.data.datamodule import remaining_micro_batches
+
+    trainer = SimpleNamespace(max_steps=10, accumulate_grad_batches=2, global_step=3)
+    assert remaining_micro_batches(trainer, "") == (6, 14)
+    trainer.global_step = 12  # past max_steps (resumed with a lower max_steps): nothing left, not a negative count
+    assert remaining_micro_batches(trainer, "") == (24, 0)

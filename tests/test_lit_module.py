@@ -35,9 +35,19 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert WarmupDecay(SchedulerConfig(decay="constant", warmup_steps=0), 100)(99) == 1.0
 
 
-def test_scheduler_rejects_unknown_decay():
-    with pytest.raises(ConfigError, match="scheduler.decay='step'"):
-        SchedulerConfig(decay="step")
+@pytest.mark.parametrize(
+    ("schema", "setting", "message"),
+    [(SchedulerConfig, {"decay": "step"}, "scheduler.decay='step' is not one of"),
+     (SchedulerConfig, {"warmup_steps": -1}, "scheduler.warmup_steps=-1 must be 0 or more"),
+     (SchedulerConfig, {"min_lr_ratio": 1.5}, r"scheduler.min_lr_ratio=1.5 must be in \[0, 1\]"),
+     (OptimConfig, {"lr": -1.0}, "optim.lr=-1.0 must be a number, 0 or more"),
+     (OptimConfig, {"lr": float("nan")}, "optim.lr=nan must be a number, 0 or more"),
+     (OptimConfig, {"betas": [0.9, 1.0]}, r"optim.betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"),
+     (OptimConfig, {"betas": [0.9]}, "must be two numbers")],
+)
+def test_optimizer_and_schedule_settings_are_checked(schema, setting, message):
+    with pytest.raises(ConfigError, match=message):
+        schema(**setting)
 
 
 def test_weight_decay_skips_norms_and_embeddings():

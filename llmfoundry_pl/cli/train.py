@@ -47,7 +47,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
 
+    # Settings are checked before the tokenizer and token files are built (which can take a while).
     lora = to_dataclass(cfg.lora, LoraConfig)
+    optim, scheduler = to_dataclass(cfg.optim, OptimConfig), to_dataclass(cfg.scheduler, SchedulerConfig)
     if lora.enabled and not cfg.init_from:
         raise ConfigError("lora.enabled=true adapts a trained model: give it with init_from=")
     datamodule, model_cfg, network = prepare_data_and_model(cfg)
@@ -57,8 +59,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.cfg.format == "preference" else {}
     lit = (LitDPO if objective else LitLlama)(
         model=model_cfg,
-        optim=to_dataclass(cfg.optim, OptimConfig),
-        scheduler=to_dataclass(cfg.scheduler, SchedulerConfig),
+        optim=optim,
+        scheduler=scheduler,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         network=network,
         lora=lora,

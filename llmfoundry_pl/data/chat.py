@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from llmfoundry_pl.chat import ChatFormat, Message, check_messages
 from llmfoundry_pl.config import ChatDataConfig, ConfigError
-from llmfoundry_pl.data.datamodule import IGNORE_INDEX, StepBatchSampler
+from llmfoundry_pl.data.datamodule import IGNORE_INDEX, StepBatchSampler, remaining_micro_batches
 from llmfoundry_pl.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -268,13 +268,9 @@ class ChatDataModule(L.LightningDataModule):
                 None if self.cfg.val_path is None else Path(self.cfg.val_path).expanduser())
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        if trainer is None or trainer.max_steps is None or trainer.max_steps <= 0:
-            raise ConfigError("set trainer.max_steps: fine-tuning, like pretraining, is step-based")
-        accumulate = trainer.accumulate_grad_batches
-        first = trainer.global_step * accumulate  # on resume, global_step is restored before this is called
-        sampler = StepBatchSampler(first, max(trainer.max_steps * accumulate - first, 0), self.cfg.batch_size,
-                                   trainer.global_rank, trainer.world_size)
+        first, count = remaining_micro_batches(self.trainer, "fine-tuning, like pretraining, is step-based")
+        sampler = StepBatchSampler(first, count, self.cfg.batch_size, self.trainer.global_rank,
+                                   self.trainer.world_size)
         return self._loader(EpochShuffled(self.train_items, self.cfg.seed), batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:

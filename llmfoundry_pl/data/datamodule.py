@@ -85,6 +85,21 @@ class StepBatchSampler(Sampler[list[int]]):
             yield list(range(first, first + self.batch_size))
 
 
+def remaining_micro_batches(trainer: L.Trainer | None, why: str) -> tuple[int, int]:
+    """The micro-batches this fit still draws, as ``(first, count)``: from the restored optimizer step (resuming
+    restarts where the interrupted run was) to ``trainer.max_steps``, ``accumulate_grad_batches`` per step. ``why``
+    ends the error when ``max_steps`` is not a positive number of steps (Lightning's -1 means "until the data
+    ends", and these streams never end)."""
+    if trainer is None or trainer.max_steps is None or trainer.max_steps <= 0:
+        given = "" if trainer is None else f"={trainer.max_steps}"
+        raise ConfigError(f"trainer.max_steps{given} must be a positive number of optimizer steps: {why}")
+    accumulate = trainer.accumulate_grad_batches
+    if accumulate < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} must be 1 or more")
+    first = trainer.global_step * accumulate  # on resume, global_step is restored before the loader is asked for
+    return first, max(trainer.max_steps * accumulate - first, 0)
+
+
 class SweepWindows(Dataset):
     """Windows of seq_len tokens over a split, starting every ``stride`` tokens, that score every token after the
     first exactly once.
@@ -137,15 +152,9 @@ class TextDataModule(L.LightningDataModule):
             self.prepare_data()
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        if trainer is None or trainer.max_steps is None or trainer.max_steps <= 0:
-            raise ConfigError("set trainer.max_steps: training draws windows at random positions, so it is step-based")
-        accumulate = trainer.accumulate_grad_batches
-        if accumulate < 1:
-            raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} must be 1 or more")
-        first = trainer.global_step * accumulate  # on resume, global_step is restored before this is called
-        return self.train_batches(first, max(trainer.max_steps * accumulate - first, 0), trainer.global_rank,
-                                  trainer.world_size)
+        first, count = remaining_micro_batches(self.trainer, "training draws windows at random positions, so it is "
+                                                             "step-based")
+        return self.train_batches(first, count, self.trainer.global_rank, self.trainer.world_size)
 
     def train_batches(self, first_batch: int, num_batches: int, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Micro-batches ``first_batch .. first_batch + num_batches - 1`` of training windows for one rank: the
