@@ -429,6 +429,15 @@ class MachineConfig:
     def __post_init__(self) -> None:
         if not 0 < self.mfu <= 1:
             raise ConfigError(f"machine.mfu={self.mfu} must be in (0, 1]")
+        _positive_or_null("machine", self, ("memory_gb", "peak_tflops"))
+
+
+def _positive_or_null(group: str, settings: object, names: tuple[str, ...]) -> None:
+    """A one-line error for each setting of ``names`` that is given but not a positive number."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{group}.{name}={value} must be positive (or null)")
 
 
 @dataclass
@@ -532,6 +541,9 @@ class PlanSettings:
         metadata=_help("Training throughput measured by lfpl-bench (its tokens_per_s); null: estimated from "
                        "machine.peak_tflops × machine.mfu."),
     )
+
+    def __post_init__(self) -> None:
+        _positive_or_null("plan", self, ("tokens", "tokens_per_s"))
 
 
 @dataclass

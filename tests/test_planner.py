@@ -16,7 +16,7 @@ from torch.profiler import profile
 from llmfoundry_pl import loss as loss_module
 from llmfoundry_pl import model as model_module
 from llmfoundry_pl.cli.plan import plan
-from llmfoundry_pl.config import ModelConfig
+from llmfoundry_pl.config import ConfigError, ModelConfig
 from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.loss import next_token_loss
 from llmfoundry_pl.model import MATH_ATTENTION_MAX_KEYS, Transformer
@@ -253,3 +253,16 @@ def test_plan_cli_prints_memory_fit_and_time(tmp_path):
 def test_plan_says_when_a_run_does_not_fit(compose_train, capsys):
     cfg = compose_train(["model=base", "hardware=rtx5060", "data.batch_size=64", "data.seq_len=2048"], name="plan")
     assert plan(cfg)["fits"] is False and "does NOT fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("data.batch_size=-1", "data.batch_size=-1 must be positive"),  # planned negative memory and time before
+     ("data=sft data.seq_len=0", "data.seq_len=0 must be positive"),  # the chosen data group's own checks
+     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be 1 or more"),
+     ("plan.tokens=-5", r"plan.tokens=-5.0 must be positive \(or null\)"),
+     ("machine.memory_gb=0", r"machine.memory_gb=0.0 must be positive \(or null\)")],
+)
+def test_plan_refuses_settings_that_plan_nothing(compose_train, override, message):
+    with pytest.raises(ConfigError, match=message):
+        plan(compose_train(["model=base", *override.split()], name="plan"))

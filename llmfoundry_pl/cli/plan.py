@@ -18,7 +18,7 @@ import os
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_pl.callbacks import peak_matmul_flops
 from llmfoundry_pl.cli.common import CONFIG_PATH, pick_device, to_dataclass, user_errors
@@ -33,6 +33,7 @@ GB = 1e9
 def plan(cfg: DictConfig) -> dict[str, float]:
     """Print the plan of the composed training config; returns the JSON line's figures."""
     settings, machine = to_dataclass(cfg.plan, PlanSettings), to_dataclass(cfg.machine, MachineConfig)
+    data = OmegaConf.to_object(cfg.data)  # the data group's own checks (a positive seq_len and batch_size, ...)
     model_cfg = to_dataclass(cfg.model, ModelConfig)
     if model_cfg.vocab_size is None:  # the tokenizer decides it at training time: its configured size
         vocab_size = cfg.data.get("vocab_size")
@@ -42,8 +43,10 @@ def plan(cfg: DictConfig) -> dict[str, float]:
     with torch.device("meta"):  # shapes only: no memory, instant even for a large model
         network = Transformer(model_cfg)
 
-    trainer, seq_len, batch = cfg.trainer, cfg.data.seq_len, cfg.data.batch_size
-    precision, accumulate = str(trainer.precision), trainer.accumulate_grad_batches or 1
+    trainer, seq_len, batch = cfg.trainer, data.seq_len, data.batch_size
+    precision, accumulate = str(trainer.precision), trainer.accumulate_grad_batches
+    if not isinstance(accumulate, int) or accumulate < 1:  # as Lightning's Trainer checks it
+        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} must be 1 or more")
     devices = (trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1) * trainer.num_nodes
     shards = devices if trainer.strategy == "fsdp" else 1
     checkpointing, device_type = model_cfg.activation_checkpointing, _device_type(str(trainer.accelerator))
@@ -121,7 +124,7 @@ def _run_tokens(cfg: DictConfig, devices: int) -> float | None:
     steps = cfg.trainer.max_steps
     if steps is None or steps < 0:
         return None
-    return float(steps * cfg.data.batch_size * cfg.data.seq_len * (cfg.trainer.accumulate_grad_batches or 1) * devices)
+    return float(steps * cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.accumulate_grad_batches * devices)
 
 
 def _print(cfg: DictConfig, machine: MachineConfig, network: Transformer, memory: MemoryPlan, result: dict,
@@ -135,7 +138,7 @@ def _print(cfg: DictConfig, machine: MachineConfig, network: Transformer, memory
     compiled = ", compiled" if cfg.compile else ""  # torch.compile saves fewer tensors for the backward pass
     print(f"{machine.name}: {result['memory_bytes'] / GB:.1f} GB per device; {trainer.precision}{compiled}, "
           f"attention={memory.attention}, logits={memory.logits}, micro-batch {cfg.data.batch_size} × {seq_len}, "
-          f"accumulate {trainer.accumulate_grad_batches or 1}, {devices} device(s){sharding}")
+          f"accumulate {trainer.accumulate_grad_batches}, {devices} device(s){sharding}")
     weights = "weights" + (" (+ half copies)" if memory.weights > memory.gradients else "")
     rows = [(weights, memory.weights, memory.weights),
             ("gradients" + (" (after the peak)" if memory.accumulate == 1 else ""), memory.gradients,
