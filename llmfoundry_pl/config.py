@@ -690,6 +690,8 @@ class ServeConfig:
         for name in ("max_batch", "queue_limit", "default_max_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be 1 or more")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"port={self.port} is not a TCP port: give one from 1 to 65535")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -240,8 +240,9 @@ def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides
         ("eval", [], "error: ckpt_path is required"),
         ("generate", ["ckpt_path=not_a.ckpt"], "error: ckpt_path=not_a.ckpt is not a checkpoint written by lfpl-train"),
         ("generate", ["ckpt_path=not_a.ckpt", "prompt_file=missing.txt"], "error: prompt_file=missing.txt does not"),
+        ("generate", ["ckpt_path=not_a.ckpt", "device=gpu"], "error: device=gpu is not a device: use auto, cpu"),
     ],
-    ids=["eval-no-ckpt", "generate-bad-ckpt", "generate-no-prompt-file"],
+    ids=["eval-no-ckpt", "generate-bad-ckpt", "generate-no-prompt-file", "generate-bad-device"],
 )
 def test_eval_and_generate_mistakes_fail_with_one_line(tmp_path, command, args, message):
     (tmp_path / "not_a.ckpt").write_text("not a checkpoint")

@@ -10,7 +10,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from llmfoundry_pl.cli.common import require_compiler, to_dataclass
+from llmfoundry_pl.cli.common import pick_device, require_compiler, to_dataclass
 from llmfoundry_pl.cli.ddp import HydraDDPStrategy, HydraFSDPStrategy, build_strategy
 from llmfoundry_pl.config import (
     ChatDataConfig,
@@ -128,6 +128,23 @@ def test_cpu_precision_wants_native_bf16(monkeypatch, compose_train, avx512_bf16
     assert compose_train(["hardware=cpu"]).trainer.precision == precision
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert auto_precision() == "32-true"  # an Apple GPU: fp32 (MPS autocast unmeasured), whatever its CPU
+
+
+def test_a_device_this_machine_lacks_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # two GPUs, no Apple GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("cuda:1") == torch.device("cuda", 1) and pick_device("auto") == torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"^device=cuda:2, but this machine has 2 CUDA device\(s\): use device=auto "
+                                          r"\(here: cuda\)"):
+        pick_device("cuda:2")
+    with pytest.raises(ConfigError, match="^accelerator=mps, but this machine has no MPS device"):
+        pick_device("mps", key="accelerator")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^device=cuda, but this machine has no CUDA device: use device=auto \(here: "
+                                          r"cpu\)"):
+        pick_device("cuda")
 
 
 def test_fp16_on_a_cpu_needs_fp16_instructions(monkeypatch):

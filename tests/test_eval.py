@@ -88,6 +88,7 @@ def test_strided_loss_equals_a_hand_computed_sliding_window(tmp_path):
     (["data.stride=0"], "data.stride=0 must be between 1 and the window length 32"),
     (["data.stride=33"], "data.stride=33 must be between 1 and the window length 32"),
     (["data.seq_len=64"], "data.seq_len=64 exceeds the model's context max_seq_len=32"),
+    (["data.seq_len=0"], "data.seq_len=0 must be positive"),  # not taken for null (the model's own length)
     ([], "does not say what it was trained on, so there is no validation split to take; give the text"),
 ])
 def test_eval_data_mistakes_are_one_line(compose_train, overrides, message):

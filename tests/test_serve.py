@@ -321,6 +321,13 @@ def test_queue_full_is_429_with_retry_after(model, tokenizer):
     assert response.json()["error"]["type"] == "rate_limit_error"
 
 
+def test_serve_refuses_a_port_that_is_no_tcp_port():
+    from llmfoundry_pl.config import ConfigError, ServeConfig
+
+    with pytest.raises(ConfigError, match="port=70000 is not a TCP port: give one from 1 to 65535"):
+        ServeConfig(ckpt_path="x", port=70000)
+
+
 def test_serve_cli_mistakes_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llmfoundry_pl.serve", "ckpt_path=missing.ckpt"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

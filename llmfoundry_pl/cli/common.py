@@ -44,15 +44,26 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(2) from None
 
 
-def pick_device(name: str) -> torch.device:
-    """The device called ``name``; for ``auto`` the best this machine has: CUDA, else MPS, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def pick_device(name: str, key: str = "device") -> torch.device:
+    """The device called ``name``; for ``auto`` the best this machine has: CUDA, else MPS, else the CPU. A name
+    that is no device, or a device this machine lacks, is a one-line error naming the setting ``key``."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}={name} is not a device: use auto, cpu, cuda (or cuda:N) or mps") from None
+    # Checked here: torch's own error comes at the first tensor moved there, as an assertion with a traceback.
+    count = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}.get(device.type, 1)
+    if (device.index or 0) >= count:
+        has = f"{count} CUDA device(s)" if device.type == "cuda" and count else f"no {device.type.upper()} device"
+        raise ConfigError(f"{key}={name}, but this machine has {has}: use {key}=auto (here: "
+                          f"{pick_device('auto').type}) or name a device it has")
+    return device
 
 
 def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list, **overrides: Any) -> L.Trainer:

@@ -56,7 +56,7 @@ def evaluation_data(cfg: EvalConfig, source: ModelSource, model_cfg: ModelConfig
         raise ConfigError(f"ckpt_path={source.path} was trained on the chunks at data.chunks_dir="
                           f"{run_data['chunks_dir']}, whose validation split lfpl-eval does not read; give the text "
                           "to evaluate with data.path=")
-    seq_len = cfg.data.seq_len or run_data.get("seq_len") or model_cfg.max_seq_len
+    seq_len = cfg.data.seq_len if cfg.data.seq_len is not None else run_data.get("seq_len") or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context max_seq_len={model_cfg.max_seq_len}")
     if cfg.data.stride is not None and not 0 < cfg.data.stride <= seq_len:
@@ -79,12 +79,13 @@ def load_quantized(cfg: EvalConfig) -> tuple[Transformer, Tokenizer, ModelSource
     model, tokenizer, source = load_model(cfg.ckpt_path)
     if cfg.quantize != "none":
         precision = cfg.precision if cfg.precision in INFERENCE_PRECISIONS else "32-true"  # mixed: fp32 weights
-        model = for_inference(model, pick_device(cfg.accelerator), precision, cfg.quantize)
+        model = for_inference(model, pick_device(cfg.accelerator, key="accelerator"), precision, cfg.quantize)
     return model, tokenizer, source
 
 
 def evaluate(node: DictConfig) -> dict[str, float]:
     cfg = to_dataclass(node, EvalConfig)  # the schema's checks (quantize=) run here, before any loading
+    pick_device(cfg.accelerator, key="accelerator")  # one line if this machine lacks it, not Lightning's traceback
     if cfg.task is not None:
         return evaluate_task(cfg)
     model, tokenizer, source = load_quantized(cfg)

@@ -83,8 +83,10 @@ def plan(cfg: DictConfig) -> dict[str, float]:
 
 def _device_type(accelerator: str) -> str:
     """cuda, mps or cpu: the profile's accelerator (Lightning's "gpu" is CUDA), or for ``auto`` what this machine
-    has."""
-    return pick_device("cuda" if accelerator == "gpu" else accelerator).type
+    has. A plan may be for another machine, so the device need not be here."""
+    if accelerator == "auto":
+        return pick_device("auto").type
+    return "cuda" if accelerator == "gpu" else torch.device(accelerator).type
 
 
 def _memory_bytes(machine: MachineConfig) -> float:
