@@ -216,6 +216,7 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         (["model.n_heads=3"], "error: model.dim=32 is not divisible by model.n_heads=3"),
         (["data.path=/no/such/dir"], "error: data.path=/no/such/dir does not exist"),
         (["ckpt_path=/no/such.ckpt"], "error: ckpt_path=/no/such.ckpt does not exist"),
+        (["ckpt_path=broken.ckpt"], "error: ckpt_path=broken.ckpt is not a checkpoint written by lfpl-train"),
         (["trainer.max_step=3"], "Key 'max_step' not in 'TrainerConf'"),
         (["model.n_layers=two"], "Value 'two' of type 'str' could not be converted to Integer"),
         (["hardware=m4pro"], "error: the trainer settings cannot run here: `MPSAccelerator` can not run"),
@@ -224,10 +225,11 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         pytest.param(["trainer.precision=16-true"], "error: trainer.precision=16-true needs fp16 matmuls",
                      marks=pytest.mark.skipif(cpu_has_native_fp16(), reason="this CPU multiplies fp16 natively")),
     ],
-    ids=["clashing-heads", "missing-data", "missing-ckpt", "typo", "wrong-type", "no-mps", "bad-precision",
-         "fsdp-on-cpu", "fp16-on-cpu"],
+    ids=["clashing-heads", "missing-data", "missing-ckpt", "broken-ckpt", "typo", "wrong-type", "no-mps",
+         "bad-precision", "fsdp-on-cpu", "fp16-on-cpu"],
 )
 def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides, message):
+    (tmp_path / "broken.ckpt").write_bytes(b"PK\x03\x04 cut short while copying")
     proc = run_cli("train", *TINY, *overrides, cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr

@@ -195,8 +195,8 @@ def load_checkpoint(ckpt_path: str | None, key: str = "ckpt_path") -> tuple[str,
     A DPO run's checkpoint loads as :class:`LitDPO`; a LoRA run's holds the adapters only, so its base model is
     loaded first from the ``init_from`` it records."""
     path = resolve_ckpt_path(ckpt_path, key=key)
+    hparams = read_checkpoint(path, key).get("hyper_parameters", {})
     try:
-        hparams = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
         lit_class = LitDPO if "dpo" in hparams else LitLlama
         base = {}
         if (hparams.get("lora") or {}).get("enabled"):
@@ -204,14 +204,29 @@ def load_checkpoint(ckpt_path: str | None, key: str = "ckpt_path") -> tuple[str,
         lit = lit_class.load_from_checkpoint(path, map_location="cpu", **base)
     except ConfigError:
         raise
-    except Exception as e:  # a truncated file, another program's checkpoint, ...: say so in one line
-        reason = " ".join(str(e).split()).split(". ")[0][:160]  # the first sentence is the useful one
-        raise ConfigError(
-            f"{key}={path} is not a checkpoint written by lfpl-train ({type(e).__name__}: {reason})"
-        ) from None
+    except Exception as e:
+        raise _not_a_checkpoint(path, key, e) from None
     if lit.tokenizer is None:
         raise ConfigError(f"{key}={path} has no tokenizer inside; it was not written by lfpl-train")
     return path, lit
+
+
+def read_checkpoint(path: str, key: str = "ckpt_path") -> dict:
+    """What a checkpoint file holds, its tensors memory-mapped on the CPU; a one-line error naming ``key`` if the
+    file is none (truncated, another program's, ...)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise _not_a_checkpoint(path, key, e) from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{key}={path} is not a checkpoint written by lfpl-train (it holds a "
+                          f"{type(checkpoint).__name__}, not a dict)")
+    return checkpoint
+
+
+def _not_a_checkpoint(path: str, key: str, error: Exception) -> ConfigError:
+    reason = " ".join(str(error).split()).split(". ")[0][:160]  # the first sentence is the useful one
+    return ConfigError(f"{key}={path} is not a checkpoint written by lfpl-train ({type(error).__name__}: {reason})")
 
 
 def _adapter_base(hparams: dict, path: str, key: str) -> Transformer:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +25,7 @@ from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     build_trainer,
     prepare_data_and_model,
+    read_checkpoint,
     require_compiler,
     resolve_ckpt_path,
     to_dataclass,
@@ -46,6 +46,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
+    start_step = _checkpoint_step(ckpt_path)
 
     # Settings are checked before the tokenizer and token files are built (which can take a while).
     lora = to_dataclass(cfg.lora, LoraConfig)
@@ -82,7 +83,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.initial_validation and ckpt_path is None:  # the starting point, logged at step 0
             initial = {k: float(v) for k, v in trainer.validate(lit, datamodule=datamodule, verbose=False)[0].items()}
             lit.val_metrics.reset()  # validate() re-created its sums under inference mode, which fit could not update
-        start_step, t0 = _checkpoint_step(ckpt_path), time.perf_counter()
+        t0 = time.perf_counter()
         trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
         train_seconds = time.perf_counter() - t0
         metrics = {k: float(v) for k, v in trainer.validate(lit, datamodule=datamodule, verbose=False)[0].items()}
@@ -105,10 +106,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def _checkpoint_step(ckpt_path: str | None) -> int:
-    """The optimizer step a checkpoint was saved at (0 for a new run), to count this run's own steps."""
+    """The optimizer step a checkpoint was saved at (0 for a new run), to count this run's own steps. Read before
+    anything is built, so a file that cannot be resumed from is a one-line error at once."""
     if ckpt_path is None:
         return 0
-    return int(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    step = read_checkpoint(ckpt_path).get("global_step")
+    if not isinstance(step, int):
+        raise ConfigError(f"ckpt_path={ckpt_path} holds no training state (global_step) to resume from; give a "
+                          "checkpoint lfpl-train wrote (outputs/.../checkpoints/*.ckpt), or init_from= for weights")
+    return step
 
 
 def _report(
