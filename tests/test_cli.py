@@ -252,6 +252,16 @@ def test_eval_and_generate_mistakes_fail_with_one_line(tmp_path, command, args, 
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_run_without_validation_trains_and_saves(tmp_path, cache_dir):
+    # trainer.limit_val_batches=0 is Lightning's way to skip validation: no held-out metrics, still a checkpoint
+    proc = run_cli("train", *TINY, "trainer.limit_val_batches=0", "trainer.max_steps=2", "hydra.run.dir=run",
+                   cwd=tmp_path)
+    assert "held-out text: not measured (trainer.limit_val_batches=0)" in proc.stdout
+    assert "trained 2 steps" in proc.stdout and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    metrics = json.loads((tmp_path / "run" / "final_metrics.json").read_text())["metrics"]
+    assert "val/loss" not in metrics and metrics["train_tokens_per_s"] > 0
+
+
 def test_help_and_cfg_job(tmp_path):
     help_text = run_cli("train", "--help", cwd=tmp_path).stdout
     assert "== Configuration groups ==" in help_text and "hardware: auto, cpu, m4pro, rtx5060" in help_text

@@ -10,7 +10,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from llmfoundry_pl.cli.common import pick_device, require_compiler, to_dataclass
+from llmfoundry_pl.cli.common import build_trainer, instantiate_group, pick_device, require_compiler, to_dataclass
 from llmfoundry_pl.cli.ddp import HydraDDPStrategy, HydraFSDPStrategy, build_strategy
 from llmfoundry_pl.config import (
     ChatDataConfig,
@@ -145,6 +145,19 @@ def test_a_device_this_machine_lacks_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"^device=cuda, but this machine has no CUDA device: use device=auto \(here: "
                                           r"cpu\)"):
         pick_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("trainer.log_every_n_steps=0", "^trainer.log_every_n_steps=0 must be 1 or more$"),  # Lightning divides by them
+     ("trainer.val_check_interval=0", "^trainer.val_check_interval=0 must be positive"),
+     ("trainer.gradient_clip_val=-1", r"^trainer.gradient_clip_val=-1 must be 0 or more"),  # would flip the gradients
+     ("callbacks.model_checkpoint.save_top_k=-5", "^callbacks.model_checkpoint: Invalid value for save_top_k=-5")],
+)
+def test_trainer_and_callback_settings_lightning_cannot_use_are_one_line(compose_train, tmp_path, override, message):
+    cfg = compose_train(["hardware=cpu", f"paths.output_dir={tmp_path}", override])
+    with pytest.raises(ConfigError, match=message):
+        build_trainer(cfg.trainer, instantiate_group(cfg.callbacks, "callbacks"), [])
 
 
 def test_fp16_on_a_cpu_needs_fp16_instructions(monkeypatch):

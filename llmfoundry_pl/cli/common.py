@@ -71,15 +71,15 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list, **ove
     Hydra-aware DDP/FSDP strategy; settings this machine cannot run (``accelerator=gpu`` without a GPU, an unknown
     precision, FSDP without CUDA, fp16 on a CPU without fp16 instructions) become one line naming the problem instead
     of a traceback."""
+    _check_trainer_settings(trainer_cfg)
     strategy = build_strategy(trainer_cfg.strategy, trainer_cfg.devices, block_class=TransformerBlock)
     try:
         trainer = instantiate(trainer_cfg, strategy=strategy, callbacks=callbacks, logger=loggers or False,
                               **overrides)
     except InstantiationException as e:
-        reason = " ".join(str(e.__cause__ or e).split())
         raise ConfigError(
-            f"the trainer settings cannot run here: {reason} — fix trainer.*, or pick the hardware= profile of this "
-            "machine (hardware=auto finds it)"
+            f"the trainer settings cannot run here: {_reason(e)} — fix trainer.*, or pick the hardware= profile of "
+            "this machine (hardware=auto finds it)"
         ) from None
     # Lightning accepts FSDP on any accelerator, and PyTorch's FSDP refuses anything but a GPU only once the ranks
     # have started ("FSDP needs a non-CPU accelerator device"), with a traceback from each. PyTorch's FSDP itself can
@@ -92,6 +92,40 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list, **ove
                           "train in several processes here, or run on a machine with GPUs (hardware=auto)")
     check_fp16_on_cpu(device.type, trainer.precision, "trainer.precision")
     return trainer
+
+
+def _check_trainer_settings(trainer_cfg: DictConfig) -> None:
+    """Values Lightning's Trainer takes but cannot use: it divides by the first two at the first step
+    (ZeroDivisionError), and a negative clipping norm multiplies every gradient by a negative number, silently
+    turning descent into ascent."""
+    if trainer_cfg.get("log_every_n_steps") is not None and trainer_cfg.log_every_n_steps < 1:
+        raise ConfigError(f"trainer.log_every_n_steps={trainer_cfg.log_every_n_steps} must be 1 or more")
+    interval = trainer_cfg.get("val_check_interval")
+    if isinstance(interval, (int, float)) and interval <= 0:
+        raise ConfigError(f"trainer.val_check_interval={interval} must be positive: steps (an int) or a fraction of "
+                          "the run (a float); to skip validation, trainer.limit_val_batches=0")
+    clip = trainer_cfg.get("gradient_clip_val")
+    if clip is not None and clip < 0:
+        raise ConfigError(f"trainer.gradient_clip_val={clip} must be 0 or more (null or 0: no clipping)")
+
+
+def instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
+    """The objects a config group such as ``callbacks`` or ``logger`` lists (entries set to null left out); a
+    setting its class refuses is one line naming the entry, not Hydra's four."""
+    built = []
+    for key, node in (group or {}).items():
+        if node is None:
+            continue
+        try:
+            built.append(instantiate(node))
+        except InstantiationException as e:
+            raise ConfigError(f"{name}.{key}: {_reason(e)}") from None
+    return built
+
+
+def _reason(error: InstantiationException) -> str:
+    """What the class said (the exception Hydra wraps), on one line."""
+    return " ".join(str(error.__cause__ or error).split())
 
 
 def require_compiler(device: torch.device) -> None:

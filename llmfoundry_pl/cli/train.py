@@ -17,13 +17,13 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_pl.allocator import keep_freed_memory
 from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     build_trainer,
+    instantiate_group,
     prepare_data_and_model,
     read_checkpoint,
     require_compiler,
@@ -70,8 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     lit.set_tokenizer(datamodule.tokenizer)
 
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    callbacks, loggers = instantiate_group(cfg.callbacks, "callbacks"), instantiate_group(cfg.logger, "logger")
     trainer = build_trainer(cfg.trainer, callbacks, loggers)
     if cfg.compile:
         require_compiler(trainer.strategy.root_device)
@@ -81,12 +80,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         initial = {}
         if cfg.initial_validation and ckpt_path is None:  # the starting point, logged at step 0
-            initial = {k: float(v) for k, v in trainer.validate(lit, datamodule=datamodule, verbose=False)[0].items()}
+            initial = _validate(trainer, lit, datamodule)
             lit.val_metrics.reset()  # validate() re-created its sums under inference mode, which fit could not update
         t0 = time.perf_counter()
         trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
         train_seconds = time.perf_counter() - t0
-        metrics = {k: float(v) for k, v in trainer.validate(lit, datamodule=datamodule, verbose=False)[0].items()}
+        metrics = _validate(trainer, lit, datamodule)
         # Before the process group goes: under FSDP every rank takes part in gathering the weights to sample with.
         sampler = lit.sampling_model() if cfg.sample_tokens > 0 else None
         failed = False
@@ -103,6 +102,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["train_seconds"] = train_seconds
         _report(cfg, lit, trainer, metrics, initial, steps, unit, sampler)
     return metrics
+
+
+def _validate(trainer: L.Trainer, lit: LitLlama, datamodule: L.LightningDataModule) -> dict[str, float]:
+    """The held-out metrics; none with ``trainer.limit_val_batches=0`` (Lightning's way to train without
+    validation, where ``validate`` returns no results)."""
+    results = trainer.validate(lit, datamodule=datamodule, verbose=False)
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
 def _checkpoint_step(ckpt_path: str | None) -> int:
@@ -140,14 +146,15 @@ def _report(
 
 
 def _held_out(metrics: dict[str, float]) -> str:
-    return " | ".join(f"{k} {v:.{2 if k == 'val/ppl' else 4}f}" for k, v in metrics.items() if k.startswith("val/"))
+    shown = [f"{k} {v:.{2 if k == 'val/ppl' else 4}f}" for k, v in metrics.items() if k.startswith("val/")]
+    return " | ".join(shown) or "not measured (trainer.limit_val_batches=0)"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     with user_errors():
-        # The value Hydra's sweepers (hparams_search=optuna) minimise.
-        return train(cfg)["val/loss"]
+        # The value Hydra's sweepers (hparams_search=optuna) minimise; NaN (a failed trial) without validation.
+        return train(cfg).get("val/loss", float("nan"))
 
 
 def main() -> None:
