@@ -202,6 +202,12 @@ class DataConfig:
                 raise ConfigError(f"data.{name}={getattr(self, name)} must be positive")
         if self.val_stride is not None and not 0 < self.val_stride <= self.seq_len:
             raise ConfigError(f"data.val_stride={self.val_stride} must be between 1 and data.seq_len={self.seq_len}")
+        _check_num_workers(self.num_workers)
+
+
+def _check_num_workers(num_workers: int) -> None:
+    if num_workers < 0:  # the DataLoader's own check comes when the first loader is built, as a traceback
+        raise ConfigError(f"data.num_workers={num_workers} must be 0 or more (0 loads in the main process)")
 
 
 # Where litdata can stream chunks from; `local:` reads a folder through litdata's download cache, as it would a bucket.
@@ -278,6 +284,7 @@ class ChatDataConfig:
                 raise ConfigError(f"data.{name}={getattr(self, name)} must be positive")
         if self.pack and self.format != "sft":
             raise ConfigError("data.pack=true packs sft examples; preference pairs are not packed")
+        _check_num_workers(self.num_workers)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from llmfoundry_pl.config import ConfigError, DataConfig
+from llmfoundry_pl.config import ChatDataConfig, ConfigError, DataConfig
 from llmfoundry_pl.data import corpus
 from llmfoundry_pl.data.corpus import prepare_corpus
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX, RandomWindows, StepBatchSampler, SweepWindows, _TokenFile
@@ -196,3 +196,16 @@ def test_a_resumed_fit_draws_the_micro_batches_from_its_step_on():
     assert remaining_micro_batches(trainer, "") == (6, 14)
     trainer.global_step = 12  # past max_steps (resumed with a lower max_steps): nothing left, not a negative count
     assert remaining_micro_batches(trainer, "") == (24, 0)
+
+
+@pytest.mark.parametrize(
+    ("schema", "setting", "message"),
+    [(DataConfig, {"batch_size": 0}, "data.batch_size=0 must be positive"),
+     (DataConfig, {"val_stride": 300}, "data.val_stride=300 must be between 1 and data.seq_len=256"),
+     (DataConfig, {"num_workers": -1}, r"data.num_workers=-1 must be 0 or more \(0 loads in the main process\)"),
+     (ChatDataConfig, {"num_workers": -1}, "data.num_workers=-1 must be 0 or more"),
+     (ChatDataConfig, {"format": "dpo"}, "data.format='dpo' is not one of sft, preference")],
+)
+def test_data_settings_are_checked_before_any_loading(schema, setting, message):
+    with pytest.raises(ConfigError, match=message):
+        schema(**setting)
