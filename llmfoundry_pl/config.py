@@ -113,8 +113,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "multiple_of"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len",
+                     "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "init_std"):
+            # (a negative norm_eps makes NaNs, rope_theta <= 0 garbage angles, hidden_dim=0 an MLP of nothing)
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be positive")
         if self.dim % self.n_heads:
             raise ConfigError(
@@ -315,6 +317,10 @@ class LoraConfig:
             )
         if self.r <= 0:
             raise ConfigError(f"lora.r={self.r} must be positive")
+        if not self.alpha > 0:  # alpha=0 scales the adapters' update to nothing: a fine-tune that learns nothing
+            raise ConfigError(f"lora.alpha={self.alpha} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
 
 
 @dataclass

@@ -109,6 +109,14 @@ def test_chat_template_matches_the_exported_hugging_face_tokenizer(tokenizer, ch
         assert hf_ids == chat.encode(messages, add_generation_prompt=open_reply)[0]
 
 
+@pytest.mark.parametrize(("setting", "message"), [({"r": 0}, "lora.r=0 must be positive"),
+                                                  ({"alpha": 0.0}, "lora.alpha=0.0 must be positive"),
+                                                  ({"dropout": 1.0}, r"lora.dropout=1.0 must be in \[0, 1\)")])
+def test_lora_settings_that_would_learn_nothing_are_refused(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        LoraConfig(enabled=True, **setting)
+
+
 def test_tokenizer_without_chat_tokens_is_refused():
     import io
 

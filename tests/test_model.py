@@ -117,6 +117,9 @@ def test_llama_hidden_dim_rule():
         (dict(dim=36, n_heads=4, n_kv_heads=4), "head_dim"),
         (dict(dropout=1.5), "model.dropout=1.5"),
         (dict(attention="flash"), "model.attention='flash' is not one of auto, sdpa, math"),
+        (dict(norm_eps=-1e-5), "model.norm_eps=-1e-05 must be positive"),  # NaN in every norm
+        (dict(rope_theta=0.0), "model.rope_theta=0.0 must be positive"),
+        (dict(hidden_dim=0), "model.hidden_dim=0 must be positive"),
     ],
 )
 def test_model_config_rejects_clashing_values(overrides, message):
