@@ -90,6 +90,16 @@ def test_engine_seeded_sampling_does_not_depend_on_the_batch(model, tokenizer):
     assert sampled(0) == sampled(3)
 
 
+def test_engine_samples_anew_for_each_unseeded_request(model, tokenizer):
+    # Requests without a seed (the OpenAI default) each draw their own sample; with one, the draw repeats.
+    engine = Engine(model, tokenizer, max_batch=4)
+    unseeded = [make_request(tokenizer, "ROMEO:", max_tokens=12, temperature=1.0) for _ in range(3)]
+    seeded = [make_request(tokenizer, "ROMEO:", max_tokens=12, temperature=1.0, seed=5) for _ in range(2)]
+    run_engine(engine, {0: unseeded + seeded[:1], 1: seeded[1:]}, steps=30)
+    assert len({tuple(r.output_ids) for r in unseeded}) == 3  # a fixed default seed gave three equal samples
+    assert seeded[0].output_ids == seeded[1].output_ids
+
+
 def test_engine_stop_strings_timeouts_cancellation_and_queue_limit(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=2, queue_limit=2)
     free = make_request(tokenizer, "ROMEO:", max_tokens=20, temperature=0)

@@ -13,10 +13,13 @@ from llmfoundry_pl.config import ConfigError
 
 
 def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
-    """The sampler's own random stream (seeded when ``seed`` is given): drawing tokens never moves the global
-    RNG that dropout and resumed training depend on."""
+    """The sampler's own random stream: repeatable from ``seed``, or seeded from the OS when it is None (as an
+    OpenAI request without a seed samples anew each time). Drawing tokens never moves the global RNG that dropout
+    and resumed training depend on."""
     generator = torch.Generator(device=device)
-    if seed is not None:
+    if seed is None:
+        generator.seed()  # a fresh generator starts from one fixed seed: every unseeded draw would be the same
+    else:
         generator.manual_seed(seed)
     return generator
 
