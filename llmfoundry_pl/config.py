@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -212,6 +213,9 @@ def _check_num_workers(num_workers: int) -> None:
         raise ConfigError(f"data.num_workers={num_workers} must be 0 or more (0 loads in the main process)")
 
 
+# The sizes litdata reads (64MB, 1.5g, 100b): a number and a decimal unit.
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:[kmgt]b?|b)\s*", re.IGNORECASE)
+
 # Where litdata can stream chunks from; `local:` reads a folder through litdata's download cache, as it would a bucket.
 CHUNK_URI_PREFIXES = ("s3://", "gs://", "azure://", "local:")
 
@@ -236,6 +240,10 @@ class StreamingDataConfig(DataConfig):
                 CHUNK_URI_PREFIXES):
             raise ConfigError(f"data.chunks_dir={self.chunks_dir} is neither a local folder nor a URI litdata streams "
                               f"from; use one starting with {', '.join(CHUNK_URI_PREFIXES)}")
+        size = _SIZE.fullmatch(self.chunk_bytes)  # litdata's own parse comes only when the chunks are written
+        if size is None or not float(size[1]) > 0:
+            raise ConfigError(f"data.chunk_bytes={self.chunk_bytes} is not a size: give a positive number and a unit "
+                              "(B, KB, MB, GB or TB), e.g. 64MB")
 
 
 @dataclass

@@ -157,6 +157,10 @@ def test_streaming_mistakes_fail_with_one_line(datamodule, corpus, tmp_path, mon
         assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="data.chunks_dir=http://x is neither a local folder nor a URI"):
         data_cfg(corpus, tmp_path, chunks_dir="http://x")
+    for size in ("64", "banana", "0MB"):  # litdata's own parse would fail only when the chunks are written
+        with pytest.raises(ConfigError, match=f"data.chunk_bytes={size} is not a size: .* e.g. 64MB"):
+            data_cfg(corpus, tmp_path, chunk_bytes=size)
+    assert data_cfg(corpus, tmp_path, chunk_bytes="1.5 kb").chunk_bytes == "1.5 kb"
     monkeypatch.setitem(sys.modules, "litdata", None)  # as if it were not installed
     with pytest.raises(ConfigError, match=r"data=streaming needs litdata: pip install 'llmfoundry-pl\[streaming\]'"):
         prepare_chunks(data_cfg(corpus, tmp_path))
