@@ -541,6 +541,7 @@ class BenchSettings:
         if self.steps < 1 or self.warmup < 1 or self.rounds < 1:
             raise ConfigError(f"bench.steps={self.steps}, bench.warmup={self.warmup} and bench.rounds={self.rounds} "
                               "must all be 1 or more")
+        _positive_or_null("bench", self, ("batch_size", "seq_len"))  # (0 would have read as null: data.*'s size)
 
 
 @dataclass
