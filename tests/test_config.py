@@ -10,7 +10,14 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from llmfoundry_pl.cli.common import build_trainer, instantiate_group, pick_device, require_compiler, to_dataclass
+from llmfoundry_pl.cli.common import (
+    build_trainer,
+    instantiate_group,
+    pick_device,
+    require_compiler,
+    to_dataclass,
+    user_errors,
+)
 from llmfoundry_pl.cli.ddp import HydraDDPStrategy, HydraFSDPStrategy, build_strategy
 from llmfoundry_pl.config import (
     ChatDataConfig,
@@ -158,6 +165,28 @@ def test_trainer_and_callback_settings_lightning_cannot_use_are_one_line(compose
     cfg = compose_train(["hardware=cpu", f"paths.output_dir={tmp_path}", override])
     with pytest.raises(ConfigError, match=message):
         build_trainer(cfg.trainer, instantiate_group(cfg.callbacks, "callbacks"), [])
+
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.63 GiB of which 1.10 GiB "
+            "is free. Including non-PyTorch memory, this process has 6.52 GiB memory in use. See documentation for "
+            "Memory Management")
+
+
+@pytest.mark.parametrize(("error", "line"), [
+    (torch.OutOfMemoryError(CUDA_OOM), "error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 "
+                                       "has a total capacity of 7.63 GiB of which 1.10 GiB is free — the 'Out of "
+                                       "memory' section"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 30000000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "error: out of memory: the CPU could not allocate 30.0 GB more — "),
+])
+def test_running_out_of_memory_is_one_line_naming_what_to_lower(capsys, error, line):
+    with pytest.raises(SystemExit) as exit_, user_errors():
+        raise error
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith(line) and err.count("\n") == 1 and "lfpl-plan" in err
+    with pytest.raises(RuntimeError, match="a bug"), user_errors():  # any other RuntimeError keeps its traceback
+        raise RuntimeError("a bug")
 
 
 def test_fp16_on_a_cpu_needs_fp16_instructions(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +34,8 @@ T = TypeVar("T")
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a :class:`ConfigError` (a mistake in the user's settings or data) into one line on stderr and exit
-    status 2, instead of a traceback. Anything else is a bug and keeps its traceback."""
+    status 2, instead of a traceback; running out of memory into one line and status 1. Anything else is a bug and
+    keeps its traceback."""
     try:
         yield
     except ConfigError as e:
@@ -42,6 +44,24 @@ def user_errors() -> Iterator[None]:
     except MissingMandatoryValue as e:
         print(f"error: {e.full_key} is required; give it on the command line ({e.full_key}=...)", file=sys.stderr)
         raise SystemExit(2) from None
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        what = out_of_memory(e)
+        if what is None:
+            raise
+        print(f"error: out of memory: {what} — the 'Out of memory' section of docs/troubleshooting.md lists what to "
+              "lower; for training, lfpl-plan shows the largest micro-batch that fits", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """What ran out, in torch's words, if ``error`` is an allocation failure (CUDA's OutOfMemoryError, or the
+    RuntimeError of the CPU and MPS allocators); else None. The most common way a run on an 8 GB GPU ends, and
+    torch's own message is the useful part of its traceback."""
+    text = " ".join(str(error).split())
+    if isinstance(error, torch.OutOfMemoryError) or "MPS backend out of memory" in text:
+        return ". ".join(text.split(". ")[:3]).rstrip(".")  # what was asked for, and what the device has free
+    cpu = re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", text)
+    return f"the CPU could not allocate {int(cpu[1]) / 1e9:.1f} GB more" if cpu else None
 
 
 def pick_device(name: str, key: str = "device") -> torch.device:
