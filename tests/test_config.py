@@ -180,13 +180,16 @@ CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total c
                   "tried to allocate 30000000000 bytes. Error code 12 (Cannot allocate memory)"),
      "error: out of memory: the CPU could not allocate 30.0 GB more — "),
 ])
-def test_running_out_of_memory_is_one_line_naming_what_to_lower(capsys, error, line):
+def test_running_out_of_memory_is_one_line_naming_what_to_lower(capsys, monkeypatch, error, line):
     with pytest.raises(SystemExit) as exit_, user_errors():
         raise error
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err.startswith(line) and err.count("\n") == 1 and "lfpl-plan" in err
     with pytest.raises(RuntimeError, match="a bug"), user_errors():  # any other RuntimeError keeps its traceback
         raise RuntimeError("a bug")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # and Hydra's switch for whole tracebacks shows this one's too
+    with pytest.raises(type(error)), user_errors():
+        raise error
 
 
 def test_fp16_on_a_cpu_needs_fp16_instructions(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -46,7 +47,7 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(2) from None
     except RuntimeError as e:  # torch.OutOfMemoryError is one
         what = out_of_memory(e)
-        if what is None:
+        if what is None or os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the whole traceback
             raise
         print(f"error: out of memory: {what} — the 'Out of memory' section of docs/troubleshooting.md lists what to "
               "lower; for training, lfpl-plan shows the largest micro-batch that fits", file=sys.stderr)
