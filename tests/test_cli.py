@@ -243,11 +243,14 @@ def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides
         ("generate", ["ckpt_path=not_a.ckpt"], "error: ckpt_path=not_a.ckpt is not a checkpoint written by lfpl-train"),
         ("generate", ["ckpt_path=not_a.ckpt", "prompt_file=missing.txt"], "error: prompt_file=missing.txt does not"),
         ("generate", ["ckpt_path=not_a.ckpt", "device=gpu"], "error: device=gpu is not a device: use auto, cpu"),
+        ("generate", ["ckpt_path=not_a.ckpt", "prompt_file=blank.txt"], "error: prompt_file=blank.txt holds no prompt"),
     ],
-    ids=["eval-no-ckpt", "generate-bad-ckpt", "generate-no-prompt-file", "generate-bad-device"],
+    ids=["eval-no-ckpt", "generate-bad-ckpt", "generate-no-prompt-file", "generate-bad-device",
+         "generate-empty-prompt-file"],
 )
 def test_eval_and_generate_mistakes_fail_with_one_line(tmp_path, command, args, message):
     (tmp_path / "not_a.ckpt").write_text("not a checkpoint")
+    (tmp_path / "blank.txt").write_text("\n  \n")
     proc = run_cli(command, *args, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 

@@ -53,7 +53,10 @@ def read_prompt_file(path: str) -> list[str]:
     """The non-empty lines of a prompt file."""
     if not Path(path).is_file():
         raise ConfigError(f"prompt_file={path} does not exist; give a text file, one prompt per line")
-    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:  # else the run would load the model and print nothing
+        raise ConfigError(f"prompt_file={path} holds no prompt (only empty lines); write one prompt per line")
+    return prompts
 
 
 def read_stdin_prompts() -> Iterator[str]:
