@@ -263,6 +263,9 @@ def test_a_run_without_validation_trains_and_saves(tmp_path, cache_dir):
     assert "trained 2 steps" in proc.stdout and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     metrics = json.loads((tmp_path / "run" / "final_metrics.json").read_text())["metrics"]
     assert "val/loss" not in metrics and metrics["train_tokens_per_s"] > 0
+    # nor Lightning's lines that say nothing about the run (cli.common.quiet_library_noise)
+    for noise in ("💡 Tip", "LeafSpec", "is not supported by the model summary"):
+        assert noise not in proc.stdout + proc.stderr
 
 
 def test_help_and_cfg_job(tmp_path):

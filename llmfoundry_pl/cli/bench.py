@@ -41,6 +41,7 @@ from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     build_trainer,
     prepare_data_and_model,
+    quiet_library_noise,
     require_compiler,
     to_dataclass,
     user_errors,
@@ -310,6 +311,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    quiet_library_noise()
     _hydra_main()
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +65,18 @@ def out_of_memory(error: BaseException) -> str | None:
         return ". ".join(text.split(". ")[:3]).rstrip(".")  # what was asked for, and what the device has free
     cpu = re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", text)
     return f"the CPU could not allocate {int(cpu[1]) / 1e9:.1f} GB more" if cpu else None
+
+
+def quiet_library_noise() -> None:
+    """Leave out three lines Lightning prints in every run that say nothing about it: an advertisement for its
+    cloud logger, a model-summary caveat under mixed precision (the summary counts parameters, not bytes, here),
+    and the FutureWarning its own pytree helper raises under recent torch (LeafSpec), which no setting of ours can
+    act on. A learner's first run should show the run. Each filter matches one message exactly."""
+    leaf_spec = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+    warnings.filterwarnings("ignore", message=leaf_spec, category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(  # where rank_zero_info writes
+        lambda record: not record.getMessage().startswith("💡 Tip: For seamless cloud logging"))
 
 
 def pick_device(name: str, key: str = "device") -> torch.device:

@@ -21,7 +21,14 @@ import lightning as L
 from omegaconf import DictConfig
 
 from llmfoundry_pl.chat import ChatFormat
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, to_dataclass, user_errors
+from llmfoundry_pl.cli.common import (
+    CONFIG_PATH,
+    load_model,
+    pick_device,
+    quiet_library_noise,
+    to_dataclass,
+    user_errors,
+)
 from llmfoundry_pl.config import (
     INFERENCE_PRECISIONS,
     ConfigError,
@@ -145,6 +152,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    quiet_library_noise()
     _hydra_main()
 
 

@@ -25,6 +25,7 @@ from llmfoundry_pl.cli.common import (
     build_trainer,
     instantiate_group,
     prepare_data_and_model,
+    quiet_library_noise,
     read_checkpoint,
     require_compiler,
     resolve_ckpt_path,
@@ -159,6 +160,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     register_configs()
+    quiet_library_noise()
     _hydra_main()
 
 
