@@ -115,6 +115,13 @@ def test_corpus_bad_input_gives_one_clear_error(tmp_path, make, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_cache_dir_that_cannot_be_created_is_one_line(text_dir, tmp_path):
+    blocker = _write(tmp_path / "a_file", "not a folder")  # fails for root too, unlike a read-only folder
+    with pytest.raises(ConfigError, match=r"cannot create the token cache under data.cache_dir=.*a_file/cache \(Not a "
+                                          r"directory\); point paths.cache_dir \(or \$LFPL_CACHE_DIR\)"):
+        prepare_corpus(data_cfg(text_dir, blocker / "cache"))
+
+
 def test_corpus_vocab_too_large_for_corpus(text_dir, tmp_path):
     with pytest.raises(ConfigError, match="too large for this corpus"):
         prepare_corpus(data_cfg(text_dir, tmp_path / "cache", vocab_size=20000))

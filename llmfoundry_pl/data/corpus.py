@@ -129,6 +129,11 @@ def prepare_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple
     if all(f.stat().st_size == 0 for f in files):
         raise ConfigError(f"the corpus at data.path={cfg.path} is empty; add some text")
     corpus_dir = Path(cfg.cache_dir).expanduser() / f"corpus-{sources_fingerprint(files)}"
+    try:
+        corpus_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the token cache under data.cache_dir={cfg.cache_dir} ({e.strerror}); point "
+                          "paths.cache_dir (or $LFPL_CACHE_DIR) at a folder you can write") from None
     tokenizer = _resolve_tokenizer(cfg, files, corpus_dir, tokenizer)
     token_dir = corpus_dir / f"tokens-{tokenizer.sha256[:12]}-val{cfg.val_fraction:g}"
     meta = _read_meta(token_dir)
