@@ -178,7 +178,8 @@ class DataConfig:
         default=None, metadata=_help("An existing SentencePiece .model to use instead of training one.")
     )
     character_coverage: float = field(
-        default=0.9995, metadata=_help("Share of characters SentencePiece keeps as symbols; the rest use bytes.")
+        default=0.9995, metadata=_help("Share of characters SentencePiece keeps as symbols; the rest use bytes "
+                                       "(0.98 to 1, SentencePiece's range).")
     )
     seq_len: int = field(default=256, metadata=_help("Tokens per training window (the model sees seq_len+1)."))
     batch_size: int = field(default=16, metadata=_help("Windows per micro-batch on each device."))
@@ -205,6 +206,9 @@ class DataConfig:
                 raise ConfigError(f"data.{name}={getattr(self, name)} must be positive")
         if self.val_stride is not None and not 0 < self.val_stride <= self.seq_len:
             raise ConfigError(f"data.val_stride={self.val_stride} must be between 1 and data.seq_len={self.seq_len}")
+        if not 0.98 <= self.character_coverage <= 1.0:  # SentencePiece's own check comes as a C++ traceback
+            raise ConfigError(f"data.character_coverage={self.character_coverage} must be between 0.98 and 1 "
+                              "(SentencePiece's range)")
         _check_num_workers(self.num_workers)
 
 
