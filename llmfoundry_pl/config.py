@@ -611,11 +611,24 @@ class EvalConfig:
     )
     task_limit: int | None = field(default=None, metadata=_help("Score only the first N questions; null: all."))
     accelerator: str = field(default="auto", metadata=_help("cpu, cuda, mps or auto."))
-    precision: str | None = field(default=None, metadata=_help("Lightning precision; null keeps the default."))
+    precision: str | None = field(
+        default=None, metadata=_help("Lightning precision: 32-true, bf16-true, 16-true, bf16-mixed or 16-mixed; null: "
+                                     "32-true.")
+    )
     quantize: str = field(default="none", metadata=_help(QUANTIZE_HELP))
 
     def __post_init__(self) -> None:
         check_quantize(self.quantize)
+        mixed = ("bf16-mixed", "16-mixed")
+        if self.precision is not None and self.precision not in (*INFERENCE_PRECISIONS, *mixed):
+            raise ConfigError(f"precision={self.precision} is not one of {', '.join((*INFERENCE_PRECISIONS, *mixed))} "
+                              "(or null: 32-true)")
+        # Under autocast these layers get activations of another dtype than their kernels take (measured on CPU:
+        # "expected scalar type Float but found BFloat16"); int8_weight runs under either.
+        if self.quantize in ("int8", "int4_weight") and self.precision in mixed:
+            fix = "32-true" if self.quantize == "int8" else "32-true or bf16-true"
+            raise ConfigError(f"quantize={self.quantize} does not run under autocast (precision={self.precision}): "
+                              f"use precision={fix}")
 
 
 @dataclass

@@ -187,6 +187,12 @@ def test_quantize_typo_fails_before_the_model_is_loaded(compose_train, command, 
     # ckpt_path does not exist: loading first would fail with that error instead of this one
     with pytest.raises(ConfigError, match="^quantize=int3 is not one of none, int8, int8_weight, int4_weight$"):
         command(compose_train(["ckpt_path=no/such/model", "quantize=int3"], name=name))
-    if name != "eval":  # lfpl-eval hands any Lightning precision to its Trainer
+    if name != "eval":  # lfpl-eval takes the mixed precisions too (its Trainer runs autocast)
         with pytest.raises(ConfigError, match="^precision=bf16-mixed is not one of 32-true, bf16-true, 16-true$"):
             command(compose_train(["ckpt_path=no/such/model", "precision=bf16-mixed"], name=name))
+    else:
+        with pytest.raises(ConfigError, match="^precision=bf17 is not one of 32-true, bf16-true, 16-true, bf16-mixed"):
+            command(compose_train(["ckpt_path=no/such/model", "precision=bf17"], name=name))
+        # int8's and int4's layers take one activation dtype, and autocast hands them another
+        with pytest.raises(ConfigError, match="^quantize=int8 does not run under autocast .*use precision=32-true$"):
+            command(compose_train(["ckpt_path=no/such/model", "quantize=int8", "precision=bf16-mixed"], name=name))
