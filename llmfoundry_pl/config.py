@@ -209,12 +209,15 @@ class DataConfig:
         if not 0.98 <= self.character_coverage <= 1.0:  # SentencePiece's own check comes as a C++ traceback
             raise ConfigError(f"data.character_coverage={self.character_coverage} must be between 0.98 and 1 "
                               "(SentencePiece's range)")
-        _check_num_workers(self.num_workers)
+        _check_loading(self.num_workers, self.seed)
 
 
-def _check_num_workers(num_workers: int) -> None:
-    if num_workers < 0:  # the DataLoader's own check comes when the first loader is built, as a traceback
+def _check_loading(num_workers: int, seed: int) -> None:
+    """Settings the data loaders would refuse only once built, with a traceback."""
+    if num_workers < 0:
         raise ConfigError(f"data.num_workers={num_workers} must be 0 or more (0 loads in the main process)")
+    if seed < 0:  # numpy's SeedSequence: "expected non-negative integer"
+        raise ConfigError(f"data.seed={seed} must be 0 or more")
 
 
 # The sizes litdata reads (64MB, 1.5g, 100b): a number and a decimal unit.
@@ -298,7 +301,7 @@ class ChatDataConfig:
                 raise ConfigError(f"data.{name}={getattr(self, name)} must be positive")
         if self.pack and self.format != "sft":
             raise ConfigError("data.pack=true packs sft examples; preference pairs are not packed")
-        _check_num_workers(self.num_workers)
+        _check_loading(self.num_workers, self.seed)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from llmfoundry_pl.cli.common import (
     instantiate_group,
     pick_device,
     require_compiler,
+    seed_everything,
     to_dataclass,
     user_errors,
 )
@@ -135,6 +136,17 @@ def test_cpu_precision_wants_native_bf16(monkeypatch, compose_train, avx512_bf16
     assert compose_train(["hardware=cpu"]).trainer.precision == precision
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert auto_precision() == "32-true"  # an Apple GPU: fp32 (MPS autocast unmeasured), whatever its CPU
+
+
+def test_a_seed_numpy_cannot_take_is_one_line(monkeypatch):
+    import lightning
+
+    seeded = []  # (not Lightning's own: it would set the worker's global seed and PL_GLOBAL_SEED for later tests)
+    monkeypatch.setattr(lightning, "seed_everything", lambda seed, workers: seeded.append(seed))
+    with pytest.raises(ConfigError, match="^seed=-1 must be between 0 and 4294967295"):
+        seed_everything(-1)
+    seed_everything(2**32 - 1)  # the largest numpy takes
+    assert seeded == [2**32 - 1]
 
 
 def test_a_device_this_machine_lacks_is_one_line(monkeypatch):

@@ -211,6 +211,7 @@ def test_a_resumed_fit_draws_the_micro_batches_from_its_step_on():
      (DataConfig, {"val_stride": 300}, "data.val_stride=300 must be between 1 and data.seq_len=256"),
      (DataConfig, {"num_workers": -1}, r"data.num_workers=-1 must be 0 or more \(0 loads in the main process\)"),
      (ChatDataConfig, {"num_workers": -1}, "data.num_workers=-1 must be 0 or more"),
+     (DataConfig, {"seed": -1}, "data.seed=-1 must be 0 or more"),  # numpy's SeedSequence refuses it in the loader
      (DataConfig, {"character_coverage": 0.5}, r"data.character_coverage=0.5 must be between 0.98 and 1 "
                                                r"\(SentencePiece's range\)"),
      (ChatDataConfig, {"format": "dpo"}, "data.format='dpo' is not one of sft, preference")],

@@ -43,6 +43,7 @@ from llmfoundry_pl.cli.common import (
     prepare_data_and_model,
     quiet_library_noise,
     require_compiler,
+    seed_everything,
     to_dataclass,
     user_errors,
 )
@@ -100,7 +101,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg):  # bench.batch_size / bench.seq_len override the data settings (and the model's context)
         cfg.data.batch_size = settings.batch_size or cfg.data.batch_size
         cfg.data.seq_len = settings.seq_len or cfg.data.seq_len
-    L.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     datamodule, model_cfg, network = prepare_data_and_model(cfg)
     if not isinstance(datamodule, TextDataModule) or network is not None:
         raise ConfigError("lfpl-bench times pretraining from scratch: use data=text and no init_from")

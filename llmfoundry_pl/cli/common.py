@@ -79,6 +79,14 @@ def quiet_library_noise() -> None:
         lambda record: not record.getMessage().startswith("💡 Tip: For seamless cloud logging"))
 
 
+def seed_everything(seed: int, workers: bool = False) -> None:
+    """Lightning's ``seed_everything``; a seed numpy cannot take (it seeds numpy too) is one line, not its
+    ValueError."""
+    if not 0 <= seed <= 2**32 - 1:
+        raise ConfigError(f"seed={seed} must be between 0 and {2**32 - 1} (the seeds numpy takes)")
+    L.seed_everything(seed, workers=workers)
+
+
 def pick_device(name: str, key: str = "device") -> torch.device:
     """The device called ``name``; for ``auto`` the best this machine has: CUDA, else MPS, else the CPU. A name
     that is no device, or a device this machine lacks, is a one-line error naming the setting ``key``."""

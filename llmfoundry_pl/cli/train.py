@@ -29,6 +29,7 @@ from llmfoundry_pl.cli.common import (
     read_checkpoint,
     require_compiler,
     resolve_ckpt_path,
+    seed_everything,
     to_dataclass,
     user_errors,
 )
@@ -45,7 +46,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job; returns the final held-out metrics (``val/loss``, ``val/ppl``, ``val/bpb``)."""
     if cfg.keep_freed_memory:
         keep_freed_memory()
-    L.seed_everything(cfg.seed, workers=True)
+    seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
     start_step = _checkpoint_step(ckpt_path)
 
