@@ -21,6 +21,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -435,6 +436,15 @@ def check_quantize(mode: str) -> None:
         raise ConfigError(f"quantize={mode} is not one of {', '.join(QUANTIZE_MODES)}")
 
 
+def check_stop_strings(stop: Sequence[str]) -> None:
+    """A one-line error for an empty stop string: it is found at once, so generation would stop before its first
+    token and return nothing. Called by lfpl-generate's schema (before a model is loaded) and by the stop-string
+    handling itself (``inference.text``), which the server shares."""
+    if any(s == "" for s in stop):
+        raise ConfigError(f"stop={list(stop)} holds an empty string, which would end every generation before it "
+                          "starts: leave it out")
+
+
 @dataclass
 class MachineConfig:
     """What the hardware profile's device can hold and do, for ``lfpl-plan`` and the fit check of each profile."""
@@ -673,6 +683,7 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         check_inference_precision(self.precision)
         check_quantize(self.quantize)
+        check_stop_strings(self.stop)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from llmfoundry_pl.inference import (
     generate,
     generate_batch,
     generate_text,
+    generate_text_batch,
     speculative_stream,
     stream_text,
 )
@@ -116,6 +117,10 @@ def test_stop_strings_cut_the_text(model):
     full = generate_text(model, tokenizer, "A", 20, temperature=0)
     stop = full[4:6]
     assert generate_text(model, tokenizer, "A", 20, temperature=0, stop=[stop]) == full[: full.find(stop)]
+    with pytest.raises(ConfigError, match="holds an empty string"):  # "" is found at once: nothing would come
+        generate_text(model, tokenizer, "A", 20, stop=["B", ""])
+    with pytest.raises(ConfigError, match="holds an empty string"):
+        generate_text_batch(model, tokenizer, ["A"], 20, stop=[""])
 
 
 def test_streamer_never_splits_a_character_and_reassembles_exactly():

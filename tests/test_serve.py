@@ -100,6 +100,16 @@ def test_engine_samples_anew_for_each_unseeded_request(model, tokenizer):
     assert seeded[0].output_ids == seeded[1].output_ids
 
 
+@pytest.mark.parametrize("options", [{"top_k": 5}, {"min_p": 0.2}, {"top_p": 0.8}])
+def test_engine_samples_as_generate_does_with_each_sampling_option(model, tokenizer, options):
+    # Same seed, same options: the engine's draw equals lfpl-generate's, so each option reaches the sampler.
+    prompt = tokenizer.encode("ROMEO:", bos=True)
+    expected = list(generate_stream(model, prompt, 12, eos_id=tokenizer.eos_id, temperature=1.0, seed=3, **options))
+    request = make_request(tokenizer, "ROMEO:", max_tokens=12, temperature=1.0, seed=3, **options)
+    run_engine(Engine(model, tokenizer, max_batch=2), {0: [request]}, steps=15)
+    assert request.output_ids == expected
+
+
 def test_engine_stop_strings_timeouts_cancellation_and_queue_limit(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=2, queue_limit=2)
     free = make_request(tokenizer, "ROMEO:", max_tokens=20, temperature=0)
@@ -204,6 +214,32 @@ def test_openai_client_completions_chat_streaming_and_models(server, model, toke
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.object == "chat.completion"
 
 
+def test_request_forms_other_clients_send(server, model, tokenizer):
+    base, name = server
+    c = client(base)
+    greedy = tokenizer.decode(solo(model, tokenizer, "ROMEO:", 6))
+    # LangChain and others send the fields of features they do not use, at values that ask for nothing.
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": None, "echo": False,
+               "user": "someone"}
+    code, body, _ = post(base, "/v1/completions", {"model": name, "prompt": "ROMEO:", "max_tokens": 6,
+                                                   "temperature": 0, **neutral})
+    assert code == 200 and body["choices"][0]["text"] == greedy
+    top_1 = c.completions.create(model=name, prompt="ROMEO:", max_tokens=6, temperature=1.0, extra_body={"top_k": 1})
+    assert top_1.choices[0].text == greedy  # vLLM's top_k (a draw among one token: the greedy one)
+
+    question = "Which play is this passage from?"
+    reply = c.chat.completions.create(model=name, messages=[{"role": "system", "content": "Be brief."},
+                                                            {"role": "user", "content": question}],
+                                      max_tokens=8, temperature=0).choices[0].message.content
+    # OpenAI's newer forms: max_completion_tokens (with max_tokens, the default 128 would overflow the context of
+    # 96), the developer role, and content as a list of text parts
+    newer = c.chat.completions.create(
+        model=name, max_completion_tokens=8, temperature=0,
+        messages=[{"role": "developer", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "text", "text": question}]}])
+    assert newer.choices[0].message.content == reply and newer.usage.completion_tokens <= 8
+
+
 def test_concurrent_greedy_requests_get_their_solo_outputs(server, model, tokenizer):
     base, name = server
     c = client(base)
@@ -235,6 +271,15 @@ def test_concurrent_greedy_requests_get_their_solo_outputs(server, model, tokeni
     ("/v1/completions", {"model": "M", "prompt": "hi " * 200}, 400, "prompt"),
     ("/v1/completions", {"model": "other", "prompt": "hi"}, 404, "model"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"content": "hi"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}, 400, "messages.0.content.0.type"),
+    ("/v1/completions", b"[]", 400, None),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 4, "stop": ["A", ""]}, 400, "stop"),
+    # OpenAI features this server lacks are refused, not ignored
+    ("/v1/completions", {"model": "M", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "hi"}],
+                              "frequency_penalty": 0.5}, 400, "frequency_penalty"),
 ])
 def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, status, param):
     base, name = server

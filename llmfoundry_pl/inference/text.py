@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from llmfoundry_pl.chat import ChatFormat, Message
+from llmfoundry_pl.config import check_stop_strings
 from llmfoundry_pl.inference.generate import generate_batch, generate_stream
 from llmfoundry_pl.inference.speculative import speculative_stream
 from llmfoundry_pl.model import Transformer
@@ -81,6 +82,7 @@ class StopStringStreamer:
     (possibly empty) and sets ``stopped`` once a stop string is complete; ``finish`` returns what is left."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        check_stop_strings(stop)
         self.streamer, self.stop = TextStreamer(tokenizer), list(stop)
         self.text, self.emitted, self.stopped = "", 0, False  # text decoded so far; how much of it went out
 
@@ -122,6 +124,7 @@ def generate_text_batch(
 ) -> list[str]:
     """The continuations of several prompts (with ``chat``, the replies), generated together as one batch (see
     :func:`~llmfoundry_pl.inference.generate.generate_batch`), each cut before its first ``stop`` string."""
+    check_stop_strings(stop)
     encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
     ids = generate_batch(model, [prompt_ids for prompt_ids, _ in encoded], max_new_tokens, eos_id=encoded[0][1],
                          **kwargs)

@@ -26,10 +26,10 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from llmfoundry_pl.chat import ChatFormat
-from llmfoundry_pl.config import ConfigError, ServeConfig
+from llmfoundry_pl.chat import ChatFormat, Message
+from llmfoundry_pl.config import ConfigError, ServeConfig, check_stop_strings
 from llmfoundry_pl.serve.engine import Engine, QueueFull, SamplingParams
 from llmfoundry_pl.serve.engine import Request as EngineRequest
 
@@ -38,10 +38,15 @@ from llmfoundry_pl.serve.engine import Request as EngineRequest
 # Request bodies (pydantic checks types; the error handler names the field)
 # ------------------------------------------------------------------------------------------------------------------
 class _Sampling(BaseModel):
+    # Fields this class does not name are kept (not dropped), for _refuse_unsupported to look at.
+    model_config = ConfigDict(extra="allow")
+
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1)  # top_k and min_p are not OpenAI's: vLLM's (lfpl-generate's too)
+    min_p: float | None = Field(default=None, ge=0.0, lt=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -52,13 +57,59 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str]
 
 
+class TextPart(BaseModel):
+    """A part of a message's content in OpenAI's list form; only text parts (no images) for a text model."""
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_message(self) -> Message:
+        """The message for the chat template: OpenAI's newer ``developer`` role is the system message, and text
+        parts are joined with newlines (as vLLM does)."""
+        content = self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens in chat
+
+    @model_validator(mode="after")
+    def _max_completion_tokens(self) -> ChatRequest:
+        self.max_tokens = self.max_completion_tokens or self.max_tokens
+        return self
+
+
+# OpenAI request fields for what this server does not do, with the values that ask for nothing (clients such as
+# LangChain send some of them at these values). Any other value gets a 400 naming the field: ignoring it would
+# answer a different request than the one asked (no logprobs, no echo, no penalty) without saying so.
+_NOT_ASKING = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),  # vLLM's
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def _refuse_unsupported(body: _Sampling) -> None:
+    for name, value in (body.model_extra or {}).items():
+        if name in _NOT_ASKING and value not in _NOT_ASKING[name]:
+            raise APIError(400, f"{name}={json.dumps(value)} is not supported by this server; leave {name} out",
+                           name)
 
 
 class APIError(Exception):
@@ -115,13 +166,15 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0]
+        # The deepest complaint is the most specific one: a union field (content: str | list[TextPart]) reports
+        # each member it tried, and an image part is better named by its "type" than by "not a valid string".
+        first = max(e.errors(), key=lambda error: len(error["loc"]))
         if first["type"] == "json_invalid":
             return _error(400, "the body is not valid JSON", None, "invalid_request_error")
         # loc is ("body", field, ...); a union field adds the member type it tried ("str", "list[str]"): not a field
         path = [p for p in first["loc"][1:] if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_NAMES)]
         field = ".".join(map(str, path)) or None
-        return _error(400, f"{field}: {first['msg']}", field, "invalid_request_error")
+        return _error(400, f"{field or 'the body'}: {first['msg']}", field, "invalid_request_error")
 
     @app.get("/health")
     async def health() -> dict:
@@ -159,22 +212,27 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
     async def chat_completions(body: ChatRequest, request: Request):
         if chat is None:
             raise APIError(400, "this model's tokenizer has no chat tokens; use /v1/completions", "messages")
-        ids = chat.prompt_ids([m.model_dump() for m in body.messages])
+        ids = chat.prompt_ids([m.as_message() for m in body.messages])
         return await _generate(body, request, ids, chat.end_id, chat=True)
 
     async def _generate(body: _Sampling, http: Request, prompt_ids: list[int], end_id: int, chat: bool):
         if body.model != model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}", "model",
                            "not_found_error")
+        _refuse_unsupported(body)
         max_tokens = body.max_tokens or cfg.default_max_tokens
         if len(prompt_ids) + max_tokens > context:
             param = "max_tokens" if len(prompt_ids) < context else ("messages" if chat else "prompt")
             raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceed the "
                                 f"model's context of {context} tokens", param)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        try:
+            check_stop_strings(stop)
+        except ConfigError as e:
+            raise APIError(400, str(e), "stop") from None
         params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                                top_p=None if body.top_p >= 1.0 else body.top_p, stop=stop, seed=body.seed,
-                                timeout_s=cfg.request_timeout_s)
+                                top_p=None if body.top_p >= 1.0 else body.top_p, top_k=body.top_k, min_p=body.min_p,
+                                stop=stop, seed=body.seed, timeout_s=cfg.request_timeout_s)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         request = EngineRequest(prompt_ids, params, end_id, engine.tokenizer,
                                 lambda delta, reason: loop.call_soon_threadsafe(events.put_nowait, (delta, reason)))

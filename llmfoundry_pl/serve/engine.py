@@ -40,12 +40,13 @@ class QueueFull(Exception):
 
 @dataclass
 class SamplingParams:
-    """A request's own generation settings (the OpenAI fields)."""
+    """A request's own generation settings (the OpenAI fields, and vLLM's top_k and min_p)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     timeout_s: float | None = None
@@ -96,7 +97,8 @@ class Engine:
     # ---------------------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
         """Queue a request (checked by the caller: prompt + max_tokens fit the context); QueueFull past the limit."""
-        check_sampling(request.params.temperature, request.params.top_k, request.params.top_p, None, 1.0)
+        p = request.params
+        check_sampling(p.temperature, p.top_k, p.top_p, p.min_p, 1.0)
         with self.wakeup:
             if len(self.waiting) >= self.queue_limit:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
@@ -179,7 +181,7 @@ class Engine:
     def _accept(self, request: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from its (1, V) logits and report it, or finish the request."""
         p = request.params
-        token = int(sample_next(logits, request.generator, p.temperature, p.top_k, p.top_p, None, 1.0, None)[0])
+        token = int(sample_next(logits, request.generator, p.temperature, p.top_k, p.top_p, p.min_p)[0])
         self.tokens_total += 1
         if token == request.end_id:
             return self._finish(request, "stop")
