@@ -15,7 +15,7 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -97,6 +97,19 @@ class Tokenizer:
         atomic_write_bytes(Path(path), self.model_proto)
 
 
+# SentencePiece's trainer skips, silently, every line longer than max_sentence_length bytes: a text without line
+# breaks (a scraped page, a long paragraph of Chinese) would train the tokenizer on none of its text. Long lines are
+# cut into pieces that fit instead; a cut costs one word boundary per 16k characters.
+_MAX_SENTENCE_BYTES = 1 << 16
+_PIECE_CHARS = _MAX_SENTENCE_BYTES // 4  # UTF-8 takes at most 4 bytes per character
+
+
+def _pieces_that_fit(lines: Iterable[str]) -> Iterator[str]:
+    for line in lines:
+        for start in range(0, len(line), _PIECE_CHARS):
+            yield line[start : start + _PIECE_CHARS]
+
+
 def train_tokenizer(
     lines: Iterable[str], vocab_size: int, character_coverage: float = 0.9995, num_threads: int | None = None
 ) -> Tokenizer:
@@ -104,7 +117,7 @@ def train_tokenizer(
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
+            sentence_iterator=_pieces_that_fit(lines),
             model_writer=buffer,
             model_type="bpe",
             vocab_size=vocab_size,
@@ -117,7 +130,7 @@ def train_tokenizer(
             add_dummy_prefix=False,
             allow_whitespace_only_pieces=True,
             split_digits=True,
-            max_sentence_length=1 << 16,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
             input_sentence_size=2_000_000,
             shuffle_input_sentence=True,
             num_threads=num_threads or os.cpu_count() or 1,

@@ -71,3 +71,11 @@ def test_tokenizer_from_missing_or_bad_file(tmp_path):
 def test_tokenizer_rejects_a_vocab_too_small_for_the_characters():
     with pytest.raises(ConfigError, match=r"data.vocab_size=270 is too small .* at least \d+"):
         train_tokenizer([CHINESE * 3, "abcdefghijklmnopqrstuvwxyz"] * 10, vocab_size=270, character_coverage=1.0)
+
+
+def test_tokenizer_learns_from_lines_longer_than_sentencepiece_takes():
+    # One line of 200k characters (~500 KB of UTF-8): SentencePiece alone skips lines over 64 KB, which left this
+    # corpus with no text at all. Cut into pieces, it trains, and its frequent words become single tokens.
+    tokenizer = train_tokenizer([(CHINESE + " hello world ") * 3000], vocab_size=340)
+    assert len(tokenizer.encode(" hello world ")) <= 3
+    assert tokenizer.decode(tokenizer.encode(CHINESE)) == CHINESE
