@@ -37,6 +37,17 @@ def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+def _check_positive(group: str, settings: object, names: tuple[str, ...]) -> None:
+    """A one-line error for the first setting of ``names`` that is given but not a positive number (`not > 0` also
+    catches NaN). A setting whose default is null may be left null, and the error says so."""
+    defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and not value > 0:
+            or_null = " (or null)" if defaults[name] is None else ""
+            raise ConfigError(f"{group}.{name}={value} must be positive{or_null}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------------------
@@ -115,11 +126,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len",
-                     "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "init_std"):
-            # (a negative norm_eps makes NaNs, rope_theta <= 0 garbage angles, hidden_dim=0 an MLP of nothing)
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ConfigError(f"model.{name}={getattr(self, name)} must be positive")
+        # (a negative norm_eps makes NaNs, rope_theta <= 0 garbage angles, hidden_dim=0 an MLP of nothing)
+        _check_positive("model", self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
+                                        "max_seq_len", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta",
+                                        "init_std"))
         if self.dim % self.n_heads:
             raise ConfigError(
                 f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
@@ -202,9 +212,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction <= 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1]")
-        for name in ("seq_len", "batch_size", "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"data.{name}={getattr(self, name)} must be positive")
+        _check_positive("data", self, ("seq_len", "batch_size", "vocab_size"))
         if self.val_stride is not None and not 0 < self.val_stride <= self.seq_len:
             raise ConfigError(f"data.val_stride={self.val_stride} must be between 1 and data.seq_len={self.seq_len}")
         if not 0.98 <= self.character_coverage <= 1.0:  # SentencePiece's own check comes as a C++ traceback
@@ -297,9 +305,7 @@ class ChatDataConfig:
                 raise ConfigError(f"data.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-        for name in ("seq_len", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"data.{name}={getattr(self, name)} must be positive")
+        _check_positive("data", self, ("seq_len", "batch_size"))
         if self.pack and self.format != "sft":
             raise ConfigError("data.pack=true packs sft examples; preference pairs are not packed")
         _check_loading(self.num_workers, self.seed)
@@ -467,15 +473,7 @@ class MachineConfig:
     def __post_init__(self) -> None:
         if not 0 < self.mfu <= 1:
             raise ConfigError(f"machine.mfu={self.mfu} must be in (0, 1]")
-        _positive_or_null("machine", self, ("memory_gb", "peak_tflops"))
-
-
-def _positive_or_null(group: str, settings: object, names: tuple[str, ...]) -> None:
-    """A one-line error for each setting of ``names`` that is given but not a positive number."""
-    for name in names:
-        value = getattr(settings, name)
-        if value is not None and not value > 0:
-            raise ConfigError(f"{group}.{name}={value} must be positive (or null)")
+        _check_positive("machine", self, ("memory_gb", "peak_tflops"))
 
 
 @dataclass
@@ -558,7 +556,7 @@ class BenchSettings:
         if self.steps < 1 or self.warmup < 1 or self.rounds < 1:
             raise ConfigError(f"bench.steps={self.steps}, bench.warmup={self.warmup} and bench.rounds={self.rounds} "
                               "must all be 1 or more")
-        _positive_or_null("bench", self, ("batch_size", "seq_len"))  # (0 would have read as null: data.*'s size)
+        _check_positive("bench", self, ("batch_size", "seq_len"))  # (0 would have read as null: data.*'s size)
 
 
 @dataclass
@@ -582,7 +580,7 @@ class PlanSettings:
     )
 
     def __post_init__(self) -> None:
-        _positive_or_null("plan", self, ("tokens", "tokens_per_s"))
+        _check_positive("plan", self, ("tokens", "tokens_per_s"))
 
 
 @dataclass
