@@ -135,6 +135,10 @@ def test_resume_continues_exactly(tmp_path, cache_dir, placement, tolerance):
     proc = run_cli("train", *run, "ckpt_path=last", "paths.runs_dir=.", "trainer.max_steps=9", "hydra.run.dir=again",
                    cwd=tmp_path)
     assert "trained 1 steps" in proc.stdout
+    # a finished run resumed as it was would train 0 steps and say nothing of why
+    proc = run_cli("train", *run, f"ckpt_path={tmp_path}/again/checkpoints/last.ckpt", "trainer.max_steps=9",
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "was saved at step 9, so trainer.max_steps=9 leaves nothing to train" in proc.stderr
 
 
 def test_ddp_sweep_with_mixed_jobs_and_summary(tmp_path, cache_dir):
