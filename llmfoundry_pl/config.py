@@ -660,7 +660,7 @@ class GenerateConfig:
     )
     system: str = field(default="", metadata=_help("chat=true: a system message opening the conversation."))
     max_new_tokens: int = field(default=200, metadata=_help("Tokens to generate."))
-    temperature: float = field(default=0.8, metadata=_help("Softmax temperature; 0 means greedy."))
+    temperature: float = field(default=0.8, metadata=_help("Softmax temperature; 0 (or under 1e-5) means greedy."))
     top_k: int | None = field(default=50, metadata=_help("Sample among the k most likely tokens; null for all."))
     top_p: float | None = field(default=None, metadata=_help("Nucleus: the smallest set of tokens with mass top_p."))
     min_p: float | None = field(default=None, metadata=_help("Drop tokens under min_p × the top token's probability."))

@@ -21,6 +21,7 @@ from llmfoundry_pl.inference.sampling import (
     filter_min_p,
     filter_top_k,
     filter_top_p,
+    next_token_probs,
     sample_next,
 )
 from llmfoundry_pl.inference.speculative import accept_draft
@@ -89,6 +90,9 @@ def test_greedy_and_filters_in_sample_next():
     g = torch.Generator().manual_seed(0)
     logits = logits_of([0.05, 0.5, 0.15, 0.3])
     assert sample_next(logits, g, temperature=0) == 1
+    for tiny in (1e-6, 1e-45, 1e-300):  # logits / 1e-45 overflow fp32: the draw failed on inf and NaN
+        assert sample_next(logits, g, temperature=tiny) == 1
+        assert next_token_probs(logits, temperature=tiny).tolist() == [0.0, 1.0, 0.0, 0.0]
     seen = torch.tensor([False, True, False, False])
     assert sample_next(logits, g, temperature=0, repetition_penalty=100.0, seen=seen) == 3
     draws = {int(sample_next(logits, g, temperature=1.0, top_p=0.8)) for _ in range(200)}

@@ -11,6 +11,10 @@ import torch
 
 from llmfoundry_pl.config import ConfigError
 
+# A temperature under this samples greedily, as vLLM does: dividing the logits by one much smaller overflows fp32
+# (from ~1e-38 on, the softmax holds inf and NaN and the draw fails), and near it the draw is the argmax anyway.
+GREEDY_BELOW = 1e-5
+
 
 def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """The sampler's own random stream: repeatable from ``seed``, or seeded from the OS when it is None (as an
@@ -79,7 +83,7 @@ def next_token_probs(
     """The distribution the next token is drawn from, (..., V). Greedy (temperature 0) is the one-hot of the
     argmax — which lets speculative decoding treat greedy and sampling with one rule."""
     logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / temperature
     if top_k is not None:
@@ -103,7 +107,7 @@ def sample_next(
 ) -> torch.Tensor:
     """The next token id of each row of ``logits`` (..., V) → (...): greedy argmax, or a draw from
     :func:`next_token_probs`."""
-    if temperature == 0:  # the argmax directly: no one-hot, no draw
+    if temperature < GREEDY_BELOW:  # the argmax directly: no one-hot, no draw
         return apply_repetition_penalty(logits.float(), seen, repetition_penalty).argmax(-1)
     probs = next_token_probs(logits, temperature, top_k, top_p, min_p, repetition_penalty, seen)
     return draw(probs, generator)
