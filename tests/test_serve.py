@@ -376,6 +376,68 @@ def test_queue_full_is_429_with_retry_after(model, tokenizer):
     assert response.json()["error"]["type"] == "rate_limit_error"
 
 
+def failing_model(model, fail_calls: set[int]):
+    """``model``, except that the forward passes numbered in ``fail_calls`` (from 1) run out of memory."""
+    calls = 0
+
+    def forward(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls in fail_calls:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return model(*args, **kwargs)
+
+    forward.config = model.config
+    return forward
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, tokenizer, capsys):
+    engine = Engine(model, tokenizer, max_batch=2)
+    engine.model = failing_model(model, {3})  # 1, 2: the prefills of a and b; 3: their first decode step
+    events = {name: [] for name in "abc"}
+    a, b = (make_request(tokenizer, p, events[n], max_tokens=8, temperature=0) for n, p in (("a", "ROMEO:"),
+                                                                                              ("b", "A")))
+    engine.submit(a)
+    engine.submit(b)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while (a.finish_reason is None or b.finish_reason is None) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # before, the engine thread died here, and every request, these and later ones, waited forever
+        c = make_request(tokenizer, "ROMEO:", events["c"], max_tokens=8, temperature=0)
+        engine.submit(c)
+        while c.finish_reason is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert (a.finish_reason, b.finish_reason) == ("error", "error") and events["a"][-1] == ("", "error")
+    assert a.error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert c.output_ids == solo(model, tokenizer, "ROMEO:", 8) and not engine.running
+    assert "OutOfMemoryError" in capsys.readouterr().err  # the traceback, for whoever runs the server
+
+
+def test_a_failed_generation_is_a_500_or_an_error_event(model, tokenizer):
+    from fastapi.testclient import TestClient
+
+    from llmfoundry_pl.config import ServeConfig
+    from llmfoundry_pl.serve.app import create_app
+
+    engine = Engine(model, tokenizer, max_batch=2)
+    engine.model = failing_model(model, {1, 2})  # each request's prefill
+    body = {"model": "m", "prompt": "hi", "max_tokens": 4}
+    with TestClient(create_app(engine, ServeConfig(ckpt_path="x"), "m")) as http:
+        whole = http.post("/v1/completions", json=body)
+        streamed = http.post("/v1/completions", json={**body, "stream": True}).text
+        after = http.post("/v1/completions", json={**body, "temperature": 0})
+    assert whole.status_code == 500 and whole.json()["error"]["type"] == "server_error"
+    assert whole.json()["error"]["message"] == "generation failed: OutOfMemoryError: CUDA out of memory. Tried to " \
+                                               "allocate 2.00 GiB"
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    assert events[-1]["error"]["type"] == "server_error" and streamed.endswith("data: [DONE]\n\n")
+    assert after.status_code == 200  # the server goes on
+
+
 def test_serve_refuses_a_port_that_is_no_tcp_port():
     from llmfoundry_pl.config import ConfigError, ServeConfig
 

@@ -254,6 +254,8 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
         except asyncio.CancelledError:  # the client went away
             engine.cancel(request)
             raise
+        if reason == "error":
+            raise APIError(500, f"generation failed: {request.error}", None, "server_error")
         return response.whole(text, reason, len(request.output_ids))
 
     async def _sse(response: _Response, request: EngineRequest, events: asyncio.Queue, http: Request
@@ -267,7 +269,11 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
                 delta, reason = await events.get()
                 if delta:
                     yield _event(response.chunk(delta, None))
-            yield _event(response.chunk("", reason, usage=len(request.output_ids)))
+            if reason == "error":  # OpenAI's error object as an event: its client raises it
+                yield _event({"error": {"message": f"generation failed: {request.error}", "type": "server_error",
+                                        "param": None, "code": None}})
+            else:
+                yield _event(response.chunk("", reason, usage=len(request.output_ids)))
             yield "data: [DONE]\n\n"
         finally:
             if request.finish_reason is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +56,8 @@ class SamplingParams:
 class Request:
     """One generation: its prompt, settings, output so far, and how it reports (``on_event(delta, finish_reason)``:
     text deltas with finish_reason None, then one last call with OpenAI's reason: stop (end token or stop string)
-    or length (max_tokens, the context, or the request's timeout)."""
+    or length (max_tokens, the context, or the request's timeout); or ``error`` (not OpenAI's) when its step
+    failed, with what went wrong in ``error``."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, end_id: int, tokenizer: Tokenizer,
                  on_event: Callable[[str, str | None], None]) -> None:
@@ -65,6 +67,7 @@ class Request:
         self.generator: torch.Generator | None = None  # made on the engine's device at prefill
         self.cancelled = False
         self.finish_reason: str | None = None
+        self.error: str | None = None
         self.deadline = None if params.timeout_s is None else time.monotonic() + params.timeout_s
 
     @property
@@ -138,7 +141,22 @@ class Engine:
                     self.wakeup.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # out of memory, NaN probabilities from a diverged model, a bug, ...
+                # The thread must live on: if it died, every request, running or still to come, would wait forever.
+                traceback.print_exc()
+                self._fail_running(error)
+
+    def _fail_running(self, error: Exception) -> None:
+        """End every running request (the failed step was theirs) with finish_reason ``error``; the waiting ones
+        go on."""
+        reason = " ".join(str(error).split())[:200]
+        for request in self.running:
+            request.error = f"{type(error).__name__}: {reason}"
+            request.finish_reason = "error"
+            request.on_event("", "error")
+        self.running.clear()  # their cache rows are free: the next prefill overwrites them
 
     # ---------------------------------------------------------------------------------------------------------
     # One iteration (the engine thread)
@@ -172,10 +190,10 @@ class Engine:
     def _prefill(self, request: Request) -> None:
         """Run the prompt into the next free cache row and take the first token."""
         row = len(self.running)
+        self.running.append(request)  # before the forward pass: if it fails, the request is failed with the others
         request.generator = seeded_generator(self.device, request.params.seed)
         tokens = torch.tensor([request.prompt_ids], device=self.device)
         logits = self.model(tokens, [_Row(layer, row) for layer in self.cache], 0)[:, -1]
-        self.running.append(request)
         self._accept(request, logits)
 
     def _accept(self, request: Request, logits: torch.Tensor) -> None:
