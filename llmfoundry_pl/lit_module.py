@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -223,9 +224,20 @@ class LitLlama(L.LightningModule):
         self.val_metrics.update(nats, counted.sum(), n_bytes)
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.val_metrics.compute()  # torchmetrics adds up the sums across ranks
+        self._log_validation(self.val_metrics.compute())  # torchmetrics adds up the sums across ranks
+
+    def _log_validation(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Log the held-out metrics as ``val/<name>``. While fitting, a loss that is no longer a number ends the
+        run here with one line: else it would train on in NaN to the end, save NaN checkpoints, and crash in the
+        first sample it tried to draw. (Every rank computes the same summed loss, so all of them stop.)"""
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True)
         self.val_metrics.reset()
+        if self.trainer.state.fn == TrainerFn.FITTING and not torch.isfinite(metrics["loss"]):
+            raise ConfigError(
+                f"training diverged: val/loss is {float(metrics['loss'])} at step {self.global_step}; lower optim.lr "
+                f"(it is {self.optim_cfg.lr:g}) or keep gradient clipping on (trainer.gradient_clip_val=1.0). The "
+                "checkpoints saved before this step are kept"
+            )
 
     def sampling_model(self) -> Transformer | None:
         """The transformer to generate text with between training steps, on global rank 0; None on other ranks.
@@ -360,6 +372,3 @@ class LitDPO(LitLlama):
         margin = chosen - rejected
         self.val_metrics.update(-F.logsigmoid(margin), margin)  # summed over batches and ranks: per-pair means
 
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
-        self.val_metrics.reset()

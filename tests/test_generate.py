@@ -97,6 +97,8 @@ def test_greedy_and_filters_in_sample_next():
     assert sample_next(logits, g, temperature=0, repetition_penalty=100.0, seen=seen) == 3
     draws = {int(sample_next(logits, g, temperature=1.0, top_p=0.8)) for _ in range(200)}
     assert draws == {1, 3}
+    with pytest.raises(ConfigError, match="next-token probabilities are NaN or infinite"):  # a diverged model's
+        sample_next(torch.full((2, 4), float("nan")), g, temperature=1.0)
 
 
 @pytest.mark.parametrize(

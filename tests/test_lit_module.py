@@ -174,6 +174,22 @@ def test_training_reads_numbers_back_only_when_it_logs_or_refreshes_the_bar(data
     assert "train/loss" in bar.train_progress_bar.postfix  # the bar still shows the loss
 
 
+def test_a_diverged_run_stops_at_its_next_validation_and_validate_alone_reports_nan(datamodule):
+    # lr=1e4 without clipping: NaN weights within 10 steps. The run went on to the end in NaN, saving NaN
+    # checkpoints, and crashed drawing its first sample ("probability tensor contains either inf, nan ...").
+    torch.manual_seed(0)
+    lit = LitLlama(tiny_model(), optim=OptimConfig(lr=1e4))
+    lit.set_tokenizer(datamodule.tokenizer)
+    trainer = L.Trainer(max_steps=30, val_check_interval=10, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False,
+                        enable_model_summary=False)
+    with pytest.raises(ConfigError, match=r"training diverged: val/loss is nan at step 10; lower optim.lr \(it is "
+                                          r"10000\)"):
+        trainer.fit(lit, datamodule=datamodule)
+    # lfpl-eval measures what there is, NaN included
+    assert math.isnan(trainer.validate(lit, datamodule=datamodule, verbose=False)[0]["val/loss"])
+
+
 def test_validation_bits_per_byte_use_the_tokenizer_bytes(datamodule):
     lit = LitLlama(tiny_model())
     lit.set_tokenizer(datamodule.tokenizer)

@@ -97,7 +97,13 @@ def next_token_probs(
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One token id per row of ``probs`` (..., V) → (...)."""
-    return torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1])
+    try:
+        return torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1])
+    except RuntimeError:
+        if torch.isfinite(probs).all():  # looked at only after a failure: no extra GPU sync per token
+            raise
+        raise ConfigError("the model's next-token probabilities are NaN or infinite: its weights hold NaN or inf "
+                          "(saved by a run that diverged?); sample from a checkpoint saved before that") from None
 
 
 def sample_next(
