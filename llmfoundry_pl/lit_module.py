@@ -38,6 +38,10 @@ def _as(cls: type, value: Any) -> Any:
     return value if isinstance(value, cls) else cls(**value)
 
 
+class TrainingDiverged(ConfigError):
+    """The held-out loss stopped being a number while fitting: too high a learning rate, or no clipping."""
+
+
 # ModelConfig fields that say how to run the model, not what it is: a resumed run may change them.
 RUN_OPTIONS = ("activation_checkpointing", "attention", "logits")
 
@@ -233,7 +237,7 @@ class LitLlama(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True)
         self.val_metrics.reset()
         if self.trainer.state.fn == TrainerFn.FITTING and not torch.isfinite(metrics["loss"]):
-            raise ConfigError(
+            raise TrainingDiverged(
                 f"training diverged: val/loss is {float(metrics['loss'])} at step {self.global_step}; lower optim.lr "
                 f"(it is {self.optim_cfg.lr:g}) or keep gradient clipping on (trainer.gradient_clip_val=1.0). The "
                 "checkpoints saved before this step are kept"

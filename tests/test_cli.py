@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -157,6 +158,18 @@ def test_ddp_sweep_with_mixed_jobs_and_summary(tmp_path, cache_dir):
     assert Path(ddp_job["checkpoint"]).is_relative_to((sweep / "1").resolve())
     assert "MEMBER: 2/2" in proc.stderr  # rank 1 really ran
     assert not (tmp_path / "outputs").exists()  # ranks wrote nowhere else
+
+
+def test_a_diverged_job_fails_alone_and_the_sweep_goes_on(tmp_path, cache_dir):
+    # A learning-rate sweep meets rates that diverge: that job stops at its first validation (in a single run, exit
+    # status 2 and one line), its row reads nan, and the next job runs (before: trained on in NaN, then crashed).
+    proc = run_cli("train", "-m", *TINY, "optim.lr=1e4,3e-3", "trainer.gradient_clip_val=null", "hydra.sweep.dir=s",
+                   cwd=tmp_path)
+    assert "error: training diverged: val/loss is nan at step 4; lower optim.lr (it is 10000)" in proc.stderr
+    rows = [json.loads((tmp_path / "s" / job / "final_metrics.json").read_text())["metrics"] for job in ("0", "1")]
+    assert math.isnan(rows[0]["val/loss"]) and rows[1]["val/loss"] < 6.3
+    assert "| 0   | optim.lr=10000.0 | nan" in proc.stdout  # the summary table
+    assert not (tmp_path / "s" / "0" / "checkpoints").exists()  # no NaN checkpoint
 
 
 def test_ddp_single_run_two_processes(tmp_path, cache_dir):

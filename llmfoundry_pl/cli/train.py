@@ -12,11 +12,14 @@ Examples::
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_pl.allocator import keep_freed_memory
@@ -38,7 +41,7 @@ from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, OptimConfig, SchedulerConfig, register_configs
 from llmfoundry_pl.data import ChatDataModule
 from llmfoundry_pl.inference import generate_text
-from llmfoundry_pl.lit_module import LitDPO, LitLlama
+from llmfoundry_pl.lit_module import LitDPO, LitLlama, TrainingDiverged
 from llmfoundry_pl.model import Transformer
 
 
@@ -160,8 +163,17 @@ def _held_out(metrics: dict[str, float]) -> str:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     with user_errors():
-        # The value Hydra's sweepers (hparams_search=optuna) minimise; NaN (a failed trial) without validation.
-        return train(cfg).get("val/loss", float("nan"))
+        try:
+            # The value Hydra's sweepers (hparams_search=optuna) minimise; NaN (a failed trial) without validation.
+            return train(cfg).get("val/loss", float("nan"))
+        except TrainingDiverged as e:
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                raise
+            # In a sweep, a rate too high is a result, not a mistake: this job fails alone (its row of the summary
+            # reads nan, and Optuna counts a NaN trial as failed) and the sweep goes on.
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            write_final_metrics(Path(cfg.paths.output_dir), {"val/loss": float("nan")}, diverged=str(e))
+            return float("nan")
 
 
 def main() -> None:
