@@ -299,8 +299,8 @@ def test_api_key_body_limit_metrics_and_playground(server):
     code, error, _ = post(base, "/v1/completions", {"model": name, "prompt": "x" * 5000})  # limit: 4000 bytes
     assert code == 413
     metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
-    for metric in ("lfpl_requests_total", "lfpl_generated_tokens_total", "lfpl_tokens_per_second",
-                   "lfpl_queue_depth", "lfpl_running_batch_size"):
+    for metric in ("lfpl_requests_total", "lfpl_generated_tokens_total", "lfpl_failed_requests_total",
+                   "lfpl_tokens_per_second", "lfpl_queue_depth", "lfpl_running_batch_size"):
         assert f"\n{metric} " in metrics
     page = urllib.request.urlopen(f"{base}/").read().decode()
     assert "/v1/chat/completions" in page and "<script>" in page
@@ -430,12 +430,14 @@ def test_a_failed_generation_is_a_500_or_an_error_event(model, tokenizer):
         whole = http.post("/v1/completions", json=body)
         streamed = http.post("/v1/completions", json={**body, "stream": True}).text
         after = http.post("/v1/completions", json={**body, "temperature": 0})
+        metrics = http.get("/metrics").text
     assert whole.status_code == 500 and whole.json()["error"]["type"] == "server_error"
     assert whole.json()["error"]["message"] == "generation failed: OutOfMemoryError: CUDA out of memory. Tried to " \
                                                "allocate 2.00 GiB"
     events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
     assert events[-1]["error"]["type"] == "server_error" and streamed.endswith("data: [DONE]\n\n")
     assert after.status_code == 200  # the server goes on
+    assert "\nlfpl_failed_requests_total 2\n" in metrics and "\nlfpl_requests_total 3\n" in metrics
 
 
 def test_serve_refuses_a_port_that_is_no_tcp_port():

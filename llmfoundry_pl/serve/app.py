@@ -192,6 +192,8 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
         lines = [
             ("lfpl_requests_total", "counter", "Requests accepted.", engine.requests_total),
             ("lfpl_generated_tokens_total", "counter", "Tokens generated.", engine.tokens_total),
+            ("lfpl_failed_requests_total", "counter", "Requests ended by an error in the model's step.",
+             engine.failed_total),
             ("lfpl_tokens_per_second", "gauge", "Tokens generated per second, last 10 s.", engine.tokens_per_second),
             ("lfpl_queue_depth", "gauge", "Requests waiting for a slot.", len(engine.waiting)),
             ("lfpl_running_batch_size", "gauge", "Requests being decoded together.", len(engine.running)),

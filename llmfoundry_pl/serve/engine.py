@@ -93,6 +93,7 @@ class Engine:
         # Counters for /metrics.
         self.requests_total = 0
         self.tokens_total = 0
+        self.failed_total = 0  # requests ended by a failed step
         self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the steps of the last 10 s
 
     # ---------------------------------------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class Engine:
         """End every running request (the failed step was theirs) with finish_reason ``error``; the waiting ones
         go on."""
         reason = " ".join(str(error).split())[:200]
+        self.failed_total += len(self.running)
         for request in self.running:
             request.error = f"{type(error).__name__}: {reason}"
             request.finish_reason = "error"
