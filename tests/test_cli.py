@@ -7,8 +7,10 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +160,22 @@ def test_ddp_sweep_with_mixed_jobs_and_summary(tmp_path, cache_dir):
     assert Path(ddp_job["checkpoint"]).is_relative_to((sweep / "1").resolve())
     assert "MEMBER: 2/2" in proc.stderr  # rank 1 really ran
     assert not (tmp_path / "outputs").exists()  # ranks wrote nowhere else
+
+
+def test_ctrl_c_says_which_checkpoint_to_resume_from(tmp_path, cache_dir):
+    run = [*TINY, "trainer.max_steps=100000", "hydra.run.dir=run"]
+    # SIGINT as the terminal sends it; reset to the default in the child in case this process ignores it
+    proc = subprocess.Popen([sys.executable, "-m", "llmfoundry_pl.train", *run], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and last.is_file()
+    assert f"to go on from the last validation's checkpoint, run lfpl-train ckpt_path={last.resolve()}" in stderr
 
 
 def test_a_diverged_job_fails_alone_and_the_sweep_goes_on(tmp_path, cache_dir):

@@ -93,7 +93,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             initial = _validate(trainer, lit, datamodule)
             lit.val_metrics.reset()  # validate() re-created its sums under inference mode, which fit could not update
         t0 = time.perf_counter()
-        trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SystemExit:  # how Lightning ends its graceful shutdown after Ctrl-C
+            if trainer.interrupted and trainer.is_global_zero:
+                print(_resume_hint(trainer), file=sys.stderr, flush=True)
+            raise
         train_seconds = time.perf_counter() - t0
         metrics = _validate(trainer, lit, datamodule)
         # Before the process group goes: under FSDP every rank takes part in gathering the weights to sample with.
@@ -131,6 +136,16 @@ def _checkpoint_step(ckpt_path: str | None) -> int:
         raise ConfigError(f"ckpt_path={ckpt_path} holds no training state (global_step) to resume from; give a "
                           "checkpoint lfpl-train wrote (outputs/.../checkpoints/*.ckpt), or init_from= for weights")
     return step
+
+
+def _resume_hint(trainer: L.Trainer) -> str:
+    """After Ctrl-C: where the run stopped, and the checkpoint to go on from (the last validation's)."""
+    last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback is not None else ""
+    if not last:
+        return (f"interrupted at step {trainer.global_step}, before any checkpoint was saved (one is written at each "
+                "validation, every trainer.val_check_interval steps)")
+    return (f"interrupted at step {trainer.global_step}; to go on from the last validation's checkpoint, run "
+            f"lfpl-train ckpt_path={last} with this run's settings")
 
 
 def _report(
