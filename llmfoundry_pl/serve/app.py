@@ -99,7 +99,7 @@ _NOT_ASKING = {
     "repetition_penalty": (None, 1),  # vLLM's
     "logit_bias": (None, {}),
     "tools": (None, []),
-    "tool_choice": (None, "none"),
+    "tool_choice": (None, "none", "auto"),  # "auto" without tools asks for nothing either
     "functions": (None, []),
     "response_format": (None, {"type": "text"}),
 }
