@@ -220,8 +220,7 @@ def test_request_forms_other_clients_send(server, model, tokenizer):
     greedy = tokenizer.decode(solo(model, tokenizer, "ROMEO:", 6))
     # LangChain and others send the fields of features they do not use, at values that ask for nothing.
     neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": None, "echo": False,
-               "tool_choice": "auto",
-               "user": "someone"}
+               "tool_choice": "auto", "user": "someone"}
     code, body, _ = post(base, "/v1/completions", {"model": name, "prompt": "ROMEO:", "max_tokens": 6,
                                                    "temperature": 0, **neutral})
     assert code == 200 and body["choices"][0]["text"] == greedy
