@@ -97,7 +97,7 @@ def test_greedy_and_filters_in_sample_next():
     assert sample_next(logits, g, temperature=0, repetition_penalty=100.0, seen=seen) == 3
     draws = {int(sample_next(logits, g, temperature=1.0, top_p=0.8)) for _ in range(200)}
     assert draws == {1, 3}
-    with pytest.raises(ConfigError, match="next-token probabilities are NaN or infinite"):  # a diverged model's
+    with pytest.raises(ConfigError, match="next-token scores are NaN or infinite"):  # a diverged model's
         sample_next(torch.full((2, 4), float("nan")), g, temperature=1.0)
 
 
@@ -110,6 +110,14 @@ def test_greedy_and_filters_in_sample_next():
 def test_bad_sampling_settings_are_one_line_errors(model, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         generate(model, [1], 3, **kwargs)
+
+
+def test_a_model_with_nan_weights_is_an_error_not_garbage(model):
+    diverged = Transformer(model.config).eval()
+    diverged.load_state_dict({k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()})
+    for temperature in (0.0, 0.8):  # greedy picked token 0 every time; sampling failed in torch.multinomial
+        with pytest.raises(ConfigError, match="weights hold NaN or inf"):
+            generate(diverged, [1, 2, 3], 4, temperature=temperature)
 
 
 def test_prompt_longer_than_the_context_is_an_error(model):

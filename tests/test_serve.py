@@ -440,6 +440,19 @@ def test_a_failed_generation_is_a_500_or_an_error_event(model, tokenizer):
     assert "\nlfpl_failed_requests_total 2\n" in metrics and "\nlfpl_requests_total 3\n" in metrics
 
 
+def test_a_model_with_nan_weights_answers_500_saying_so(model, tokenizer):
+    from fastapi.testclient import TestClient
+
+    from llmfoundry_pl.config import ServeConfig
+    from llmfoundry_pl.serve.app import create_app
+
+    diverged = Transformer(model.config).eval()
+    diverged.load_state_dict({k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()})
+    with TestClient(create_app(Engine(diverged, tokenizer), ServeConfig(ckpt_path="x"), "m")) as http:
+        greedy = http.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 4, "temperature": 0})
+    assert greedy.status_code == 500 and "weights hold NaN or inf" in greedy.json()["error"]["message"]
+
+
 def test_serve_refuses_a_port_that_is_no_tcp_port():
     from llmfoundry_pl.config import ConfigError, ServeConfig
 

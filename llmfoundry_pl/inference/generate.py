@@ -16,7 +16,7 @@ import torch
 
 from llmfoundry_pl.config import ConfigError
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
-from llmfoundry_pl.inference.sampling import check_sampling, sample_next, seeded_generator
+from llmfoundry_pl.inference.sampling import check_finite, check_sampling, sample_next, seeded_generator
 from llmfoundry_pl.model import Transformer
 
 
@@ -96,6 +96,7 @@ def generate_steps(
         tokens, left_pad = _left_padded(seqs, context, device)
         cache = new_kv_cache(model, batch_size=len(seqs)) if use_cache else None
         logits = model(tokens, cache, 0, left_pad)[:, -1]  # prefill: every prompt at once, (B, V)
+        check_finite(logits)  # once: a model with NaN weights shows it at the first token
         cached = tokens.size(1)  # slots filled in the cache (the same for every row)
         for step in range(max_new_tokens):
             next_ids = sample_next(logits, generator, temperature, top_k, top_p, min_p, repetition_penalty, seen)

@@ -100,10 +100,16 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     try:
         return torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1])
     except RuntimeError:
-        if torch.isfinite(probs).all():  # looked at only after a failure: no extra GPU sync per token
-            raise
-        raise ConfigError("the model's next-token probabilities are NaN or infinite: its weights hold NaN or inf "
-                          "(saved by a run that diverged?); sample from a checkpoint saved before that") from None
+        check_finite(probs)  # looked at only after a failure: no extra GPU sync per token
+        raise
+
+
+def check_finite(scores: torch.Tensor) -> None:
+    """A one-line error if the model's ``scores`` (logits or probabilities) hold NaN or inf: its weights do, and
+    whatever it generates is garbage (greedy decoding would pick token 0 every time)."""
+    if not torch.isfinite(scores).all():
+        raise ConfigError("the model's next-token scores are NaN or infinite: its weights hold NaN or inf (saved by "
+                          "a run that diverged?); use a checkpoint saved before that")
 
 
 def sample_next(

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
-from llmfoundry_pl.inference.sampling import check_sampling, sample_next, seeded_generator
+from llmfoundry_pl.inference.sampling import check_finite, check_sampling, sample_next, seeded_generator
 from llmfoundry_pl.inference.text import StopStringStreamer
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
@@ -196,6 +196,7 @@ class Engine:
         request.generator = seeded_generator(self.device, request.params.seed)
         tokens = torch.tensor([request.prompt_ids], device=self.device)
         logits = self.model(tokens, [_Row(layer, row) for layer in self.cache], 0)[:, -1]
+        check_finite(logits)  # NaN weights: a 500 saying so, rather than greedy requests answered with token 0
         self._accept(request, logits)
 
     def _accept(self, request: Request, logits: torch.Tensor) -> None:
