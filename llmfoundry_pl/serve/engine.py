@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmfoundry_pl.config import ConfigError
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
 from llmfoundry_pl.inference.sampling import check_finite, check_sampling, sample_next, seeded_generator
 from llmfoundry_pl.inference.text import StopStringStreamer
@@ -153,9 +154,10 @@ class Engine:
         """End every running request (the failed step was theirs) with finish_reason ``error``; the waiting ones
         go on."""
         reason = " ".join(str(error).split())[:200]
+        what = reason if isinstance(error, ConfigError) else f"{type(error).__name__}: {reason}"  # ours say it all
         self.failed_total += len(self.running)
         for request in self.running:
-            request.error = f"{type(error).__name__}: {reason}"
+            request.error = what
             request.finish_reason = "error"
             request.on_event("", "error")
         self.running.clear()  # their cache rows are free: the next prefill overwrites them
