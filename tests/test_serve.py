@@ -466,3 +466,9 @@ def test_serve_cli_mistakes_are_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "ckpt_path=missing.ckpt does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr and Path(tmp_path).exists()
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # a port in use: said before the model loads
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "llmfoundry_pl.serve", "ckpt_path=missing.ckpt", f"port={port}"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another port=" in proc.stderr

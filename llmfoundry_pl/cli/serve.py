@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import hydra
@@ -29,12 +30,25 @@ def serve(node: DictConfig) -> None:
         from llmfoundry_pl.serve.engine import Engine
     except ImportError as e:
         raise ConfigError(f"lfpl-serve needs {e.name}: pip install 'llmfoundry-pl[serve]'") from None
+    device = pick_device(cfg.device)
+    listener = _listen(cfg.host, cfg.port)  # before the model loads, which can take a while
     model, tokenizer, source = load_model(cfg.ckpt_path)
-    model = for_inference(model, pick_device(cfg.device), cfg.precision, cfg.quantize)
+    model = for_inference(model, device, cfg.precision, cfg.quantize)
     name = cfg.model_name or _default_name(source.path)
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch, queue_limit=cfg.queue_limit)
     print(f"serving {source} as model {name!r} on http://{cfg.host}:{cfg.port} (playground at /)", flush=True)
-    uvicorn.run(create_app(engine, cfg, name), host=cfg.host, port=cfg.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, cfg, name), log_level="warning"))
+    server.run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket. Bound here rather than by uvicorn, so that a port in use (or a host that is
+    not this machine's) is one line at once, not uvicorn's error after the model has loaded."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        reason = (e.strerror or str(e)).split(" (while attempting")[0]  # create_server repeats the address there
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}; choose another port= (or host=)") from None
 
 
 def _default_name(path: str) -> str:
