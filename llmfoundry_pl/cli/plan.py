@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmfoundry_pl.callbacks import peak_matmul_flops
 from llmfoundry_pl.cli.common import CONFIG_PATH, pick_device, to_dataclass, user_errors
 from llmfoundry_pl.config import ConfigError, MachineConfig, ModelConfig, PlanSettings, register_configs
+from llmfoundry_pl.data.datamodule import check_accumulate
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.planner import CPU_RESIDENT_FACTOR, MemoryPlan, largest_batch, plan_memory
 
@@ -45,8 +46,7 @@ def plan(cfg: DictConfig) -> dict[str, float]:
 
     trainer, seq_len, batch = cfg.trainer, data.seq_len, data.batch_size
     precision, accumulate = str(trainer.precision), trainer.accumulate_grad_batches
-    if not isinstance(accumulate, int) or accumulate < 1:  # as Lightning's Trainer checks it
-        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} must be 1 or more")
+    check_accumulate(accumulate)  # (the schema makes it an int)
     devices = (trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1) * trainer.num_nodes
     shards = devices if trainer.strategy == "fsdp" else 1
     checkpointing, device_type = model_cfg.activation_checkpointing, _device_type(str(trainer.accelerator))

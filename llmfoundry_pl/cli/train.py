@@ -52,8 +52,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
     start_step = _checkpoint_step(ckpt_path)
-    max_steps = cfg.trainer.get("max_steps")
-    if start_step and isinstance(max_steps, int) and 0 < max_steps <= start_step:  # Lightning would train 0 steps
+    max_steps = cfg.trainer.max_steps  # an int (the schema's); -1 is Lightning's "no limit"
+    if start_step and 0 < max_steps <= start_step:  # Lightning would train 0 steps
         raise ConfigError(f"ckpt_path={ckpt_path} was saved at step {start_step}, so trainer.max_steps={max_steps} "
                           "leaves nothing to train: raise trainer.max_steps to train on (past the schedule's end the "
                           "rate stays at its minimum), or measure the model with lfpl-eval")

@@ -94,10 +94,15 @@ def remaining_micro_batches(trainer: L.Trainer | None, why: str) -> tuple[int, i
         given = "" if trainer is None else f"={trainer.max_steps}"
         raise ConfigError(f"trainer.max_steps{given} must be a positive number of optimizer steps: {why}")
     accumulate = trainer.accumulate_grad_batches
-    if accumulate < 1:
-        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} must be 1 or more")
+    check_accumulate(accumulate)
     first = trainer.global_step * accumulate  # on resume, global_step is restored before the loader is asked for
     return first, max(trainer.max_steps * accumulate - first, 0)
+
+
+def check_accumulate(accumulate: int) -> None:
+    """A one-line error for ``trainer.accumulate_grad_batches`` under 1, which Lightning's Trainer takes."""
+    if accumulate < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} must be 1 or more")
 
 
 class SweepWindows(Dataset):
