@@ -47,3 +47,14 @@ def test_docs_mkdocs_build_strict(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
+
+
+def test_docs_every_recipe_is_listed() -> None:
+    """recipes/README.md (also the site's Recipes page) names every script in recipes/: a new recipe is not
+    found by reading the folder alone, and the two tables that used to exist drifted apart."""
+    table = (ROOT / "recipes" / "README.md").read_text(encoding="utf-8")
+    scripts = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "recipes").rglob("*"))
+               if p.suffix in {".sh", ".py", ".sbatch"}]
+    assert scripts, "no recipe scripts found"
+    missing = [s for s in scripts if f"{s}`" not in table]
+    assert not missing, f"recipes/README.md does not list {', '.join(missing)}"
