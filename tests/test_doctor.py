@@ -179,3 +179,18 @@ def test_doctor_smoke_test_on_a_missing_gpu_names_that_gpu_s_fix(device, fix):
     check = check_smoke_test(torch, device)
     assert check.status == "FAIL" and check.detail.startswith(f"on {device}: ") and fix in check.fix
     assert check.fix.endswith("training on the CPU still works: hardware=cpu")
+
+
+def test_doctor_cache_check_fails_where_training_could_not_write(tmp_path: Path, monkeypatch) -> None:
+    """The cache must be a folder files can be created in: a path under a file passed as "ok" (os.access and disk
+    space said nothing), and lfpl-train then failed to create its token cache."""
+    from llmfoundry_pl.cli.doctor import check_cache_disk
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("LFPL_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    check = check_cache_disk()
+    assert check.status == "FAIL" and "is a file, not a folder" in check.detail and "LFPL_CACHE_DIR" in check.fix
+    monkeypatch.setenv("LFPL_CACHE_DIR", str(tmp_path / "new" / "cache"))  # created on first use: fine
+    check = check_cache_disk()
+    assert check.status in ("ok", "warn") and "created on first use" in check.detail
+    assert list(tmp_path.iterdir()) == [tmp_path / "a_file"]  # the probe leaves nothing behind

@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -283,14 +284,27 @@ def check_cache_disk() -> Check:
     data = {"path": str(cache), "exists": cache.exists(), "free_gib": free_gib}
     where = f"{cache}{'' if cache.exists() else ' (created on first use)'}: {free_gib} GiB free"
     elsewhere = "free some space, or point the cache elsewhere: export LFPL_CACHE_DIR=/a/bigger/disk"
-    if not os.access(existing, os.W_OK):
-        return Check("disk", "cache", "FAIL", f"{existing} is not writable", elsewhere.split(", or ")[1], data)
+    unusable = _unwritable(existing)
+    if unusable:
+        return Check("disk", "cache", "FAIL", f"{cache}: {unusable}", elsewhere.split(", or ")[1], data)
     if free_gib < MIN_FREE_GIB:
         return Check("disk", "cache", "FAIL", where, elsewhere, data)
     if free_gib < LOW_FREE_GIB:
         return Check("disk", "cache", "warn", where + " (enough for the bundled corpus, not for a big one)",
                      elsewhere, data)
     return Check("disk", "cache", "ok", where, data=data)
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder``, or None when they can. A file is created and removed rather than
+    asking os.access: root passes os.access everywhere, /proc and read-only mounts included."""
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return f"{folder} is not writable ({e.strerror})"
 
 
 # ------------------------------------------------------------------------------------------------------------------
