@@ -104,7 +104,8 @@ class Attention(nn.Module):
             # Generation: keep this step's keys/values and attend over every slot so far (B, S, K, Hd).
             k, v = kv_cache.update(start_pos, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        kernel = attention_kernel(self.attention, q.device.type, q.dtype, k.shape[1], masked=mask is not None)
+        kernel = attention_kernel(self.attention, q.device.type, q.dtype, k.shape[1], masked=mask is not None,
+                                  compiled=torch.compiler.is_compiling())
         if kernel == "flash_attn":
             # flash-attn takes (B, T, heads, Hd) and handles grouped KV heads natively.
             out = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
@@ -177,20 +178,25 @@ class KVCacheLayer(Protocol):
 MATH_ATTENTION_MAX_KEYS = 512
 
 
-def attention_kernel(setting: str, device_type: str, dtype: torch.dtype, keys: int, masked: bool = False) -> str:
+def attention_kernel(
+    setting: str, device_type: str, dtype: torch.dtype, keys: int, masked: bool = False, compiled: bool = False
+) -> str:
     """Which implementation computes attention: "flash_attn", "math" (:func:`math_attention`) or "sdpa" (PyTorch's
     ``scaled_dot_product_attention``, which picks a fused kernel itself).
 
     ``setting`` is ``model.attention``; anything but "auto" is obeyed. "auto" decides from where attention runs —
-    its device type, dtype, number of ``keys`` (key/value positions) and whether an explicit mask is ``masked``:
+    its device type, dtype, number of ``keys`` (key/value positions), whether an explicit mask is ``masked`` and
+    whether torch.compile is tracing it (``compiled``):
 
     - flash-attn, when installed, on CUDA in fp16/bf16 for plain causal attention;
-    - the written-out math on a CPU in bf16 up to :data:`MATH_ATTENTION_MAX_KEYS` keys. PyTorch's fused CPU kernel
-      computes in fp32 whatever the input, while the math's two matmuls run as bf16 GEMMs, which a CPU with
-      AVX512-BF16 multiplies twice as fast as fp32 (the cpu profile trains in bf16 only there). Measured on a
-      2-core AMD EPYC, alternating the two in one process: whole training steps 1.10-1.17x faster (tiny and
-      ref16m, T = 256 and 512, compiled; 1.05-1.08x eager), but 0.96x at T = 1024, where computing and storing
-      the masked half of the (T, T) scores costs more than the fused kernel's fp32 arithmetic;
+    - the written-out math on a CPU in bf16, eager, up to :data:`MATH_ATTENTION_MAX_KEYS` keys. PyTorch's fused CPU
+      kernel computes in fp32 whatever the input, while the math's two matmuls run as bf16 GEMMs, which a CPU with
+      AVX512-BF16 multiplies twice as fast as fp32 (the cpu profile trains in bf16 only there): whole training
+      steps 1.05-1.08x faster on a 2-core AMD EPYC (tiny and ref16m, T = 256 and 512), but 0.96x at T = 1024,
+      where computing and storing the masked half of the (T, T) scores costs more than the fused kernel's fp32
+      arithmetic. Not when compiled, although it was 1.10-1.17x faster there: torch 2.13's Inductor generates a
+      wrong CPU kernel for its backward whenever head_dim is a multiple of 32 (the gradient of wk comes out NaN or
+      garbage; ref16m's head_dim 64 diverged at its second step, the tiny preset's 48 happened to escape);
     - SDPA everywhere else (fp32 CPUs included: there the two measured the same).
     """
     if setting != "auto":
@@ -199,7 +205,7 @@ def attention_kernel(setting: str, device_type: str, dtype: torch.dtype, keys: i
         return "sdpa"
     if flash_attn_func is not None and device_type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         return "flash_attn"
-    if device_type == "cpu" and dtype == torch.bfloat16 and keys <= MATH_ATTENTION_MAX_KEYS:
+    if device_type == "cpu" and dtype == torch.bfloat16 and keys <= MATH_ATTENTION_MAX_KEYS and not compiled:
         return "math"
     return "sdpa"
 

@@ -133,7 +133,8 @@ def plan_memory(
 
     # Per token, + fp32 statistics: each norm's 1/rms; int64 inputs and targets.
     stats = 4 * 2
-    kernel = attention_kernel(cfg.attention, device_type, HALF_PRECISION.get(precision, torch.float32), seq_len)
+    kernel = attention_kernel(cfg.attention, device_type, HALF_PRECISION.get(precision, torch.float32), seq_len,
+                              compiled=compiled)
     attention = _attention_saved(cfg, seq_len, kernel, compiled, matmul_b)
     tokens = batch_size * seq_len
     if compiled:  # the stream (D, twice), the matmuls' normalised inputs (D, twice), attention, gate up product

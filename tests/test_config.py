@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from llmfoundry_pl.cli.common import (
     build_trainer,
+    check_compiled_attention,
     instantiate_group,
     pick_device,
     require_compiler,
@@ -253,3 +254,12 @@ def test_compile_without_a_cpp_compiler_is_one_line():
         require_compiler(torch.device("cuda"))  # GPU kernels come from Triton, not a C++ compiler
     cpp_compiler_search.cache_clear()
     require_compiler(torch.device("cpu"))  # the real compiler is found again
+
+
+def test_compiled_math_attention_in_bf16_on_a_cpu_is_refused():
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="model.attention=math with compile=true in bf16 on a CPU.*attention=auto"):
+        check_compiled_attention("math", cpu, "bf16-mixed")
+    for attention, device, precision in [("auto", cpu, "bf16-mixed"), ("sdpa", cpu, "bf16-true"),
+                                         ("math", cpu, "32-true"), ("math", torch.device("cuda"), "bf16-mixed")]:
+        check_compiled_attention(attention, device, precision)  # the Inductor CPU kernel in question is not used

@@ -209,15 +209,17 @@ def test_memory_grows_with_the_batch_and_shrinks_with_checkpointing_and_sharding
 def test_plan_counts_the_attention_that_auto_picks_where_the_step_runs(monkeypatch):
     monkeypatch.setattr(model_module, "flash_attn_func", None)  # as without flash-attn installed
     math, fused = dataclasses.replace(SHAPE, attention="math"), dataclasses.replace(SHAPE, attention="sdpa")
-    for seq_len, precision, device_type, picked in [
-        (T, "bf16-mixed", "cpu", "math"),  # where the written-out math runs bf16 GEMMs
-        (MATH_ATTENTION_MAX_KEYS + 1, "bf16-mixed", "cpu", "sdpa"),  # a sequence past the math's limit
-        (T, "32-true", "cpu", "sdpa"),
-        (T, "bf16-mixed", "cuda", "sdpa"),
+    for seq_len, precision, device_type, compiled, picked in [
+        (T, "bf16-mixed", "cpu", False, "math"),  # where the written-out math runs bf16 GEMMs
+        (T, "bf16-mixed", "cpu", True, "sdpa"),  # compiled: SDPA (attention_kernel says why)
+        (MATH_ATTENTION_MAX_KEYS + 1, "bf16-mixed", "cpu", False, "sdpa"),  # a sequence past the math's limit
+        (T, "32-true", "cpu", False, "sdpa"),
+        (T, "bf16-mixed", "cuda", False, "sdpa"),
     ]:
-        auto = plan_memory(SHAPE, B, seq_len, precision, device_type=device_type)
-        assert auto.attention == picked, (seq_len, precision, device_type)
-        explicit = plan_memory(math if picked == "math" else fused, B, seq_len, precision, device_type=device_type)
+        auto = plan_memory(SHAPE, B, seq_len, precision, device_type=device_type, compiled=compiled)
+        assert auto.attention == picked, (seq_len, precision, device_type, compiled)
+        explicit = plan_memory(math if picked == "math" else fused, B, seq_len, precision, device_type=device_type,
+                               compiled=compiled)
         assert auto == dataclasses.replace(explicit, attention=picked)
 
 

@@ -40,6 +40,7 @@ from llmfoundry_pl.callbacks import HALF_PRECISION, peak_matmul_flops, synchroni
 from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     build_trainer,
+    check_compiled_attention,
     prepare_data_and_model,
     quiet_library_noise,
     require_compiler,
@@ -113,6 +114,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     lit = LitLlama(model=model_cfg, optim=to_dataclass(cfg.optim, OptimConfig))
     if cfg.compile:
         require_compiler(device)
+        check_compiled_attention(model_cfg.attention, device, str(trainer.precision))
         lit.compile_training()
     # Under DDP every rank times the same steps (the gradients' all-reduce keeps them in step): the Lightning row
     # counts the tokens of all ranks, and MFU is against the peak of all devices.

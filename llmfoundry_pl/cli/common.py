@@ -189,6 +189,15 @@ def require_compiler(device: torch.device) -> None:
         ) from None
 
 
+def check_compiled_attention(attention: str, device: torch.device, precision: str) -> None:
+    """A one-line refusal of ``model.attention=math`` in a compiled bf16 training step on a CPU: torch 2.13's Inductor
+    compiles its backward wrong there (NaN gradients whenever head_dim is a multiple of 32; see
+    model.attention_kernel, whose "auto" takes SDPA under compile for this reason)."""
+    if attention == "math" and device.type == "cpu" and precision.startswith("bf16"):
+        raise ConfigError("model.attention=math with compile=true in bf16 on a CPU trains on NaN gradients (torch's "
+                          "Inductor compiles its backward wrong); use model.attention=auto or compile=false")
+
+
 def prepare_data_and_model(cfg: DictConfig) -> tuple[TextDataModule | ChatDataModule, ModelConfig, Transformer | None]:
     """The prepared data module, the model config and, with ``init_from``, the starting network of a training
     config (lfpl-train, lfpl-bench).

@@ -26,6 +26,7 @@ from llmfoundry_pl.allocator import keep_freed_memory
 from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     build_trainer,
+    check_compiled_attention,
     instantiate_group,
     prepare_data_and_model,
     quiet_library_noise,
@@ -84,6 +85,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg.trainer, callbacks, loggers)
     if cfg.compile:
         require_compiler(trainer.strategy.root_device)
+        check_compiled_attention(model_cfg.attention, trainer.strategy.root_device, str(trainer.precision))
         lit.compile_training()
 
     failed = True
