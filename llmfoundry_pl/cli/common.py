@@ -68,15 +68,19 @@ def out_of_memory(error: BaseException) -> str | None:
 
 
 def quiet_library_noise() -> None:
-    """Leave out three lines Lightning prints in every run that say nothing about it: an advertisement for its
-    cloud logger, a model-summary caveat under mixed precision (the summary counts parameters, not bytes, here),
-    and the FutureWarning its own pytree helper raises under recent torch (LeafSpec), which no setting of ours can
-    act on. A learner's first run should show the run. Each filter matches one message exactly."""
+    """Leave out lines libraries print in every run that say nothing about it: three of Lightning's (an
+    advertisement for its cloud logger, a model-summary caveat under mixed precision — the summary counts
+    parameters, not bytes, here — and the FutureWarning its own pytree helper raises under recent torch, LeafSpec)
+    and torch's notice, once per enum, that torchao registers enums it no longer needs to (torchao comes with peft:
+    every LoRA run printed two). No setting of ours can act on them; a learner's first run should show the run.
+    Each filter matches one message exactly."""
     leaf_spec = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
     warnings.filterwarnings("ignore", message=leaf_spec, category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(  # where rank_zero_info writes
         lambda record: not record.getMessage().startswith("💡 Tip: For seamless cloud logging"))
+    logging.getLogger("torch.utils._pytree").addFilter(
+        lambda record: "is an Enum subclass and is now natively supported by torch.compile" not in record.getMessage())
 
 
 def seed_everything(seed: int, workers: bool = False) -> None:

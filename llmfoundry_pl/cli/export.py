@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, to_dataclass, user_errors
+from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, quiet_library_noise, to_dataclass, user_errors
 from llmfoundry_pl.config import ConfigError, ExportConfig, register_configs
 from llmfoundry_pl.interop import FORMAT_NAMES, save_hf, save_safetensors
 from llmfoundry_pl.interop.folder import check_writable
@@ -51,6 +51,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    quiet_library_noise()
     _hydra_main()
 
 

@@ -20,7 +20,15 @@ import torch
 from omegaconf import DictConfig
 
 from llmfoundry_pl.chat import ChatFormat, Message
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, require_compiler, to_dataclass, user_errors
+from llmfoundry_pl.cli.common import (
+    CONFIG_PATH,
+    load_model,
+    pick_device,
+    quiet_library_noise,
+    require_compiler,
+    to_dataclass,
+    user_errors,
+)
 from llmfoundry_pl.config import ConfigError, GenerateConfig, register_configs
 from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, stream_text
 from llmfoundry_pl.inference.quantize import for_inference
@@ -146,6 +154,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    quiet_library_noise()
     _hydra_main()
 
 

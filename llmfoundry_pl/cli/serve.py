@@ -16,7 +16,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, pick_device, to_dataclass, user_errors
+from llmfoundry_pl.cli.common import (
+    CONFIG_PATH,
+    load_model,
+    pick_device,
+    quiet_library_noise,
+    to_dataclass,
+    user_errors,
+)
 from llmfoundry_pl.config import ConfigError, ServeConfig, register_configs
 from llmfoundry_pl.inference.quantize import for_inference
 
@@ -69,6 +76,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    quiet_library_noise()
     _hydra_main()
 
 
