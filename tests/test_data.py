@@ -205,6 +205,22 @@ def test_a_resumed_fit_draws_the_micro_batches_from_its_step_on():
     assert remaining_micro_batches(trainer, "") == (24, 0)
 
 
+def test_ranks_share_the_validation_items_and_each_needs_one():
+    from types import SimpleNamespace
+
+    from llmfoundry_pl.data.datamodule import rank_share
+
+    ranks = [SimpleNamespace(global_rank=r, world_size=3) for r in range(3)]
+    shares = [rank_share(7, trainer, "windows", "") for trainer in ranks]
+    assert sorted(i for share in shares for i in share) == list(range(7))  # all of them, none twice
+    assert rank_share(7, None, "windows", "") == list(range(7))  # no trainer: one process
+    # Lightning refuses an empty loader on the rank that has it (a traceback there, a dropped connection elsewhere):
+    # every rank refuses in one line instead
+    for trainer in ranks:
+        with pytest.raises(ConfigError, match=r"fewer windows \(2\) than processes sharing it \(3\); lower it"):
+            rank_share(2, trainer, "windows", "lower it")
+
+
 @pytest.mark.parametrize(
     ("schema", "setting", "message"),
     [(DataConfig, {"batch_size": 0}, "data.batch_size=0 must be positive"),

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from llmfoundry_pl.chat import ChatFormat, Message, check_messages
 from llmfoundry_pl.config import ChatDataConfig, ConfigError
-from llmfoundry_pl.data.datamodule import IGNORE_INDEX, StepBatchSampler, remaining_micro_batches
+from llmfoundry_pl.data.datamodule import IGNORE_INDEX, StepBatchSampler, rank_share, remaining_micro_batches
 from llmfoundry_pl.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -274,8 +274,8 @@ class ChatDataModule(L.LightningDataModule):
         return self._loader(EpochShuffled(self.train_items, self.cfg.seed), batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        indices = list(range(rank, len(self.val_items), world))  # each rank its own share; metrics add up
+        indices = rank_share(len(self.val_items), self.trainer, "examples",
+                             "give more of them (data.val_path, or a larger data.val_fraction)")
         return self._loader(self.val_items, sampler=indices, batch_size=self.cfg.batch_size)
 
     def _loader(self, dataset, **kwargs) -> DataLoader:

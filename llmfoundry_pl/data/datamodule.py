@@ -99,6 +99,18 @@ def remaining_micro_batches(trainer: L.Trainer | None, why: str) -> tuple[int, i
     return first, max(trainer.max_steps * accumulate - first, 0)
 
 
+def rank_share(n_items: int, trainer: L.Trainer | None, what: str, fix: str) -> list[int]:
+    """The indices of the ``n_items`` validation items this rank scores: every world_size-th from its rank, so the
+    ranks' sums add up to the whole split, nothing counted twice. Fewer items than ranks is a one-line error on every
+    rank (``what`` names the items, ``fix`` how to get more): Lightning refuses a rank whose loader is empty, with a
+    traceback from that rank and a broken connection on the others."""
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+    if n_items < world:
+        raise ConfigError(f"the validation split has fewer {what} ({n_items}) than processes sharing it ({world}); "
+                          f"{fix}")
+    return list(range(rank, n_items, world))
+
+
 def check_accumulate(accumulate: int) -> None:
     """A one-line error for ``trainer.accumulate_grad_batches`` under 1, which Lightning's Trainer takes."""
     if accumulate < 1:
@@ -170,9 +182,8 @@ class TextDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         dataset = SweepWindows(self._token_file("val"), self.cfg.seq_len, self.tokenizer.pad_id, self.cfg.val_stride)
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        # Each rank sweeps its own share (no padding duplicates); the metrics add up across ranks.
-        indices = list(range(rank, len(dataset), world))
+        indices = rank_share(len(dataset), self.trainer, f"windows of data.seq_len={self.cfg.seq_len} tokens",
+                             "hold out more text (data.val_fraction) or lower data.seq_len")
         return self._loader(dataset, sampler=indices, batch_size=self.cfg.batch_size)
 
     def _token_file(self, split: str) -> _TokenFile:
