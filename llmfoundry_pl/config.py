@@ -370,7 +370,9 @@ class OptimConfig:
     lr: float = field(default=3e-3, metadata=_help("Peak learning rate, reached after the warmup."))
     weight_decay: float = field(default=0.1, metadata=_help("Decoupled weight decay on the linear layers' weights."))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_help("Adam's beta1 and beta2."))
-    eps: float = field(default=1e-8, metadata=_help("Adam's epsilon."))
+    eps: float = field(default=1e-8, metadata=_help(
+        "Adam's epsilon. Under trainer.precision=16-true (AdamW's state in fp16, where 1e-8 is 0) it must be 1e-6 or "
+        "more."))
     fused: bool | None = field(
         default=None, metadata=_help("Fused AdamW kernel; null: on CUDA and CPU (measured faster), foreach on MPS and "
                                       "when clipping under 16-mixed (loss-scaled gradients).")

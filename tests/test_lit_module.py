@@ -14,7 +14,14 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from llmfoundry_pl.callbacks import LossProgressBar
 from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedulerConfig
 from llmfoundry_pl.data import TextDataModule
-from llmfoundry_pl.lit_module import LitLlama, WarmupDecay, adamw_param_groups, use_fused_adamw
+from llmfoundry_pl.lit_module import (
+    FP16_ADAMW_MIN_EPS,
+    LitLlama,
+    WarmupDecay,
+    adamw_param_groups,
+    check_adamw_eps,
+    use_fused_adamw,
+)
 from llmfoundry_pl.metrics import LanguageModelMetrics, PreferenceMetrics
 from llmfoundry_pl.model import Transformer, TransformerBlock
 from tests.helpers.gloo import run_on_gloo_ranks
@@ -48,6 +55,15 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_optimizer_and_schedule_settings_are_checked(schema, setting, message):
     with pytest.raises(ConfigError, match=message):
         schema(**setting)
+
+
+def test_adamw_eps_that_fp16_weights_cannot_hold_is_refused():
+    # 16-true keeps AdamW's state in fp16, where the default eps=1e-8 is 0: the tiny preset's loss went 6.3 → 57
+    with pytest.raises(ConfigError, match=r"optim.eps=1e-08 is too small .*precision=16-mixed .* or bf16-true"):
+        check_adamw_eps(OptimConfig().eps, "16-true")
+    check_adamw_eps(FP16_ADAMW_MIN_EPS, "16-true")  # enough: trained as fp32 did
+    for precision in ("bf16-true", "16-mixed", "bf16-mixed", "32-true"):  # fp32 state, or bf16 with fp32's range
+        check_adamw_eps(OptimConfig().eps, precision)
 
 
 def test_weight_decay_skips_norms_and_embeddings():

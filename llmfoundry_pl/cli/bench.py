@@ -53,7 +53,7 @@ from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import BenchSettings, ConfigError, ModelConfig, OptimConfig, register_configs
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
-from llmfoundry_pl.lit_module import LitLlama, adamw_param_groups, use_fused_adamw
+from llmfoundry_pl.lit_module import LitLlama, adamw_param_groups, check_adamw_eps, use_fused_adamw
 from llmfoundry_pl.loss import next_token_loss, uses_chunked_loss
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.planner import plan_memory
@@ -103,6 +103,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
         cfg.data.batch_size = settings.batch_size or cfg.data.batch_size
         cfg.data.seq_len = settings.seq_len or cfg.data.seq_len
     seed_everything(cfg.seed)
+    check_adamw_eps(cfg.optim.eps, str(cfg.trainer.precision))
     datamodule, model_cfg, network = prepare_data_and_model(cfg)
     if not isinstance(datamodule, TextDataModule) or network is not None:
         raise ConfigError("lfpl-bench times pretraining from scratch: use data=text and no init_from")

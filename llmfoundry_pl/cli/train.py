@@ -42,7 +42,7 @@ from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, OptimConfig, SchedulerConfig, register_configs
 from llmfoundry_pl.data import ChatDataModule
 from llmfoundry_pl.inference import generate_text
-from llmfoundry_pl.lit_module import LitDPO, LitLlama, TrainingDiverged
+from llmfoundry_pl.lit_module import LitDPO, LitLlama, TrainingDiverged, check_adamw_eps
 from llmfoundry_pl.model import Transformer
 
 
@@ -62,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Settings are checked before the tokenizer and token files are built (which can take a while).
     lora = to_dataclass(cfg.lora, LoraConfig)
     optim, scheduler = to_dataclass(cfg.optim, OptimConfig), to_dataclass(cfg.scheduler, SchedulerConfig)
+    check_adamw_eps(optim.eps, str(cfg.trainer.precision))
     if lora.enabled and not cfg.init_from:
         raise ConfigError("lora.enabled=true adapts a trained model: give it with init_from=")
     datamodule, model_cfg, network = prepare_data_and_model(cfg)
