@@ -76,9 +76,9 @@ def check_adamw_eps(eps: float, precision: str) -> None:
     and the run blows up without a NaN to stop it."""
     if precision == "16-true" and eps < FP16_ADAMW_MIN_EPS:
         raise ConfigError(
-            f"optim.eps={eps:g} is too small for AdamW's state in fp16, where trainer.precision=16-true keeps it "
-            f"(1e-8 is 0 there): its updates blow up. Use trainer.precision=16-mixed (fp32 weights) or bf16-true, "
-            f"or raise optim.eps to {FP16_ADAMW_MIN_EPS:g} or more"
+            f"optim.eps={eps:g} is too small for AdamW's state in fp16, where trainer.precision=16-true keeps it: "
+            "second moments underflow to 0 there and the updates blow up. Use trainer.precision=16-mixed (fp32 "
+            f"weights) or bf16-true, or raise optim.eps to {FP16_ADAMW_MIN_EPS:g} or more"
         )
 
 
