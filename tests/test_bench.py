@@ -33,9 +33,19 @@ def test_bench_times_the_lightning_step_and_the_plain_loop(tmp_path, cache_dir):
     assert f"logits={result['logits']};" in out and result["logits"] == "chunked"  # model.logits=auto, eager
     assert abs(result["lightning_overhead"] - (1 - result["tokens_per_s"] / result["plain_tokens_per_s"])) < 1e-3
     assert "litgpt is not installed" in out or "litgpt_tokens_per_s" in result
+    assert result["weights_finite"] is True and "warning" not in out
     table = out[out.index("tokens/s  spread") :].splitlines()
     assert [line.split()[0] for line in table[1:3]] == ["lightning", "plain"]
     assert list(tmp_path.iterdir()) == []  # bench writes no files
+
+
+def test_bench_says_when_the_steps_it_timed_diverged(tmp_path, cache_dir):
+    # A step that makes NaN weights runs as fast as a sound one; the figures must not pass for a working setup.
+    proc = run_cli("bench", *TINY_BENCH, "bench.steps=3", "optim.lr=1e8", "scheduler.warmup_steps=0",
+                   "trainer.gradient_clip_val=null", "trainer.precision=32-true", "bench.plain=false", cwd=tmp_path)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["weights_finite"] is False and result["tokens_per_s"] > 0
+    assert "warning: the weights are NaN or inf after the timed steps" in proc.stdout
 
 
 def test_bench_under_ddp_counts_the_tokens_of_every_rank(tmp_path, cache_dir):

@@ -11,9 +11,10 @@ Times, on the same model shape and the same data windows: (1) the project's Ligh
 PyTorch loop doing the same work (forward, cross-entropy, backward, clipping, AdamW) — so Lightning's overhead is a
 number — and (3) litgpt's ``GPT`` of the same shape when litgpt is installed. For each: tokens/s, MFU (against the
 matmul peak measured in this process on a CPU, the spec-sheet peak on a GPU), peak memory, and the share of each
-step spent waiting for data. Prints a table, then one JSON line. With several devices (DDP, FSDP) only the Lightning
-step is timed: its tokens/s counts every rank, and rank 0 reports. A multirun (``-m``) runs the jobs in turn in one
-process, each measured afresh (``memory_meter``), and ends with a table of every job's figures.
+step spent waiting for data. Prints a table, then one JSON line (``weights_finite`` false, and a warning, when the
+timed steps left NaN or inf weights: figures of a training that diverged). With several devices (DDP, FSDP) only
+the Lightning step is timed: its tokens/s counts every rank, and rank 0 reports. A multirun (``-m``) runs the jobs
+in turn in one process, each measured afresh (``memory_meter``), and ends with a table of every job's figures.
 """
 
 from __future__ import annotations
@@ -164,6 +165,9 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     finally:
         end_distributed_job(launching, failed)
     rows = {name: _combine(figures_per_round) for name, figures_per_round in rounds.items()}
+    # Speed says nothing about whether the steps trained: a step that makes NaN weights runs as fast (compiled
+    # written-out attention in bf16 on a CPU did, and was benchmarked for a day as the faster choice).
+    weights_finite = all(bool(torch.isfinite(p).all()) for p in lit.model.parameters())
 
     precision, accumulate = str(trainer.precision), cfg.trainer.accumulate_grad_batches or 1
     planned = plan_memory(model_cfg, cfg.data.batch_size, cfg.data.seq_len, precision, accumulate,
@@ -172,7 +176,8 @@ def bench(cfg: DictConfig) -> dict[str, float]:
         return {}
     setup = {"params": params, "devices": devices, "tokens_per_step": tokens_per_call * accumulate,
              "peak_flops": peak_flops, "attention": planned.attention, "logits": planned.logits,
-             "planned_mem_bytes": planned.resident(model_cfg.activation_checkpointing, device.type)}
+             "planned_mem_bytes": planned.resident(model_cfg.activation_checkpointing, device.type),
+             "weights_finite": weights_finite}
     return _report(rows, setup, cfg, device)
 
 
@@ -267,8 +272,8 @@ def _litgpt_twin(cfg: ModelConfig) -> torch.nn.Module:
     ))
 
 
-def _report(rows: dict[str, dict[str, float]], setup: dict[str, float | str], cfg: DictConfig, device: torch.device
-            ) -> dict[str, float]:
+def _report(rows: dict[str, dict[str, float]], setup: dict[str, float | str | bool], cfg: DictConfig,
+            device: torch.device) -> dict[str, float]:
     devices = setup["devices"]
     on = f"{devices} × {device.type}" if devices > 1 else str(device)
     print(f"\n{setup['params'] / 1e6:.1f}M parameters, batch {cfg.data.batch_size} × {cfg.data.seq_len} tokens "
@@ -301,6 +306,9 @@ def _report(rows: dict[str, dict[str, float]], setup: dict[str, float | str], cf
     if "plain" in rows:
         result["lightning_overhead"] = 1 - result["tokens_per_s"] / result["plain_tokens_per_s"]
         print(f"Lightning step vs plain loop: {result['lightning_overhead']:+.1%} overhead")
+    if not setup["weights_finite"]:
+        print("warning: the weights are NaN or inf after the timed steps, so these figures time a training that "
+              "diverged; lfpl-train with the same settings shows from which step")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
     return result
 
