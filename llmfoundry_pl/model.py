@@ -191,12 +191,12 @@ def attention_kernel(
     - flash-attn, when installed, on CUDA in fp16/bf16 for plain causal attention;
     - the written-out math on a CPU in bf16, eager, up to :data:`MATH_ATTENTION_MAX_KEYS` keys. PyTorch's fused CPU
       kernel computes in fp32 whatever the input, while the math's two matmuls run as bf16 GEMMs, which a CPU with
-      AVX512-BF16 multiplies twice as fast as fp32 (the cpu profile trains in bf16 only there): whole training
-      steps 1.05-1.08x faster on a 2-core AMD EPYC (tiny and ref16m, T = 256 and 512), but 0.96x at T = 1024,
-      where computing and storing the masked half of the (T, T) scores costs more than the fused kernel's fp32
-      arithmetic. Not when compiled, although it was 1.10-1.17x faster there: torch 2.13's Inductor generates a
-      wrong CPU kernel for its backward whenever head_dim is a multiple of 32 (the gradient of wk comes out NaN or
-      garbage; ref16m's head_dim 64 diverged at its second step, the tiny preset's 48 happened to escape);
+      AVX512-BF16 multiplies twice as fast as fp32 (the cpu profile trains in bf16 only there): eager training
+      steps 1.05-1.08x faster on a 2-core AMD EPYC (tiny and ref16m, T = 256 and 512); past 512 keys, computing
+      and storing the masked half of the (T, T) scores costs more than the fused kernel's fp32 arithmetic (0.96x
+      at T = 1024, measured compiled). Not when compiled, although it was 1.10-1.17x faster there: torch 2.13's
+      Inductor generates a wrong CPU kernel for its backward whenever head_dim is a multiple of 32 (the gradient of
+      wk comes out NaN or garbage; ref16m's head_dim 64 diverged at its second step, the tiny preset's 48 escaped);
     - SDPA everywhere else (fp32 CPUs included: there the two measured the same).
     """
     if setting != "auto":
