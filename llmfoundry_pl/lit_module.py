@@ -233,7 +233,26 @@ class LitLlama(L.LightningModule):
             # for the GPU to finish (torch.cuda.set_sync_debug_mode flagged it once per step on an H100).
             tokens_per_step = batch[0].numel() * self.trainer.accumulate_grad_batches * self.trainer.world_size
             self.log("train/tokens", float((self.global_step + 1) * tokens_per_step), reduce_fx="max")
-        return outputs["loss"]
+        return outputs["loss"] * self._share_of_step(batch)
+
+    def _share_of_step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor | float:
+        """What turns this micro-batch's mean loss into its part of the optimizer step's mean over all the step's
+        counted targets, when micro-batches count different numbers of them (fine-tuning: replies differ in length).
+
+        Lightning divides each micro-batch's loss by ``accumulate_grad_batches`` (A) and DDP/FSDP average the
+        gradients of the W ranks, so the step's gradient is that of the mean of the micro-batch means. That weighs a
+        reply token of a micro-batch with few of them more than one of a micro-batch with many, so the same data
+        would train differently at batch 16 than at 4 × 4 accumulation or on 4 GPUs (the "gradient accumulation
+        bug" fixed in Hugging Face's Trainer in 2024). Scaled by counted · A · W / (the step's count), each
+        micro-batch adds its summed loss over the step's count, as one big batch would. The data module gives that
+        count (``targets_in_step``); without one (pretraining windows: every micro-batch counts B·T targets) the
+        plain mean is already right."""
+        targets_in_step = getattr(self.trainer.datamodule, "targets_in_step", None)
+        step_count = targets_in_step(self.global_step) if targets_in_step else None
+        if step_count is None:
+            return 1.0
+        counted = (batch[1] != IGNORE_INDEX).sum()
+        return counted * (self.trainer.accumulate_grad_batches * self.trainer.world_size / step_count)
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         x, y, *segment_ids = batch

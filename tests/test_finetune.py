@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from llmfoundry_pl.chat import HF_CHAT_TEMPLATE, ChatFormat, render
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, LoraConfig, ModelConfig
 from llmfoundry_pl.data.chat import (
+    ChatDataModule,
     EpochShuffled,
     Example,
     collate_examples,
@@ -88,7 +91,7 @@ def test_training_loss_is_the_mean_over_reply_tokens(tokenizer, chat):
     scored = [(b, t) for b in range(2) for t in range(x.shape[1]) if y[b, t] != IGNORE_INDEX]
     by_hand = torch.stack([F.cross_entropy(logits[b, t], y[b, t]) for b, t in scored]).mean()
     lit.log = lambda *a, **k: None  # no Trainer attached: skip logging
-    lit._trainer = type("T", (), {"log_every_n_steps": 10**9, "global_step": 0})()
+    lit._trainer = type("T", (), {"log_every_n_steps": 10**9, "global_step": 0, "datamodule": None})()
     torch.testing.assert_close(lit.training_step((x, y), 0), by_hand)
     # 2 replies in the first conversation, 1 in the second, each its tokens + <|end|>
     assert len(scored) == sum(len(tokenizer.encode(r)) + 1 for r in ("The Tempest", "Twelfth Night", "The Tempest"))
@@ -208,6 +211,63 @@ def test_example_order_is_a_fresh_permutation_each_epoch_and_reproducible():
     epochs = [[data[k].x[0] for k in range(e * 7, e * 7 + 7)] for e in range(3)]
     assert all(sorted(e) == list(range(7)) for e in epochs) and epochs[0] != epochs[1]
     assert [EpochShuffled(items, seed=3)[k].x[0] for k in range(14, 21)] == epochs[2]  # any index, any time
+
+
+def _replies_of_many_lengths(path: Path, n: int) -> None:
+    """``n`` SFT examples with replies from 1 to many tokens: micro-batches then count very different numbers of
+    reply tokens."""
+    lines = [{"messages": [{"role": "user", "content": f"Say {i}."},
+                           {"role": "assistant", "content": " ".join(["No harm."] * (1 + 2 * (i % 5)))}]}
+             for i in range(n)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def _chat_data(tmp_path: Path, tokenizer: Tokenizer, batch_size: int) -> ChatDataModule:
+    _replies_of_many_lengths(tmp_path / "train.jsonl", 12)
+    cfg = ChatDataConfig(path=str(tmp_path / "train.jsonl"), val_path=str(tmp_path / "train.jsonl"), seq_len=96,
+                         batch_size=batch_size)
+    return ChatDataModule(cfg, tokenizer)
+
+
+def test_targets_in_step_counts_every_micro_batch_of_the_step_on_every_rank(tokenizer, tmp_path):
+    dm = _chat_data(tmp_path, tokenizer, batch_size=2)
+    dm.prepare_data()
+    counted = {}  # step → reply tokens in the batches the ranks' loaders give for it
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(max_steps=5, accumulate_grad_batches=2, global_step=0, global_rank=rank,
+                                     world_size=2)
+        for b, (_, y) in enumerate(dm.train_dataloader()):
+            counted[b // 2] = counted.get(b // 2, 0) + int((y != IGNORE_INDEX).sum())
+    assert [dm.targets_in_step(step) for step in range(5)] == [counted[step] for step in range(5)]
+    assert len(set(counted.values())) > 1  # steps differ, so a wrong range of samples would show
+
+
+def _first_step_gradients(dm: ChatDataModule, accumulate: int, tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+    grads = {}
+
+    class Keep(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            grads.update({n: p.grad.clone() for n, p in module.named_parameters()})
+
+    lit = LitLlama(tiny_model(tokenizer.vocab_size).config, network=tiny_model(tokenizer.vocab_size))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, limit_val_batches=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Keep()])
+    trainer.fit(lit, datamodule=dm)
+    return grads
+
+
+def test_accumulated_fine_tuning_step_has_the_gradient_of_the_whole_batch(tokenizer, tmp_path):
+    halves = _chat_data(tmp_path, tokenizer, batch_size=3)
+    halves.prepare_data()
+    halves.trainer = SimpleNamespace(max_steps=1, accumulate_grad_batches=2, global_step=0, global_rank=0,
+                                     world_size=1)
+    first, second = [int((y != IGNORE_INDEX).sum()) for _, y in halves.train_dataloader()]
+    assert first != second  # else a mean of the two micro-batch means would be right too (133 and 91 here)
+    whole = _first_step_gradients(_chat_data(tmp_path, tokenizer, batch_size=6), 1, tokenizer)
+    accumulated = _first_step_gradients(_chat_data(tmp_path, tokenizer, batch_size=3), 2, tokenizer)
+    for name, grad in whole.items():  # the mean over the step's reply tokens, not a mean of micro-batch means
+        torch.testing.assert_close(accumulated[name], grad, atol=1e-6, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------

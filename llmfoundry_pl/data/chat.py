@@ -218,6 +218,11 @@ def collate_examples(items: list, pad_id: int) -> tuple[torch.Tensor, ...]:
     return (x, y, segments) if packed else (x, y)
 
 
+def _counted_targets(item: Example | list[Example]) -> int:
+    """The targets the loss counts in an example or a packed row of them."""
+    return sum(t != IGNORE_INDEX for ex in (item if isinstance(item, list) else [item]) for t in ex.y)
+
+
 class ChatDataModule(L.LightningDataModule):
     """SFT conversations or DPO preference pairs from ``cfg``, encoded with ``tokenizer`` (the model's own)."""
 
@@ -227,6 +232,7 @@ class ChatDataModule(L.LightningDataModule):
         self.chat = ChatFormat(tokenizer)
         self.train_items: list | None = None
         self.val_items: list | None = None
+        self._sample_targets: EpochShuffled | None = None  # sft: the targets the loss counts, per training sample
 
     def prepare_data(self) -> None:
         """Read, check and encode the data (the demo task's files are built on first use)."""
@@ -253,6 +259,9 @@ class ChatDataModule(L.LightningDataModule):
             log.info(f"packed {len(self.train_items)} training examples into {len(rows)} rows of "
                      f"{self.cfg.seq_len} tokens ({fill:.0%} filled)")
             self.train_items = rows
+        if self.cfg.format == "sft":
+            # the same seed and length as the training items' EpochShuffled: sample k's count is sample k's
+            self._sample_targets = EpochShuffled([_counted_targets(item) for item in self.train_items], self.cfg.seed)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()  # every rank holds the encoded examples (small next to the model)
@@ -272,6 +281,19 @@ class ChatDataModule(L.LightningDataModule):
         sampler = StepBatchSampler(first, count, self.cfg.batch_size, self.trainer.global_rank,
                                    self.trainer.world_size)
         return self._loader(EpochShuffled(self.train_items, self.cfg.seed), batch_sampler=sampler)
+
+    def targets_in_step(self, step: int) -> int | None:
+        """The reply tokens the loss counts in optimizer step ``step``, over its ``accumulate_grad_batches``
+        micro-batches on every rank. :class:`~llmfoundry_pl.lit_module.LitLlama` weighs each micro-batch's loss by
+        its share of them, so that a step's loss is the mean over all of the step's reply tokens however the step is
+        split into micro-batches and ranks. None for preference pairs: every micro-batch holds ``batch_size`` of
+        them, and a pair, not a token, is the unit of the DPO loss."""
+        if self._sample_targets is None:
+            return None
+        per_step = self.trainer.accumulate_grad_batches * self.trainer.world_size * self.cfg.batch_size
+        # StepBatchSampler gives micro-batch b on rank r the samples from (b·W + r)·B on: the step's micro-batches
+        # on all ranks (b = step·A ... step·A + A - 1) hold samples step·A·W·B ... (step + 1)·A·W·B - 1
+        return sum(self._sample_targets[k] for k in range(step * per_step, (step + 1) * per_step))
 
     def val_dataloader(self) -> DataLoader:
         indices = rank_share(len(self.val_items), self.trainer, "examples",
