@@ -28,10 +28,14 @@ class SampleTextCallback(L.Callback):
     ) -> None:
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self._sampled_at: int | None = None  # the step of the last sample
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or pl_module.tokenizer is None:
+        # Once per step: lfpl-train validates again after fitting, and when the last step was validated already the
+        # weights, the seed and so the sample are the same as that validation's.
+        if trainer.sanity_checking or pl_module.tokenizer is None or trainer.global_step == self._sampled_at:
             return
+        self._sampled_at = trainer.global_step
         model = pl_module.sampling_model()  # on every rank: under FSDP the ranks gather the weights together
         if model is None:  # not global rank 0
             return

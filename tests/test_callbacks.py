@@ -95,3 +95,22 @@ def test_h200_mfu_is_measured_against_its_dense_spec(monkeypatch, name, precisio
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: matmul_precision)
     monkeypatch.setattr(callbacks, "measure_matmul_flops", lambda *a, **k: pytest.fail("timed a matmul"))
     assert callbacks.peak_matmul_flops(torch.device("cuda", 0), precision) == expected
+
+
+def test_sample_text_is_drawn_once_per_step(cache_dir, monkeypatch):
+    # lfpl-train validates once more after fitting; when the last step was validated already, that validation's
+    # sample would be the same text again.
+    datamodule = TextDataModule(DataConfig(vocab_size=512, seq_len=32, batch_size=4, cache_dir=str(cache_dir)))
+    datamodule.prepare_data()
+    lit = LitLlama(ModelConfig(vocab_size=512, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32))
+    lit.set_tokenizer(datamodule.tokenizer)
+    sampled_at = []
+    monkeypatch.setattr(callbacks, "generate_text", lambda *a, **k: sampled_at.append(trainer.global_step) or "")
+    trainer = L.Trainer(max_steps=4, val_check_interval=2, limit_val_batches=1, logger=False,
+                        callbacks=[callbacks.SampleTextCallback(max_new_tokens=2)], enable_checkpointing=False,
+                        enable_progress_bar=False, use_distributed_sampler=False, enable_model_summary=False)
+    trainer.validate(lit, datamodule=datamodule, verbose=False)  # lfpl-train's initial_validation
+    lit.val_metrics.reset()  # (as lfpl-train does: fit cannot update sums made under inference mode)
+    trainer.fit(lit, datamodule=datamodule)
+    trainer.validate(lit, datamodule=datamodule, verbose=False)
+    assert sampled_at == [0, 2, 4]

@@ -180,6 +180,19 @@ def test_trainer_and_callback_settings_lightning_cannot_use_are_one_line(compose
         build_trainer(cfg.trainer, instantiate_group(cfg.callbacks, "callbacks"), [])
 
 
+@pytest.mark.parametrize(("overrides", "checkpoints", "bar"), [
+    ([], True, True),
+    (["callbacks=none"], False, False),  # not Lightning's own checkpoint callback and progress bar in their place
+    (["callbacks.progress_bar=null"], True, False),
+    (["callbacks.model_checkpoint=null", "trainer.enable_checkpointing=true"], True, True),  # as asked
+])
+def test_a_callback_set_to_null_is_off(compose_train, tmp_path, overrides, checkpoints, bar):
+    cfg = compose_train(["hardware=cpu", f"paths.output_dir={tmp_path}", *overrides])
+    trainer = build_trainer(cfg.trainer, instantiate_group(cfg.callbacks, "callbacks"), [])
+    assert (trainer.checkpoint_callback is not None) == checkpoints
+    assert (trainer.progress_bar_callback is not None) == bar
+
+
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.63 GiB of which 1.10 GiB "
             "is free. Including non-PyTorch memory, this process has 6.52 GiB memory in use. See documentation for "
             "Memory Management")

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -122,7 +123,7 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list, **ove
     strategy = build_strategy(trainer_cfg.strategy, trainer_cfg.devices, block_class=TransformerBlock)
     try:
         trainer = instantiate(trainer_cfg, strategy=strategy, callbacks=callbacks, logger=loggers or False,
-                              **overrides)
+                              **{**_unless_given(trainer_cfg, callbacks), **overrides})
     except InstantiationException as e:
         raise ConfigError(
             f"the trainer settings cannot run here: {_reason(e)} — fix trainer.*, or pick the hardware= profile of "
@@ -139,6 +140,16 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list, **ove
                           "train in several processes here, or run on a machine with GPUs (hardware=auto)")
     check_fp16_on_cpu(device.type, trainer.precision, "trainer.precision")
     return trainer
+
+
+def _unless_given(trainer_cfg: DictConfig, callbacks: list) -> dict[str, bool]:
+    """``enable_checkpointing`` and ``enable_progress_bar`` where ``trainer.*`` leaves them unset: on when the callbacks
+    hold a checkpoint callback / a progress bar. So ``callbacks.model_checkpoint=null`` (or ``callbacks=none``) saves
+    nothing and ``callbacks.progress_bar=null`` shows no bar: left to itself, Lightning puts its own default in the
+    empty place (a ModelCheckpoint that saves under the logger's folder at the end of the epoch, a Rich or tqdm bar)."""
+    wanted = {"enable_checkpointing": ModelCheckpoint, "enable_progress_bar": ProgressBar}
+    return {key: any(isinstance(c, kind) for c in callbacks) for key, kind in wanted.items()
+            if trainer_cfg.get(key) is None}
 
 
 def _check_trainer_settings(trainer_cfg: DictConfig) -> None:
