@@ -104,7 +104,7 @@ class TokenThroughputMonitor(L.Callback):
         self._batches += 1
         self._samples += batch[0].size(0)
         self._tokens += batch[0].numel()
-        self._flops += pl_module.flops_per_batch
+        self._flops += pl_module.flops_per_batch(batch)
         step = trainer.global_step  # optimizer steps so far; unchanged while gradients accumulate
         if step == self._last_read_step or step % trainer.log_every_n_steps:
             return

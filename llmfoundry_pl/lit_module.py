@@ -305,12 +305,12 @@ class LitLlama(L.LightningModule):
         network.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
         return network.to(self.device)
 
-    @property
-    def flops_per_batch(self) -> int:
-        """Training FLOPs of one micro-batch, read by the throughput callback to report MFU."""
-        dm = self.trainer.datamodule
-        seq_len, batch_size = dm.cfg.seq_len, dm.cfg.batch_size
-        return self.model.flops_per_token(seq_len) * seq_len * batch_size
+    def flops_per_batch(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """Training FLOPs of the micro-batch ``batch``, read by the throughput callback to report MFU. Counted from
+        the batch's own shape: fine-tuning rows are padded to the micro-batch's longest example, not to
+        data.seq_len (the demo task's: ~70 of 256), and the model computes every padded position."""
+        rows, width = batch[0].shape
+        return self.model.flops_per_token(width) * rows * width
 
     # ---------------------------------------------------------------------------------------------------------
     # Optimizer and schedule
@@ -404,6 +404,10 @@ class LitDPO(LitLlama):
             reference = sequence_log_probs(self.reference(x), y)
         chosen, rejected = (self.dpo_cfg.beta * (policy - reference)).chunk(2)
         return chosen, rejected
+
+    def flops_per_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        """The policy's forward and backward (3 forward passes' worth) plus the reference's forward (1 more)."""
+        return super().flops_per_batch(batch) * 4 // 3
 
     def train_forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         chosen, rejected = self._rewards(batch)

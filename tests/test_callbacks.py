@@ -65,7 +65,8 @@ def test_throughput_reads_the_clock_only_on_logging_steps_and_leaves_validation_
     # STEP_S each, the validations at steps 5 and 10 left out.
     assert first["train/device/items_per_sec"] == pytest.approx(tokens_per_step / (2 * STEP_S))
     assert first["train/device/batches_per_sec"] == pytest.approx(1 / STEP_S)
-    assert first["train/device/flops_per_sec"] == pytest.approx(lit.flops_per_batch / STEP_S)
+    flops_per_batch = lit.model.flops_per_token(32) * 4 * 32  # 4 windows of 32 tokens
+    assert first["train/device/flops_per_sec"] == pytest.approx(flops_per_batch / STEP_S)
     assert logged[-1]["train/lengths"] == 16 * tokens_per_step
     assert [step for step, validating in read_at if not validating] == [0, 4, 8, 12, 16]  # start, logging steps
     assert [step for step, validating in read_at if validating] == [5, 5, 10, 10, 15, 15]  # each validation's ends

@@ -16,6 +16,7 @@ from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, OptimConf
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.lit_module import (
     FP16_ADAMW_MIN_EPS,
+    LitDPO,
     LitLlama,
     WarmupDecay,
     adamw_param_groups,
@@ -355,6 +356,16 @@ def _decay_groups_and_flops_of_two_shards(rank: int) -> None:
 
 def test_weight_decay_and_flops_under_fsdp_of_two_ranks_are_the_unwrapped_models(tmp_path):
     run_on_gloo_ranks(_decay_groups_and_flops_of_two_shards, tmp_path)
+
+
+def test_flops_per_batch_count_the_batch_as_it_came():
+    # Fine-tuning rows are padded to the micro-batch's longest example, not to data.seq_len; DPO also runs the
+    # reference model forward (a third of a training pass) on the same rows.
+    lit, rows, width = LitLlama(tiny_model()), 6, 24
+    batch = (torch.zeros(rows, width, dtype=torch.long), torch.zeros(rows, width, dtype=torch.long))
+    assert lit.flops_per_batch(batch) == lit.model.flops_per_token(width) * rows * width
+    dpo = LitDPO(tiny_model())
+    assert dpo.flops_per_batch(batch) == lit.flops_per_batch(batch) + lit.flops_per_batch(batch) // 3
 
 
 def test_token_bytes_are_made_on_the_modules_device(datamodule):
