@@ -222,24 +222,29 @@ def _replies_of_many_lengths(path: Path, n: int) -> None:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
-def _chat_data(tmp_path: Path, tokenizer: Tokenizer, batch_size: int) -> ChatDataModule:
+def _chat_data(tmp_path: Path, tokenizer: Tokenizer, batch_size: int, pack: bool = False) -> ChatDataModule:
     _replies_of_many_lengths(tmp_path / "train.jsonl", 12)
     cfg = ChatDataConfig(path=str(tmp_path / "train.jsonl"), val_path=str(tmp_path / "train.jsonl"), seq_len=96,
-                         batch_size=batch_size)
+                         batch_size=batch_size, pack=pack)
     return ChatDataModule(cfg, tokenizer)
 
 
-def test_targets_in_step_counts_every_micro_batch_of_the_step_on_every_rank(tokenizer, tmp_path):
-    dm = _chat_data(tmp_path, tokenizer, batch_size=2)
+@pytest.mark.parametrize("pack", [False, True])
+def test_chat_data_counts_each_steps_targets_and_examples_over_every_micro_batch_and_rank(tokenizer, tmp_path, pack):
+    dm = _chat_data(tmp_path, tokenizer, batch_size=2, pack=pack)
     dm.prepare_data()
-    counted = {}  # step → reply tokens in the batches the ranks' loaders give for it
+    targets, examples = {}, {}  # step → reply tokens / examples in the batches the ranks' loaders give for it
     for rank in range(2):
         dm.trainer = SimpleNamespace(max_steps=5, accumulate_grad_batches=2, global_step=0, global_rank=rank,
                                      world_size=2)
-        for b, (_, y) in enumerate(dm.train_dataloader()):
-            counted[b // 2] = counted.get(b // 2, 0) + int((y != IGNORE_INDEX).sum())
-    assert [dm.targets_in_step(step) for step in range(5)] == [counted[step] for step in range(5)]
-    assert len(set(counted.values())) > 1  # steps differ, so a wrong range of samples would show
+        for b, (_, y, *segments) in enumerate(dm.train_dataloader()):
+            targets[b // 2] = targets.get(b // 2, 0) + int((y != IGNORE_INDEX).sum())
+            in_rows = int((segments[0].amax(dim=1) + 1).sum()) if pack else len(y)  # packed: segments 0 .. n-1
+            examples[b // 2] = examples.get(b // 2, 0) + in_rows
+    assert [dm.targets_in_step(step) for step in range(5)] == [targets[step] for step in range(5)]
+    assert len(set(targets.values())) > 1  # steps differ, so a wrong range of samples would show
+    assert dm.examples_in_steps(1, 4) == sum(examples[step] for step in range(1, 4))
+    assert (dm.examples_in_steps(1, 4) > 3 * 2 * 2 * 2) == pack  # packed rows hold several examples
 
 
 def _first_step_gradients(dm: ChatDataModule, accumulate: int, tokenizer: Tokenizer) -> dict[str, torch.Tensor]:

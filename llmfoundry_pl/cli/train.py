@@ -111,12 +111,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         end_distributed_job(trainer.strategy, failed)
 
     if trainer.is_global_zero:
-        # Pretraining rows are all seq_len tokens; fine-tuning rows are examples of varying length.
-        unit = "examples" if isinstance(datamodule, ChatDataModule) else "tokens"
-        per_row = 1 if unit == "examples" else cfg.data.seq_len
-        rows_per_step = cfg.data.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        # Pretraining rows are all seq_len tokens; fine-tuning rows are examples of varying length (or, packed,
+        # several of them).
         steps = trainer.global_step - start_step
-        metrics[f"train_{unit}_per_s"] = steps * rows_per_step * per_row / train_seconds if train_seconds > 0 else 0.0
+        if isinstance(datamodule, ChatDataModule):
+            unit, trained = "examples", datamodule.examples_in_steps(start_step, trainer.global_step)
+        else:
+            rows_per_step = cfg.data.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+            unit, trained = "tokens", steps * rows_per_step * cfg.data.seq_len
+        metrics[f"train_{unit}_per_s"] = trained / train_seconds if train_seconds > 0 else 0.0
         metrics["train_seconds"] = train_seconds
         _report(cfg, lit, trainer, metrics, initial, steps, unit, sampler)
     return metrics

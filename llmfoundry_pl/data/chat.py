@@ -232,7 +232,11 @@ class ChatDataModule(L.LightningDataModule):
         self.chat = ChatFormat(tokenizer)
         self.train_items: list | None = None
         self.val_items: list | None = None
-        self._sample_targets: EpochShuffled | None = None  # sft: the targets the loss counts, per training sample
+        # Per training sample (EpochShuffled over per-item values, with the training items' seed and length, so
+        # sample k's value is sample k's): the targets the loss counts (sft only), the examples it holds (packed:
+        # several)
+        self._sample_targets: EpochShuffled | None = None
+        self._sample_examples: EpochShuffled | None = None
 
     def prepare_data(self) -> None:
         """Read, check and encode the data (the demo task's files are built on first use)."""
@@ -260,8 +264,9 @@ class ChatDataModule(L.LightningDataModule):
                      f"{self.cfg.seq_len} tokens ({fill:.0%} filled)")
             self.train_items = rows
         if self.cfg.format == "sft":
-            # the same seed and length as the training items' EpochShuffled: sample k's count is sample k's
             self._sample_targets = EpochShuffled([_counted_targets(item) for item in self.train_items], self.cfg.seed)
+        self._sample_examples = EpochShuffled([len(item) if isinstance(item, list) else 1 for item in self.train_items],
+                                              self.cfg.seed)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()  # every rank holds the encoded examples (small next to the model)
@@ -290,10 +295,19 @@ class ChatDataModule(L.LightningDataModule):
         them, and a pair, not a token, is the unit of the DPO loss."""
         if self._sample_targets is None:
             return None
+        return sum(self._sample_targets[k] for k in self._samples_of_steps(step, step + 1))
+
+    def examples_in_steps(self, first: int, end: int) -> int:
+        """The examples (or preference pairs) optimizer steps ``first`` .. ``end - 1`` trained on, over all their
+        micro-batches and ranks: ``batch_size`` per micro-batch, or more where rows are packed."""
+        return sum(self._sample_examples[k] for k in self._samples_of_steps(first, end))
+
+    def _samples_of_steps(self, first: int, end: int) -> range:
+        """The sample indices of optimizer steps ``first`` .. ``end - 1``. StepBatchSampler gives micro-batch b on
+        rank r the samples from (b·W + r)·B on, so step s's micro-batches (b = s·A ... s·A + A - 1) on all ranks
+        hold samples s·A·W·B ... (s + 1)·A·W·B - 1, back to back."""
         per_step = self.trainer.accumulate_grad_batches * self.trainer.world_size * self.cfg.batch_size
-        # StepBatchSampler gives micro-batch b on rank r the samples from (b·W + r)·B on: the step's micro-batches
-        # on all ranks (b = step·A ... step·A + A - 1) hold samples step·A·W·B ... (step + 1)·A·W·B - 1
-        return sum(self._sample_targets[k] for k in range(step * per_step, (step + 1) * per_step))
+        return range(first * per_step, end * per_step)
 
     def val_dataloader(self) -> DataLoader:
         indices = rank_share(len(self.val_items), self.trainer, "examples",
