@@ -415,6 +415,8 @@ class LitDPO(LitLlama):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         chosen, rejected = self._rewards(batch)
-        margin = chosen - rejected
+        # A pair with no reply token to score is the blank one that evens out the ranks' batches (RankShare)
+        scored = (batch[1][: len(chosen)] != IGNORE_INDEX).any(dim=1)
+        margin = (chosen - rejected)[scored]
         self.val_metrics.update(-F.logsigmoid(margin), margin)  # summed over batches and ranks: per-pair means
 

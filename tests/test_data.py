@@ -1,5 +1,6 @@
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -205,20 +206,35 @@ def test_a_resumed_fit_draws_the_micro_batches_from_its_step_on():
     assert remaining_micro_batches(trainer, "") == (24, 0)
 
 
-def test_ranks_share_the_validation_items_and_each_needs_one():
-    from types import SimpleNamespace
+@pytest.mark.parametrize("seq_len", [64, 80, 100, 128, 250])  # 16, 13, 10, 8 and 4 windows
+@pytest.mark.parametrize(("world_size", "batch_size"), [(2, 1), (2, 4), (3, 2), (3, 4)])
+def test_ranks_share_the_validation_windows_in_as_many_batches(token_file, seq_len, world_size, batch_size):
+    # Under FSDP every forward pass is a collective, so a rank with one batch more than the others would hang.
+    from torch.utils.data import DataLoader
 
-    from llmfoundry_pl.data.datamodule import rank_share
+    from llmfoundry_pl.data.datamodule import RankShare, unscored_window
+
+    sweep = SweepWindows(token_file, seq_len=seq_len, pad_id=0)
+    loaders = [DataLoader(RankShare(sweep, SimpleNamespace(global_rank=r, world_size=world_size), unscored_window,
+                                    "windows", ""), batch_size=batch_size) for r in range(world_size)]
+    assert len({len(loader) for loader in loaders}) == 1
+    scored = np.concatenate([y[y != IGNORE_INDEX].numpy() for loader in loaders for _, y in loader])
+    assert (np.sort(scored) == np.arange(1, 1000)).all()  # every target once, whatever the padding added
+
+
+def test_ranks_share_the_validation_items_and_each_needs_one():
+    from llmfoundry_pl.data.datamodule import RankShare
 
     ranks = [SimpleNamespace(global_rank=r, world_size=3) for r in range(3)]
-    shares = [rank_share(7, trainer, "windows", "") for trainer in ranks]
-    assert sorted(i for share in shares for i in share) == list(range(7))  # all of them, none twice
-    assert rank_share(7, None, "windows", "") == list(range(7))  # no trainer: one process
+    items = list(range(7))
+    shares = [list(RankShare(items, trainer, lambda i: -1, "windows", "")) for trainer in ranks]
+    assert shares == [[0, 3, 6], [1, 4, -1], [2, 5, -1]]  # all of them, none twice, the short ranks evened out
+    assert list(RankShare(items, None, lambda i: -1, "windows", "")) == items  # no trainer: one process
     # Lightning refuses an empty loader on the rank that has it (a traceback there, a dropped connection elsewhere):
     # every rank refuses in one line instead
     for trainer in ranks:
         with pytest.raises(ConfigError, match=r"fewer windows \(2\) than processes sharing it \(3\); lower it"):
-            rank_share(2, trainer, "windows", "lower it")
+            RankShare([0, 1], trainer, lambda i: -1, "windows", "lower it")
 
 
 @pytest.mark.parametrize(

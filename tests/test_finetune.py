@@ -22,6 +22,7 @@ from llmfoundry_pl.data.chat import (
     encode_example,
     pack_examples,
     read_records,
+    unscored,
 )
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
@@ -329,6 +330,22 @@ def test_dpo_rewards_start_at_zero_and_accuracy_at_a_coin_toss(chat):
     chosen, rejected = lit._rewards((x, y))
     assert (chosen - rejected).min() > 0
     assert not any(k.startswith("reference.") for k in _saved_keys(lit))  # the reference is rebuilt, not saved
+
+
+def test_dpo_validation_skips_the_blank_pair_that_evens_out_the_ranks(chat):
+    pairs = [(encode_example(chat, [*CONVERSATION[1:2], {"role": "assistant", "content": c}], 96, "drop")[0],
+              encode_example(chat, [*CONVERSATION[1:2], {"role": "assistant", "content": r}], 96, "drop")[0])
+             for c, r in [("The Tempest", "Othello"), ("Twelfth Night", "Hamlet")]]
+    lit = LitDPO(tiny_model(chat.tokenizer.vocab_size).config, network=tiny_model(chat.tokenizer.vocab_size))
+    for p in lit.model.parameters():  # a policy apart from its reference, so that the pairs' margins differ from 0
+        p.data.add_(0.05 * torch.randn_like(p))
+    results = []
+    for batch in (pairs, [*pairs, unscored(pairs[0])]):
+        lit.validation_step(collate_examples(batch, chat.tokenizer.pad_id), 0)
+        results.append(lit.val_metrics.compute())
+        lit.val_metrics.reset()
+    assert results[0]["reward_margin"] != 0
+    torch.testing.assert_close(results[1], results[0])  # the blank pair counted nowhere, not even in the pairs
 
 
 def _saved_keys(lit: LitLlama) -> list[str]:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from llmfoundry_pl.chat import ChatFormat, Message, check_messages
 from llmfoundry_pl.config import ChatDataConfig, ConfigError
-from llmfoundry_pl.data.datamodule import IGNORE_INDEX, StepBatchSampler, rank_share, remaining_micro_batches
+from llmfoundry_pl.data.datamodule import IGNORE_INDEX, RankShare, StepBatchSampler, remaining_micro_batches
 from llmfoundry_pl.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,13 @@ def collate_examples(items: list, pad_id: int) -> tuple[torch.Tensor, ...]:
     return (x, y, segments) if packed else (x, y)
 
 
+def unscored(item: Example | tuple[Example, Example]) -> Example | tuple[Example, Example]:
+    """An example (or preference pair) with no target to score: :class:`RankShare`'s blank item for chat data."""
+    if isinstance(item, tuple):
+        return tuple(unscored(ex) for ex in item)
+    return Example(item.x, [IGNORE_INDEX] * len(item.y))
+
+
 def _counted_targets(item: Example | list[Example]) -> int:
     """The targets the loss counts in an example or a packed row of them."""
     return sum(t != IGNORE_INDEX for ex in (item if isinstance(item, list) else [item]) for t in ex.y)
@@ -310,9 +317,9 @@ class ChatDataModule(L.LightningDataModule):
         return range(first * per_step, end * per_step)
 
     def val_dataloader(self) -> DataLoader:
-        indices = rank_share(len(self.val_items), self.trainer, "examples",
-                             "give more of them (data.val_path, or a larger data.val_fraction)")
-        return self._loader(self.val_items, sampler=indices, batch_size=self.cfg.batch_size)
+        share = RankShare(self.val_items, self.trainer, unscored, "examples",
+                          "give more of them (data.val_path, or a larger data.val_fraction)")
+        return self._loader(share, batch_size=self.cfg.batch_size)
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         return DataLoader(dataset, collate_fn=partial(collate_examples, pad_id=self.tokenizer.pad_id),

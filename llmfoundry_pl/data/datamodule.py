@@ -14,8 +14,9 @@ token once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -99,16 +100,44 @@ def remaining_micro_batches(trainer: L.Trainer | None, why: str) -> tuple[int, i
     return first, max(trainer.max_steps * accumulate - first, 0)
 
 
-def rank_share(n_items: int, trainer: L.Trainer | None, what: str, fix: str) -> list[int]:
-    """The indices of the ``n_items`` validation items this rank scores: every world_size-th from its rank, so the
-    ranks' sums add up to the whole split, nothing counted twice. Fewer items than ranks is a one-line error on every
-    rank (``what`` names the items, ``fix`` how to get more): Lightning refuses a rank whose loader is empty, with a
-    traceback from that rank and a broken connection on the others."""
-    rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-    if n_items < world:
-        raise ConfigError(f"the validation split has fewer {what} ({n_items}) than processes sharing it ({world}); "
-                          f"{fix}")
-    return list(range(rank, n_items, world))
+class RankShare(Dataset):
+    """One process's share of the ``items`` to validate on: every world_size-th item from its rank, so that the
+    ranks' sums add up to the whole split, nothing counted twice.
+
+    Every rank also runs as many batches: a rank with one item fewer than rank 0 ends its share with a blank copy of
+    an item (``blank(item)``: the same inputs, no target scored), which adds nothing to the sums. Under FSDP each
+    forward pass is a collective every rank takes part in, so a rank with one batch more than the others waits for
+    them forever (two gloo ranks, the tiny model wrapped by block: rank 0's second forward never returned).
+    Lightning's DistributedSampler evens the ranks out by repeating items instead, which would count them twice.
+
+    Fewer items than ranks is a one-line error on every rank (``what`` names the items, ``fix`` how to get more):
+    Lightning refuses a rank whose loader is empty, with a traceback from that rank and a broken connection on the
+    others."""
+
+    def __init__(self, items: Dataset | list, trainer: L.Trainer | None, blank: Callable[[Any], Any], what: str,
+                 fix: str) -> None:
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        n_items = len(items)
+        if n_items < world:
+            raise ConfigError(f"the validation split has fewer {what} ({n_items}) than processes sharing it ({world}); "
+                              f"{fix}")
+        self.items, self.blank = items, blank
+        self.indices = list(range(rank, n_items, world))
+        self.length = -(-n_items // world)  # rank 0's share, the largest
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.length:  # (an IndexError also ends iteration by index, as list() does)
+            raise IndexError(f"item {i} of a share of {self.length}")
+        return self.items[self.indices[i]] if i < len(self.indices) else self.blank(self.items[self.indices[0]])
+
+
+def unscored_window(window: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A validation window's inputs with no target to score: :class:`RankShare`'s blank item for text."""
+    x, y = window
+    return x, torch.full_like(y, IGNORE_INDEX)
 
 
 def check_accumulate(accumulate: int) -> None:
@@ -181,10 +210,10 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(dataset, batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        dataset = SweepWindows(self._token_file("val"), self.cfg.seq_len, self.tokenizer.pad_id, self.cfg.val_stride)
-        indices = rank_share(len(dataset), self.trainer, f"windows of data.seq_len={self.cfg.seq_len} tokens",
-                             "hold out more text (data.val_fraction) or lower data.seq_len")
-        return self._loader(dataset, sampler=indices, batch_size=self.cfg.batch_size)
+        windows = SweepWindows(self._token_file("val"), self.cfg.seq_len, self.tokenizer.pad_id, self.cfg.val_stride)
+        share = RankShare(windows, self.trainer, unscored_window, f"windows of data.seq_len={self.cfg.seq_len} tokens",
+                          "hold out more text (data.val_fraction) or lower data.seq_len")
+        return self._loader(share, batch_size=self.cfg.batch_size)
 
     def _token_file(self, split: str) -> _TokenFile:
         path = self.token_files.train_path if split == "train" else self.token_files.val_path
