@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, ModelConfig, OptimConfig, SchedulerConfig
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
 from llmfoundry_pl.inference.scoring import sequence_log_probs
-from llmfoundry_pl.lora import ADAPTER_MARK, apply_lora
+from llmfoundry_pl.lora import ADAPTER_MARK, adapters_off, apply_lora
 from llmfoundry_pl.loss import next_token_loss, uses_chunked_loss
 from llmfoundry_pl.metrics import LanguageModelMetrics, PreferenceMetrics
 from llmfoundry_pl.model import Transformer
@@ -374,9 +374,12 @@ class LitDPO(LitLlama):
     (share of pairs with chosen reward > rejected reward, ties counted half: 0.5 before training, when the policy
     is the reference and every reward is 0).
 
-    The reference is a frozen copy of the starting network (before any LoRA adapters), kept out of checkpoints: a
-    resumed run rebuilds it from ``init_from``. Batches come from ChatDataModule with data.format=preference:
-    2B rows, the B chosen conversations first, then the B rejected ones.
+    The reference is a frozen copy of the starting network, kept out of checkpoints: a resumed run rebuilds it from
+    ``init_from``. With LoRA it is the policy itself with its adapters off (:func:`adapters_off`): the frozen base
+    weights are the starting network, and a copy would double the weights' memory.
+
+    Batches come from ChatDataModule with data.format=preference: 2B rows, the B chosen conversations first, then
+    the B rejected ones.
     """
 
     def __init__(
@@ -385,11 +388,11 @@ class LitDPO(LitLlama):
     ) -> None:
         """``dpo``: beta; the other arguments are :class:`LitLlama`'s (by keyword)."""
         network = network if network is not None else Transformer(_as(ModelConfig, model))
-        reference = copy.deepcopy(network).requires_grad_(False).eval()  # before LitLlama adds any LoRA adapters
         super().__init__(model, network=network, **kwargs)
         self.dpo_cfg = _as(DPOConfig, dpo or {})
         self.hparams["dpo"] = dataclasses.asdict(self.dpo_cfg)
-        self.reference = reference
+        # The starting weights, frozen; with LoRA the policy's own frozen base weights serve (_reference_logits)
+        self.reference = None if self.lora_cfg.enabled else copy.deepcopy(network).requires_grad_(False).eval()
         self.val_metrics = PreferenceMetrics()
 
     def _saved(self, key: str) -> bool:
@@ -398,12 +401,18 @@ class LitDPO(LitLlama):
     def _rewards(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """β · log-ratio of the chosen and of the rejected replies, each (B,)."""
         x, y = batch
-        policy = sequence_log_probs(self(x), y)  # (2B,)
         with torch.no_grad():
-            self.reference.eval()  # Lightning switches every submodule to train mode; the reference never is
-            reference = sequence_log_probs(self.reference(x), y)
+            reference = sequence_log_probs(self._reference_logits(x), y)
+        policy = sequence_log_probs(self(x), y)  # (2B,)
         chosen, rejected = (self.dpo_cfg.beta * (policy - reference)).chunk(2)
         return chosen, rejected
+
+    def _reference_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            with adapters_off(self.model):
+                return self.model(x)
+        self.reference.eval()  # Lightning switches every submodule to train mode; the reference never is
+        return self.reference(x)
 
     def flops_per_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         """The policy's forward and backward (3 forward passes' worth) plus the reference's forward (1 more)."""

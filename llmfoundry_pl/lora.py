@@ -8,6 +8,9 @@ frozen weight) and ``.lora_A.default`` / ``.lora_B.default`` (the adapter).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 from llmfoundry_pl.config import ConfigError, LoraConfig
@@ -33,6 +36,28 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
 
 def has_lora(model: nn.Module) -> bool:
     return any(ADAPTER_MARK in name for name, _ in model.named_parameters())
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as it was before LoRA, inside the ``with``: every adapter off and eval mode (no dropout), as a frozen
+    copy of the starting model would compute; on leaving, the adapters are on and trainable again.
+
+    DPO's reference with LoRA: the frozen base weights *are* the starting model, so no second copy of them is kept.
+    Written here because peft's ``PeftModel.disable_adapter`` belongs to the wrapper ``inject_adapter_in_model``
+    does not add; this is its loop over the LoRA layers."""
+    peft = _peft()
+    layers = [m for m in model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+    was_training = model.training
+    model.eval()
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        model.train(was_training)
 
 
 def merge_lora(model: Transformer) -> Transformer:

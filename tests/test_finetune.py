@@ -309,10 +309,14 @@ def test_lora_checkpoints_hold_only_the_adapters(tokenizer):
     assert set(checkpoint["state_dict"]) == set(lit.state_dict())
 
 
+def _preference_pairs(chat: ChatFormat) -> list[tuple[Example, Example]]:
+    return [(encode_example(chat, [*CONVERSATION[1:2], {"role": "assistant", "content": c}], 96, "drop")[0],
+             encode_example(chat, [*CONVERSATION[1:2], {"role": "assistant", "content": r}], 96, "drop")[0])
+            for c, r in [("The Tempest", "Othello"), ("Twelfth Night", "Hamlet")]]
+
+
 def test_dpo_rewards_start_at_zero_and_accuracy_at_a_coin_toss(chat):
-    pairs = [(encode_example(chat, [*CONVERSATION[1:2], {"role": "assistant", "content": c}], 96, "drop")[0],
-              encode_example(chat, [*CONVERSATION[1:2], {"role": "assistant", "content": r}], 96, "drop")[0])
-             for c, r in [("The Tempest", "Othello"), ("Twelfth Night", "Hamlet")]]
+    pairs = _preference_pairs(chat)
     x, y = collate_examples(pairs, chat.tokenizer.pad_id)
     assert x.shape[0] == 4  # chosen rows, then rejected rows
     lit = LitDPO(tiny_model(chat.tokenizer.vocab_size).config, network=tiny_model(chat.tokenizer.vocab_size))
@@ -333,9 +337,7 @@ def test_dpo_rewards_start_at_zero_and_accuracy_at_a_coin_toss(chat):
 
 
 def test_dpo_validation_skips_the_blank_pair_that_evens_out_the_ranks(chat):
-    pairs = [(encode_example(chat, [*CONVERSATION[1:2], {"role": "assistant", "content": c}], 96, "drop")[0],
-              encode_example(chat, [*CONVERSATION[1:2], {"role": "assistant", "content": r}], 96, "drop")[0])
-             for c, r in [("The Tempest", "Othello"), ("Twelfth Night", "Hamlet")]]
+    pairs = _preference_pairs(chat)
     lit = LitDPO(tiny_model(chat.tokenizer.vocab_size).config, network=tiny_model(chat.tokenizer.vocab_size))
     for p in lit.model.parameters():  # a policy apart from its reference, so that the pairs' margins differ from 0
         p.data.add_(0.05 * torch.randn_like(p))
@@ -346,6 +348,24 @@ def test_dpo_validation_skips_the_blank_pair_that_evens_out_the_ranks(chat):
         lit.val_metrics.reset()
     assert results[0]["reward_margin"] != 0
     torch.testing.assert_close(results[1], results[0])  # the blank pair counted nowhere, not even in the pairs
+
+
+def test_dpo_with_lora_takes_its_reference_from_the_frozen_base_weights_not_a_copy(chat):
+    base = tiny_model(chat.tokenizer.vocab_size, dropout=0.2).eval()
+    lit = LitDPO(base.config, network=tiny_model(chat.tokenizer.vocab_size, dropout=0.2), lora=LoraConfig(enabled=True))
+    assert lit.reference is None and not any(n.startswith("reference") for n, _ in lit.named_parameters())
+    with torch.no_grad():  # trained adapters: the policy differs from its starting point
+        for n, p in lit.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    x, y = collate_examples(_preference_pairs(chat), chat.tokenizer.pad_id)
+    lit.train()
+    torch.testing.assert_close(lit._reference_logits(x), base(x))  # adapters off and no dropout, as a frozen copy
+    adapters = [p for n, p in lit.model.named_parameters() if ".lora_" in n]
+    assert lit.model.training and adapters and all(p.requires_grad for p in adapters)  # the policy back as it was
+    chosen, rejected = lit._rewards((x, y))
+    (-F.logsigmoid(chosen - rejected).mean()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
 
 
 def _saved_keys(lit: LitLlama) -> list[str]:
