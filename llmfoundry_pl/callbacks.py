@@ -31,8 +31,8 @@ class SampleTextCallback(L.Callback):
         self._sampled_at: int | None = None  # the step of the last sample
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Once per step: lfpl-train validates again after fitting, and when the last step was validated already the
-        # weights, the seed and so the sample are the same as that validation's.
+        # Once per step: a trainer.validate after fitting, on a step fit validated already, has the same weights and
+        # seed, and so would print the same sample again.
         if trainer.sanity_checking or pl_module.tokenizer is None or trainer.global_step == self._sampled_at:
             return
         self._sampled_at = trainer.global_step

@@ -147,6 +147,9 @@ class LitLlama(L.LightningModule):
         self.val_metrics = LanguageModelMetrics()
         self.tokenizer: Tokenizer | None = None
         self.compiled = False  # whether compile_training ran; model.logits=auto looks at it
+        # (optimizer step, logged metrics) of the last validation while fitting: when fit ends on that step, they
+        # are the trained weights' final metrics, and lfpl-train does not measure them a second time
+        self.last_fit_validation: tuple[int, dict[str, float]] | None = None
 
     # ---------------------------------------------------------------------------------------------------------
     # Tokenizer: travels inside the checkpoint
@@ -272,9 +275,13 @@ class LitLlama(L.LightningModule):
         """Log the held-out metrics as ``val/<name>``. While fitting, a loss that is no longer a number ends the
         run here with one line: else it would train on in NaN to the end, save NaN checkpoints, and crash in the
         first sample it tried to draw. (Every rank computes the same summed loss, so all of them stop.)"""
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True)
+        logged = {f"val/{k}": v for k, v in metrics.items()}
+        self.log_dict(logged, prog_bar=True)
         self.val_metrics.reset()
-        if self.trainer.state.fn == TrainerFn.FITTING and not torch.isfinite(metrics["loss"]):
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        if fitting and not self.trainer.sanity_checking:
+            self.last_fit_validation = self.global_step, {k: float(v) for k, v in logged.items()}
+        if fitting and not torch.isfinite(metrics["loss"]):
             raise TrainingDiverged(
                 f"training diverged: val/loss is {float(metrics['loss'])} at step {self.global_step}; lower optim.lr "
                 f"(it is {self.optim_cfg.lr:g}) or keep gradient clipping on (trainer.gradient_clip_val=1.0). The "

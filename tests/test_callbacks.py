@@ -99,8 +99,7 @@ def test_h200_mfu_is_measured_against_its_dense_spec(monkeypatch, name, precisio
 
 
 def test_sample_text_is_drawn_once_per_step(cache_dir, monkeypatch):
-    # lfpl-train validates once more after fitting; when the last step was validated already, that validation's
-    # sample would be the same text again.
+    # A trainer.validate after fitting, on a step fit validated already, would print that validation's sample again.
     datamodule = TextDataModule(DataConfig(vocab_size=512, seq_len=32, batch_size=4, cache_dir=str(cache_dir)))
     datamodule.prepare_data()
     lit = LitLlama(ModelConfig(vocab_size=512, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32))

@@ -51,6 +51,11 @@ def test_train_reports_and_leaves_checkpoint(trained_run):
     # tokens/s and MFU from the throughput callback, against the CPU peak measured at start-up
     assert rows and all(0 < float(r["train/device/mfu"]) < 1 for r in rows)
     assert all(float(r["train/device/items_per_sec"]) > 0 for r in rows)
+    with open(trained_run / "csv" / "metrics.csv") as f:
+        validations = [(int(r["step"]), float(r["val/loss"])) for r in csv.DictReader(f) if r.get("val/loss")]
+    # Validated after steps 4 and 8 (Lightning's CSV counts from 0): fit's validation after the last step gives the
+    # final metrics, with no second pass over the same weights
+    assert [step for step, _ in validations] == [3, 7] and record["metrics"]["val/loss"] == validations[-1][1]
 
 
 def test_eval_on_other_text_and_on_the_runs_own_split(trained_run, tmp_path):
@@ -138,6 +143,7 @@ def test_resume_continues_exactly(tmp_path, cache_dir, placement, tolerance):
     proc = run_cli("train", *run, "ckpt_path=last", "paths.runs_dir=.", "trainer.max_steps=9", "hydra.run.dir=again",
                    cwd=tmp_path)
     assert "trained 1 steps" in proc.stdout
+    assert "held-out text: val/loss" in proc.stdout  # fit validated after step 8, not 9: validated after fitting
     # a finished run resumed as it was would train 0 steps and say nothing of why
     proc = run_cli("train", *run, f"ckpt_path={tmp_path}/again/checkpoints/last.ckpt", "trainer.max_steps=9",
                    cwd=tmp_path, check=False)
