@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,6 +11,9 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from llmfoundry_pl.chat import HF_CHAT_TEMPLATE, ChatFormat, render
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, LoraConfig, ModelConfig
@@ -29,9 +33,10 @@ from llmfoundry_pl.data.datamodule import IGNORE_INDEX
 from llmfoundry_pl.lit_module import LitDPO, LitLlama
 from llmfoundry_pl.lora import merge_lora
 from llmfoundry_pl.metrics import PreferenceMetrics
-from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.model import Transformer, TransformerBlock
 from llmfoundry_pl.tokenizer import Tokenizer, train_tokenizer
 from tests.conftest import TINY, run_cli
+from tests.helpers.gloo import run_on_gloo_ranks
 
 CONVERSATION = [
     {"role": "system", "content": "Answer with a title."},
@@ -366,6 +371,52 @@ def test_dpo_with_lora_takes_its_reference_from_the_frozen_base_weights_not_a_co
     chosen, rejected = lit._rewards((x, y))
     (-F.logsigmoid(chosen - rejected).mean()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
+
+
+def _dpo_with_lora_steps_under_fsdp(rank: int) -> None:
+    """One of two ranks: a DPO+LoRA module sharded by block as trainer=fsdp shards it (fp32 here, to compare
+    exactly), its training step run inside the root's forward as Lightning runs it, twice; rewards and adapter
+    gradients equal the unsharded module's."""
+    def build() -> LitDPO:
+        lit = LitDPO(tiny_model(64).config, network=tiny_model(64), lora=LoraConfig(enabled=True, dropout=0.0))
+        with torch.no_grad():
+            for n, p in lit.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        return lit.train()
+
+    class Step(nn.Module):
+        def __init__(self, lit: LitDPO) -> None:
+            super().__init__()
+            self.lit = lit
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.cat(self.lit._rewards((x, y)))
+
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
+    y = x.roll(-1, dims=1)
+    plain = build()
+    expected = torch.cat(plain._rewards((x, y)))
+    (-F.logsigmoid(expected[:2] - expected[2:]).mean()).backward()
+    per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
+    sharded = FullyShardedDataParallel(Step(build()), auto_wrap_policy=per_block, use_orig_params=True,
+                                       device_id=torch.device("cpu"))
+    for _ in range(2):  # the second step: the adapters are on and trainable again after the reference's pass
+        sharded.zero_grad()
+        rewards = sharded(x, y)
+        (-F.logsigmoid(rewards[:2] - rewards[2:]).mean()).backward()
+    torch.testing.assert_close(rewards, expected)
+    with FullyShardedDataParallel.summon_full_params(sharded, with_grads=True):
+        grads = {n.replace("_fsdp_wrapped_module.", "").removeprefix("lit."): p.grad
+                 for n, p in sharded.named_parameters() if p.grad is not None}
+    adapters = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    assert adapters and all(".lora_" in n for n in adapters)
+    for name, grad in adapters.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
+
+
+def test_dpo_with_lora_under_fsdp_trains_the_adapters_of_both_ranks(tmp_path):
+    run_on_gloo_ranks(_dpo_with_lora_steps_under_fsdp, tmp_path)
 
 
 def _saved_keys(lit: LitLlama) -> list[str]:
