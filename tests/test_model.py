@@ -96,6 +96,18 @@ def test_model_flops_per_token_counts_matmuls_and_attention(tied):
     assert m.flops_per_token(24) == 6 * weights + 12 * cfg.n_layers * cfg.dim * 24
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_flops_per_token_is_what_pytorchs_flop_counter_counts(tied):
+    # MFU's numerator, checked against an independent count: PyTorch's FLOP counter over a real forward and backward
+    # (of the written-out attention: the counter has no formula for the CPU's fused SDPA kernel and counts it as 0)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = Transformer(tiny_config(attention="math", tie_embeddings=tied))
+    with FlopCounterMode(display=False) as counter:
+        m(torch.randint(0, 97, (3, 24))).sum().backward()
+    assert counter.get_total_flops() == m.flops_per_token(24) * 3 * 24
+
+
 def test_model_residual_projections_get_scaled_init():
     torch.manual_seed(0)
     m = Transformer(tiny_config(dim=256, n_heads=4, n_kv_heads=4, n_layers=8, init_std=0.02))
