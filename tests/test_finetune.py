@@ -284,6 +284,15 @@ def test_accumulated_fine_tuning_step_has_the_gradient_of_the_whole_batch(tokeni
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA and DPO
 # ----------------------------------------------------------------------------------------------------------------
+def train_adapters(model: nn.Module) -> None:
+    """Give the adapters weights as training would: lora_B starts at 0, which makes each adapter a no-op."""
+    seeded = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=seeded)
+
+
 def test_lora_trains_only_adapters_and_merges_into_the_same_function(tokenizer):
     base = tiny_model(tokenizer.vocab_size)
     lit = LitLlama(base.config, network=tiny_model(tokenizer.vocab_size),
@@ -291,10 +300,7 @@ def test_lora_trains_only_adapters_and_merges_into_the_same_function(tokenizer):
     trainable = {n for n, p in lit.model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
     assert {n.split(".")[-4] for n in trainable} == {"wq", "wv", "w2"}
-    with torch.no_grad():  # lora_B starts at 0 (a no-op adapter); give it weights so the merge has work to do
-        for n, p in lit.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    train_adapters(lit.model)  # so that the merge has work to do
     tokens = torch.randint(0, tokenizer.vocab_size, (2, 20))
     with_adapters = lit.model(tokens)
     assert not torch.allclose(with_adapters, base(tokens), atol=1e-4)
@@ -359,10 +365,7 @@ def test_dpo_with_lora_takes_its_reference_from_the_frozen_base_weights_not_a_co
     base = tiny_model(chat.tokenizer.vocab_size, dropout=0.2).eval()
     lit = LitDPO(base.config, network=tiny_model(chat.tokenizer.vocab_size, dropout=0.2), lora=LoraConfig(enabled=True))
     assert lit.reference is None and not any(n.startswith("reference") for n, _ in lit.named_parameters())
-    with torch.no_grad():  # trained adapters: the policy differs from its starting point
-        for n, p in lit.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    train_adapters(lit.model)  # the policy differs from its starting point
     x, y = collate_examples(_preference_pairs(chat), chat.tokenizer.pad_id)
     lit.train()
     torch.testing.assert_close(lit._reference_logits(x), base(x))  # adapters off and no dropout, as a frozen copy
@@ -379,10 +382,7 @@ def _dpo_with_lora_steps_under_fsdp(rank: int) -> None:
     gradients equal the unsharded module's."""
     def build() -> LitDPO:
         lit = LitDPO(tiny_model(64).config, network=tiny_model(64), lora=LoraConfig(enabled=True, dropout=0.0))
-        with torch.no_grad():
-            for n, p in lit.model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        train_adapters(lit.model)  # the same weights on both ranks
         return lit.train()
 
     class Step(nn.Module):
