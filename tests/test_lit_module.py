@@ -1,19 +1,23 @@
 import functools
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+from torch.utils.data import DataLoader
 
 from llmfoundry_pl.callbacks import LossProgressBar
 from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedulerConfig
 from llmfoundry_pl.data import TextDataModule
+from llmfoundry_pl.data.datamodule import RankShare, unscored_window
 from llmfoundry_pl.lit_module import (
     FP16_ADAMW_MIN_EPS,
     LitDPO,
@@ -356,6 +360,43 @@ def _decay_groups_and_flops_of_two_shards(rank: int) -> None:
 
 def test_weight_decay_and_flops_under_fsdp_of_two_ranks_are_the_unwrapped_models(tmp_path):
     run_on_gloo_ranks(_decay_groups_and_flops_of_two_shards, tmp_path)
+
+
+class _Validation(nn.Module):
+    """Runs ``lit.validation_step`` inside the root module's forward, as Lightning's FSDP strategy runs it."""
+
+    def __init__(self, lit: LitLlama) -> None:
+        super().__init__()
+        self.lit = lit
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.lit.validation_step((x, y), 0)
+
+
+def _validate_an_uneven_split_in_two_shards(rank: int) -> None:
+    """One of two ranks: 7 held-out windows in batches of 3, rank 0 holding 4 of them and rank 1 three, every
+    forward through the FSDP root. Both ranks run two batches (before RankShare rank 1 ran one, and rank 0's second
+    forward waited for it forever), and the metrics summed over the ranks are one process's over all 7 windows."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 512, (7, 9))
+    windows = [(row[:-1], row[1:]) for row in tokens]
+    lit = LitLlama(tiny_model())
+    with torch.no_grad():
+        expected = F.cross_entropy(lit.model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
+    sharded = FullyShardedDataParallel(_Validation(lit), auto_wrap_policy=per_block, device_id=torch.device("cpu"))
+    share = RankShare(windows, SimpleNamespace(global_rank=rank, world_size=2), unscored_window, "windows", "")
+    batches = 0
+    with torch.no_grad():
+        for x, y in DataLoader(share, batch_size=3):
+            sharded(x, y)
+            batches += 1
+    assert batches == 2
+    torch.testing.assert_close(lit.val_metrics.compute()["loss"], expected)  # (compute sums over the ranks)
+
+
+def test_fsdp_ranks_validate_an_uneven_split_in_as_many_batches_and_count_each_token_once(tmp_path):
+    run_on_gloo_ranks(_validate_an_uneven_split_in_two_shards, tmp_path)
 
 
 def test_flops_per_batch_count_the_batch_as_it_came():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ def run_on_gloo_ranks(fn: Callable[[int], None], tmp_path: Path, world_size: int
 
 
 def _join_and_run(rank: int, fn: Callable[[int], None], world_size: int, rendezvous: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    # A rank left waiting in a collective the others never join fails after two minutes, not gloo's default 30
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size,
+                            timeout=timedelta(minutes=2))
     try:
         fn(rank)
         # Leave in step: a rank that tore its group down and exited while the other still used it, with FSDP modules
