@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from llmfoundry_pl.chat import HF_CHAT_TEMPLATE, ChatFormat, render
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, LoraConfig, ModelConfig
@@ -33,10 +31,10 @@ from llmfoundry_pl.data.datamodule import IGNORE_INDEX
 from llmfoundry_pl.lit_module import LitDPO, LitLlama
 from llmfoundry_pl.lora import merge_lora
 from llmfoundry_pl.metrics import PreferenceMetrics
-from llmfoundry_pl.model import Transformer, TransformerBlock
+from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer, train_tokenizer
 from tests.conftest import TINY, run_cli
-from tests.helpers.gloo import run_on_gloo_ranks
+from tests.helpers.gloo import InRootForward, run_on_gloo_ranks, shard_by_block
 
 CONVERSATION = [
     {"role": "system", "content": "Answer with a title."},
@@ -385,25 +383,15 @@ def _dpo_with_lora_steps_under_fsdp(rank: int) -> None:
         train_adapters(lit.model)  # the same weights on both ranks
         return lit.train()
 
-    class Step(nn.Module):
-        def __init__(self, lit: LitDPO) -> None:
-            super().__init__()
-            self.lit = lit
-
-        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return torch.cat(self.lit._rewards((x, y)))
-
     x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
     y = x.roll(-1, dims=1)
     plain = build()
     expected = torch.cat(plain._rewards((x, y)))
     (-F.logsigmoid(expected[:2] - expected[2:]).mean()).backward()
-    per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
-    sharded = FullyShardedDataParallel(Step(build()), auto_wrap_policy=per_block, use_orig_params=True,
-                                       device_id=torch.device("cpu"))
+    sharded = shard_by_block(InRootForward(build(), "_rewards"), use_orig_params=True)
     for _ in range(2):  # the second step: the adapters are on and trainable again after the reference's pass
         sharded.zero_grad()
-        rewards = sharded(x, y)
+        rewards = torch.cat(sharded((x, y)))
         (-F.logsigmoid(rewards[:2] - rewards[2:]).mean()).backward()
     torch.testing.assert_close(rewards, expected)
     with FullyShardedDataParallel.summon_full_params(sharded, with_grads=True):

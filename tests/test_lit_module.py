@@ -1,4 +1,3 @@
-import functools
 import math
 from types import SimpleNamespace
 
@@ -11,7 +10,6 @@ from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
-from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from torch.utils.data import DataLoader
 
 from llmfoundry_pl.callbacks import LossProgressBar
@@ -28,8 +26,8 @@ from llmfoundry_pl.lit_module import (
     use_fused_adamw,
 )
 from llmfoundry_pl.metrics import LanguageModelMetrics, PreferenceMetrics
-from llmfoundry_pl.model import Transformer, TransformerBlock
-from tests.helpers.gloo import run_on_gloo_ranks
+from llmfoundry_pl.model import Transformer
+from tests.helpers.gloo import InRootForward, run_on_gloo_ranks, shard_by_block
 
 
 def tiny_model(**kw) -> ModelConfig:
@@ -281,9 +279,7 @@ def _shard_with_fsdp(lit: LitLlama, tokens: torch.Tensor) -> FSDPStrategy:
     FSDPStrategy needs a GPU, so it is given the wrapped module directly."""
     bf16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
     strategy = FSDPStrategy()
-    per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
-    strategy.model = FullyShardedDataParallel(lit, auto_wrap_policy=per_block, mixed_precision=bf16,
-                                              use_orig_params=True, device_id=torch.device("cpu"))
+    strategy.model = shard_by_block(lit, mixed_precision=bf16, use_orig_params=True)
     strategy.model(tokens).sum().backward()
     return strategy
 
@@ -362,17 +358,6 @@ def test_weight_decay_and_flops_under_fsdp_of_two_ranks_are_the_unwrapped_models
     run_on_gloo_ranks(_decay_groups_and_flops_of_two_shards, tmp_path)
 
 
-class _Validation(nn.Module):
-    """Runs ``lit.validation_step`` inside the root module's forward, as Lightning's FSDP strategy runs it."""
-
-    def __init__(self, lit: LitLlama) -> None:
-        super().__init__()
-        self.lit = lit
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.lit.validation_step((x, y), 0)
-
-
 def _validate_an_uneven_split_in_two_shards(rank: int) -> None:
     """One of two ranks: 7 held-out windows in batches of 3, rank 0 holding 4 of them and rank 1 three, every
     forward through the FSDP root. Both ranks run two batches (before RankShare rank 1 ran one, and rank 0's second
@@ -383,13 +368,12 @@ def _validate_an_uneven_split_in_two_shards(rank: int) -> None:
     lit = LitLlama(tiny_model())
     with torch.no_grad():
         expected = F.cross_entropy(lit.model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
-    per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
-    sharded = FullyShardedDataParallel(_Validation(lit), auto_wrap_policy=per_block, device_id=torch.device("cpu"))
+    sharded = shard_by_block(InRootForward(lit, "validation_step"))
     share = RankShare(windows, SimpleNamespace(global_rank=rank, world_size=2), unscored_window, "windows", "")
     batches = 0
     with torch.no_grad():
         for x, y in DataLoader(share, batch_size=3):
-            sharded(x, y)
+            sharded((x, y), 0)
             batches += 1
     assert batches == 2
     torch.testing.assert_close(lit.val_metrics.compute()["loss"], expected)  # (compute sums over the ranks)

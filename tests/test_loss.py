@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from llmfoundry_pl import loss as loss_module
 from llmfoundry_pl.config import ConfigError, ModelConfig
@@ -19,8 +17,8 @@ from llmfoundry_pl.data.datamodule import IGNORE_INDEX
 from llmfoundry_pl.inference.quantize import quantize
 from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.loss import chunk_tokens, linear_cross_entropy, next_token_loss, uses_chunked_loss
-from llmfoundry_pl.model import Transformer, TransformerBlock
-from tests.helpers.gloo import run_on_gloo_ranks
+from llmfoundry_pl.model import Transformer
+from tests.helpers.gloo import InRootForward, run_on_gloo_ranks, shard_by_block
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -207,17 +205,6 @@ def test_compiled_step_keeps_the_full_logits_under_auto_and_chunks_when_asked(ch
         torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
 
 
-class _TrainingStep(torch.nn.Module):
-    """``lit``'s training loss as the forward of a module, which FSDP can wrap (as Lightning's wrapper does)."""
-
-    def __init__(self, lit: LitLlama) -> None:
-        super().__init__()
-        self.lit = lit
-
-    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
-        return self.lit.train_forward(batch)["loss"]
-
-
 def _fsdp_gradients(rank: int) -> None:
     """One of two ranks: the same batch's chunked loss on the same model, unsharded and then with FSDP splitting the
     weights between the ranks; rank 0 compares the gradients, gathered whole."""
@@ -226,14 +213,13 @@ def _fsdp_gradients(rank: int) -> None:
     loss_module.linear_cross_entropy = lambda *a: chunk_calls.append(1) or chunked_loss(*a)
     batch = _packed_batch()
     torch.manual_seed(0)
-    plain = _TrainingStep(LitLlama(_model_config(logits="chunked")))
-    plain(*batch).backward()
+    plain = InRootForward(LitLlama(_model_config(logits="chunked")), "train_forward")
+    plain(batch)["loss"].backward()
     expected = {n: p.grad for n, p in plain.named_parameters()}
     torch.manual_seed(0)
-    per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
-    sharded = FullyShardedDataParallel(_TrainingStep(LitLlama(_model_config(logits="chunked"))),
-                                       auto_wrap_policy=per_block, use_orig_params=True, device_id=torch.device("cpu"))
-    sharded(*batch).backward()  # both ranks see the same batch: the averaged gradient is the plain one
+    sharded = shard_by_block(InRootForward(LitLlama(_model_config(logits="chunked")), "train_forward"),
+                             use_orig_params=True)
+    sharded(batch)["loss"].backward()  # both ranks see the same batch: the averaged gradient is the plain one
     with FullyShardedDataParallel.summon_full_params(sharded, with_grads=True):
         got = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in sharded.named_parameters()}
     assert len(chunk_calls) == 2  # FSDP's unsharded head weight is still one the chunks multiply by
@@ -245,5 +231,5 @@ def _fsdp_gradients(rank: int) -> None:
 
 def test_chunked_loss_under_fsdp_gives_the_unsharded_gradients(tmp_path):
     # trainer=fsdp: the head's weight belongs to the root unit, sharded between the ranks and gathered for its
-    # forward, where the training step runs (Lightning's wrapper, as _TrainingStep here). Real FSDP on the CPU.
+    # forward, where the training step runs (Lightning's wrapper, as InRootForward here). Real FSDP on the CPU.
     run_on_gloo_ranks(_fsdp_gradients, tmp_path)

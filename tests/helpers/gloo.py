@@ -1,14 +1,22 @@
-"""Real ``torch.distributed`` for tests without a GPU: each rank a process of its own, talking over gloo."""
+"""Real ``torch.distributed`` for tests without a GPU: each rank a process of its own, talking over gloo, and FSDP
+wrapping as trainer=fsdp wraps, on the CPU."""
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+from llmfoundry_pl.model import TransformerBlock
 
 
 def run_on_gloo_ranks(fn: Callable[[int], None], tmp_path: Path, world_size: int = 2) -> None:
@@ -32,3 +40,22 @@ def _join_and_run(rank: int, fn: Callable[[int], None], world_size: int, rendezv
         gc.collect()
     finally:
         dist.destroy_process_group()
+
+
+def shard_by_block(module: nn.Module, **fsdp_kwargs: Any) -> FullyShardedDataParallel:
+    """``module`` under real FSDP on the CPU, one shard unit per transformer block as trainer=fsdp wraps it (Lightning's
+    FSDPStrategy needs a GPU). Call it inside :func:`run_on_gloo_ranks`."""
+    per_block = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})
+    return FullyShardedDataParallel(module, auto_wrap_policy=per_block, device_id=torch.device("cpu"), **fsdp_kwargs)
+
+
+class InRootForward(nn.Module):
+    """``lit.<step>(*args)`` as the forward of a module FSDP can wrap: Lightning's FSDP strategy runs the training and
+    validation steps inside the root module's forward, where the root's own shards (embedding, head) are gathered."""
+
+    def __init__(self, lit: nn.Module, step: str) -> None:
+        super().__init__()
+        self.lit, self.step = lit, step
+
+    def forward(self, *args: Any) -> Any:
+        return getattr(self.lit, self.step)(*args)
