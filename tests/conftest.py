@@ -1,10 +1,10 @@
-"""Shared fixtures: a per-session token cache, config composition, and the CLI as a real subprocess."""
+"""Shared fixtures: a per-session token cache, config composition, and the CLI as a real subprocess (forked with its
+imports done: tests/helpers/forked_cli.py)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from llmfoundry_pl.config import register_configs
+from tests.helpers import forked_cli
 
 # A model and run small enough for a 2-core CPU to train in seconds, through the real code paths.
 TINY = [
@@ -64,12 +65,9 @@ def run_cli(
     command: str, *args: str, cwd: Path, timeout: int = 300, check: bool = True, input: str | None = None
 ) -> subprocess.CompletedProcess:
     """Run ``python -m llmfoundry_pl.<command> args...`` in ``cwd``, as a user would from a shell (``input``:
-    what is typed on stdin)."""
+    what is typed on stdin), in a process forked from one that has done the imports (tests/helpers/forked_cli.py)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", f"llmfoundry_pl.{command}", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, input=input,
-    )
+    proc = forked_cli.run(command, list(args), cwd=cwd, env=env, timeout=timeout, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{command} {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
