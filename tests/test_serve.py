@@ -24,6 +24,7 @@ from llmfoundry_pl.inference import generate_stream
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.serve.engine import Engine, QueueFull, Request, SamplingParams
 from llmfoundry_pl.tokenizer import Tokenizer, train_tokenizer
+from tests.conftest import run_cli
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -462,13 +463,11 @@ def test_serve_refuses_a_port_that_is_no_tcp_port():
 
 
 def test_serve_cli_mistakes_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "llmfoundry_pl.serve", "ckpt_path=missing.ckpt"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_cli("serve", "ckpt_path=missing.ckpt", cwd=tmp_path, timeout=120, check=False)
     assert proc.returncode == 2 and "ckpt_path=missing.ckpt does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr and Path(tmp_path).exists()
     with socket.create_server(("127.0.0.1", 0)) as taken:  # a port in use: said before the model loads
         port = taken.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "llmfoundry_pl.serve", "ckpt_path=missing.ckpt", f"port={port}"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        proc = run_cli("serve", "ckpt_path=missing.ckpt", f"port={port}", cwd=tmp_path, timeout=120, check=False)
     assert proc.returncode == 2
     assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another port=" in proc.stderr
