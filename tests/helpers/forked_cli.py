@@ -63,8 +63,7 @@ def run(command: str, args: list[str], cwd: Path, env: dict[str, str], timeout: 
         except (_ServerGone, BrokenPipeError):  # the package does not import: a fresh interpreter shows why
             global _server_failed
             _server_failed = True
-            return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                                  input=input)
+            return run(command, args, cwd, env, timeout, input)
         try:
             returncode = _reply(server, timeout)["returncode"]
         except subprocess.TimeoutExpired:
@@ -72,6 +71,10 @@ def run(command: str, args: list[str], cwd: Path, env: dict[str, str], timeout: 
             _reply(server, timeout)
             output = files["stdout"].read_text(), files["stderr"].read_text()
             raise subprocess.TimeoutExpired(argv, timeout, *output) from None
+        except BaseException:  # the test was stopped (Ctrl-C, pytest-timeout): the next one gets a new server
+            os.kill(pid, signal.SIGKILL)
+            _stop_server()
+            raise
         return subprocess.CompletedProcess(argv, returncode, files["stdout"].read_text(), files["stderr"].read_text())
 
 
@@ -91,8 +94,18 @@ def _the_server() -> subprocess.Popen | None:
         _server = subprocess.Popen([sys.executable, "-m", "tests.helpers.forked_cli"], env=_server_env, text=True,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    cwd=Path(__file__).resolve().parents[2])
-        atexit.register(_server.kill)
     return _server
+
+
+def _stop_server() -> None:
+    global _server
+    if _server is not None:
+        _server.kill()
+        _server.wait()
+        _server = None
+
+
+atexit.register(_stop_server)
 
 
 def _reply(server: subprocess.Popen, timeout: float) -> dict:
