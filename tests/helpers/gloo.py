@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import multiprocessing
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -22,9 +23,15 @@ from llmfoundry_pl.model import TransformerBlock
 def run_on_gloo_ranks(fn: Callable[[int], None], tmp_path: Path, world_size: int = 2) -> None:
     """Run ``fn(rank)`` in ``world_size`` processes joined in one gloo process group, as as many GPUs would run it.
 
-    ``fn`` must be a module-level function (the processes are spawned). An exception in any rank fails the caller
-    with that rank's traceback."""
-    torch.multiprocessing.spawn(_join_and_run, args=(fn, world_size, str(tmp_path / "rendezvous")), nprocs=world_size)
+    ``fn`` must be a module-level function (the processes are started afresh and import it). An exception in any
+    rank fails the caller with that rank's traceback.
+
+    The ranks are forked from multiprocessing's fork server, which imports torch, Lightning and the package once per
+    test process (it runs no tensor operation, so the forks inherit no OpenMP state): spawning them as fresh
+    interpreters spent ~6 s of each test importing."""
+    multiprocessing.set_forkserver_preload(["lightning", "llmfoundry_pl.lit_module", __name__])  # before it starts
+    torch.multiprocessing.start_processes(_join_and_run, args=(fn, world_size, str(tmp_path / "rendezvous")),
+                                          nprocs=world_size, start_method="forkserver")
 
 
 def _join_and_run(rank: int, fn: Callable[[int], None], world_size: int, rendezvous: str) -> None:
