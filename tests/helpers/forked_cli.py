@@ -64,6 +64,9 @@ def run(command: str, args: list[str], cwd: Path, env: dict[str, str], timeout: 
             global _server_failed
             _server_failed = True
             return run(command, args, cwd, env, timeout, input)
+        except BaseException:  # the test was stopped while the server started: the next one gets a new server
+            _stop_server()
+            raise
         try:
             returncode = _reply(server, timeout)["returncode"]
         except subprocess.TimeoutExpired:
