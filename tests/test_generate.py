@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -219,6 +220,23 @@ def test_speculative_decoding_with_the_target_as_draft_accepts_everything(model)
     out = list(speculative_stream(model, model, [1, 17], 15, draft_tokens=4, temperature=0, stats=stats))
     assert out == generate(model, [1, 17], 15, temperature=0)
     assert stats.acceptance_rate == 1.0 and stats.target_calls == 3  # 5 tokens per call: 4 guesses + 1 bonus
+
+
+@pytest.mark.parametrize("prompt_len", [4, 14])  # 14: longer than the draft's context, within the target's
+def test_a_draft_with_a_shorter_context_still_gives_the_target_alone(model, draft, prompt_len):
+    # The context is the target's: past the draft's 10 tokens the target decodes alone, and only past its own 24
+    # does a window slide. Before, the draft's context capped both (the 14-token prompt was refused, and the
+    # target slid a 10-token window: other tokens than its own greedy ones). Both models end in the mode they began.
+    short = Transformer(dataclasses.replace(draft.config, max_seq_len=10))
+    short.load_state_dict(draft.state_dict())
+    model.train(), short.train()
+    try:
+        prompt = [1, *range(17, 17 + prompt_len - 1)]
+        out = list(speculative_stream(model, short, prompt, 20, draft_tokens=3, temperature=0))
+        assert model.training and short.training
+        assert out == generate(model, prompt, 20, temperature=0)
+    finally:
+        model.eval()
 
 
 def test_speculative_accept_rule_keeps_the_target_distribution():

@@ -11,6 +11,7 @@ printing a sample during training never moves the global RNG that dropout and re
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -90,9 +91,7 @@ def generate_steps(
         seen = torch.zeros(len(seqs), model.config.vocab_size, dtype=torch.bool, device=device)
         for row, seq in enumerate(seqs):
             seen[row, seq] = True
-    was_training = model.training
-    model.eval()
-    try:  # restore train mode even when the caller stops reading early
+    with eval_mode(model):
         tokens, left_pad = _left_padded(seqs, context, device)
         cache = new_kv_cache(model, batch_size=len(seqs)) if use_cache else None
         logits = model(tokens, cache, 0, left_pad)[:, -1]  # prefill: every prompt at once, (B, V)
@@ -113,8 +112,6 @@ def generate_steps(
             else:  # no cache, or the context is full: recompute a sliding window of each row's last tokens
                 window, window_pad = _left_padded(seqs, context, device)
                 logits = model(window, None, 0, window_pad)[:, -1]
-    finally:
-        model.train(was_training)
 
 
 def _left_padded(
@@ -127,3 +124,17 @@ def _left_padded(
     pad = [width - len(row) for row in rows]
     tokens = torch.tensor([[0] * n + row for n, row in zip(pad, rows, strict=True)], device=device)
     return tokens, (torch.tensor(pad, device=device) if any(pad) else None)
+
+
+@contextmanager
+def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """``models`` in eval mode (no dropout) for the block, then back in the mode each was in: a sample drawn in the
+    middle of training leaves the model training, even when its caller stops reading the tokens early."""
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(models, was_training, strict=True):
+            m.train(training)

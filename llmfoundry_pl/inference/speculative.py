@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from llmfoundry_pl.config import ConfigError
-from llmfoundry_pl.inference.generate import generate_stream
+from llmfoundry_pl.inference.generate import eval_mode, generate_stream
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
 from llmfoundry_pl.inference.sampling import check_sampling, draw, next_token_probs, seeded_generator
 from llmfoundry_pl.model import Transformer
@@ -72,8 +72,9 @@ def speculative_stream(
 ) -> Iterator[int]:
     """Yield the tokens continuing ``prompt`` as :func:`~llmfoundry_pl.inference.generate.generate_stream` does
     with ``model`` alone, guessing ``draft_tokens`` at a time with ``draft_model`` (which must share the
-    tokenizer). ``stats`` (optional) is filled in as it goes. Once the context is full, the rest is plain
-    decoding with a sliding window (whose repetition penalty sees the window only)."""
+    tokenizer). ``stats`` (optional) is filled in as it goes. The context is the target's: once the text fills the
+    draft's shorter one, the target decodes alone (with its cache), and once it fills the target's, the rest is
+    plain decoding with a sliding window (whose repetition penalty sees the window only), as without a draft."""
     check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     if draft_tokens < 1:
         raise ConfigError(f"draft_tokens={draft_tokens} must be 1 or more")
@@ -82,9 +83,9 @@ def speculative_stream(
             f"the draft model's vocabulary ({draft_model.config.vocab_size}) differs from the model's "
             f"({model.config.vocab_size}); speculative decoding needs a draft with the same tokenizer"
         )
-    context = min(model.config.max_seq_len, draft_model.config.max_seq_len)
+    context, draft_context = model.config.max_seq_len, draft_model.config.max_seq_len
     if not 0 < len(prompt) <= context:
-        raise ConfigError(f"the prompt is {len(prompt)} tokens; it must be 1 to {context} (the models' context)")
+        raise ConfigError(f"the prompt is {len(prompt)} tokens; it must be 1 to {context} (the model's context)")
     stats = stats if stats is not None else SpeculativeStats()
     device = model.tok_embeddings.weight.device
     generator = seeded_generator(device, seed)
@@ -103,40 +104,41 @@ def speculative_stream(
     # own last guess); each round feeds what is missing together with the new work, so nothing is recomputed.
     target_cached = draft_cached = 0
     target_cache, draft_cache = new_kv_cache(model, 1), new_kv_cache(draft_model, 1)
-    for m in (model, draft_model):
-        m.eval()
-    produced = 0
-    while produced < max_new_tokens:
-        k = min(draft_tokens, max_new_tokens - produced - 1, context - len(tokens))  # 0: the target's token only
-        if k < 0:  # the context is full: finish with plain decoding, which slides a window
-            seed = int(torch.randint(2**62, (), generator=generator, device=device))
-            yield from generate_stream(model, tokens[-context:], max_new_tokens - produced, eos_id=eos_id, seed=seed,
-                                       **sampling)
-            return
-        # 1. The draft guesses k tokens, one forward pass each.
-        guesses, q = [], []
-        feed = tokens[draft_cached:]
-        for _ in range(k):
-            logits = draft_model(torch.tensor([feed], device=device), draft_cache, draft_cached)[0, -1]
-            draft_cached += len(feed)
-            q.append(probs(logits, guesses))
-            guesses.append(int(draw(q[-1], generator)))
-            feed = guesses[-1:]
-        # 2. The target scores the last token and all k guesses in one pass: k + 1 distributions.
-        feed = tokens[target_cached:] + guesses
-        logits = model(torch.tensor([feed], device=device), target_cache, target_cached)[0, -(k + 1) :]
-        p = torch.stack([probs(logits[j], guesses[:j]) for j in range(k + 1)])
-        # 3. Keep the guesses the target agrees with, plus one token of its own.
-        new = accept_draft(p, torch.stack(q) if q else p[:0], guesses, generator)
-        stats.proposed += k
-        stats.accepted += len(new) - 1
-        stats.target_calls += 1
-        target_cached = len(tokens) + len(new) - 1  # its keys of the accepted guesses are right; later ones are not
-        draft_cached = min(draft_cached, target_cached)  # the draft never fed its last guess
-        for token_id in new:
-            if token_id == eos_id:
+    with eval_mode(model, draft_model):
+        produced = 0
+        while produced < max_new_tokens:
+            if len(tokens) > context:  # the target's context is full: finish with plain decoding (a sliding window)
+                seed = int(torch.randint(2**62, (), generator=generator, device=device))
+                yield from generate_stream(model, tokens[-context:], max_new_tokens - produced, eos_id=eos_id,
+                                           seed=seed, **sampling)
                 return
-            tokens.append(token_id)
-            seen[token_id] = True
-            produced += 1
-            yield token_id
+            # 0 guesses: the target's token only (the last token asked for, or the draft's context is full)
+            room = min(context, draft_context) - len(tokens)
+            k = max(0, min(draft_tokens, max_new_tokens - produced - 1, room))
+            # 1. The draft guesses k tokens, one forward pass each.
+            guesses, q = [], []
+            feed = tokens[draft_cached:]
+            for _ in range(k):
+                logits = draft_model(torch.tensor([feed], device=device), draft_cache, draft_cached)[0, -1]
+                draft_cached += len(feed)
+                q.append(probs(logits, guesses))
+                guesses.append(int(draw(q[-1], generator)))
+                feed = guesses[-1:]
+            # 2. The target scores the last token and all k guesses in one pass: k + 1 distributions.
+            feed = tokens[target_cached:] + guesses
+            logits = model(torch.tensor([feed], device=device), target_cache, target_cached)[0, -(k + 1) :]
+            p = torch.stack([probs(logits[j], guesses[:j]) for j in range(k + 1)])
+            # 3. Keep the guesses the target agrees with, plus one token of its own.
+            new = accept_draft(p, torch.stack(q) if q else p[:0], guesses, generator)
+            stats.proposed += k
+            stats.accepted += len(new) - 1
+            stats.target_calls += 1
+            target_cached = len(tokens) + len(new) - 1  # its keys of the accepted guesses are right, not later ones
+            draft_cached = min(draft_cached, target_cached)  # the draft never fed its last guess
+            for token_id in new:
+                if token_id == eos_id:
+                    return
+                tokens.append(token_id)
+                seen[token_id] = True
+                produced += 1
+                yield token_id
