@@ -728,7 +728,10 @@ class ServeConfig:
     queue_limit: int = field(default=64, metadata=_help("Requests allowed to wait for a slot; beyond: 429."))
     request_timeout_s: float = field(default=120.0, metadata=_help("A generation is cut (finish_reason length) "
                                                                    "after this many seconds."))
-    default_max_tokens: int = field(default=128, metadata=_help("max_tokens when a request gives none."))
+    default_max_tokens: int = field(
+        default=128, metadata=_help("max_tokens when a request gives none (at most what its prompt leaves of the "
+                                    "context).")
+    )
     api_key: str | None = field(
         default=None, metadata=_help("Require 'Authorization: Bearer <api_key>' on /v1/ (or set LFPL_API_KEY).")
     )

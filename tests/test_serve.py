@@ -3,6 +3,7 @@ by the official ``openai`` client."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -232,8 +233,8 @@ def test_request_forms_other_clients_send(server, model, tokenizer):
     reply = c.chat.completions.create(model=name, messages=[{"role": "system", "content": "Be brief."},
                                                             {"role": "user", "content": question}],
                                       max_tokens=8, temperature=0).choices[0].message.content
-    # OpenAI's newer forms: max_completion_tokens (with max_tokens, the default 128 would overflow the context of
-    # 96), the developer role, and content as a list of text parts
+    # OpenAI's newer forms: max_completion_tokens (the limit of a chat reply), the developer role, and content as a
+    # list of text parts
     newer = c.chat.completions.create(
         model=name, max_completion_tokens=8, temperature=0,
         messages=[{"role": "developer", "content": "Be brief."},
@@ -269,6 +270,7 @@ def test_concurrent_greedy_requests_get_their_solo_outputs(server, model, tokeni
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 500}, 400, "max_tokens"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "seed": 2**64}, 400, "seed"),  # over torch's seeds
     ("/v1/completions", {"model": "M", "prompt": "hi " * 200}, 400, "prompt"),
     ("/v1/completions", {"model": "other", "prompt": "hi"}, 404, "model"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"content": "hi"}]}, 400, "messages.0.role"),
@@ -291,6 +293,17 @@ def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, sta
     assert urllib.request.urlopen(f"{base}/health").status == 200  # still serving
 
 
+def test_without_max_tokens_a_request_fills_what_the_context_leaves(server, tokenizer):
+    # Before, a missing max_tokens meant default_max_tokens (128), and any request in this 96-token context was
+    # refused "plus max_tokens (128) exceed the model's context": blaming a field the client never sent.
+    base, name = server
+    prompt = "To be or not to be, that is the question " * 3
+    prompt_tokens = len(tokenizer.encode(prompt, bos=True))
+    code, body, _ = post(base, "/v1/completions", {"model": name, "prompt": prompt, "temperature": 0})
+    assert code == 200 and body["usage"]["prompt_tokens"] == prompt_tokens < 96
+    assert body["choices"][0]["finish_reason"] == "stop" or body["usage"]["total_tokens"] == 96
+
+
 def test_api_key_body_limit_metrics_and_playground(server):
     base, name = server
     code, error, _ = post(base, "/v1/completions", {"model": name, "prompt": "hi"}, key=None)
@@ -299,6 +312,14 @@ def test_api_key_body_limit_metrics_and_playground(server):
     assert code == 401
     code, error, _ = post(base, "/v1/completions", {"model": name, "prompt": "x" * 5000})  # limit: 4000 bytes
     assert code == 413
+    # the same body sent in chunks, with no Content-Length to check: counted as it arrives
+    chunked = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
+    body = json.dumps({"model": name, "prompt": "x" * 5000}).encode()
+    chunked.request("POST", "/v1/completions", body=(body[i : i + 1000] for i in range(0, len(body), 1000)),
+                    headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+                    encode_chunked=True)
+    response = chunked.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["message"].startswith("request body")
     metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
     for metric in ("lfpl_requests_total", "lfpl_generated_tokens_total", "lfpl_failed_requests_total",
                    "lfpl_tokens_per_second", "lfpl_queue_depth", "lfpl_running_batch_size"):
@@ -357,6 +378,65 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     while running() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert running() == 0
+
+
+def test_a_client_that_hangs_up_before_its_whole_answer_frees_its_slot(model, tokenizer):
+    # A request without "stream" waits for its whole answer; its client hanging up must cancel it as a streaming
+    # one's does. Before, it ran to max_tokens. A real server (uvicorn) in this process, with a model slowed to
+    # 20 ms a step so that the answer takes longer than the hang-up.
+    import uvicorn
+
+    from llmfoundry_pl.config import ServeConfig
+    from llmfoundry_pl.serve.app import create_app
+
+    engine = Engine(model, tokenizer, max_batch=2)
+    engine.model = slowed_model(model, seconds=0.02)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, ServeConfig(ckpt_path="x"), "m"), port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", "/v1/completions", body=json.dumps(
+            {"model": "m", "prompt": "ROMEO:", "max_tokens": 80, "temperature": 0}),
+            headers={"Content-Type": "application/json"})
+        time.sleep(0.3)  # a dozen tokens in
+        connection.sock.shutdown(socket.SHUT_RDWR)
+        connection.close()
+        deadline = time.monotonic() + 10
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not engine.running and engine.tokens_total < 60  # cancelled, not run to its 80 tokens
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_a_bad_seed_fails_at_submit_and_the_running_requests_go_on(model, tokenizer):
+    # The engine's own check, for a caller that is not the HTTP API (which refuses the seed first): a seed torch
+    # cannot take used to raise inside the step that admitted it, and failed every request running with it.
+    engine = Engine(model, tokenizer, max_batch=2)
+    running = make_request(tokenizer, "ROMEO:", max_tokens=6, temperature=0)
+    engine.submit(running)
+    engine.step()
+    with pytest.raises((ValueError, RuntimeError)):
+        engine.submit(make_request(tokenizer, "A", max_tokens=6, temperature=1.0, seed=2**64))
+    run_engine(engine, {}, steps=8)
+    assert running.finish_reason in ("stop", "length") and running.output_ids == solo(model, tokenizer, "ROMEO:", 6)
+
+
+def slowed_model(model, seconds: float):
+    """``model`` taking ``seconds`` longer for each forward pass, as a larger one would."""
+
+    def forward(*args, **kwargs):
+        time.sleep(seconds)
+        return model(*args, **kwargs)
+
+    forward.config = model.config
+    return forward
 
 
 def test_queue_full_is_429_with_retry_after(model, tokenizer):

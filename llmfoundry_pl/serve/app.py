@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmfoundry_pl.chat import ChatFormat, Message
@@ -48,7 +48,7 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(default=None, ge=1)  # top_k and min_p are not OpenAI's: vLLM's (lfpl-generate's too)
     min_p: float | None = Field(default=None, ge=0.0, lt=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stream: bool = False
     n: Literal[1] = 1  # one choice per request
 
@@ -150,15 +150,15 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        """Body size limit and API key, before any parsing."""
-        if int(request.headers.get("content-length") or 0) > cfg.max_body_bytes:
-            return _error(413, f"request body larger than {cfg.max_body_bytes} bytes", None, "invalid_request_error")
+        """The API key, before any parsing."""
         if cfg.api_key and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):  # constant time
                 return _error(401, "invalid or missing API key (Authorization: Bearer ...)", None,
                               "authentication_error")
         return await call_next(request)
+
+    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)  # added last: the outermost, before the key check
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -222,11 +222,15 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}", "model",
                            "not_found_error")
         _refuse_unsupported(body)
-        max_tokens = body.max_tokens or cfg.default_max_tokens
-        if len(prompt_ids) + max_tokens > context:
-            param = "max_tokens" if len(prompt_ids) < context else ("messages" if chat else "prompt")
+        room = context - len(prompt_ids)
+        if room < 1:
+            raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) fills the model's context of {context} "
+                                "tokens: shorten it", "messages" if chat else "prompt")
+        # Without max_tokens, as OpenAI and vLLM do: up to what the context leaves (here also default_max_tokens).
+        max_tokens = body.max_tokens or min(cfg.default_max_tokens, room)
+        if max_tokens > room:
             raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceed the "
-                                f"model's context of {context} tokens", param)
+                                f"model's context of {context} tokens", "max_tokens")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         try:
             check_stop_strings(stop)
@@ -248,14 +252,23 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
         response = _Response(chat, model_name, len(prompt_ids))
         if body.stream:
             return StreamingResponse(_sse(response, request, events, http), media_type="text/event-stream")
+        text, reason = "", None
+        gone = asyncio.ensure_future(_client_gone(http))
         try:
-            text, reason = "", None
             while reason is None:
-                delta, reason = await events.get()
+                event = asyncio.ensure_future(events.get())
+                await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():  # the client went away: nobody reads the answer, free the slot
+                    event.cancel()
+                    engine.cancel(request)
+                    return Response(status_code=499)  # nginx's "client closed request"; no one receives it
+                delta, reason = event.result()
                 text += delta
-        except asyncio.CancelledError:  # the client went away
+        except asyncio.CancelledError:
             engine.cancel(request)
             raise
+        finally:
+            gone.cancel()
         if reason == "error":
             raise APIError(500, f"generation failed: {request.error}", None, "server_error")
         return response.whole(text, reason, len(request.output_ids))
@@ -285,6 +298,53 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
+
+
+async def _client_gone(http: Request) -> None:
+    """Returns once the client has closed its connection. Starlette cancels a streaming response then, but not a
+    handler that is still waiting for its whole answer: without this, a client that hangs up holds its slot until
+    max_tokens."""
+    while (await http.receive())["type"] != "http.disconnect":  # the body is read already: only the hang-up comes
+        pass
+
+
+class _BodyLimit:
+    """A 413 for a request body over ``limit`` bytes: by its Content-Length when it gives one, else by the bytes as
+    they arrive (a chunked body gives none), before anything parses it. Plain ASGI, since a body is only seen
+    through the ``receive`` it wraps."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = _error(413, f"request body larger than {self.limit} bytes", None, "invalid_request_error")
+        headers = dict(scope["headers"])
+        if int(headers.get(b"content-length") or 0) > self.limit:
+            return await too_large(scope, receive, send)
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise _BodyTooLarge
+            return message
+
+        async def unless_too_large(message: dict) -> None:  # FastAPI answers a body it could not read with a 400
+            if received <= self.limit:
+                await send(message)
+
+        with contextlib.suppress(_BodyTooLarge):  # raised while the app read the body, before it answered
+            await self.app(scope, counted, unless_too_large)
+        if received > self.limit:
+            await too_large(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
 
 
 def _single(prompts: list[str]) -> str:

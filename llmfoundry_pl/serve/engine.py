@@ -65,7 +65,7 @@ class Request:
         self.prompt_ids, self.params, self.end_id, self.on_event = prompt_ids, params, end_id, on_event
         self.output_ids: list[int] = []
         self.text = StopStringStreamer(tokenizer, params.stop)
-        self.generator: torch.Generator | None = None  # made on the engine's device at prefill
+        self.generator: torch.Generator | None = None  # made on the engine's device by Engine.submit
         self.cancelled = False
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -101,9 +101,12 @@ class Engine:
     # The outside: submit, cancel, start, stop (any thread)
     # ---------------------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        """Queue a request (checked by the caller: prompt + max_tokens fit the context); QueueFull past the limit."""
+        """Queue a request (checked by the caller: prompt + max_tokens fit the context); QueueFull past the limit.
+        Its settings are checked here, on the caller's thread: one that fails inside a step would fail every request
+        running with it."""
         p = request.params
         check_sampling(p.temperature, p.top_k, p.top_p, p.min_p, 1.0)
+        request.generator = seeded_generator(self.device, p.seed)
         with self.wakeup:
             if len(self.waiting) >= self.queue_limit:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
@@ -195,7 +198,6 @@ class Engine:
         """Run the prompt into the next free cache row and take the first token."""
         row = len(self.running)
         self.running.append(request)  # before the forward pass: if it fails, the request is failed with the others
-        request.generator = seeded_generator(self.device, request.params.seed)
         tokens = torch.tensor([request.prompt_ids], device=self.device)
         logits = self.model(tokens, [_Row(layer, row) for layer in self.cache], 0)[:, -1]
         check_finite(logits)  # NaN weights: a 500 saying so, rather than greedy requests answered with token 0
