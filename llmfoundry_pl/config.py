@@ -182,7 +182,8 @@ class DataConfig:
 
     path: str | None = field(
         default=None,
-        metadata=_help("A text file, a folder (all .txt/.md/.jsonl inside), or a glob; null uses the bundled corpus."),
+        metadata=_help("A text file, a folder (all .txt/.md/.jsonl/.ndjson inside), or a glob; null uses the bundled "
+                       "corpus."),
     )
     text_field: str = field(default="text", metadata=_help("Key holding the text in each line of a .jsonl file."))
     vocab_size: int = field(default=4096, metadata=_help("Vocabulary size of the SentencePiece model trained here."))

@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import re
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -41,8 +42,11 @@ class Tokenizer:
         path = Path(path).expanduser()
         if not path.is_file():
             raise ConfigError(f"tokenizer file {path} does not exist; fix data.tokenizer_path or set it to null")
+        model_proto = path.read_bytes()
         try:
-            return cls(path.read_bytes())
+            if not model_proto:  # SentencePiece takes empty bytes for "no model": a tokenizer of 0 tokens
+                raise RuntimeError("the file is empty")
+            return cls(model_proto)
         except RuntimeError as e:
             message = f"{path} is not a SentencePiece model ({e}); point data.tokenizer_path at a .model file"
             raise ConfigError(message) from None
@@ -104,10 +108,15 @@ _MAX_SENTENCE_BYTES = 1 << 16
 _PIECE_CHARS = _MAX_SENTENCE_BYTES // 4  # UTF-8 takes at most 4 bytes per character
 
 
-def _pieces_that_fit(lines: Iterable[str]) -> Iterator[str]:
-    for line in lines:
-        for start in range(0, len(line), _PIECE_CHARS):
-            yield line[start : start + _PIECE_CHARS]
+def _pieces_that_fit(lines: Iterable[str], failures: list[Exception]) -> Iterator[str]:
+    """The lines cut to fit; an exception raised by ``lines`` is also kept in ``failures`` (see train_tokenizer)."""
+    try:
+        for line in lines:
+            for start in range(0, len(line), _PIECE_CHARS):
+                yield line[start : start + _PIECE_CHARS]
+    except Exception as e:
+        failures.append(e)
+        raise
 
 
 def train_tokenizer(
@@ -115,9 +124,13 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a SentencePiece BPE model on an iterable of text lines (see the module docstring for the options)."""
     buffer = io.BytesIO()
+    # SentencePiece pulls the lines from C++ and turns an exception raised while reading them (a ConfigError for a
+    # bad file met halfway through a lazily read corpus) into "RuntimeError: INTERNAL: ...": the original is kept
+    # here and raised as itself.
+    failures: list[Exception] = []
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_pieces_that_fit(lines),
+            sentence_iterator=_pieces_that_fit(lines, failures),
             model_writer=buffer,
             model_type="bpe",
             vocab_size=vocab_size,
@@ -137,6 +150,8 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:
+        if failures:
+            raise failures[0] from None
         too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", str(e))
         if too_high:
             raise ConfigError(
@@ -156,9 +171,16 @@ def train_tokenizer(
     return Tokenizer(buffer.getvalue())
 
 
+def temp_sibling(path: Path) -> Path:
+    """A hidden temporary name next to ``path``, to build it under and rename into place. Random rather than the
+    process id: processes on two machines sharing a cache folder may well have the same id."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that it is either absent or complete: a crash mid-write leaves only a temp file."""
+    """Write a file so that it is either absent or complete: a crash mid-write leaves only a temp file. Processes
+    writing the same contents at once (ranks saving the tokenizer they each trained) may all do so safely."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_sibling(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)

@@ -88,6 +88,89 @@ def test_corpus_glob_selects_files(text_dir, tmp_path):
     assert files.meta["documents"] == 2
 
 
+def test_corpus_path_with_brackets_in_its_name_is_that_path_not_a_glob(tmp_path):
+    folder = tmp_path / "exp[1]"
+    folder.mkdir()
+    (folder / "a.txt").write_text(TEXT)
+    _, files = prepare_corpus(data_cfg(folder, tmp_path / "cache"))
+    assert files.meta["documents"] == 1
+
+
+def test_corpus_cache_is_keyed_by_the_jsonl_text_field(tmp_path, text_dir, monkeypatch):
+    path = tmp_path / "docs.jsonl"
+    lines = [{"title": f"The title of part {i}. " * 20, "body": f"{i} " + TEXT} for i in range(4)]
+    path.write_text("\n".join(map(json.dumps, lines)))
+    tok_title, title = prepare_corpus(data_cfg(path, tmp_path / "cache", text_field="title"))
+    tok_body, body = prepare_corpus(data_cfg(path, tmp_path / "cache", text_field="body"))
+    assert title.directory.parent != body.directory.parent and tok_title.sha256 != tok_body.sha256
+    assert body.meta["bytes"] > title.meta["bytes"]
+    # plain text has no fields: the setting must not rebuild its cache
+    _, first = prepare_corpus(data_cfg(text_dir, tmp_path / "cache"))
+    monkeypatch.setattr(corpus, "_build_token_files", lambda *a: pytest.fail("rebuilt an up-to-date cache"))
+    _, again = prepare_corpus(data_cfg(text_dir, tmp_path / "cache", text_field="body"))
+    assert again.directory == first.directory
+
+
+def test_corpus_build_keeps_the_folder_another_process_published_first(text_dir, tmp_path, monkeypatch):
+    # Ranks that start together on a cold cache all build the same token files: the one that finishes last must
+    # keep the folder already in place (the others are reading it), not delete it and rename its own copy in.
+    cfg = data_cfg(text_dir, tmp_path / "cache")
+    _, published = prepare_corpus(cfg)
+    inode = published.train_path.stat().st_ino
+    read_meta, looks = corpus._read_meta, []
+
+    def cold_at_first_look(*args):  # this process looked before the other one had published its build
+        looks.append(args)
+        return None if len(looks) == 1 else read_meta(*args)
+
+    monkeypatch.setattr(corpus, "_read_meta", cold_at_first_look)
+    _, files = prepare_corpus(cfg)
+    assert files.train_path.stat().st_ino == inode
+    assert [p.name for p in files.directory.parent.iterdir() if p.name.startswith(".")] == []  # its copy removed
+    # an unfinished folder under the same name (no meta.json) is replaced
+    monkeypatch.undo()
+    (files.directory / "meta.json").unlink()
+    _, rebuilt = prepare_corpus(cfg)
+    assert rebuilt.meta == published.meta and (rebuilt.directory / "meta.json").is_file()
+
+
+def test_corpus_jsonl_lines_end_at_newlines_only(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw inside strings: they do not end a line
+    path = tmp_path / "docs.jsonl"
+    odd = "one\u2028two\u2029three\x85four " + TEXT
+    path.write_text("\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in [TEXT, odd, TEXT]),
+                    encoding="utf-8")
+    tok, files = prepare_corpus(data_cfg(path, tmp_path / "cache"))
+    assert files.meta["documents"] == 3
+    assert "one\u2028two\u2029three\x85four" in tok.decode(np.fromfile(files.train_path, dtype=files.dtype))
+    with path.open("a", encoding="utf-8") as f:
+        f.write("\n{oops")
+    with pytest.raises(ConfigError, match="docs.jsonl:4 is not valid JSON"):
+        prepare_corpus(data_cfg(path, tmp_path / "cache"))
+
+
+def test_corpus_reads_json_lines_by_suffix_in_any_case(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("a.ndjson", "B.JSONL"):
+        (folder / name).write_text("\n".join(json.dumps({"text": f"{name} {i} " + TEXT}) for i in range(2)))
+    (folder / "c.TXT").write_text(TEXT)
+    tok, files = prepare_corpus(data_cfg(folder, tmp_path / "cache"))
+    assert files.meta["documents"] == 5
+    assert '{"text"' not in tok.decode(np.fromfile(files.train_path, dtype=files.dtype))
+
+
+def test_corpus_ignores_a_utf8_byte_order_mark(tmp_path):
+    folder = tmp_path / "bom"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n".join(json.dumps({"text": TEXT}) for _ in range(2)), encoding="utf-8-sig")
+    (folder / "b.txt").write_text(TEXT, encoding="utf-8-sig")
+    tok, files = prepare_corpus(data_cfg(folder, tmp_path / "cache"))
+    assert files.meta["documents"] == 3
+    tokens = [np.fromfile(path, dtype=files.dtype) for path in (files.train_path, files.val_path)]
+    assert "\ufeff" not in tok.decode(np.concatenate(tokens))
+
+
 def _write(path, data):
     path.write_bytes(data.encode() if isinstance(data, str) else data)
     return path
@@ -95,6 +178,13 @@ def _write(path, data):
 
 def _mkdir(path):
     path.mkdir()
+    return path
+
+
+def _corpus(path, files):
+    path.mkdir()
+    for name, data in files.items():
+        _write(path / name, data)
     return path
 
 
@@ -107,8 +197,13 @@ def _mkdir(path):
         (lambda d: _write(d / "bin.txt", b"ok\xff\xfe"), "is not UTF-8 text .*offset 2"),
         (lambda d: _write(d / "b.jsonl", '{"text": "a"}\n{oops'), "b.jsonl:2 is not valid JSON"),
         (lambda d: _write(d / "k.jsonl", '{"body": "a"}'), "no string field 'text'"),
+        # the tokenizer trainer reads the files after the first one lazily: their errors must come out unchanged
+        (lambda d: _corpus(d / "c", {"a.txt": TEXT, "b.txt": b"ok\xff"}), "b.txt is not UTF-8 text"),
+        (lambda d: _corpus(d / "c", {"a.jsonl": json.dumps({"text": TEXT}), "b.jsonl": '{"text": "a"}\n{oops'}),
+         "b.jsonl:2 is not valid JSON"),
     ],
-    ids=["missing", "no-files", "empty", "undecodable", "bad-json", "no-field"],
+    ids=["missing", "no-files", "empty", "undecodable", "bad-json", "no-field", "undecodable-second-file",
+         "bad-json-second-file"],
 )
 def test_corpus_bad_input_gives_one_clear_error(tmp_path, make, message):
     with pytest.raises(ConfigError, match=message) as err:

@@ -170,6 +170,26 @@ def test_malformed_lines_name_their_line_number_or_are_skipped(tmp_path, caplog,
     assert "skipped 1 malformed line(s) (data.bad_lines=skip): line 3" in caplog.text
 
 
+def test_lines_that_are_not_utf8_name_their_line_number_or_are_skipped(tmp_path, caplog):
+    good = json.dumps({"messages": CONVERSATION[1:3]}, ensure_ascii=False)
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(f"{good}\n{good}\n".encode() + good.replace("PROSPERO", "PROSPÉRO").encode("latin-1") + b"\n")
+    with pytest.raises(ConfigError, match=r"d.jsonl:3: not UTF-8 text \(byte 0xc9 .*convert the file to UTF-8"):
+        read_records(path, "sft", "fail")
+    assert len(read_records(path, "sft", "skip")) == 2
+    assert "skipped 1 malformed line(s) (data.bad_lines=skip): line 3" in caplog.text
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    # Notepad and PowerShell write one; U+2028 inside a string (json.dumps(ensure_ascii=False)) does not end a line
+    conversation = [{"role": "user", "content": "Which\u2028play?"}, {"role": "assistant", "content": "The Tempest"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"messages": conversation}, ensure_ascii=False) + "\n" for _ in range(3)),
+                    encoding="utf-8-sig")
+    assert [r["messages"] for r in read_records(path, "sft", "skip")] == [conversation] * 3
+    assert len(read_records(path, "sft", "fail")) == 3
+
+
 def test_preference_lines_need_all_three_fields(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Which play?", "chosen": "The Tempest", "rejected": "Othello"},
                                               {"prompt": "Which play?", "chosen": "The Tempest"}])

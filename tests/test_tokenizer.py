@@ -66,6 +66,9 @@ def test_tokenizer_from_missing_or_bad_file(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"not a model")
     with pytest.raises(ConfigError, match="is not a SentencePiece model"):
         Tokenizer.from_file(tmp_path / "bad.model")
+    (tmp_path / "empty.model").write_bytes(b"")  # SentencePiece alone loads it as a tokenizer of 0 tokens
+    with pytest.raises(ConfigError, match="empty.model is not a SentencePiece model"):
+        Tokenizer.from_file(tmp_path / "empty.model")
 
 
 def test_tokenizer_rejects_a_vocab_too_small_for_the_characters():

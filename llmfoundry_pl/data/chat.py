@@ -47,12 +47,15 @@ def read_records(path: Path, fmt: str, bad_lines: str) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist; fix data.path / data.val_path")
     records, skipped = [], []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    # Read as bytes, split at b"\n" only and decoded line by line: a line in another encoding is then named (or
+    # skipped) like any malformed line, and U+2028 or U+2029, which JSON allows raw inside strings, end no line.
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
             where = f"{path}:{number}"
             try:
+                line = _decode(raw, where)
+                if not line.strip():
+                    continue
                 records.append(_parse_line(line, fmt, where))
             except ConfigError as e:
                 if bad_lines == "fail":
@@ -64,6 +67,14 @@ def read_records(path: Path, fmt: str, bad_lines: str) -> list[dict]:
     if not records:
         raise ConfigError(f"{path} has no usable {fmt} examples")
     return records
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # -sig: drops the byte-order mark Notepad and PowerShell write
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start} of the line); "
+                          "convert the file to UTF-8") from None
 
 
 def _parse_line(line: str, fmt: str, where: str) -> dict:

@@ -3,7 +3,7 @@
 Layout of the cache (``data.cache_dir``), keyed by what produced each file, so a change of input rebuilds and
 nothing stale is ever reused::
 
-    corpus-<hash of file paths, sizes, mtimes>/
+    corpus-<hash of file paths, sizes, mtimes (and data.text_field, if JSON Lines are among them)>/
         tokenizer-v<vocab>-c<coverage>.model         SentencePiece model trained on this corpus
         tokens-<tokenizer sha>-val<fraction>/
             train.bin  val.bin                        uint16 (or uint32) token ids, documents back to back
@@ -12,7 +12,8 @@ nothing stale is ever reused::
 Every document becomes ``<s> text </s>``; the last ``val_fraction`` of each document's tokens goes to
 validation, so held-out text comes from every play (or file) rather than from one.
 Folders are built under a temporary name and renamed into place, so an interrupted build leaves nothing
-that a later run would trust.
+that a later run would trust, and processes building the same folder at once (DDP ranks on a cold cache) all end up
+reading the first one published.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,9 +33,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmfoundry_pl.config import ConfigError, DataConfig
-from llmfoundry_pl.tokenizer import Tokenizer, atomic_write_bytes, train_tokenizer
+from llmfoundry_pl.tokenizer import Tokenizer, atomic_write_bytes, temp_sibling, train_tokenizer
 
-TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")  # one document per line: the string in its data.text_field
+TEXT_SUFFIXES = (".txt", ".md", *JSON_LINES_SUFFIXES)  # compared in lower case: DOCS.JSONL is JSON Lines too
 CACHE_FORMAT = 1  # bump when the layout or the tokenization rules change, to invalidate old caches
 _ENCODE_CHUNK = 64  # documents per progress-bar step
 
@@ -49,12 +51,12 @@ def resolve_sources(path: str | None) -> list[Path]:
     if path is None:
         return sorted(bundled_corpus_dir().glob("*.txt"))
     expanded = os.path.expanduser(path)
-    if any(ch in expanded for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
-    elif Path(expanded).is_dir():
-        files = sorted(p for p in Path(expanded).rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if Path(expanded).is_dir():
+        files = sorted(p for p in Path(expanded).rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
     elif Path(expanded).is_file():
         files = [Path(expanded)]
+    elif any(ch in expanded for ch in "*?["):  # a glob only if no such path exists: exp[1]/ may be a folder's name
+        files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
     else:
         raise ConfigError(f"data.path={path} does not exist; give a text file, a folder or a glob such as 'dir/*.txt'")
     if not files:
@@ -62,18 +64,25 @@ def resolve_sources(path: str | None) -> list[Path]:
     return files
 
 
+def is_json_lines(file: Path) -> bool:
+    return file.suffix.lower() in JSON_LINES_SUFFIXES
+
+
 def read_documents(file: Path, text_field: str = "text") -> list[str]:
-    """One document per plain-text file, or one per line of a .jsonl file (its ``text_field``)."""
+    """One document per plain-text file, or one per line of a JSON Lines file (its ``text_field``)."""
     try:
-        raw = file.read_text(encoding="utf-8")
+        # utf-8-sig drops the byte-order mark Notepad and PowerShell write: it is neither text to learn nor JSON
+        raw = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(
             f"{file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it to UTF-8"
         ) from None
-    if file.suffix != ".jsonl":
+    if not is_json_lines(file):
         return [raw]
     docs = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
+    # Lines end at "\n" only (a CRLF line's "\r" is JSON whitespace): str.splitlines() would also cut at U+2028,
+    # U+2029 and U+0085, which JSON allows raw inside strings (json.dumps(ensure_ascii=False) writes them so).
+    for lineno, line in enumerate(raw.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -91,12 +100,15 @@ def iter_documents(files: list[Path], text_field: str) -> Iterator[str]:
         yield from read_documents(f, text_field)
 
 
-def sources_fingerprint(files: list[Path]) -> str:
-    """Cheap identity of the inputs: paths, sizes and modification times (not the content, for large corpora)."""
+def sources_fingerprint(files: list[Path], text_field: str) -> str:
+    """Cheap identity of the inputs: paths, sizes and modification times (not the content, for large corpora), and
+    the field read from JSON Lines files. Plain text has no fields, so its key ignores data.text_field."""
     h = hashlib.sha256(f"format{CACHE_FORMAT}".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    if any(is_json_lines(f) for f in files):
+        h.update(f"text_field={text_field}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -128,7 +140,7 @@ def prepare_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple
     files = resolve_sources(cfg.path)
     if all(f.stat().st_size == 0 for f in files):
         raise ConfigError(f"the corpus at data.path={cfg.path} is empty; add some text")
-    corpus_dir = Path(cfg.cache_dir).expanduser() / f"corpus-{sources_fingerprint(files)}"
+    corpus_dir = Path(cfg.cache_dir).expanduser() / f"corpus-{sources_fingerprint(files, cfg.text_field)}"
     try:
         corpus_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -136,8 +148,8 @@ def prepare_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple
                           "paths.cache_dir (or $LFPL_CACHE_DIR) at a folder you can write") from None
     tokenizer = _resolve_tokenizer(cfg, files, corpus_dir, tokenizer)
     token_dir = corpus_dir / f"tokens-{tokenizer.sha256[:12]}-val{cfg.val_fraction:g}"
-    meta = _read_meta(token_dir)
-    if meta is None or meta.get("tokenizer_sha256") != tokenizer.sha256:
+    meta = _read_meta(token_dir, tokenizer)
+    if meta is None:
         meta = _build_token_files(files, cfg, tokenizer, token_dir)
     return tokenizer, TokenFiles(token_dir, meta)
 
@@ -168,19 +180,39 @@ def _resolve_tokenizer(cfg: DataConfig, files: list[Path], corpus_dir: Path, giv
     return tokenizer
 
 
-def _read_meta(token_dir: Path) -> dict | None:
+def _read_meta(token_dir: Path, tokenizer: Tokenizer) -> dict | None:
+    """The meta of the token files in ``token_dir`` if they are complete and made by ``tokenizer``; else None."""
     try:
-        return json.loads((token_dir / "meta.json").read_text())
+        meta = json.loads((token_dir / "meta.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    return meta if meta.get("tokenizer_sha256") == tokenizer.sha256 else None
+
+
+def publish_folder(tmp: Path, folder: Path, is_complete: Callable[[Path], bool]) -> None:
+    """Rename the finished temporary folder ``tmp`` into place as ``folder``.
+
+    Processes that start together on a cold cache (torchrun or SLURM ranks, a sweep sharing data.cache_dir) build
+    the same folder: the first rename wins, and the others keep that folder, which its owner may already be reading,
+    and delete their own copy. Only a folder that ``is_complete`` rejects (interrupted, or outdated) is replaced."""
+    for last_try in (False, True):
+        try:
+            os.replace(tmp, folder)  # refused while ``folder`` holds files
+            return
+        except OSError:
+            if is_complete(folder):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            if last_try:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer, token_dir: Path) -> dict:
     """Tokenize every document (SentencePiece threads in C++, a progress bar over chunks), split each document's
     tail off for validation, and write both streams into a temporary folder that is renamed into place."""
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    tmp_dir = token_dir.with_name(f".{token_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir = temp_sibling(token_dir)
     tmp_dir.mkdir(parents=True)
     counts = {"train_tokens": 0, "val_tokens": 0, "documents": 0, "bytes": 0}
     docs = list(iter_documents(files, cfg.text_field))
@@ -212,6 +244,5 @@ def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer,
         **counts,
     }
     atomic_write_bytes(tmp_dir / "meta.json", json.dumps(meta, indent=2).encode())
-    shutil.rmtree(token_dir, ignore_errors=True)  # a stale build for another tokenizer under the same name
-    os.replace(tmp_dir, token_dir)
+    publish_folder(tmp_dir, token_dir, lambda folder: _read_meta(folder, tokenizer) is not None)
     return meta

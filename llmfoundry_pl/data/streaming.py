@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmfoundry_pl.config import CHUNK_URI_PREFIXES, ConfigError, StreamingDataConfig
-from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus
+from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus, publish_folder
 from llmfoundry_pl.data.datamodule import TextDataModule
 from llmfoundry_pl.tokenizer import Tokenizer, atomic_write_bytes
 
@@ -132,7 +132,7 @@ def _write_chunks(token_files: TokenFiles, tokenizer: Tokenizer, cfg: StreamingD
     tokenizer.save(tmp / "tokenizer.model")
     meta = {**token_files.meta, "seq_len": cfg.seq_len, "windows": n_windows, "chunk_bytes": cfg.chunk_bytes}
     atomic_write_bytes(tmp / "chunks.json", json.dumps(meta, indent=2).encode())
-    _publish(tmp, folder)
+    publish_folder(tmp, folder, lambda published: _read_meta(published) == meta)
 
 
 def _mirror(uri: str, cache_dir: Path) -> Path:
@@ -158,19 +158,10 @@ def _mirror(uri: str, cache_dir: Path) -> Path:
         return local
     for name in ("tokenizer.model", "val.bin"):
         downloader.download_file(f"{uri}/{name}", str(tmp / name))
-    shutil.rmtree(local, ignore_errors=True)  # an older upload's files, and the chunks cached from it
-    _publish(tmp, local)
+    # a folder mirrored from an older upload (its files and the chunks cached from it) differs in chunks.json: replaced
+    remote_meta = _read_meta(tmp)
+    publish_folder(tmp, local, lambda published: _read_meta(published) == remote_meta)
     return local
-
-
-def _publish(tmp: Path, folder: Path) -> None:
-    """Rename a finished temporary folder into place; if another process (a DDP rank) got there first, keep its."""
-    try:
-        os.replace(tmp, folder)
-    except OSError:
-        if _read_meta(folder) != _read_meta(tmp):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _inputs_and_targets(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
