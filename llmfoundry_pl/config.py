@@ -198,7 +198,8 @@ class DataConfig:
     batch_size: int = field(default=16, metadata=_help("Windows per micro-batch on each device."))
     num_workers: int = field(default=0, metadata=_help("DataLoader worker processes (0 loads in the main process)."))
     val_fraction: float = field(
-        default=0.05, metadata=_help("Tail share of every document held out for validation.")
+        default=0.05, metadata=_help("Tail share of every document held out for validation (of documents too short "
+                                     "for that to be 64 tokens: one in every 1/val_fraction, whole).")
     )
     val_stride: int | None = field(
         default=None,

@@ -40,6 +40,25 @@ def test_corpus_tokens_cover_every_document_with_bos_and_eos(text_dir, tmp_path)
     assert tok.decode(t for t in train if t not in (BOS_ID, EOS_ID)).startswith("Document 0.\nNow is the winter")
 
 
+def test_corpus_holds_out_short_documents_whole(tmp_path):
+    # 5% of a 15-token line is its </s>: the split used to hold out nothing else, so val/loss scored </s> after </s>.
+    # Now one short document in every 1/val_fraction (the first included) is held out whole, and the long ones keep
+    # their tails.
+    words = "the cat sat on a mat and ran far away from the quick brown fox".split()
+    lines = [f"line {i}: " + " ".join(words[i % 5 :] + words[: i % 5]) for i in range(40)]
+    path = tmp_path / "lines.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in [*lines, TEXT]))
+    tok, files = prepare_corpus(data_cfg(path, tmp_path / "cache", val_fraction=0.05, vocab_size=320))
+    val = np.fromfile(files.val_path, dtype=files.dtype)
+    ends = np.flatnonzero(val == EOS_ID) + 1
+    pieces = np.split(val, ends[:-1])  # each held-out piece ends with its document's </s>
+    assert len(pieces) == 3 and [p[0] == BOS_ID for p in pieces] == [True, True, False]  # 2 whole lines, 1 tail
+    assert [tok.decode(int(t) for t in p) for p in pieces[:2]] == [lines[0], lines[20]]
+    assert len(pieces[2]) >= corpus.MIN_HELD_OUT_TAIL
+    train = tok.decode(int(t) for t in np.fromfile(files.train_path, dtype=files.dtype))
+    assert lines[0] not in train and lines[1] in train and "winter of our discontent" in train
+
+
 def test_corpus_cache_is_reused_when_nothing_changed(text_dir, tmp_path, monkeypatch):
     cfg = data_cfg(text_dir, tmp_path / "cache")
     _, first = prepare_corpus(cfg)

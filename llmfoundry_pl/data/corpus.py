@@ -10,7 +10,10 @@ nothing stale is ever reused::
             meta.json                                 written last: a folder without it is never trusted
 
 Every document becomes ``<s> text </s>``; the last ``val_fraction`` of each document's tokens goes to
-validation, so held-out text comes from every play (or file) rather than from one.
+validation, so held-out text comes from every play (or file) rather than from one. A document whose share would be
+under ``MIN_HELD_OUT_TAIL`` tokens (a line of a JSON Lines corpus, say) goes to validation whole instead, one such
+document in every 1/val_fraction: the last 5% of a 20-token document is its ``</s>``, and a validation split of
+nothing but ``</s>`` after ``</s>`` measures nothing.
 Folders are built under a temporary name and renamed into place, so an interrupted build leaves nothing
 that a later run would trust, and processes building the same folder at once (DDP ranks on a cold cache) all end up
 reading the first one published.
@@ -37,7 +40,8 @@ from llmfoundry_pl.tokenizer import Tokenizer, atomic_write_bytes, temp_sibling,
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")  # one document per line: the string in its data.text_field
 TEXT_SUFFIXES = (".txt", ".md", *JSON_LINES_SUFFIXES)  # compared in lower case: DOCS.JSONL is JSON Lines too
-CACHE_FORMAT = 1  # bump when the layout or the tokenization rules change, to invalidate old caches
+CACHE_FORMAT = 2  # bump when the layout or the tokenization rules change, to invalidate old caches (2: short docs)
+MIN_HELD_OUT_TAIL = 64  # tokens: a document whose val_fraction is fewer is held out whole, or not at all
 _ENCODE_CHUNK = 64  # documents per progress-bar step
 
 
@@ -210,11 +214,13 @@ def publish_folder(tmp: Path, folder: Path, is_complete: Callable[[Path], bool])
 
 def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer, token_dir: Path) -> dict:
     """Tokenize every document (SentencePiece threads in C++, a progress bar over chunks), split each document's
-    tail off for validation, and write both streams into a temporary folder that is renamed into place."""
+    tail off for validation (or hold out whole short documents, see the module docstring), and write both streams
+    into a temporary folder that is renamed into place."""
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     tmp_dir = temp_sibling(token_dir)
     tmp_dir.mkdir(parents=True)
     counts = {"train_tokens": 0, "val_tokens": 0, "documents": 0, "bytes": 0}
+    short_docs = 0  # seen so far: whole ones are held out at an even val_fraction of them, the first included
     docs = list(iter_documents(files, cfg.text_field))
     with open(tmp_dir / "train.bin", "wb") as train_f, open(tmp_dir / "val.bin", "wb") as val_f:
         bar = tqdm(total=len(docs), desc="tokenizing", unit="doc", disable=len(docs) < _ENCODE_CHUNK * 4)
@@ -223,6 +229,10 @@ def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer,
             for doc, ids in zip(chunk, tokenizer.encode_batch(chunk), strict=True):
                 tokens = np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype)
                 n_val = math.ceil(len(tokens) * cfg.val_fraction)
+                if n_val < MIN_HELD_OUT_TAIL and n_val < len(tokens):
+                    short_docs += 1
+                    held_out = math.ceil(short_docs * cfg.val_fraction) > math.ceil((short_docs - 1) * cfg.val_fraction)
+                    n_val = len(tokens) if held_out else 0
                 tokens[: len(tokens) - n_val].tofile(train_f)
                 tokens[len(tokens) - n_val :].tofile(val_f)
                 counts["train_tokens"] += len(tokens) - n_val
