@@ -115,6 +115,20 @@ def test_corpus_path_with_brackets_in_its_name_is_that_path_not_a_glob(tmp_path)
     assert files.meta["documents"] == 1
 
 
+def test_corpus_cache_sees_an_edit_that_kept_size_and_modification_time(tmp_path):
+    # cp -p, rsync -t and tar x put an edited file's old modification time back; a same-size edit looked unchanged
+    path = tmp_path / "corpus.txt"
+    path.write_text("the cat sat on the mat. " * 200)
+    _, before = prepare_corpus(data_cfg(path, tmp_path / "cache"))
+    stat = path.stat()
+    path.write_text("the dog ran to the car. " * 200)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    tok, after = prepare_corpus(data_cfg(path, tmp_path / "cache"))
+    assert after.directory != before.directory
+    assert tok.decode(np.fromfile(after.train_path, dtype=after.dtype)[:8].tolist()).startswith("the dog")
+
+
 def test_corpus_cache_is_keyed_by_the_jsonl_text_field(tmp_path, text_dir, monkeypatch):
     path = tmp_path / "docs.jsonl"
     lines = [{"title": f"The title of part {i}. " * 20, "body": f"{i} " + TEXT} for i in range(4)]

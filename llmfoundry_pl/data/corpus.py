@@ -3,7 +3,7 @@
 Layout of the cache (``data.cache_dir``), keyed by what produced each file, so a change of input rebuilds and
 nothing stale is ever reused::
 
-    corpus-<hash of file paths, sizes, mtimes (and data.text_field, if JSON Lines are among them)>/
+    corpus-<hash of file paths, sizes, mtimes, ctimes (and data.text_field, if JSON Lines are among them)>/
         tokenizer-v<vocab>-c<coverage>.model         SentencePiece model trained on this corpus
         tokens-<tokenizer sha>-val<fraction>/
             train.bin  val.bin                        uint16 (or uint32) token ids, documents back to back
@@ -106,11 +106,14 @@ def iter_documents(files: list[Path], text_field: str) -> Iterator[str]:
 
 def sources_fingerprint(files: list[Path], text_field: str) -> str:
     """Cheap identity of the inputs: paths, sizes and modification times (not the content, for large corpora), and
-    the field read from JSON Lines files. Plain text has no fields, so its key ignores data.text_field."""
+    the field read from JSON Lines files. Plain text has no fields, so its key ignores data.text_field.
+
+    The change time too: ``cp -p``, ``rsync -t`` and ``tar x`` put back an edited file's old modification time,
+    and a same-size edit then looked unchanged; no tool can set the change time, which any write moves."""
     h = hashlib.sha256(f"format{CACHE_FORMAT}".encode())
     for f in files:
         st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}\n".encode())
     if any(is_json_lines(f) for f in files):
         h.update(f"text_field={text_field}\n".encode())
     return h.hexdigest()[:16]
