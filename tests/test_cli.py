@@ -310,6 +310,21 @@ def test_a_run_without_validation_trains_and_saves(tmp_path, cache_dir):
         assert noise not in proc.stdout + proc.stderr
 
 
+def test_ckpt_path_last_is_the_newest_last_checkpoint_and_paths_expand_home(tmp_path, monkeypatch):
+    # A run that reuses a run folder (a fixed hydra.run.dir) gets Lightning's last-v1.ckpt beside the older
+    # last.ckpt: `last` found only last.ckpt, so evaluating or resuming "the newest" took the older model.
+    from llmfoundry_pl.cli.common import resolve_ckpt_path
+
+    older, newer = tmp_path / "runs/a/checkpoints/last-v1.ckpt", tmp_path / "runs/b/checkpoints/last.ckpt"
+    for i, path in enumerate((newer, older)):  # last-v1.ckpt written last
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))
+    assert resolve_ckpt_path("last", runs_dir=str(tmp_path / "runs")) == str(older)
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ was expanded for folders only, not for .ckpt files
+    assert resolve_ckpt_path("~/runs/b/checkpoints/last.ckpt") == str(newer)
+
+
 def test_help_and_cfg_job(tmp_path):
     help_text = run_cli("train", "--help", cwd=tmp_path).stdout
     assert "== Configuration groups ==" in help_text and "hardware: auto, cpu, m4pro, rtx5060" in help_text

@@ -207,6 +207,17 @@ def test_load_hf_refuses_with_one_line(tokenizer, tmp_path, spoil, message):
     assert "\n" not in str(error.value)
 
 
+def test_write_folder_into_the_current_folder_is_refused_in_one_line(tmp_path, monkeypatch):
+    # out=. was a traceback (a path without a name has no temporary sibling); writing it would replace the folder
+    # the user is in. A relative name is a new folder inside it, as before.
+    monkeypatch.chdir(tmp_path)
+    for here in (".", str(tmp_path), ".."):
+        with pytest.raises(ConfigError, match="is the folder you are in .*such as out=my-model"):
+            write_folder(here, lambda d: (d / "a").write_text("x"))
+    assert write_folder("sub", lambda d: (d / "a").write_text("x")) == Path("sub")
+    assert (tmp_path / "sub" / "a").read_text() == "x"
+
+
 def test_write_folder_refuses_a_non_empty_folder_and_never_leaves_half_a_folder(tmp_path, monkeypatch):
     out = tmp_path / "out"
     write_folder(out, lambda d: (d / "a").write_text("first"))

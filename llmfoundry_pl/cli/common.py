@@ -340,14 +340,17 @@ def _adapter_base(hparams: dict, path: str, key: str) -> Transformer:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str = "outputs", key: str = "ckpt_path") -> str | None:
-    """``ckpt_path`` as given, or for ``last`` the newest ``checkpoints/last.ckpt`` under ``runs_dir``."""
+    """``ckpt_path`` as given (``~`` expanded), or for ``last`` the newest last checkpoint under ``runs_dir``:
+    ``checkpoints/last.ckpt``, or ``last-v1.ckpt`` and so on, which Lightning writes beside an older one when a run
+    reuses a run folder (a fixed ``hydra.run.dir``)."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
-        candidates = sorted(Path(runs_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        candidates = sorted(Path(runs_dir).glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise ConfigError(f"{key}=last found no checkpoints/last.ckpt under {runs_dir}/; give the path")
         return str(candidates[-1])
-    if not Path(ckpt_path).is_file():
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
         raise ConfigError(f"{key}={ckpt_path} does not exist; give the path of a .ckpt file (or {key}=last)")
-    return ckpt_path
+    return str(path)

@@ -52,6 +52,9 @@ def write_folder(out: str | os.PathLike, fill: Callable[[Path], None], overwrite
 def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """``out`` as a Path, if a folder may be written there (callers check before loading a big model)."""
     out = Path(out).expanduser()
+    if Path.cwd().resolve().is_relative_to(out.resolve()):  # out=. was a traceback: a path with no name
+        raise ConfigError(f"out={out} is the folder you are in (or holds it), which the export would replace; give "
+                          "the path of a new folder, such as out=my-model")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file, not a folder; give the path of a folder to create")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
