@@ -15,6 +15,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from safetensors import safe_open
 
+from llmfoundry_pl.chat import ChatFormat
 from llmfoundry_pl.cli.common import to_dataclass
 from llmfoundry_pl.cli.eval import evaluate
 from llmfoundry_pl.cli.export import export
@@ -24,10 +25,11 @@ from llmfoundry_pl.data.corpus import bundled_corpus_dir
 from llmfoundry_pl.inference import generate
 from llmfoundry_pl.interop import load_folder, load_hf, load_safetensors, save_hf, save_safetensors
 from llmfoundry_pl.interop.folder import write_folder
+from llmfoundry_pl.interop.hf import verify_hf
 from llmfoundry_pl.interop.hf_tokenizer import read_spec, tokenizer_json
 from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.model import Transformer
-from llmfoundry_pl.tokenizer import BOS_ID, CHAT_TOKENS, RESERVED_TOKENS, Tokenizer, train_tokenizer
+from llmfoundry_pl.tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, RESERVED_TOKENS, Tokenizer, train_tokenizer
 from tests.conftest import run_cli
 
 CHINESE = "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？"
@@ -59,6 +61,15 @@ def tiny_model(tokenizer: Tokenizer, seed: int = 0, **overrides) -> Transformer:
     base = dict(vocab_size=tokenizer.vocab_size, dim=48, n_layers=2, n_heads=6, n_kv_heads=1, hidden_dim=80,
                 max_seq_len=40, tie_embeddings=True, rope_theta=500.0, norm_eps=1e-6, init_std=0.5)
     return Transformer(ModelConfig(**{**base, **overrides})).eval()
+
+
+def sentencepiece_model(**options) -> bytes:
+    """A tiny SentencePiece BPE model trained with ``options`` over SentencePiece's defaults (not train_tokenizer's:
+    no chat tokens)."""
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["ＡＢＣ full width text"] * 50), model_writer=buffer,
+                                   model_type="bpe", vocab_size=40, minloglevel=2, **options)
+    return buffer.getvalue()
 
 
 def same_weights(a: Transformer, b: Transformer) -> bool:
@@ -122,12 +133,37 @@ def test_hf_tokenizer_reads_the_sentencepiece_proto_as_protobuf_does(tokenizer):
 
 def test_hf_tokenizer_refuses_what_it_cannot_reproduce():
     # SentencePiece's defaults (NFKC normalization, squeezed whitespace, a dummy prefix) unlike train_tokenizer's
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["ＡＢＣ full width text"] * 50), model_writer=buffer,
-                                   model_type="bpe", vocab_size=40, minloglevel=2)
     message = "normalizes text with the 'nmt_nfkc' rule; it removes extra whitespace); export format=safetensors"
     with pytest.raises(ConfigError, match=re.escape(message)):
-        tokenizer_json(Tokenizer(buffer.getvalue()))
+        tokenizer_json(Tokenizer(sentencepiece_model()))
+
+
+def test_hf_export_of_a_chat_model_stops_generating_at_end(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    chat = ChatFormat(tokenizer)
+    ours = tiny_model(tokenizer, tie_embeddings=False)
+    with torch.no_grad():  # rigged to answer <|end|> at once: the blocks add nothing, the head reads dimension 0
+        for layer in ours.layers:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        ours.tok_embeddings.weight[:, 0] = 1.0
+        ours.norm.weight.zero_()
+        ours.norm.weight[0] = 1.0
+        ours.output.weight.zero_()
+        ours.output.weight[chat.end_id, 0] = 10.0
+    save_hf(ours, tokenizer, tmp_path / "hf")
+    verify_hf(tmp_path / "hf", ours, tokenizer)  # what lfpl-export verify=true runs
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt = chat.prompt_ids([{"role": "user", "content": "hi"}])
+    reply = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    assert reply == [chat.end_id]  # not <|end|> eight times: transformers stops where lfpl-generate chat=true does
+    assert hf.generation_config.eos_token_id == [EOS_ID, chat.end_id] and hf.generation_config.pad_token_id == PAD_ID
+    back, _, _ = load_folder(tmp_path / "hf")  # our own importer reads the folder as before
+    assert same_weights(back, ours)
+    # a tokenizer without the chat tokens: no generation_config.json, config.json's </s> stops generation as before
+    plain = Tokenizer(sentencepiece_model(normalization_rule_name="identity", remove_extra_whitespaces=False))
+    save_hf(tiny_model(plain), plain, tmp_path / "plain")
+    assert not (tmp_path / "plain" / "generation_config.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,6 +219,11 @@ def rewrite_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+def replace_tokenizer(folder: Path, model_proto: bytes) -> Path:
+    (folder / "tokenizer.model").write_bytes(model_proto)
+    return folder
+
+
 @pytest.mark.parametrize(
     ("spoil", "message"),
     [
@@ -193,12 +234,15 @@ def rewrite_json(path: Path, **changes) -> None:
         (lambda d: rewrite_json(d / "config.json", rope_scaling={"rope_type": "llama3", "factor": 8.0}) or d,
          "uses rope scaling 'llama3'"),
         (lambda d: (d / "tokenizer.model").unlink() or d, re.escape("has no tokenizer.model (a tokenizer.json alone")),
+        (lambda d: replace_tokenizer(d, sentencepiece_model(bos_id=-1)),
+         "tokenizer.model has no BOS token; .* import a model whose tokenizer has both <s> and </s>"),
         (lambda d: rewrite_json(d / "config.json", num_hidden_layers=3) or d,
          r"lacks tensors for its config.json: model.layers.2.input_layernorm.weight, .* and 6 more"),
         (lambda d: rewrite_json(d / "config.json", intermediate_size=96) or d,
          r"tensors of the wrong shape .*mlp.gate_proj.weight \[80, 48\] instead of \[96, 48\]"),
     ],
-    ids=["not-a-folder", "no-config", "not-llama", "rope-scaling", "no-tokenizer", "missing-tensors", "wrong-shape"],
+    ids=["not-a-folder", "no-config", "not-llama", "rope-scaling", "no-tokenizer", "no-bos", "missing-tensors",
+         "wrong-shape"],
 )
 def test_load_hf_refuses_with_one_line(tokenizer, tmp_path, spoil, message):
     save_hf(tiny_model(tokenizer), tokenizer, tmp_path / "hf")
@@ -290,7 +334,8 @@ def test_export_cli_writes_a_folder_that_eval_scores_like_the_checkpoint(checkpo
     assert f"exported {checkpoint} (Lightning checkpoint)" in proc.stdout
     assert "as hf (Hugging Face Llama folder," in proc.stdout
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
+        "tokenizer_config.json"]  # the trained tokenizer has the chat tokens: generation also stops at <|end|>
     proc = run_cli("eval", "ckpt_path=hf", f"data.path={verse}", cwd=tmp_path)
     assert "model: hf (Hugging Face Llama folder)" in proc.stdout
     on_hf = last_json(proc.stdout)

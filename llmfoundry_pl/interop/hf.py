@@ -4,7 +4,8 @@
     model, tokenizer = load_hf("TinyLlama/")  # a local Llama-architecture folder with tokenizer.model
 
 A folder holds ``config.json``, ``model.safetensors`` (or shards listed in ``model.safetensors.index.json``) and
-``tokenizer.model``; the folders we write add ``tokenizer.json`` and ``tokenizer_config.json`` (hf_tokenizer.py).
+``tokenizer.model``; the folders we write add ``tokenizer.json`` and ``tokenizer_config.json`` (hf_tokenizer.py),
+and ``generation_config.json`` when the tokenizer has the chat tokens (so that ``generate`` stops at ``<|end|>``).
 Neither direction imports transformers: the files are JSON, safetensors and the SentencePiece model itself.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from llmfoundry_pl.chat import END
 from llmfoundry_pl.config import ConfigError, ModelConfig
 from llmfoundry_pl.interop.folder import (
     assign_weights,
@@ -25,7 +27,13 @@ from llmfoundry_pl.interop.folder import (
     write_folder,
     write_json,
 )
-from llmfoundry_pl.interop.hf_tokenizer import check_convertible, read_spec, tokenizer_config, tokenizer_json
+from llmfoundry_pl.interop.hf_tokenizer import (
+    check_convertible,
+    has_chat_tokens,
+    read_spec,
+    tokenizer_config,
+    tokenizer_json,
+)
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
 
@@ -102,6 +110,21 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype = torch
     }
 
 
+def hf_generation_config(tokenizer: Tokenizer) -> dict | None:
+    """``generation_config.json`` for a tokenizer with the chat tokens, else None (config.json's ids suffice).
+
+    A chat-tuned model ends its reply with ``<|end|>``, never ``</s>``: with config.json's ``</s>`` alone,
+    transformers' ``generate`` would run on into turns the model invents. Both ids stop it, as Phi-3's
+    ``<|end|>`` does. Written by hand, like config.json, so that exporting needs no transformers."""
+    if not has_chat_tokens(tokenizer):
+        return None
+    return {
+        "bos_token_id": _id_or_none(tokenizer.bos_id),
+        "eos_token_id": [tokenizer.eos_id, tokenizer.sp.piece_to_id(END)],
+        "pad_token_id": _id_or_none(tokenizer.pad_id),
+    }
+
+
 def _id_or_none(token_id: int) -> int | None:
     return token_id if token_id >= 0 else None
 
@@ -161,6 +184,8 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, out: str | os.PathLike, ov
 
     def fill(folder: Path) -> None:
         write_json(folder / "config.json", hf_config(model.config, tokenizer, dtype))
+        if generation := hf_generation_config(tokenizer):
+            write_json(folder / "generation_config.json", generation)
         save_weights(to_hf_state_dict(model), folder / "model.safetensors")
         (folder / "tokenizer.model").write_bytes(tokenizer.model_proto)
         write_json(folder / "tokenizer.json", tokenizer_json(tokenizer))

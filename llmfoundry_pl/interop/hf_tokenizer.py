@@ -199,7 +199,6 @@ def tokenizer_config(tokenizer: Tokenizer, max_length: int) -> dict:
     def piece(i: int) -> str | None:
         return tokenizer.sp.id_to_piece(i) if 0 <= i < tokenizer.vocab_size else None
 
-    has_chat = all(tokenizer.sp.piece_to_id(t) != tokenizer.sp.unk_id() for t in CHAT_TOKENS)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": piece(tokenizer.bos_id),
@@ -211,5 +210,11 @@ def tokenizer_config(tokenizer: Tokenizer, max_length: int) -> dict:
         "split_special_tokens": True,  # "<s>" typed in text is text, as in SentencePiece
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
-        **({"chat_template": HF_CHAT_TEMPLATE} if has_chat else {}),
+        **({"chat_template": HF_CHAT_TEMPLATE} if has_chat_tokens(tokenizer) else {}),
     }
+
+
+def has_chat_tokens(tokenizer: Tokenizer) -> bool:
+    """Whether ``tokenizer`` has the chat template's tokens (every tokenizer this project trains does; an imported
+    Llama's does not)."""
+    return all(tokenizer.sp.piece_to_id(t) != tokenizer.sp.unk_id() for t in CHAT_TOKENS)
