@@ -187,13 +187,25 @@ def test_ctrl_c_says_which_checkpoint_to_resume_from(tmp_path, cache_dir):
 def test_a_diverged_job_fails_alone_and_the_sweep_goes_on(tmp_path, cache_dir):
     # A learning-rate sweep meets rates that diverge: that job stops at its first validation (in a single run, exit
     # status 2 and one line), its row reads nan, and the next job runs (before: trained on in NaN, then crashed).
-    proc = run_cli("train", "-m", *TINY, "optim.lr=1e4,3e-3", "trainer.gradient_clip_val=null", "hydra.sweep.dir=s",
-                   cwd=tmp_path)
+    # So does a job whose settings are impossible (before: the sweep ended there, with no summary table).
+    proc = run_cli("train", "-m", *TINY, "optim.lr=1e4,3e-3", "model.n_heads=2,3", "trainer.gradient_clip_val=null",
+                   "hydra.sweep.dir=s", cwd=tmp_path)
     assert "error: training diverged: val/loss is nan at step 4; lower optim.lr (it is 10000)" in proc.stderr
-    rows = [json.loads((tmp_path / "s" / job / "final_metrics.json").read_text())["metrics"] for job in ("0", "1")]
-    assert math.isnan(rows[0]["val/loss"]) and rows[1]["val/loss"] < 6.3
-    assert "| 0   | optim.lr=10000.0 | nan" in proc.stdout  # the summary table
+    assert "error: model.dim=32 is not divisible by model.n_heads=3" in proc.stderr
+    rows = [json.loads((tmp_path / "s" / job / "final_metrics.json").read_text()) for job in "0123"]
+    assert [math.isnan(row["metrics"]["val/loss"]) for row in rows] == [True, False, True, True]
+    assert rows[1]["metrics"]["val/loss"] < 6.3 and "not divisible" in rows[2]["error"] + rows[3]["error"]
+    assert "| 0   | model.n_heads=2 optim.lr=10000.0 | nan" in proc.stdout  # the summary table
     assert not (tmp_path / "s" / "0" / "checkpoints").exists()  # no NaN checkpoint
+
+
+def test_last_checkpoint_holds_the_trained_steps_and_a_run_needs_no_logger(tmp_path, cache_dir):
+    # 10 steps, validations (and checkpoints) at 4 and 8: last.ckpt held step 8, so resuming trained 9-10 again.
+    # With no logger, Lightning's LearningRateMonitor raised a traceback; it has nothing to write to: left out.
+    proc = run_cli("train", *TINY, "trainer.max_steps=10", "logger.csv=null", "hydra.run.dir=run", cwd=tmp_path)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert f"checkpoint: {last}" in proc.stdout and torch.load(last, weights_only=False)["global_step"] == 10
+    assert not list((tmp_path / "run").glob("**/metrics.csv"))
 
 
 def test_ddp_single_run_two_processes(tmp_path, cache_dir):
@@ -263,11 +275,14 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         (["hardware=m4pro"], "error: the trainer settings cannot run here: `MPSAccelerator` can not run"),
         (["trainer.precision=bf17"], "error: the trainer settings cannot run here: Precision 'bf17' is invalid"),
         (["trainer=fsdp"], "error: trainer=fsdp needs CUDA GPUs and this run's device is cpu: use trainer=ddp"),
+        (["trainer.accumulate_grad_batches=2", "trainer.val_check_interval=3"],
+         "error: trainer.val_check_interval=3 (micro-batches) is not a multiple of trainer.accumulate_grad_batches=2"),
+        (["trainer.limit_train_batches=4"], "error: trainer.limit_train_batches=4 would replay the same windows"),
         pytest.param(["trainer.precision=16-true"], "error: trainer.precision=16-true needs fp16 matmuls",
                      marks=pytest.mark.skipif(cpu_has_native_fp16(), reason="this CPU multiplies fp16 natively")),
     ],
     ids=["clashing-heads", "missing-data", "missing-ckpt", "broken-ckpt", "typo", "wrong-type", "no-mps",
-         "bad-precision", "fsdp-on-cpu", "fp16-on-cpu"],
+         "bad-precision", "fsdp-on-cpu", "checkpoints-inside-a-step", "limit-train-batches", "fp16-on-cpu"],
 )
 def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides, message):
     (tmp_path / "broken.ckpt").write_bytes(b"PK\x03\x04 cut short while copying")

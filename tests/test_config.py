@@ -193,6 +193,19 @@ def test_a_callback_set_to_null_is_off(compose_train, tmp_path, overrides, check
     assert (trainer.progress_bar_callback is not None) == bar
 
 
+def test_a_job_after_a_deterministic_one_runs_as_a_fresh_process_would(compose_train, tmp_path):
+    # hardware=cpu sets trainer.deterministic=true; Lightning leaves torch's switch alone for null, so the next job of
+    # a sweep (say hardware=auto on a GPU) inherited deterministic kernels, slower or refused for some ops.
+    try:
+        build_trainer(compose_train(["hardware=cpu", f"paths.output_dir={tmp_path}"]).trainer, [], [])
+        assert torch.are_deterministic_algorithms_enabled()
+        build_trainer(compose_train(["hardware=cpu", "trainer.deterministic=null", f"paths.output_dir={tmp_path}"]
+                                    ).trainer, [], [])
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.63 GiB of which 1.10 GiB "
             "is free. Including non-PyTorch memory, this process has 6.52 GiB memory in use. See documentation for "
             "Memory Management")

@@ -122,8 +122,11 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list, **ove
     _check_trainer_settings(trainer_cfg)
     strategy = build_strategy(trainer_cfg.strategy, trainer_cfg.devices, block_class=TransformerBlock)
     try:
+        # deterministic=null is "leave torch's switch alone", so a sweep job after one with hardware=cpu (true)
+        # inherited deterministic kernels; False is what a fresh process has.
+        unset = {"deterministic": False} if trainer_cfg.get("deterministic") is None else {}
         trainer = instantiate(trainer_cfg, strategy=strategy, callbacks=callbacks, logger=loggers or False,
-                              **{**_unless_given(trainer_cfg, callbacks), **overrides})
+                              **{**unset, **_unless_given(trainer_cfg, callbacks), **overrides})
     except InstantiationException as e:
         raise ConfigError(
             f"the trainer settings cannot run here: {_reason(e)} — fix trainer.*, or pick the hardware= profile of "

@@ -20,6 +20,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_pl.allocator import keep_freed_memory
@@ -28,6 +29,7 @@ from llmfoundry_pl.cli.common import (
     build_trainer,
     check_compiled_attention,
     instantiate_group,
+    out_of_memory,
     prepare_data_and_model,
     quiet_library_noise,
     read_checkpoint,
@@ -83,7 +85,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     lit.set_tokenizer(datamodule.tokenizer)
 
     callbacks, loggers = instantiate_group(cfg.callbacks, "callbacks"), instantiate_group(cfg.logger, "logger")
+    if not loggers:  # logger=none or every logger set to null: the rate has nowhere to go (Lightning raises)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = build_trainer(cfg.trainer, callbacks, loggers)
+    _check_step_settings(trainer)
     if cfg.compile:
         require_compiler(trainer.strategy.root_device)
         check_compiled_attention(model_cfg.attention, trainer.strategy.root_device, str(trainer.precision))
@@ -129,9 +134,34 @@ def _final_metrics(trainer: L.Trainer, lit: LitLlama, datamodule: L.LightningDat
     """The trained weights' held-out metrics: those of fit's own last validation when it ran after the last step
     (as it does when trainer.val_check_interval divides trainer.max_steps, the default run's case), else a
     validation now. A second pass over the held-out split would measure the same weights again and log the same
-    figures twice (the default run cut to 120 steps, 2-core CPU: 44.8 s → 42.7 s wall without it)."""
+    figures twice (the default run cut to 120 steps, 2-core CPU: 44.8 s → 42.7 s wall without it).
+
+    In the second case last.ckpt is saved again too: ModelCheckpoint saves at validations, so it held the weights of
+    the last one (max_steps=10, validations at 4 and 8: step 8, and resuming from it trained steps 9-10 again)."""
     step, metrics = lit.last_fit_validation or (None, {})
-    return metrics if step == trainer.global_step else _validate(trainer, lit, datamodule)
+    if step == trainer.global_step:
+        return metrics
+    metrics = _validate(trainer, lit, datamodule)
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.last_model_path:
+        trainer.save_checkpoint(checkpoint.last_model_path)  # on every rank: under FSDP a collective
+    return metrics
+
+
+def _check_step_settings(trainer: L.Trainer) -> None:
+    """Settings Lightning accepts that would make the run other than it says. Checkpoints are written at
+    validations, every trainer.val_check_interval micro-batches: between two micro-batches of one accumulated
+    step, a resume cannot continue the run (the gradient summed so far is in no checkpoint). And the training
+    stream is max_steps of windows, so trainer.limit_train_batches (N micro-batches an "epoch") made every epoch
+    after the first replay the same N."""
+    accumulate, interval = trainer.accumulate_grad_batches, trainer.val_check_interval
+    if isinstance(interval, int) and interval % accumulate:
+        raise ConfigError(f"trainer.val_check_interval={interval} (micro-batches) is not a multiple of "
+                          f"trainer.accumulate_grad_batches={accumulate}: its checkpoints would fall inside an "
+                          "accumulated step, which no resume can continue; give a multiple of it")
+    if trainer.limit_train_batches != 1.0:
+        raise ConfigError(f"trainer.limit_train_batches={trainer.limit_train_batches} would replay the same "
+                          "windows every epoch; the run's length is trainer.max_steps: set that instead")
 
 
 def _validate(trainer: L.Trainer, lit: LitLlama, datamodule: L.LightningDataModule) -> dict[str, float]:
@@ -196,13 +226,16 @@ def _hydra_main(cfg: DictConfig) -> float:
         try:
             # The value Hydra's sweepers (hparams_search=optuna) minimise; NaN (a failed trial) without validation.
             return train(cfg).get("val/loss", float("nan"))
-        except TrainingDiverged as e:
-            if HydraConfig.get().mode != RunMode.MULTIRUN:
+        except (TrainingDiverged, ConfigError, RuntimeError) as e:
+            what = str(e) if isinstance(e, (TrainingDiverged, ConfigError)) else out_of_memory(e)
+            if HydraConfig.get().mode != RunMode.MULTIRUN or what is None:
                 raise
-            # In a sweep, a rate too high is a result, not a mistake: this job fails alone (its row of the summary
-            # reads nan, and Optuna counts a NaN trial as failed) and the sweep goes on.
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            write_final_metrics(Path(cfg.paths.output_dir), {"val/loss": float("nan")}, diverged=str(e))
+            # In a sweep, a rate too high, settings that one job's values make impossible (n_heads=3 with dim=32) or
+            # a batch too large for the device are that job's result, not the sweep's end: it fails alone (its row
+            # of the summary reads nan, Optuna counts a NaN trial as failed), and the others run and get a table.
+            print(f"error: {what}", file=sys.stderr, flush=True)
+            key = "diverged" if isinstance(e, TrainingDiverged) else "error"
+            write_final_metrics(Path(cfg.paths.output_dir), {"val/loss": float("nan")}, **{key: what})
             return float("nan")
 
 
