@@ -190,6 +190,15 @@ class LitLlama(L.LightningModule):
         if changed:
             raise ConfigError(f"the checkpoint's model differs from this run's ({'; '.join(changed)}); "
                               "resume with the same model settings, or start a new run")
+        # Resuming restores the optimizer's and the schedule's state, settings included: new optim.* or scheduler.*
+        # values would be recorded in this run's checkpoints but never used.
+        saved = checkpoint.get("hyper_parameters", {})
+        changed = [f"{group}.{k}: {v} → {self.hparams[group][k]}" for group in ("optim", "scheduler")
+                   for k, v in (saved.get(group) or {}).items() if self.hparams[group].get(k, v) != v]
+        if changed and checkpoint.get("optimizer_states"):
+            raise ConfigError(f"resuming restores the checkpoint's optimizer and schedule, so {'; '.join(changed)} "
+                              "would be ignored; resume with its settings, or start a new schedule from its weights "
+                              "with init_from= instead of ckpt_path=")
         self._fill_unsaved(checkpoint)
         if "tokenizer_model" not in checkpoint:
             return

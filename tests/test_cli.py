@@ -148,6 +148,12 @@ def test_resume_continues_exactly(tmp_path, cache_dir, placement, tolerance):
     proc = run_cli("train", *run, f"ckpt_path={tmp_path}/again/checkpoints/last.ckpt", "trainer.max_steps=9",
                    cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "was saved at step 9, so trainer.max_steps=9 leaves nothing to train" in proc.stderr
+    # nor can a resume change the rate or its schedule: both are restored from the checkpoint (they were ignored,
+    # and recorded in the new checkpoints as if used)
+    proc = run_cli("train", *run, f"ckpt_path={ckpt}", "optim.lr=1e-4", "scheduler.warmup_steps=1", cwd=tmp_path,
+                   check=False)
+    assert proc.returncode == 2 and "optim.lr: 0.003 → 0.0001; scheduler.warmup_steps: 2 → 1 would be ignored" in \
+        proc.stderr
 
 
 def test_ddp_sweep_with_mixed_jobs_and_summary(tmp_path, cache_dir):
