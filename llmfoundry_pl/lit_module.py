@@ -162,7 +162,8 @@ class LitLlama(L.LightningModule):
         self.tokenizer = tokenizer
         # Bytes of text per token id, for bits per byte; derived from the tokenizer, so not saved as state. Made on
         # the module's device: resuming under FSDP calls this (from on_load_checkpoint) after the move to the GPU.
-        self.register_buffer("token_bytes", torch.from_numpy(tokenizer.token_bytes).to(self.device), persistent=False)
+        for name in ("token_bytes", "first_token_bytes"):
+            self.register_buffer(name, torch.from_numpy(getattr(tokenizer, name)).to(self.device), persistent=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
@@ -274,7 +275,11 @@ class LitLlama(L.LightningModule):
         nats = next_token_loss(self.model, x, y, *segment_ids, chunked=chunked, reduction="sum")
         counted = y != IGNORE_INDEX
         # Without a tokenizer the bytes behind each token are unknown: val/bpb then reads as bits per token.
-        n_bytes = self.token_bytes[y[counted]].sum() if self.tokenizer is not None else counted.sum()
+        n_bytes = counted.sum()
+        if self.tokenizer is not None:
+            first = x == self.tokenizer.bos_id  # a document's first token: see Tokenizer.first_token_bytes
+            n_bytes = torch.where(first, self.first_token_bytes[y.clamp(min=0)], self.token_bytes[y.clamp(min=0)])
+            n_bytes = n_bytes[counted].sum()
         self.val_metrics.update(nats, counted.sum(), n_bytes)
 
     def on_validation_epoch_end(self) -> None:
