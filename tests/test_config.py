@@ -171,6 +171,7 @@ def test_a_device_this_machine_lacks_is_one_line(monkeypatch):
     ("override", "message"),
     [("trainer.log_every_n_steps=0", "^trainer.log_every_n_steps=0 must be 1 or more$"),  # Lightning divides by them
      ("trainer.val_check_interval=0", "^trainer.val_check_interval=0 must be positive"),
+     ("trainer.val_check_interval=0.5", "^trainer.val_check_interval=0.5 is a fraction of an epoch, .*(an int)"),
      ("trainer.gradient_clip_val=-1", r"^trainer.gradient_clip_val=-1 must be 0 or more"),  # would flip the gradients
      ("callbacks.model_checkpoint.save_top_k=-5", "^callbacks.model_checkpoint: Invalid value for save_top_k=-5")],
 )

@@ -163,8 +163,12 @@ def _check_trainer_settings(trainer_cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.log_every_n_steps={trainer_cfg.log_every_n_steps} must be 1 or more")
     interval = trainer_cfg.get("val_check_interval")
     if isinstance(interval, (int, float)) and interval <= 0:
-        raise ConfigError(f"trainer.val_check_interval={interval} must be positive: steps (an int) or a fraction of "
-                          "the run (a float); to skip validation, trainer.limit_val_batches=0")
+        raise ConfigError(f"trainer.val_check_interval={interval} must be positive: a number of training batches; "
+                          "to skip validation, trainer.limit_val_batches=0")
+    if isinstance(interval, float) and trainer_cfg.get("check_val_every_n_epoch") is None:
+        # Lightning reads a float as a fraction of an epoch, and refuses one where runs count steps, not epochs
+        raise ConfigError(f"trainer.val_check_interval={interval} is a fraction of an epoch, and runs here count "
+                          "steps: give a number of training batches (an int), e.g. trainer.val_check_interval=100")
     clip = trainer_cfg.get("gradient_clip_val")
     if clip is not None and clip < 0:
         raise ConfigError(f"trainer.gradient_clip_val={clip} must be 0 or more (null or 0: no clipping)")
