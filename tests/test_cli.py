@@ -208,9 +208,12 @@ def test_a_diverged_job_fails_alone_and_the_sweep_goes_on(tmp_path, cache_dir):
 def test_last_checkpoint_holds_the_trained_steps_and_a_run_needs_no_logger(tmp_path, cache_dir):
     # 10 steps, validations (and checkpoints) at 4 and 8: last.ckpt held step 8, so resuming trained 9-10 again.
     # With no logger, Lightning's LearningRateMonitor raised a traceback; it has nothing to write to: left out.
-    proc = run_cli("train", *TINY, "trainer.max_steps=10", "logger.csv=null", "hydra.run.dir=run", cwd=tmp_path)
+    # A warmup as long as the run (trainer=debug's: 50 of 20 steps) never reaches the rate, and says so.
+    proc = run_cli("train", *TINY, "trainer.max_steps=10", "logger.csv=null", "scheduler.warmup_steps=10",
+                   "hydra.run.dir=run", cwd=tmp_path)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert f"checkpoint: {last}" in proc.stdout and torch.load(last, weights_only=False)["global_step"] == 10
+    assert "warning: scheduler.warmup_steps=10 is not below trainer.max_steps=10" in proc.stderr
     assert not list((tmp_path / "run").glob("**/metrics.csv"))
 
 

@@ -89,6 +89,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = build_trainer(cfg.trainer, callbacks, loggers)
     _check_step_settings(trainer)
+    if 0 < max_steps <= scheduler.warmup_steps and trainer.is_global_zero:  # trainer=debug's 20 steps, for one
+        print(f"warning: scheduler.warmup_steps={scheduler.warmup_steps} is not below trainer.max_steps={max_steps}: "
+              f"the rate rises for the whole run, never reaching optim.lr={optim.lr} nor decaying", file=sys.stderr,
+              flush=True)
     if cfg.compile:
         require_compiler(trainer.strategy.root_device)
         check_compiled_attention(model_cfg.attention, trainer.strategy.root_device, str(trainer.precision))
