@@ -164,14 +164,17 @@ def plan_memory(
         outside_blocks = final_norm + 4 * V + 2 * 8  # fp32 log-probabilities
         # The loss's two fp32 vocab-sized gradients per token; mixed: + their half copy.
         backward_buffers = tokens * (2 * 4 * V + (matmul_b * V if mixed else 0))
-    sharded = params if shards == 1 else math.ceil(params / shards) + block_params
+    # FSDP: each rank holds its shard, and one block gathered whole for its forward and backward. AdamW's moments
+    # are never gathered: its step updates the shard.
+    shard = math.ceil(params / shards)
+    gathered = params if shards == 1 else shard + block_params
     return MemoryPlan(
         batch_size=batch_size,
         attention=kernel,
         logits="chunked" if chunked else "full",
-        weights=sharded * weight_b + (2 * matmul_params if mixed else 0),
-        gradients=sharded * weight_b,
-        optimizer=2 * sharded * weight_b,
+        weights=gathered * weight_b + (2 * matmul_params if mixed else 0),
+        gradients=gathered * weight_b,
+        optimizer=2 * shard * weight_b,
         saved=tokens * (L * per_block + outside_blocks),
         saved_checkpointed=tokens * (L * D * stream_b + per_block + outside_blocks),
         backward_buffers=backward_buffers,
@@ -203,12 +206,20 @@ def largest_batch(
     accumulate: int = 1, shards: int = 1, compiled: bool = False,
 ) -> int:
     """The largest micro-batch whose planned peak fits in ``memory_bytes`` (0 if not even one sequence fits).
-    Memory grows linearly with the batch, so two plans give the exact answer."""
+    Memory grows with the batch, but not in one straight line: the chunked loss's chunk stops growing once a batch
+    holds chunk_tokens(V) tokens, so a line through batches 1 and 2 overshot (ref16m, 2 GB: 30 where 44 fits).
+    Plans are arithmetic, so a doubling then bisecting search costs nothing."""
 
-    def resident(batch_size: int) -> int:
+    def fits(batch_size: int) -> bool:
         plan = plan_memory(cfg, batch_size, seq_len, precision, accumulate, shards, compiled, device_type=device_type)
-        return plan.resident(checkpointing, device_type)
+        return plan.resident(checkpointing, device_type) <= memory_bytes
 
-    one, two = resident(1), resident(2)
-    per_sequence, fixed = two - one, 2 * one - two
-    return max(0, int((memory_bytes - fixed) // per_sequence))
+    if not fits(1):
+        return 0
+    low, high = 1, 2  # fits(low), and high is the first power of two tried that does not
+    while fits(high) and high < 2**40:
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low

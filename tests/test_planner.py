@@ -200,6 +200,10 @@ def test_memory_grows_with_the_batch_and_shrinks_with_checkpointing_and_sharding
     assert four.activations_checkpointed < four.activations
     sharded = plan_cpu(SHAPE, 4, T, "32-true", shards=4)
     assert sharded.optimizer < four.optimizer / 2 and sharded.activations == four.activations
+    # AdamW's two moments stay sharded (only weights are gathered, a block at a time): they were counted with a
+    # gathered block, 30-60% too many
+    params = Transformer(SHAPE).num_params()
+    assert sharded.optimizer == 2 * -(-params // 4) * 4 and sharded.weights > -(-params // 4) * 4
     mixed = plan_cpu(SHAPE, 4, T, "bf16-mixed")
     assert mixed.saved < four.saved and mixed.weights > four.weights  # half activations, + half weight copies
     with pytest.raises(ValueError, match="precision='64-true'"):
@@ -232,6 +236,20 @@ def test_largest_batch_is_the_last_that_fits():
     assert largest_batch(SHAPE, T, "32-true", budget, checkpointing=True, device_type="cpu") > n
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_largest_batch_with_the_chunked_loss_is_the_last_that_fits(checkpointing):
+    # The chunked loss's memory stops growing once a chunk is full: a line through batches 1 and 2 overshot the
+    # per-sequence cost (ref16m, vocab 8192, 2 GB on a GPU: 30 where 44 fits; checkpointed, 58 where 164 fits).
+    cfg = dataclasses.replace(SHAPE, vocab_size=8192, logits="chunked")
+
+    def resident(b: int) -> int:
+        return plan_memory(cfg, b, 256, "bf16-mixed", device_type="cuda").resident(checkpointing, "cuda")
+
+    budget = resident(40)
+    n = largest_batch(cfg, 256, "bf16-mixed", budget, checkpointing, "cuda")
+    assert resident(n) <= budget < resident(n + 1) and n >= 40
+
+
 @pytest.mark.parametrize("hardware, model", [("rtx5060", "base"), ("m4pro", "small"), ("cpu", "tiny")])
 def test_each_hardware_profile_fits_the_model_it_is_meant_for(compose_train, hardware, model, capsys):
     result = plan(compose_train([f"hardware={hardware}", f"model={model}"], name="plan"))
@@ -250,6 +268,13 @@ def test_plan_cli_prints_memory_fit_and_time(tmp_path):
     for line in ("optimizer (AdamW)", "activations", "largest micro-batch that fits", "time for 1e+09 tokens"):
         assert line in out
     assert list(tmp_path.iterdir()) == []  # a plan writes nothing
+    # a list of devices is as many devices; a measured throughput has checkpointing's recomputation in it already
+    out = run_cli("plan", "model=base", "hardware=rtx5060", "trainer=fsdp", "trainer.devices=[0,1,2,3]",
+                  "plan.tokens=3.6e6", "plan.tokens_per_s=1000", "model.activation_checkpointing=true",
+                  cwd=tmp_path).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert "4 device(s), FSDP over 4" in out and result["tokens_per_s"] == 4000
+    assert result["hours"] == pytest.approx(0.25) and "recomputation" not in out
 
 
 def test_plan_says_when_a_run_does_not_fit(compose_train, capsys):

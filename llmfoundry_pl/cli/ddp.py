@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -119,21 +120,21 @@ def build_strategy(strategy: Any, devices: Any, block_class: type) -> Any:
     if strategy == "fsdp":
         cls = HydraFSDPStrategy if hydra_app else FSDPStrategy
         return cls(auto_wrap_policy={block_class}, state_dict_type="full")
-    if strategy == "ddp" or (strategy == "auto" and _several_devices(devices)):
+    if strategy == "ddp" or (strategy == "auto" and (device_count(devices) or torch.cuda.device_count()) > 1):
         return HydraDDPStrategy() if hydra_app else DDPStrategy()
     return strategy
 
 
-def _several_devices(devices: Any) -> bool:
-    """Whether Lightning would start several processes for ``trainer.devices``."""
+def device_count(devices: Any) -> int | None:
+    """How many devices ``trainer.devices`` names: a count, a list of indices (a YAML list or "0,2"); None for
+    -1 and "auto", all the machine has (a plan may be for another machine)."""
     if devices in (-1, "-1", "auto"):
-        return torch.cuda.device_count() > 1
-    if isinstance(devices, (list, tuple)):
-        return len(devices) > 1
+        return None
     if isinstance(devices, str) and "," in devices:
-        return len([d for d in devices.split(",") if d.strip()]) > 1
-    return int(devices) > 1
-
+        return len([d for d in devices.split(",") if d.strip()])
+    if isinstance(devices, Sequence) and not isinstance(devices, str):  # a list, or OmegaConf's ListConfig
+        return len(devices)
+    return int(devices)
 
 def end_distributed_job(strategy: Any, failed: bool) -> None:
     """After a job: reap the extra ranks (killed if the job failed), destroy the process group and restore the

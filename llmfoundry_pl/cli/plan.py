@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_pl.callbacks import peak_matmul_flops
 from llmfoundry_pl.cli.common import CONFIG_PATH, pick_device, to_dataclass, user_errors
+from llmfoundry_pl.cli.ddp import device_count
 from llmfoundry_pl.config import ConfigError, MachineConfig, ModelConfig, PlanSettings, register_configs
 from llmfoundry_pl.data.datamodule import check_accumulate
 from llmfoundry_pl.model import Transformer
@@ -47,7 +48,7 @@ def plan(cfg: DictConfig) -> dict[str, float]:
     trainer, seq_len, batch = cfg.trainer, data.seq_len, data.batch_size
     precision, accumulate = str(trainer.precision), trainer.accumulate_grad_batches
     check_accumulate(accumulate)  # (the schema makes it an int)
-    devices = (trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1) * trainer.num_nodes
+    devices = (device_count(trainer.devices) or 1) * trainer.num_nodes  # [0,1,2,3] is 4, as 4 is
     shards = devices if trainer.strategy == "fsdp" else 1
     checkpointing, device_type = model_cfg.activation_checkpointing, _device_type(str(trainer.accelerator))
     try:
@@ -63,8 +64,9 @@ def plan(cfg: DictConfig) -> dict[str, float]:
     tokens = settings.tokens or _run_tokens(cfg, devices)
     per_device, source = _throughput(settings, machine, precision, flops_per_token)
     tokens_per_s = per_device * devices if per_device else None
-    # Checkpointing re-runs each block's forward in the backward pass: 8N instead of 6N FLOPs per token.
-    recompute = 4 / 3 if checkpointing else 1.0
+    # Checkpointing re-runs each block's forward in the backward pass: 8N instead of 6N FLOPs per token. A measured
+    # throughput (lfpl-bench with the same settings) has the recomputation in it already.
+    recompute = 4 / 3 if checkpointing and not settings.tokens_per_s else 1.0
 
     result = {
         "params": network.num_params(), "flops_per_token": flops_per_token,
@@ -159,13 +161,14 @@ def _print(cfg: DictConfig, machine: MachineConfig, network: Transformer, memory
     print(f"this run ({'checkpointed' if ckpt else 'plain'}): {used:.0%} of the memory — {verdict}")
     print(f"largest micro-batch that fits in {HEADROOM:.0%}: {result['largest_batch']} plain, "
           f"{result['largest_batch_checkpointed']} with model.activation_checkpointing=true")
+    recomputed = ckpt and not source.startswith("measured")  # a measured figure has the recomputation in it
     if result["tokens_per_s"] is None:
         print(f"time: {source}")
     elif result["tokens"] is None:
         print(f"throughput {result['tokens_per_s']:,.0f} tokens/s, {source}; give plan.tokens= for a time")
     else:
         print(f"time for {result['tokens']:.3g} tokens: {_duration(result['hours'])} at "
-              f"{result['tokens_per_s']:,.0f} tokens/s{' (+1/3: recomputation)' if ckpt else ''}, {source}")
+              f"{result['tokens_per_s']:,.0f} tokens/s{' (+1/3: recomputation)' if recomputed else ''}, {source}")
 
 
 def _duration(hours: float) -> str:
