@@ -310,9 +310,14 @@ def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides
         ("generate", ["ckpt_path=not_a.ckpt", "device=gpu"], "error: device=gpu is not a device: use auto, cpu"),
         ("generate", ["ckpt_path=not_a.ckpt", "prompt_file=blank.txt"], "error: prompt_file=blank.txt holds no prompt"),
         ("generate", ["ckpt_path=not_a.ckpt", "stop=[A,'']"], "error: stop=['A', ''] holds an empty string"),
+        ("generate", ["ckpt_path=not_a.ckpt", "prompt=x", "interactive=true"],
+         "error: prompt= and interactive=true both give the prompts; keep one"),
+        ("generate", ["ckpt_path=not_a.ckpt", "prompt_file=blank.txt", "stream=true"],
+         "error: stream=true prints one prompt's text as it comes"),
     ],
     ids=["eval-no-ckpt", "generate-bad-ckpt", "generate-no-prompt-file", "generate-bad-device",
-         "generate-empty-prompt-file", "generate-empty-stop-string"],
+         "generate-empty-prompt-file", "generate-empty-stop-string", "generate-two-prompt-sources",
+         "generate-stream-a-batch"],
 )
 def test_eval_and_generate_mistakes_fail_with_one_line(tmp_path, command, args, message):
     (tmp_path / "not_a.ckpt").write_text("not a checkpoint")

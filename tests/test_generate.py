@@ -278,3 +278,34 @@ def test_compiled_model_generates_what_the_eager_one_does(model):
     compiled = torch.compile(model, dynamic=True)
     prompts = [[1, 17, 42, 99], [1, 5]]
     assert generate_batch(compiled, prompts, 8, temperature=0) == generate_batch(model, prompts, 8, temperature=0)
+
+
+def test_generate_chat_keeps_the_conversation_and_the_system_message(compose_train, monkeypatch):
+    # lfpl-generate chat=true: a message too long for the context alone used to clear the whole conversation
+    # before it, and prompt_file left the system message out of every prompt. The spies record what is asked.
+    from llmfoundry_pl.cli import generate as cli
+
+    lines = [line for line in (bundled_corpus_dir() / "tempest_gut.txt").read_text().splitlines() if line]
+    tokenizer = train_tokenizer(lines, vocab_size=400)
+    torch.manual_seed(0)
+    tiny = Transformer(ModelConfig(vocab_size=400, dim=32, n_layers=1, n_heads=2, max_seq_len=64)).eval()
+    monkeypatch.setattr(cli, "load_models", lambda cfg: (tiny, tokenizer, None))
+    asked, stream_text = [], cli.stream_text
+
+    def stream_spy(model, tok, prompt, *args, **kwargs):
+        asked.append([m["content"] for m in prompt])
+        return stream_text(model, tok, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "stream_text", stream_spy)
+    monkeypatch.setattr(cli, "read_stdin_prompts", lambda: iter(["hi", "x " * 200, "yo"]))
+    common = ["chat=true", "system=Be brief.", "max_new_tokens=2", "temperature=0"]
+    replies = cli.generate(compose_train(["ckpt_path=x", "interactive=true", *common], name="generate"))
+    assert asked[0] == ["Be brief.", "hi"] and asked[2] == ["Be brief.", "hi", replies[0], "yo"]
+
+    batches = []
+    monkeypatch.setattr(cli, "generate_text_batch", lambda model, tok, prompts, *a, **k: batches.append(prompts)
+                        or ["" for _ in prompts])
+    monkeypatch.setattr(cli, "read_prompt_file", lambda path: ["ROMEO:", "JULIET:"])
+    cli.generate(compose_train(["ckpt_path=x", "prompt_file=p.txt", *common], name="generate"))
+    system = {"role": "system", "content": "Be brief."}
+    assert batches == [[[system, {"role": "user", "content": p}] for p in ("ROMEO:", "JULIET:")]]

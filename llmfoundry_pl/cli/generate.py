@@ -97,6 +97,14 @@ def generate(node: DictConfig) -> list[str]:
     if cfg.prompt_file is not None and cfg.draft_ckpt_path is not None:
         raise ConfigError("draft_ckpt_path speeds up one prompt at a time (prompt= or interactive=true); "
                           "prompt_file runs in batches without a draft")
+    # Where the prompts come from is one of three; a second source, or stream=true with a batch, was ignored silently.
+    sources = [name for name, given in (("prompt=", cfg.prompt != ""), ("prompt_file=", cfg.prompt_file is not None),
+                                        ("interactive=true", cfg.interactive)) if given]
+    if len(sources) > 1:
+        raise ConfigError(f"{' and '.join(sources)} both give the prompts; keep one")
+    if cfg.prompt_file is not None and cfg.stream:
+        raise ConfigError("stream=true prints one prompt's text as it comes; prompt_file prints a JSON line per "
+                          "prompt when its batch is done: drop stream=true")
     prompts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file is not None else None  # a typo fails before loading
     model, tokenizer, draft = load_models(cfg)
     chat = ChatFormat(tokenizer) if cfg.chat else None
@@ -105,10 +113,13 @@ def generate(node: DictConfig) -> list[str]:
         repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, stop=list(cfg.stop), chat=chat,
     )
     texts: list[str] = []
+    system = [{"role": "system", "content": cfg.system}] if cfg.chat and cfg.system else []
     if prompts is not None:  # batch mode: batch_size prompts at a time, one JSON line each
         for i in range(0, len(prompts), cfg.batch_size):
             chunk = prompts[i : i + cfg.batch_size]
-            for prompt, text in zip(chunk, generate_text_batch(model, tokenizer, chunk, cfg.max_new_tokens, **options),
+            # chat: each prompt a conversation of its own, opened by the system message if there is one
+            asked = [[*system, {"role": "user", "content": p}] for p in chunk] if chat is not None else chunk
+            for prompt, text in zip(chunk, generate_text_batch(model, tokenizer, asked, cfg.max_new_tokens, **options),
                                     strict=True):
                 print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False), flush=True)
                 texts.append(text)
@@ -116,18 +127,19 @@ def generate(node: DictConfig) -> list[str]:
     stats = SpeculativeStats()
     if draft is not None:
         options.update(draft_model=draft, draft_tokens=cfg.draft_tokens, stats=stats)
-    history = [{"role": "system", "content": cfg.system}] if cfg.chat and cfg.system else []
+    history = system
     for prompt in read_stdin_prompts() if cfg.interactive else [cfg.prompt]:
-        if chat is not None:  # the conversation so far, oldest turns dropped if it outgrows the context
-            history = fit_context(chat, [*history, {"role": "user", "content": prompt}], model.config.max_seq_len)
-        deltas = stream_text(model, tokenizer, history if chat else prompt, cfg.max_new_tokens, **options)
+        # chat: the conversation so far, oldest turns dropped if it outgrows the context; kept as it was if this
+        # prompt cannot be answered (a message too long for the context alone would have cleared it)
+        asked = fit_context(chat, [*history, {"role": "user", "content": prompt}], model.config.max_seq_len) \
+            if chat is not None else prompt
+        deltas = stream_text(model, tokenizer, asked, cfg.max_new_tokens, **options)
         try:
             text = next(deltas, "")  # a prompt the model cannot take fails here, before anything is printed
         except ConfigError as e:
             if not cfg.interactive:
                 raise
             print(f"error: {e}", file=sys.stderr, flush=True)  # interactive: say so, and wait for the next prompt
-            history = history[:-1]
             continue
         # One path for both modes: with stream=true each delta is printed as it comes, else the whole text at the end.
         # A chat shows the reply alone; plain text shows the prompt it continues.
@@ -139,7 +151,7 @@ def generate(node: DictConfig) -> list[str]:
         print("" if cfg.stream else text, flush=True)
         texts.append(text)
         if chat is not None:
-            history.append({"role": "assistant", "content": text})
+            history = [*asked, {"role": "assistant", "content": text}]
     if draft is not None:
         print(f"speculative decoding: {stats.accepted}/{stats.proposed} draft tokens accepted "
               f"({stats.acceptance_rate:.0%}) in {stats.target_calls} passes of the model", file=sys.stderr)
