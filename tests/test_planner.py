@@ -288,7 +288,8 @@ def test_plan_says_when_a_run_does_not_fit(compose_train, capsys):
      ("data=sft data.seq_len=0", "data.seq_len=0 must be positive"),  # the chosen data group's own checks
      ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be 1 or more"),
      ("plan.tokens=-5", r"plan.tokens=-5.0 must be positive \(or null\)"),
-     ("machine.memory_gb=0", r"machine.memory_gb=0.0 must be positive \(or null\)")],
+     ("machine.memory_gb=0", r"machine.memory_gb=0.0 must be positive \(or null\)"),
+     ("data.seq_len=512 model.max_seq_len=128", "data.seq_len=512 exceeds model.max_seq_len=128")],  # as lfpl-train
 )
 def test_plan_refuses_settings_that_plan_nothing(compose_train, override, message):
     with pytest.raises(ConfigError, match=message):

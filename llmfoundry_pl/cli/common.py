@@ -245,8 +245,7 @@ def prepare_data_and_model(cfg: DictConfig) -> tuple[TextDataModule | ChatDataMo
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} but the tokenizer has {vocab_size} tokens; "
                           "leave model.vocab_size=null (the tokenizer's)")
     model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
-    if data_cfg.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={data_cfg.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    check_seq_len(data_cfg.seq_len, model_cfg)
     network = init_network(source[0], model_cfg, cfg.init_from) if source else None
     return datamodule, model_cfg, network
 
@@ -254,6 +253,12 @@ def prepare_data_and_model(cfg: DictConfig) -> tuple[TextDataModule | ChatDataMo
 # Fields that decide what a network computes; max_seq_len only sizes the RoPE tables, so a fine-tune may change it.
 ARCHITECTURE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "norm_eps", "rope_theta",
                 "tie_embeddings")
+
+
+def check_seq_len(seq_len: int, model_cfg: ModelConfig) -> None:
+    """Training windows longer than the model's positions cannot run (lfpl-train, and lfpl-plan, which plans them)."""
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
 
 
 def init_network(source: Transformer, model_cfg: ModelConfig, init_from: str) -> Transformer:

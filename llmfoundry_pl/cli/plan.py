@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_pl.callbacks import peak_matmul_flops
-from llmfoundry_pl.cli.common import CONFIG_PATH, pick_device, to_dataclass, user_errors
+from llmfoundry_pl.cli.common import CONFIG_PATH, check_seq_len, pick_device, to_dataclass, user_errors
 from llmfoundry_pl.cli.ddp import device_count
 from llmfoundry_pl.config import ConfigError, MachineConfig, ModelConfig, PlanSettings, register_configs
 from llmfoundry_pl.data.datamodule import check_accumulate
@@ -42,6 +42,7 @@ def plan(cfg: DictConfig) -> dict[str, float]:
         if vocab_size is None:
             raise ConfigError("the vocabulary size is unknown here (the init_from model's): give model.vocab_size=")
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
+    check_seq_len(data.seq_len, model_cfg)  # lfpl-train refuses these windows: no plan for them either
     with torch.device("meta"):  # shapes only: no memory, instant even for a large model
         network = Transformer(model_cfg)
 
