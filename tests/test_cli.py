@@ -127,8 +127,10 @@ def test_generate_refuses_a_draft_with_another_tokenizer(trained_run, tmp_path):
     ],
 )
 def test_resume_continues_exactly(tmp_path, cache_dir, placement, tolerance):
-    """Resuming at step 4 gives, step for step, the losses of the uninterrupted run (same data order, same LR)."""
-    run = [o for o in TINY if not (placement and o.startswith("hardware="))] + placement
+    """Resuming at step 4 gives, step for step, the losses of the uninterrupted run (same data order, same LR), to
+    its end three validations later. (Two intervals after the resume point, Lightning's epoch used to end and
+    replay the loader: 16 steps are needed to see that.)"""
+    run = [o for o in TINY if not (placement and o.startswith("hardware="))] + placement + ["trainer.max_steps=16"]
     every_val = ["callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.filename='step{step}'"]
     run_cli("train", *run, *every_val, "hydra.run.dir=full", cwd=tmp_path)
     full = read_train_losses(tmp_path / "full")
@@ -140,14 +142,15 @@ def test_resume_continues_exactly(tmp_path, cache_dir, placement, tolerance):
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], rel=tolerance, abs=tolerance), step
     # `ckpt_path=last` finds the newest last.ckpt under paths.runs_dir
-    proc = run_cli("train", *run, "ckpt_path=last", "paths.runs_dir=.", "trainer.max_steps=9", "hydra.run.dir=again",
+    proc = run_cli("train", *run, "ckpt_path=last", "paths.runs_dir=.", "trainer.max_steps=17", "hydra.run.dir=again",
                    cwd=tmp_path)
     assert "trained 1 steps" in proc.stdout
-    assert "held-out text: val/loss" in proc.stdout  # fit validated after step 8, not 9: validated after fitting
+    assert "held-out text: val/loss" in proc.stdout  # fit validated after step 16, not 17: validated after fitting
     # a finished run resumed as it was would train 0 steps and say nothing of why
-    proc = run_cli("train", *run, f"ckpt_path={tmp_path}/again/checkpoints/last.ckpt", "trainer.max_steps=9",
+    proc = run_cli("train", *run, f"ckpt_path={tmp_path}/again/checkpoints/last.ckpt", "trainer.max_steps=17",
                    cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "was saved at step 9, so trainer.max_steps=9 leaves nothing to train" in proc.stderr
+    assert proc.returncode == 2 and "was saved at step 17, so trainer.max_steps=17 leaves nothing to train" in \
+        proc.stderr
     # nor can a resume change the rate or its schedule: both are restored from the checkpoint (they were ignored,
     # and recorded in the new checkpoints as if used)
     proc = run_cli("train", *run, f"ckpt_path={ckpt}", "optim.lr=1e-4", "scheduler.warmup_steps=1", cwd=tmp_path,

@@ -71,14 +71,19 @@ class RandomWindows(Dataset):
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """Yields the sample indices of micro-batches ``first_batch ... first_batch + num_batches - 1`` for one rank."""
+    """Yields the sample indices of micro-batches ``first_batch ... first_batch + num_batches - 1`` for one rank.
+
+    Its length counts from the run's first micro-batch, though it yields from ``first_batch``: resuming, Lightning
+    restores how many micro-batches of the epoch are done (``first_batch``) and ends the epoch at the length. Counted
+    from ``first_batch``, the resumed epoch ended that many batches early, and Lightning's next epoch replayed the
+    loader from the resume point (resumed at step 4 of 16: other windows than the uninterrupted run's from step 12)."""
 
     def __init__(self, first_batch: int, num_batches: int, batch_size: int, rank: int, world_size: int) -> None:
         self.first_batch, self.num_batches = first_batch, num_batches
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.first_batch + self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
         for b in range(self.first_batch, self.first_batch + self.num_batches):

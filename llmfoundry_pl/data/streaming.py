@@ -172,13 +172,14 @@ def _inputs_and_targets(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.
 
 class StreamedBatches:
     """Micro-batches ``first_batch .. first_batch + num_batches - 1`` of a stream of epochs, ``epoch_loader(e, skip)``
-    giving epoch ``e``'s loader past its first ``skip`` batches."""
+    giving epoch ``e``'s loader past its first ``skip`` batches. Its length counts from the run's first micro-batch,
+    as :class:`~llmfoundry_pl.data.datamodule.StepBatchSampler`'s does (why: see there)."""
 
     def __init__(self, epoch_loader: Callable, first_batch: int, num_batches: int) -> None:
         self.epoch_loader, self.first_batch, self.num_batches = epoch_loader, first_batch, num_batches
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.first_batch + self.num_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, skip = 0, self.first_batch
