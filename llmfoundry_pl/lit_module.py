@@ -278,8 +278,8 @@ class LitLlama(L.LightningModule):
         n_bytes = counted.sum()
         if self.tokenizer is not None:
             first = x == self.tokenizer.bos_id  # a document's first token: see Tokenizer.first_token_bytes
-            n_bytes = torch.where(first, self.first_token_bytes[y.clamp(min=0)], self.token_bytes[y.clamp(min=0)])
-            n_bytes = n_bytes[counted].sum()
+            ids = y.clamp(min=0)  # IGNORE_INDEX, a valid index for the lookup, then left out by ``counted``
+            n_bytes = torch.where(first, self.first_token_bytes[ids], self.token_bytes[ids])[counted].sum()
         self.val_metrics.update(nats, counted.sum(), n_bytes)
 
     def on_validation_epoch_end(self) -> None:
