@@ -184,10 +184,10 @@ def train_tokenizer(
     return Tokenizer(buffer.getvalue())
 
 
-def temp_sibling(path: Path) -> Path:
-    """A hidden temporary name next to ``path``, to build it under and rename into place. Random rather than the
-    process id: processes on two machines sharing a cache folder may well have the same id."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+def temp_sibling(path: Path, suffix: str = "tmp") -> Path:
+    """A hidden temporary name next to ``path`` (ending in ``.suffix``), to build it under and rename into place.
+    Random rather than the process id: processes on two machines sharing a folder may well have the same id."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{suffix}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -278,7 +278,7 @@ def test_write_folder_refuses_a_non_empty_folder_and_never_leaves_half_a_folder(
     real_rename = Path.rename
 
     def failing_rename(self: Path, target):  # the last step, renaming the new folder into place, fails
-        if ".tmp-" in self.name:
+        if self.name.endswith(".tmp"):
             raise OSError(28, "No space left on device", str(self))
         return real_rename(self, target)
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from llmfoundry_pl.config import ConfigError
 from llmfoundry_pl.model import Transformer
-from llmfoundry_pl.tokenizer import Tokenizer
+from llmfoundry_pl.tokenizer import Tokenizer, temp_sibling
 
 WEIGHTS = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
@@ -25,11 +25,9 @@ def write_folder(out: str | os.PathLike, fill: Callable[[Path], None], overwrite
     renamed to ``out`` only when complete, so an interrupted export never leaves a half-written model behind.
     An existing non-empty ``out`` is refused unless ``overwrite``."""
     out = check_writable(out, overwrite)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    tmp, old = temp_sibling(out), temp_sibling(out, "old")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         fill(tmp)
         if out.exists():  # overwrite: move the old folder aside first (a rename cannot replace a non-empty folder)
