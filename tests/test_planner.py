@@ -60,10 +60,12 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
 
 
+# With dropout, the CPU's SDPA has no fused kernel: it falls back to PyTorch's own math, in fp32.
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("attention", ["sdpa", "math"])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_planned_activations_are_what_autograd_saves(precision, attention):
-    shape = dataclasses.replace(SHAPE, attention=attention)
+def test_planned_activations_are_what_autograd_saves(precision, attention, dropout):
+    shape = dataclasses.replace(SHAPE, attention=attention, dropout=dropout)
     model = Transformer(shape)
     x, y = _batch()
     saved, pack = _recorder(model)
@@ -71,9 +73,11 @@ def test_planned_activations_are_what_autograd_saves(precision, attention):
         F.cross_entropy(model(x).flatten(0, 1), y.flatten())
     planned = plan_cpu(shape, B, T, precision).saved
     assert planned == pytest.approx(sum(saved.values()), rel=0.01)
-    if attention == "math":  # the (T, T) scores per head: more than the fused kernel's log-sum-exp
+    if attention == "math" and not dropout:  # the (T, T) scores per head: more than the fused kernel's log-sum-exp
         fused = plan_cpu(dataclasses.replace(shape, attention="sdpa"), B, T, precision)
         assert planned > 1.15 * fused.saved
+    if dropout:  # what it dropped is kept too
+        assert planned > 1.1 * plan_cpu(dataclasses.replace(shape, dropout=0.0), B, T, precision).saved
 
 
 @pytest.mark.parametrize(("checkpointing", "attention"), [(False, "sdpa"), (True, "sdpa"), (False, "math")])
@@ -121,11 +125,12 @@ def _step_peak(step) -> int:
 
 
 # The cpu profile's defaults: compiled, in fp32 (SDPA) or, on a CPU with native bf16, bf16-mixed (the math).
-@pytest.mark.parametrize(("precision", "attention"), [("32-true", "sdpa"), ("bf16-mixed", "math")])
-def test_planned_compiled_step_is_what_inductor_saves_and_allocates(precision, attention):
+@pytest.mark.parametrize(("precision", "attention", "dropout"),
+                         [("32-true", "sdpa", 0.0), ("bf16-mixed", "math", 0.0), ("32-true", "sdpa", 0.1)])
+def test_planned_compiled_step_is_what_inductor_saves_and_allocates(precision, attention, dropout):
     # compile=true (the cpu profile's default) compiles model and loss as one graph, which saves fewer tensors.
     # One block: the count is per block, and compiling takes less time.
-    shape = dataclasses.replace(SHAPE, n_layers=1, attention=attention)
+    shape = dataclasses.replace(SHAPE, n_layers=1, attention=attention, dropout=dropout)
     model = Transformer(shape)
     x, y = _batch()
     compiled = torch.compile(lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
