@@ -471,6 +471,11 @@ class MachineConfig:
         metadata=_help("Peak matmul TFLOP/s at the profile's precision; null: Lightning's table on CUDA, "
                        "measured on a CPU, unknown on MPS."),
     )
+    peak_dtype: str | None = field(
+        default=None,
+        metadata=_help("What machine.peak_tflops multiplies: bf16, fp16 or fp32. A run in another precision gets "
+                       "no time estimate rather than a wrong one; null: the figure is for the run's precision."),
+    )
     mfu: float = field(
         default=0.4, metadata=_help("Model FLOPs utilisation expected of a training step, for time estimates.")
     )
@@ -479,6 +484,9 @@ class MachineConfig:
         if not 0 < self.mfu <= 1:
             raise ConfigError(f"machine.mfu={self.mfu} must be in (0, 1]")
         _check_positive("machine", self, ("memory_gb", "peak_tflops"))
+        if self.peak_dtype not in (None, "bf16", "fp16", "fp32"):
+            raise ConfigError(f"machine.peak_dtype={self.peak_dtype} is not one of bf16, fp16, fp32 (or null)")
+
 
 
 @dataclass

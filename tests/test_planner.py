@@ -282,6 +282,17 @@ def test_plan_cli_prints_memory_fit_and_time(tmp_path):
     assert result["hours"] == pytest.approx(0.25) and "recomputation" not in out
 
 
+def test_a_peak_for_another_precision_gives_no_time_rather_than_a_wrong_one(compose_train, capsys):
+    # The rtx5060 profile's peak is its bf16 tensor cores': a 32-true run was timed at it, twice too fast.
+    fp32 = ["model=base", "hardware=rtx5060", "trainer.precision=32-true", "plan.tokens=1e9"]
+    result = plan(compose_train(fp32, name="plan"))
+    assert result["tokens_per_s"] is None and result["hours"] is None
+    assert "38.4 is a bf16 peak and 32-true multiplies in fp32" in capsys.readouterr().out
+    given = plan(compose_train([*fp32, "machine.peak_tflops=19.2", "machine.peak_dtype=fp32"], name="plan"))
+    bf16 = plan(compose_train(["model=base", "hardware=rtx5060", "plan.tokens=1e9"], name="plan"))
+    assert given["tokens_per_s"] == pytest.approx(bf16["tokens_per_s"] / 2)  # 19.2 against 38.4, same MFU
+
+
 def test_plan_says_when_a_run_does_not_fit(compose_train, capsys):
     cfg = compose_train(["model=base", "hardware=rtx5060", "data.batch_size=64", "data.seq_len=2048"], name="plan")
     assert plan(cfg)["fits"] is False and "does NOT fit" in capsys.readouterr().out
@@ -294,6 +305,7 @@ def test_plan_says_when_a_run_does_not_fit(compose_train, capsys):
      ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be 1 or more"),
      ("plan.tokens=-5", r"plan.tokens=-5.0 must be positive \(or null\)"),
      ("machine.memory_gb=0", r"machine.memory_gb=0.0 must be positive \(or null\)"),
+     ("machine.peak_dtype=fp8", "machine.peak_dtype=fp8 is not one of bf16, fp16, fp32"),
      ("data.seq_len=512 model.max_seq_len=128", "data.seq_len=512 exceeds model.max_seq_len=128")],  # as lfpl-train
 )
 def test_plan_refuses_settings_that_plan_nothing(compose_train, override, message):

@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llmfoundry_pl.callbacks import peak_matmul_flops
+from llmfoundry_pl.callbacks import HALF_PRECISION, peak_matmul_flops
 from llmfoundry_pl.cli.common import CONFIG_PATH, check_seq_len, pick_device, to_dataclass, user_errors
 from llmfoundry_pl.cli.ddp import device_count
 from llmfoundry_pl.config import ConfigError, MachineConfig, ModelConfig, PlanSettings, register_configs
@@ -109,6 +109,12 @@ def _throughput(settings: PlanSettings, machine: MachineConfig, precision: str,
     device's peak FLOP/s × the expected MFU."""
     if settings.tokens_per_s:
         return settings.tokens_per_s, "measured (plan.tokens_per_s)"
+    run_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(HALF_PRECISION.get(precision), "fp32")
+    if machine.peak_tflops and machine.peak_dtype not in (None, run_dtype):
+        # A GPU's bf16 tensor-core peak is 2x or more its fp32 one: planning 32-true at it would halve the time.
+        return None, (f"unknown: machine.peak_tflops={machine.peak_tflops:g} is a {machine.peak_dtype} peak and "
+                      f"{precision} multiplies in {run_dtype}; give machine.peak_tflops=<its {run_dtype} peak> "
+                      f"machine.peak_dtype={run_dtype}, or plan.tokens_per_s= (from lfpl-bench)")
     peak = machine.peak_tflops * 1e12 if machine.peak_tflops else _this_machines_peak(precision)
     if peak is None:
         return None, "unknown: give machine.peak_tflops= or plan.tokens_per_s= (from lfpl-bench)"
