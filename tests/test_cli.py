@@ -168,6 +168,9 @@ def test_ddp_sweep_with_mixed_jobs_and_summary(tmp_path, cache_dir):
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [r["overrides"].split()[-1] for r in rows] == ["trainer=default", "trainer=ddp"]
     assert all(float(r["val/loss"]) > 0 for r in rows)
+    # the steps' own speed beside the wall-clock one, which also counts setup (and this first job's peak measurement)
+    assert all(float(r["step_tokens_per_s"]) > float(r["train_tokens_per_s"]) and 0 < float(r["mfu"]) < 1
+               for r in rows)
     summary = (sweep / "summary.md").read_text()
     assert "sweep summary" in proc.stdout and "| 1   | trainer=ddp" in summary
     assert "common to all jobs: hardware=cpu" in summary  # the table shows what varied

@@ -20,7 +20,9 @@ from omegaconf import DictConfig
 
 from llmfoundry_pl.tokenizer import atomic_write_bytes
 
-COLUMNS = ("val/loss", "val/ppl", "val/bpb", "train_tokens_per_s")  # lfpl-train's; lfpl-bench names its own
+# lfpl-train's (lfpl-bench names its own): tokens/s wall-clock, then in the training steps alone (see _step_speed in
+# cli/train.py), and the steps' MFU.
+COLUMNS = ("val/loss", "val/ppl", "val/bpb", "train_tokens_per_s", "step_tokens_per_s", "mfu")
 RESULTS = "final_metrics.json"
 UNFINISHED = "(failed or unfinished)"
 
