@@ -10,7 +10,7 @@ import time
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from llmfoundry_pl.inference import generate_text
@@ -60,6 +60,23 @@ class LossProgressBar(TQDMProgressBar):
         items = super().get_metrics(trainer, pl_module)
         loss = trainer.callback_metrics.get("train/loss")  # the tensor logged by the last training step
         return items if loss is None else {"train/loss": loss.item(), **items}
+
+
+class LastAndBestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with ``save_last=True`` writing last.ckpt at every validation again.
+
+    Lightning 2.6 writes it only when a top-k checkpoint is saved at the same step: with ``save_top_k=1`` and
+    ``monitor=val/loss``, only when the loss improved. A run whose last validation was not its best then printed a
+    last.ckpt of an earlier step (6 steps trained, last.ckpt at step 3): generate, eval and export used older
+    weights, and ``ckpt_path=last`` trained steps again. The private methods used here are the ones Lightning's own
+    ``on_validation_end`` calls (2.4-2.6, the versions pyproject.toml allows); the test of last.ckpt guards them."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        # Skipped when a checkpoint was saved at this step already (the best, and then last.ckpt with it).
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer) and \
+                not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class TokenThroughputMonitor(L.Callback):

@@ -812,7 +812,12 @@ def register_configs() -> None:
     from lightning.pytorch import loggers
     from omegaconf import OmegaConf
 
-    from llmfoundry_pl.callbacks import LossProgressBar, SampleTextCallback, TokenThroughputMonitor
+    from llmfoundry_pl.callbacks import (
+        LastAndBestCheckpoint,
+        LossProgressBar,
+        SampleTextCallback,
+        TokenThroughputMonitor,
+    )
 
     OmegaConf.register_new_resolver("lfpl.auto_precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("lfpl.cpu_precision", cpu_precision, replace=True)
@@ -833,7 +838,7 @@ def register_configs() -> None:
     cs.store(group="schema", name="trainer", node=trainer_schema)
 
     callback_classes = {
-        "model_checkpoint": cb.ModelCheckpoint,
+        "model_checkpoint": LastAndBestCheckpoint,
         "lr_monitor": cb.LearningRateMonitor,
         "progress_bar": LossProgressBar,
         "throughput": TokenThroughputMonitor,

@@ -114,3 +114,43 @@ def test_sample_text_is_drawn_once_per_step(cache_dir, monkeypatch):
     trainer.fit(lit, datamodule=datamodule)
     trainer.validate(lit, datamodule=datamodule, verbose=False)
     assert sampled_at == [0, 2, 4]
+
+
+class ScriptedValidation(L.LightningModule):
+    """One weight, trained on ones; each validation logs the next of ``losses`` as val/loss."""
+
+    def __init__(self, losses: list[float]) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.losses = iter(losses)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return (self.weight * batch).sum()
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        pass
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", next(self.losses))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.ones(100, 1))
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.ones(1, 1))
+
+
+def test_last_checkpoint_is_saved_at_every_validation_not_only_at_the_best(tmp_path):
+    # Lightning 2.6's ModelCheckpoint saves last.ckpt only with a new best: here the last validation is worse than
+    # the one before, and last.ckpt stayed at step 4 of 6.
+    checkpoint = callbacks.LastAndBestCheckpoint(dirpath=tmp_path, filename="best", monitor="val/loss",
+                                                 save_top_k=1, save_last=True)
+    trainer = L.Trainer(max_steps=6, val_check_interval=2, callbacks=[checkpoint], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(ScriptedValidation(losses=[2.0, 1.0, 1.5]))
+    saved = {p.name: torch.load(p, weights_only=False)["global_step"] for p in tmp_path.iterdir()}
+    assert saved == {"best.ckpt": 4, "last.ckpt": 6}
+    assert checkpoint.last_model_path == str(tmp_path / "last.ckpt")
