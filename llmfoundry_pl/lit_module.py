@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -142,6 +143,7 @@ class LitLlama(L.LightningModule):
             }
         )
         self.model = network if network is not None else Transformer(model_cfg)
+        self.base_given = network is not None  # whether a LoRA checkpoint's adapters have their base to sit on
         if self.lora_cfg.enabled:
             apply_lora(self.model, self.lora_cfg)
         self.val_metrics = LanguageModelMetrics()
@@ -182,6 +184,29 @@ class LitLlama(L.LightningModule):
         if state is not None:
             state.update({k: v for k, v in self.state_dict().items() if not self._saved(k) and k not in state})
 
+    def _check_starting_model(self, saved: dict[str, Any]) -> None:
+        """A LoRA checkpoint holds the adapters alone, so they load onto this module's base weights: those they were
+        trained on (and a DPO run's reference is rebuilt from them too), under the same lora.* settings. Otherwise
+        lora.r was a size-mismatch traceback, lora.alpha (which scales the adapters) or another init_from loaded
+        silently, and LitLlama.load_from_checkpoint put the adapters on random weights."""
+        lora = saved.get("lora") or {}
+        changed = [f"lora.{k}: {v} → {self.hparams['lora'].get(k)}" for k, v in lora.items()
+                   if self.hparams["lora"].get(k, v) != v]
+        if changed:
+            raise ConfigError(f"the checkpoint's LoRA settings differ from this run's ({'; '.join(changed)}); "
+                              "resume with its lora.* settings")
+        if not (lora.get("enabled") or "dpo" in saved):  # every weight is in the checkpoint
+            return
+        if lora.get("enabled") and not self.base_given:
+            raise ConfigError(f"the checkpoint holds LoRA adapters only, without the weights they adapt (its "
+                              f"init_from={saved.get('init_from')}): pass that model as network=, or load both with "
+                              "llmfoundry_pl.cli.common.load_checkpoint(path), as lfpl-eval and lfpl-generate do")
+        recorded, given = saved.get("init_from"), self.hparams["init_from"]
+        if recorded and given and Path(recorded).expanduser().resolve() != Path(given).expanduser().resolve():
+            raise ConfigError(f"the checkpoint was fine-tuned from init_from={recorded}, not {given}, and its "
+                              f"{'adapters' if lora.get('enabled') else 'reference model'} came from that model; "
+                              f"resume with init_from={recorded}")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the tokenizer; when resuming, first check that the checkpoint fits this run (Lightning calls
         this before loading the weights, so a mismatch is one clear line instead of a size-mismatch traceback)."""
@@ -200,6 +225,7 @@ class LitLlama(L.LightningModule):
             raise ConfigError(f"resuming restores the checkpoint's optimizer and schedule, so {'; '.join(changed)} "
                               "would be ignored; resume with its settings, or start a new schedule from its weights "
                               "with init_from= instead of ckpt_path=")
+        self._check_starting_model(checkpoint.get("hyper_parameters", {}))
         self._fill_unsaved(checkpoint)
         if "tokenizer_model" not in checkpoint:
             return
@@ -412,8 +438,10 @@ class LitDPO(LitLlama):
         **kwargs,
     ) -> None:
         """``dpo``: beta; the other arguments are :class:`LitLlama`'s (by keyword)."""
-        network = network if network is not None else Transformer(_as(ModelConfig, model))
+        given = network is not None
+        network = network if given else Transformer(_as(ModelConfig, model))
         super().__init__(model, network=network, **kwargs)
+        self.base_given = given
         self.dpo_cfg = _as(DPOConfig, dpo or {})
         self.hparams["dpo"] = dataclasses.asdict(self.dpo_cfg)
         # The starting weights, frozen; with LoRA the policy's own frozen base weights serve (_reference_logits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -486,11 +487,13 @@ def test_sft_from_a_hugging_face_folder(pretrained, tmp_path):
     record = json.loads((tmp_path / "sft" / "final_metrics.json").read_text())
     assert record["initial_metrics"]["val/loss"] > record["metrics"]["val/loss"]
     saved = torch.load(record["checkpoint"], weights_only=False)
-    assert saved["hyper_parameters"]["init_from"] == "hf" and "optimizer_states" in saved
+    assert saved["hyper_parameters"]["init_from"] == str((tmp_path / "hf").resolve()) and "optimizer_states" in saved
 
 
 def test_lora_run_resumes_exactly_and_exports_merged(pretrained, tmp_path):
-    lora = ["experiment=sft", f"init_from={pretrained}", *FT, "lora.enabled=true", "lora.r=4", "optim.lr=1e-2"]
+    shutil.copy(pretrained, tmp_path / "base.ckpt")  # a relative init_from, recorded as an absolute path
+    settings = ["experiment=sft", *FT, "lora.enabled=true", "lora.r=4", "optim.lr=1e-2"]
+    lora = [*settings, "init_from=base.ckpt"]
     proc = run_cli("train", *lora, "hydra.run.dir=full", cwd=tmp_path)
     assert "is an Enum subclass" not in proc.stderr  # torch's notices on importing torchao (peft's), left out
     run_cli("train", *lora, "trainer.max_steps=3", "hydra.run.dir=half", cwd=tmp_path)
@@ -500,6 +503,15 @@ def test_lora_run_resumes_exactly_and_exports_merged(pretrained, tmp_path):
     assert full and all(".lora_" in k for k in full)  # adapters only
     for k in full:
         torch.testing.assert_close(resumed[k], full[k])
+    # The adapters resume only onto what they were trained with: lora.alpha scales them, init_from is their base
+    base = (tmp_path / "base.ckpt").resolve()
+    for changed, message in ((["init_from=base.ckpt", "lora.alpha=64"], "(lora.alpha: 16.0 → 64.0); resume with its"),
+                             ([f"init_from={pretrained}"], f"fine-tuned from init_from={base}, not")):
+        refused = run_cli("train", *settings, *changed, "ckpt_path=half/checkpoints/last.ckpt", cwd=tmp_path,
+                          check=False)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    with pytest.raises(ConfigError, match="holds LoRA adapters only, without the weights they adapt"):
+        LitLlama.load_from_checkpoint(tmp_path / "full/checkpoints/last.ckpt")  # they were put on random weights
     refused = run_cli("export", "ckpt_path=full/checkpoints/last.ckpt", "out=merged", cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "merge_lora=true" in refused.stderr
     exported = run_cli("export", "ckpt_path=full/checkpoints/last.ckpt", "out=merged", "merge_lora=true",
@@ -508,7 +520,8 @@ def test_lora_run_resumes_exactly_and_exports_merged(pretrained, tmp_path):
     from llmfoundry_pl.cli.common import load_model
 
     merged, _, _ = load_model(str(tmp_path / "merged"))
-    adapted, _, _ = load_model(str(tmp_path / "full/checkpoints/last.ckpt"))  # base + adapters, from the .ckpt
+    # base + adapters, from the .ckpt, loaded from another folder than the relative init_from was given in
+    adapted, _, _ = load_model(str(tmp_path / "full/checkpoints/last.ckpt"))
     tokens = torch.randint(0, merged.config.vocab_size, (1, 16))
     torch.testing.assert_close(merged(tokens), adapted(tokens))
 

@@ -351,6 +351,14 @@ def _adapter_base(hparams: dict, path: str, key: str) -> Transformer:
     return init_network(load_model(init_from, key="init_from")[0], ModelConfig(**hparams["model"]), init_from)
 
 
+def absolute_model_path(path: str, runs_dir: str = "outputs", key: str = "init_from") -> str:
+    """``path`` (a checkpoint, or a model folder) as an absolute path, ``last`` being the newest last.ckpt under
+    ``runs_dir``. As typed, ``init_from=last`` or a relative path stopped naming the same model once recorded: a
+    LoRA checkpoint's base went missing from another folder, and a resumed DPO run took itself for its reference."""
+    found = Path(resolve_ckpt_path(path, runs_dir, key) if path == "last" else path).expanduser()
+    return str(found.resolve()) if found.exists() else path  # a missing one: load_model names it as it was typed
+
+
 def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str = "outputs", key: str = "ckpt_path") -> str | None:
     """``ckpt_path`` as given (``~`` expanded), or for ``last`` the newest last checkpoint under ``runs_dir``:
     ``checkpoints/last.ckpt``, or ``last-v1.ckpt`` and so on, which Lightning writes beside an older one when a run

@@ -21,11 +21,12 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llmfoundry_pl.allocator import keep_freed_memory
 from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
+    absolute_model_path,
     build_trainer,
     check_compiled_attention,
     instantiate_group,
@@ -67,6 +68,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_adamw_eps(optim.eps, str(cfg.trainer.precision))
     if lora.enabled and not cfg.init_from:
         raise ConfigError("lora.enabled=true adapts a trained model: give it with init_from=")
+    if cfg.init_from:  # recorded in the checkpoints: LoRA adapters find their base there, a resumed DPO its reference
+        with open_dict(cfg):
+            cfg.init_from = absolute_model_path(cfg.init_from, cfg.paths.runs_dir)
     datamodule, model_cfg, network = prepare_data_and_model(cfg)
 
     # Preference pairs train with DPO; text and conversations with next-token prediction.
