@@ -42,10 +42,16 @@ def test_tokenizer_special_ids_and_chat_tokens(tokenizer):
     assert tokenizer.encode("hi", bos=True, eos=True)[-1] == EOS_ID
 
 
-@pytest.mark.parametrize("text", ["Hello there, friend.\n", CHINESE, "bytes 🙂 and <|user|> tokens"])
+@pytest.mark.parametrize("text", ["Hello there, friend.\n", CHINESE, "bytes 🙂 and tokens"])
 def test_tokenizer_token_bytes_add_up_to_the_utf8_length(tokenizer, text):
     assert tokenizer.token_bytes[tokenizer.encode(text)].sum() == len(text.encode("utf-8"))
     assert tokenizer.token_bytes[[BOS_ID, EOS_ID, PAD_ID]].sum() == 0
+
+
+def test_chat_markup_counts_no_bytes_of_text(tokenizer):
+    # Like </s>: structure a template adds. Spelled out, a reply's <|end|> counted 7 bytes of predicted text.
+    text = "<|user|>bytes 🙂<|end|>"
+    assert tokenizer.token_bytes[tokenizer.encode(text)].sum() == len("bytes 🙂".encode())
 
 
 def test_bytes_of_a_text_whose_tokenizer_adds_a_dummy_prefix(tokenizer):
