@@ -671,7 +671,7 @@ class GenerateConfig:
         metadata=_help("Each prompt is a user message in the chat template and the output is the assistant's reply; "
                        "with interactive=true the conversation keeps its history."),
     )
-    system: str = field(default="", metadata=_help("chat=true: a system message opening the conversation."))
+    system: str = field(default="", metadata=_help("A system message opening the conversation (needs chat=true)."))
     max_new_tokens: int = field(default=200, metadata=_help("Tokens to generate."))
     temperature: float = field(default=0.8, metadata=_help("Softmax temperature; 0 (or under 1e-5) means greedy."))
     top_k: int | None = field(default=50, metadata=_help("Sample among the k most likely tokens; null for all."))

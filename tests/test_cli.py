@@ -321,10 +321,12 @@ def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides
          "error: prompt= and interactive=true both give the prompts; keep one"),
         ("generate", ["ckpt_path=not_a.ckpt", "prompt_file=blank.txt", "stream=true"],
          "error: stream=true prints one prompt's text as it comes"),
+        ("generate", ["ckpt_path=not_a.ckpt", "prompt=x", "system='Be brief.'"],
+         "error: system= opens a chat; without chat=true it was ignored"),
     ],
     ids=["eval-no-ckpt", "generate-bad-ckpt", "generate-no-prompt-file", "generate-bad-device",
          "generate-empty-prompt-file", "generate-empty-stop-string", "generate-two-prompt-sources",
-         "generate-stream-a-batch"],
+         "generate-stream-a-batch", "generate-system-without-chat"],
 )
 def test_eval_and_generate_mistakes_fail_with_one_line(tmp_path, command, args, message):
     (tmp_path / "not_a.ckpt").write_text("not a checkpoint")

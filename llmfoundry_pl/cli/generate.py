@@ -102,6 +102,9 @@ def generate(node: DictConfig) -> list[str]:
                                         ("interactive=true", cfg.interactive)) if given]
     if len(sources) > 1:
         raise ConfigError(f"{' and '.join(sources)} both give the prompts; keep one")
+    if cfg.system and not cfg.chat:
+        raise ConfigError("system= opens a chat; without chat=true it was ignored: add chat=true, or put the text "
+                          "in prompt=")
     if cfg.prompt_file is not None and cfg.stream:
         raise ConfigError("stream=true prints one prompt's text as it comes; prompt_file prints a JSON line per "
                           "prompt when its batch is done: drop stream=true")
