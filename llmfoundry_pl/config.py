@@ -277,7 +277,8 @@ class ChatDataConfig:
         metadata=_help("Training JSONL file; null: the bundled demo task (which play is this passage from?)."),
     )
     val_path: str | None = field(
-        default=None, metadata=_help("Validation JSONL file; null: hold out val_fraction of path.")
+        default=None, metadata=_help("Validation JSONL file; null: hold out val_fraction of path (with path=null, "
+                                     "the demo task's held-out file).")
     )
     val_fraction: float = field(
         default=0.05, metadata=_help("Share of path's examples held out when val_path is null.")

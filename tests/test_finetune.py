@@ -254,6 +254,14 @@ def _chat_data(tmp_path: Path, tokenizer: Tokenizer, batch_size: int, pack: bool
     return ChatDataModule(cfg, tokenizer)
 
 
+def test_the_demo_task_validates_on_the_held_out_file_given(tokenizer, tmp_path, cache_dir):
+    _replies_of_many_lengths(tmp_path / "val.jsonl", 3)  # data.val_path was ignored when data.path was null
+    cfg = ChatDataConfig(val_path=str(tmp_path / "val.jsonl"), cache_dir=str(cache_dir), seq_len=96)
+    dm = ChatDataModule(cfg, tokenizer)
+    dm.prepare_data()
+    assert len(dm.val_items) == 3 and len(dm.train_items) > 3  # the demo's training split, the file's 3 examples
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_chat_data_counts_each_steps_targets_and_examples_over_every_micro_batch_and_rank(tokenizer, tmp_path, pack):
     dm = _chat_data(tmp_path, tokenizer, batch_size=2, pack=pack)

@@ -290,14 +290,16 @@ class ChatDataModule(L.LightningDataModule):
         self.prepare_data()  # every rank holds the encoded examples (small next to the model)
 
     def _paths(self) -> tuple[Path, Path | None]:
+        """The training file and the held-out one (None: split off the training file). data.path=null is the demo
+        task's training file, and its held-out file unless data.val_path gives one (it was ignored there)."""
+        val = None if self.cfg.val_path is None else Path(self.cfg.val_path).expanduser()
         if self.cfg.path is None:
             from llmfoundry_pl.data.demo_task import demo_set_dir
 
             folder = demo_set_dir(Path(self.cfg.cache_dir).expanduser())
             kind = "sft" if self.cfg.format == "sft" else "preference"
-            return folder / f"{kind}_train.jsonl", folder / f"{kind}_val.jsonl"
-        return (Path(self.cfg.path).expanduser(),
-                None if self.cfg.val_path is None else Path(self.cfg.val_path).expanduser())
+            return folder / f"{kind}_train.jsonl", val or folder / f"{kind}_val.jsonl"
+        return Path(self.cfg.path).expanduser(), val
 
     def train_dataloader(self) -> DataLoader:
         first, count = remaining_micro_batches(self.trainer, "fine-tuning, like pretraining, is step-based")
