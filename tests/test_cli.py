@@ -212,6 +212,17 @@ def test_a_diverged_job_fails_alone_and_the_sweep_goes_on(tmp_path, cache_dir):
     assert not (tmp_path / "s" / "0" / "checkpoints").exists()  # no NaN checkpoint
 
 
+def test_an_optuna_search_goes_on_past_a_failed_trial(tmp_path, cache_dir):
+    # Told a failed trial's NaN, Optuna raised: the search ended at its first failure, with no table. With
+    # n_heads=5 every width it tries (128, 192, 256) fails.
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = run_cli("train", *TINY, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "model.n_heads=5",
+                   "hydra.sweep.dir=s", cwd=tmp_path)
+    assert proc.stderr.count("is not divisible by model.n_heads=5") == 2
+    rows = list(csv.DictReader(open(tmp_path / "s" / "summary.csv")))
+    assert len(rows) == 2 and all(row["val/loss"] == "nan" for row in rows)
+
+
 def test_last_checkpoint_holds_the_trained_steps_and_a_run_needs_no_logger(tmp_path, cache_dir):
     # 10 steps, validations (and checkpoints) at 4 and 8: last.ckpt held step 8, so resuming trained 9-10 again.
     # With no logger, Lightning's LearningRateMonitor raised a traceback; it has nothing to write to: left out.

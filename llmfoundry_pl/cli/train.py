@@ -12,6 +12,7 @@ Examples::
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -247,19 +248,20 @@ def _held_out(metrics: dict[str, float]) -> str:
 def _hydra_main(cfg: DictConfig) -> float:
     with user_errors():
         try:
-            # The value Hydra's sweepers (hparams_search=optuna) minimise; NaN (a failed trial) without validation.
-            return train(cfg).get("val/loss", float("nan"))
+            # The value Hydra's sweepers (hparams_search=optuna) minimise. A trial without one (no validation, or
+            # failed below) is +inf, the worst: told a NaN, Optuna raised, and the whole search ended there.
+            return train(cfg).get("val/loss", math.inf)
         except (TrainingDiverged, ConfigError, RuntimeError) as e:
             what = str(e) if isinstance(e, (TrainingDiverged, ConfigError)) else out_of_memory(e)
             if HydraConfig.get().mode != RunMode.MULTIRUN or what is None:
                 raise
             # In a sweep, a rate too high, settings that one job's values make impossible (n_heads=3 with dim=32) or
             # a batch too large for the device are that job's result, not the sweep's end: it fails alone (its row
-            # of the summary reads nan, Optuna counts a NaN trial as failed), and the others run and get a table.
+            # of the summary reads nan, Optuna ranks it last), and the others run and get a table.
             print(f"error: {what}", file=sys.stderr, flush=True)
             key = "diverged" if isinstance(e, TrainingDiverged) else "error"
             write_final_metrics(Path(cfg.paths.output_dir), {"val/loss": float("nan")}, **{key: what})
-            return float("nan")
+            return math.inf
 
 
 def main() -> None:
