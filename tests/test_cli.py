@@ -233,6 +233,10 @@ def test_last_checkpoint_holds_the_trained_steps_and_a_run_needs_no_logger(tmp_p
     assert f"checkpoint: {last}" in proc.stdout and torch.load(last, weights_only=False)["global_step"] == 10
     assert "warning: scheduler.warmup_steps=10 is not below trainer.max_steps=10" in proc.stderr
     assert not list((tmp_path / "run").glob("**/metrics.csv"))
+    # A run into the same folder (as the recipes' fixed hydra.run.dir) replaces last.ckpt: Lightning wrote
+    # last-v1.ckpt beside it, and a re-run recipe's next command loaded the old model.
+    run_cli("train", *TINY, "trainer.max_steps=4", "logger.csv=null", "hydra.run.dir=run", cwd=tmp_path)
+    assert torch.load(last, weights_only=False)["global_step"] == 4 and not list(last.parent.glob("last-v*"))
 
 
 def test_ddp_single_run_two_processes(tmp_path, cache_dir):

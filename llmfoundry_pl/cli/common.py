@@ -362,7 +362,8 @@ def absolute_model_path(path: str, runs_dir: str = "outputs", key: str = "init_f
 def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str = "outputs", key: str = "ckpt_path") -> str | None:
     """``ckpt_path`` as given (``~`` expanded), or for ``last`` the newest last checkpoint under ``runs_dir``:
     ``checkpoints/last.ckpt``, or ``last-v1.ckpt`` and so on, which Lightning writes beside an older one when a run
-    reuses a run folder (a fixed ``hydra.run.dir``)."""
+    reuses a run folder (a fixed ``hydra.run.dir``) with ``callbacks.model_checkpoint.enable_version_counter=true``
+    (as runs before it was turned off did)."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
