@@ -16,15 +16,15 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_pl.tokenizer import atomic_write_bytes
 
-# lfpl-train's (lfpl-bench names its own): tokens/s wall-clock, then in the training steps alone (see _step_speed in
-# cli/train.py), and the steps' MFU.
-COLUMNS = ("val/loss", "val/ppl", "val/bpb", "train_tokens_per_s", "step_tokens_per_s", "mfu")
 RESULTS = "final_metrics.json"
 UNFINISHED = "(failed or unfinished)"
+# Touched when a sweep starts. A sweep into a folder an earlier one used (a fixed hydra.sweep.dir, as the recipes
+# have) finds that sweep's jobs there too: only files newer than this are this sweep's.
+STARTED = ".sweep_started"
 
 
 def write_final_metrics(output_dir: Path, metrics: dict[str, Any], **extra: Any) -> None:
@@ -35,29 +35,47 @@ def write_final_metrics(output_dir: Path, metrics: dict[str, Any], **extra: Any)
 
 
 def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job directory (numbered by Hydra) under ``sweep_dir``, in job order. A job's directory holds the
-    config Hydra saved (``.hydra/``; lfpl-bench saves none) or the job's results."""
+    """One row per job directory (numbered by Hydra) of the latest sweep under ``sweep_dir``, in job order: its
+    overrides and figures, or for a job without results its overrides (from the config Hydra saved, ``.hydra/``;
+    lfpl-bench saves none) and ``status`` :data:`UNFINISHED`."""
+    started = sweep_dir / STARTED
+    since = started.stat().st_mtime if started.is_file() else 0.0
+
+    def fresh(path: Path) -> bool:
+        return path.is_file() and path.stat().st_mtime >= since
+
     rows = []
-    job_dirs = [d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir() or (d / RESULTS).is_file()]
+    job_dirs = [d for d in sweep_dir.iterdir() if fresh(d / ".hydra" / "overrides.yaml") or fresh(d / RESULTS)]
     for job_dir in sorted(job_dirs, key=lambda d: (len(d.name), d.name)):
-        metrics_file = job_dir / RESULTS
-        if metrics_file.is_file():
-            record = json.loads(metrics_file.read_text())
+        if fresh(job_dir / RESULTS):
+            record = json.loads((job_dir / RESULTS).read_text())
             rows.append({"job": job_dir.name, "overrides": " ".join(record["overrides"]), **record["metrics"]})
         else:
-            rows.append({"job": job_dir.name, "overrides": UNFINISHED})
+            overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
+            rows.append({"job": job_dir.name, "overrides": " ".join(overrides), "status": UNFINISHED})
     return rows
 
 
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every figure the jobs report, in the order they first appear: held-out metrics, then speed (lfpl-train's
+    pretraining, fine-tuning and DPO jobs each report their own)."""
+    columns = dict.fromkeys(k for r in rows for k in r if k not in ("job", "overrides", "status"))
+    return list(columns)
+
+
 def split_overrides(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
-    """The overrides shared by every finished job, and each row's others: what the sweep varied ("-" if nothing)."""
-    finished = [r["overrides"].split() for r in rows if r["overrides"] != UNFINISHED]
-    common = [o for o in finished[0] if all(o in f for f in finished)] if finished else []
-    varied = [" ".join(o for o in r.get("overrides", "").split() if o not in common) or "-" for r in rows]
+    """The overrides shared by every job, and each row's others: what the sweep varied ("-" if nothing; an
+    unfinished job's marked so)."""
+    jobs = [r["overrides"].split() for r in rows]
+    common = [o for o in jobs[0] if all(o in j for j in jobs)] if jobs else []
+    varied = []
+    for r, j in zip(rows, jobs, strict=True):
+        own = " ".join(o for o in j if o not in common) or "-"
+        varied.append(f"{own} {r['status']}" if r.get("status") else own)
     return common, varied
 
 
-def format_table(rows: list[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     """A Markdown table, readable in a terminal and rendered by any Markdown viewer. Overrides shared by every job
     are listed once above it, so the column shows what the sweep varied."""
     common, varied = split_overrides(rows)
@@ -84,20 +102,27 @@ def _fmt(column: str, value: Any) -> str:
 class SweepSummary(Callback):
     """Prints the table at the end of a multirun and writes ``summary.md`` and ``summary.csv`` beside the jobs.
 
-    ``columns``: which of the jobs' figures to show (the config sets them: ``hydra.callbacks.sweep_summary``)."""
+    ``columns``: which of the jobs' figures to show (lfpl-bench's config names them:
+    ``hydra.callbacks.sweep_summary``); None: every figure they report (:func:`metric_columns`)."""
 
-    def __init__(self, columns: Sequence[str] = COLUMNS) -> None:
-        self.columns = list(columns)
+    def __init__(self, columns: Sequence[str] | None = None) -> None:
+        self.columns = None if columns is None else list(columns)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / STARTED).touch()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
         rows = collect_rows(sweep_dir)
-        table = format_table(rows, self.columns)
+        columns = self.columns if self.columns is not None else metric_columns(rows)
+        table = format_table(rows, columns)
         atomic_write_bytes(sweep_dir / "summary.md", (table + "\n").encode())
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["job", "overrides", *self.columns], extrasaction="ignore")
+        writer = csv.DictWriter(buffer, fieldnames=["job", "overrides", "status", *columns], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_bytes(sweep_dir / "summary.csv", buffer.getvalue().encode())

@@ -1,0 +1,45 @@
+"""The table a multirun ends with (SweepSummary), read from the jobs' folders as lfpl-plot reads them too."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from llmfoundry_pl.cli.sweep_summary import RESULTS, STARTED, UNFINISHED, SweepSummary, collect_rows, split_overrides
+
+
+def _job(sweep: Path, job: str, overrides: list[str], metrics: dict | None, age_s: float = 0.0) -> None:
+    """A job folder as lfpl-train leaves it: the overrides Hydra saved and, if it finished, its results;
+    ``age_s`` seconds old."""
+    (sweep / job / ".hydra").mkdir(parents=True, exist_ok=True)
+    files = [sweep / job / ".hydra" / "overrides.yaml"]
+    OmegaConf.save(OmegaConf.create(overrides), files[0])
+    if metrics is not None:
+        files.append(sweep / job / RESULTS)
+        files[-1].write_text(json.dumps({"overrides": overrides, "metrics": metrics}))
+    for file in files:
+        os.utime(file, (file.stat().st_mtime - age_s,) * 2)
+
+
+def test_a_sweep_into_a_used_folder_lists_its_own_jobs_only(tmp_path, capsys):
+    # An earlier sweep of three rates into the same folder (as the recipes' fixed hydra.sweep.dir)
+    for job, lr in enumerate(["5e-4", "2e-3", "8e-3"]):
+        _job(tmp_path, str(job), ["model=tiny", f"optim.lr={lr}"], {"val/loss": 5.0 + job}, age_s=3600)
+    summary = SweepSummary()
+    summary.on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    # This one's two jobs: the first finished, the second stopped before writing results, so the folder still
+    # holds the earlier job 1's
+    _job(tmp_path, "0", ["model=tiny", "optim.lr=1e-4"], {"val/loss": 4.5, "val/pref_acc": 0.75})
+    _job(tmp_path, "1", ["model=tiny", "optim.lr=3e-4"], None)
+    rows = collect_rows(tmp_path)
+    assert [(r["job"], r["overrides"], r.get("val/loss")) for r in rows] == [
+        ("0", "model=tiny optim.lr=1e-4", 4.5), ("1", "model=tiny optim.lr=3e-4", None)]
+    # the stopped job keeps its label: what the sweep varied is still told apart
+    assert split_overrides(rows) == (["model=tiny"], ["optim.lr=1e-4", f"optim.lr=3e-4 {UNFINISHED}"])
+    summary.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    table = (tmp_path / "summary.md").read_text()
+    assert "8e-3" not in table and "| val/loss | val/pref_acc |" in table  # every figure the jobs report
+    assert (tmp_path / STARTED).is_file() and "sweep summary" in capsys.readouterr().out
