@@ -208,7 +208,8 @@ def test_a_diverged_job_fails_alone_and_the_sweep_goes_on(tmp_path, cache_dir):
     rows = [json.loads((tmp_path / "s" / job / "final_metrics.json").read_text()) for job in "0123"]
     assert [math.isnan(row["metrics"]["val/loss"]) for row in rows] == [True, False, True, True]
     assert rows[1]["metrics"]["val/loss"] < 6.3 and "not divisible" in rows[2]["error"] + rows[3]["error"]
-    assert "| 0   | model.n_heads=2 optim.lr=10000.0 | nan" in proc.stdout  # the summary table
+    assert "| 0   | model.n_heads=2 optim.lr=10000.0 (diverged) | nan" in proc.stdout  # the summary table
+    assert "| 2   | model.n_heads=3 optim.lr=10000.0 (failed)   | nan" in proc.stdout
     assert not (tmp_path / "s" / "0" / "checkpoints").exists()  # no NaN checkpoint
 
 

@@ -42,6 +42,7 @@ from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     build_trainer,
     check_compiled_attention,
+    fail_sweep_job_alone,
     prepare_data_and_model,
     quiet_library_noise,
     require_compiler,
@@ -315,10 +316,16 @@ def _report(rows: dict[str, dict[str, float]], setup: dict[str, float | str | bo
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
 def _hydra_main(cfg: DictConfig) -> None:
+    output_dir = HydraConfig.get().runtime.output_dir
     with user_errors():
-        result = bench(cfg)
+        try:
+            result = bench(cfg)
+        except (ConfigError, RuntimeError) as e:  # one job of a sweep (a batch too large) fails alone
+            if not fail_sweep_job_alone(e, output_dir, {}):
+                raise
+            return
         if result and HydraConfig.get().mode == RunMode.MULTIRUN:  # rank 0 of a sweep's job: figures for its table
-            write_final_metrics(HydraConfig.get().runtime.output_dir, result)
+            write_final_metrics(output_dir, result)
 
 
 def main() -> None:

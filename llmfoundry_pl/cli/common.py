@@ -15,7 +15,9 @@ from typing import Any, TypeVar
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
@@ -23,10 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from llmfoundry_pl.cli.ddp import build_strategy
+from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, ModelConfig, StreamingDataConfig, check_fp16_on_cpu
 from llmfoundry_pl.data import ChatDataModule, StreamingDataModule, TextDataModule
 from llmfoundry_pl.interop import ModelSource, load_folder
-from llmfoundry_pl.lit_module import LitDPO, LitLlama
+from llmfoundry_pl.lit_module import LitDPO, LitLlama, TrainingDiverged
 from llmfoundry_pl.lora import has_lora, merge_lora
 from llmfoundry_pl.model import Transformer, TransformerBlock
 from llmfoundry_pl.tokenizer import Tokenizer
@@ -55,6 +58,20 @@ def user_errors() -> Iterator[None]:
         print(f"error: out of memory: {what} — the 'Out of memory' section of docs/troubleshooting.md lists what to "
               "lower; for training, lfpl-plan shows the largest micro-batch that fits", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def fail_sweep_job_alone(error: BaseException, output_dir: str | os.PathLike, metrics: dict[str, float]) -> bool:
+    """End a sweep's job that failed on the user's side as that job's result, not the sweep's end: a rate that
+    diverged, settings one job's values make impossible (n_heads=3 with dim=32), a batch too large for the device.
+    Prints its one line, records ``metrics`` and the error for the sweep's table, and returns True: the caller
+    returns and the next job runs. False outside a multirun, or for any other error: the caller raises it."""
+    what = str(error) if isinstance(error, ConfigError) else out_of_memory(error)
+    if what is None or not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    print(f"error: {what}", file=sys.stderr, flush=True)
+    key = "diverged" if isinstance(error, TrainingDiverged) else "error"
+    write_final_metrics(Path(output_dir), metrics, **{key: what})
+    return True
 
 
 def out_of_memory(error: BaseException) -> str | None:

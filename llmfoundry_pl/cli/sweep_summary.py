@@ -36,8 +36,9 @@ def write_final_metrics(output_dir: Path, metrics: dict[str, Any], **extra: Any)
 
 def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job directory (numbered by Hydra) of the latest sweep under ``sweep_dir``, in job order: its
-    overrides and figures, or for a job without results its overrides (from the config Hydra saved, ``.hydra/``;
-    lfpl-bench saves none) and ``status`` :data:`UNFINISHED`."""
+    overrides and figures (and ``status`` "(failed)" or "(diverged)" for a job that ended so), or for a job without
+    results its overrides (from the config Hydra saved, ``.hydra/``; lfpl-bench saves none) and ``status``
+    :data:`UNFINISHED`."""
     started = sweep_dir / STARTED
     since = started.stat().st_mtime if started.is_file() else 0.0
 
@@ -49,7 +50,10 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     for job_dir in sorted(job_dirs, key=lambda d: (len(d.name), d.name)):
         if fresh(job_dir / RESULTS):
             record = json.loads((job_dir / RESULTS).read_text())
-            rows.append({"job": job_dir.name, "overrides": " ".join(record["overrides"]), **record["metrics"]})
+            status = {"diverged": "(diverged)", "error": "(failed)"}  # see cli.common.fail_sweep_job_alone
+            failed = [text for key, text in status.items() if key in record]
+            rows.append({"job": job_dir.name, "overrides": " ".join(record["overrides"]), **record["metrics"],
+                         **({"status": failed[0]} if failed else {})})
         else:
             overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
             rows.append({"job": job_dir.name, "overrides": " ".join(overrides), "status": UNFINISHED})

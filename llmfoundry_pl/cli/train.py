@@ -19,8 +19,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -30,8 +28,8 @@ from llmfoundry_pl.cli.common import (
     absolute_model_path,
     build_trainer,
     check_compiled_attention,
+    fail_sweep_job_alone,
     instantiate_group,
-    out_of_memory,
     prepare_data_and_model,
     quiet_library_noise,
     read_checkpoint,
@@ -46,7 +44,7 @@ from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, OptimConfig, SchedulerConfig, register_configs
 from llmfoundry_pl.data import ChatDataModule
 from llmfoundry_pl.inference import generate_text
-from llmfoundry_pl.lit_module import LitDPO, LitLlama, TrainingDiverged, check_adamw_eps
+from llmfoundry_pl.lit_module import LitDPO, LitLlama, check_adamw_eps
 from llmfoundry_pl.model import Transformer
 
 
@@ -251,17 +249,10 @@ def _hydra_main(cfg: DictConfig) -> float:
             # The value Hydra's sweepers (hparams_search=optuna) minimise. A trial without one (no validation, or
             # failed below) is +inf, the worst: told a NaN, Optuna raised, and the whole search ended there.
             return train(cfg).get("val/loss", math.inf)
-        except (TrainingDiverged, ConfigError, RuntimeError) as e:
-            what = str(e) if isinstance(e, (TrainingDiverged, ConfigError)) else out_of_memory(e)
-            if HydraConfig.get().mode != RunMode.MULTIRUN or what is None:
+        except (ConfigError, RuntimeError) as e:
+            if not fail_sweep_job_alone(e, cfg.paths.output_dir, {"val/loss": float("nan")}):
                 raise
-            # In a sweep, a rate too high, settings that one job's values make impossible (n_heads=3 with dim=32) or
-            # a batch too large for the device are that job's result, not the sweep's end: it fails alone (its row
-            # of the summary reads nan, Optuna ranks it last), and the others run and get a table.
-            print(f"error: {what}", file=sys.stderr, flush=True)
-            key = "diverged" if isinstance(e, TrainingDiverged) else "error"
-            write_final_metrics(Path(cfg.paths.output_dir), {"val/loss": float("nan")}, **{key: what})
-            return math.inf
+            return math.inf  # Optuna ranks it last
 
 
 def main() -> None:
