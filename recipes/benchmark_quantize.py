@@ -79,6 +79,9 @@ def main() -> None:
     play = sorted(bundled_corpus_dir().glob("*.txt"))[0].read_text()
     prompt = tokenizer.encode(play[10_000:20_000], bos=True)[: args.prompt_len]  # mid-play, past the cast list
     n_new = min(args.new_tokens, fp32.config.max_seq_len - len(prompt))
+    if n_new < 1:  # a model of a short context: nothing to decode, and each speed divided by 0 seconds
+        raise SystemExit(f"error: --prompt-len {len(prompt)} leaves no room in the model's context of "
+                         f"{fp32.config.max_seq_len} tokens; lower it")
     print(f"model: {args.ckpt}, {fp32.num_params() / 1e6:.1f}M parameters, device {args.device}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; batch 1, {len(prompt)}-token prompt, "
           f"{n_new} new tokens, greedy", flush=True)
