@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from llmfoundry_pl.cli import doctor
 from tests.conftest import run_cli
 
 
@@ -194,3 +195,20 @@ def test_doctor_cache_check_fails_where_training_could_not_write(tmp_path: Path,
     check = check_cache_disk()
     assert check.status in ("ok", "warn") and "created on first use" in check.detail
     assert list(tmp_path.iterdir()) == [tmp_path / "a_file"]  # the probe leaves nothing behind
+    # A folder on the way this user may not enter: asking about the cache raised, and the doctor ended in a traceback
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    check = check_cache_disk()
+    assert check.status == "FAIL" and check.detail.endswith(": denied") and "LFPL_CACHE_DIR" in check.fix
+
+
+def test_doctor_recommends_compile_false_on_a_cpu_without_a_compiler(monkeypatch) -> None:
+    import torch
+
+    # The cpu profile compiles, and lfpl-train refuses compile=true without a C++ compiler
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(doctor, "_mps", lambda torch: False)
+    assert doctor._cpp_compiler_found()  # this machine's g++ (the compiled tests need it too)
+    assert doctor.recommend_hardware(torch, "32-true").detail.startswith("lfpl-train hardware=cpu  (")
+    monkeypatch.setattr(doctor, "_cpp_compiler_found", lambda: False)
+    check = doctor.recommend_hardware(torch, "32-true")
+    assert check.data == "cpu" and check.detail.startswith("lfpl-train hardware=cpu compile=false  (")

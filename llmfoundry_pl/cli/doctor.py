@@ -279,11 +279,16 @@ def _nvidia_driver_present() -> bool:
 def check_cache_disk() -> Check:
     """Free space where tokenizers and token files are cached (conf/paths: $LFPL_CACHE_DIR or the default)."""
     cache = Path(os.environ.get("LFPL_CACHE_DIR", "~/.cache/llmfoundry_pl")).expanduser()
-    existing = next(p for p in (cache, *cache.parents) if p.exists())  # it is created on first use
-    free_gib = round(shutil.disk_usage(existing).free / GIB, 1)
-    data = {"path": str(cache), "exists": cache.exists(), "free_gib": free_gib}
-    where = f"{cache}{'' if cache.exists() else ' (created on first use)'}: {free_gib} GiB free"
     elsewhere = "free some space, or point the cache elsewhere: export LFPL_CACHE_DIR=/a/bigger/disk"
+    try:  # a folder on the way this user may not enter: even asking whether the cache exists fails
+        existing = next(p for p in (cache, *cache.parents) if p.exists())  # it is created on first use
+        free_gib = round(shutil.disk_usage(existing).free / GIB, 1)
+        exists = cache.exists()
+    except OSError as e:
+        return Check("disk", "cache", "FAIL", f"{cache}: {e.strerror or e}", elsewhere.split(", or ")[1],
+                     {"path": str(cache)})
+    data = {"path": str(cache), "exists": exists, "free_gib": free_gib}
+    where = f"{cache}{'' if exists else ' (created on first use)'}: {free_gib} GiB free"
     unusable = _unwritable(existing)
     if unusable:
         return Check("disk", "cache", "FAIL", f"{cache}: {unusable}", elsewhere.split(", or ")[1], data)
@@ -383,7 +388,9 @@ def check_configs() -> list[Check]:
 
 
 def recommend_hardware(torch: Any, precision: str) -> Check:
-    """The conf/hardware profile for this machine; ``precision`` is the one hardware=auto picks here."""
+    """The conf/hardware profile for this machine (and an override it needs); ``precision`` is the one hardware=auto
+    picks here."""
+    overrides = ""
     if torch.cuda.is_available():
         gib = torch.cuda.get_device_properties(0).total_memory / GIB
         if gib <= SMALL_GPU_GIB and precision == "bf16-mixed":
@@ -394,9 +401,24 @@ def recommend_hardware(torch: Any, precision: str) -> Check:
             profile, why = "auto", f"a {gib:.0f} GiB GPU: {precision}, the data defaults; raise data.batch_size freely"
     elif _mps(torch):
         profile, why = "m4pro", "an Apple GPU through MPS"
-    else:
+    elif _cpp_compiler_found():
         profile, why = "cpu", f"no GPU: {precision} and torch.compile, which needs a C++ compiler"
-    return Check("hardware", "recommended", "info", f"lfpl-train hardware={profile}  ({why})", data=profile)
+    else:  # the cpu profile compiles, and lfpl-train refuses compile=true without a compiler
+        profile, overrides = "cpu", " compile=false"
+        why = f"no GPU: {precision}; no C++ compiler for torch.compile (install g++ or set CXX: 1.1-1.15x faster)"
+    return Check("hardware", "recommended", "info", f"lfpl-train hardware={profile}{overrides}  ({why})", data=profile)
+
+
+def _cpp_compiler_found() -> bool:
+    """Whether torch.compile finds a C++ compiler here, by Inductor's own search (which honours $CXX), as lfpl-train's
+    check before compile=true on a CPU does (cli.common.require_compiler)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # InvalidCxxCompiler; or Inductor's layout changed in this torch: no promise then either
+        return False
+    return True
 
 
 def training_device(torch: Any) -> str:
