@@ -119,6 +119,9 @@ def test_a_model_with_nan_weights_is_an_error_not_garbage(model):
     for temperature in (0.0, 0.8):  # greedy picked token 0 every time; sampling failed in torch.multinomial
         with pytest.raises(ConfigError, match="weights hold NaN or inf"):
             generate(diverged, [1, 2, 3], 4, temperature=temperature)
+        for target, draft in ((diverged, model), (model, diverged)):  # greedy speculative decoding printed token 0s
+            with pytest.raises(ConfigError, match="weights hold NaN or inf"):
+                list(speculative_stream(target, draft, [1, 2, 3], 4, temperature=temperature))
 
 
 def test_prompt_longer_than_the_context_is_an_error(model):
@@ -213,6 +216,20 @@ def test_greedy_speculative_decoding_equals_the_target_alone(model, draft, draft
                                   stats=stats))
     assert out == generate(model, prompt, max_new_tokens, temperature=0)
     assert 0 < stats.accepted < stats.proposed  # guesses both kept and rejected: every branch of the rule ran
+
+
+def test_speculative_decoding_past_the_context_penalizes_the_whole_text_as_alone():
+    # Past the target's 24 tokens, the plain decoding that finishes the text penalized the window's tokens only,
+    # while generation without a draft penalizes every token of the text. A small vocabulary and large weights, so
+    # that a token gone from the window (here <s>, at new token 33) comes out on top.
+    torch.manual_seed(0)
+    target = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=24,
+                                     init_std=0.5)).eval()
+    draft = Transformer(ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16,
+                                    init_std=0.5)).eval()
+    prompt = [1, 7, 3, 2, 8, 11, 4]
+    out = list(speculative_stream(target, draft, prompt, 40, temperature=0, repetition_penalty=1.3))
+    assert out == generate(target, prompt, 40, temperature=0, repetition_penalty=1.3)
 
 
 def test_speculative_decoding_with_the_target_as_draft_accepts_everything(model):

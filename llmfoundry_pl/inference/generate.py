@@ -72,12 +72,14 @@ def generate_steps(
     repetition_penalty: float = 1.0,
     seed: int | None = None,
     use_cache: bool = True,
+    seen_before: Sequence[int] = (),
 ) -> Iterator[torch.Tensor]:
     """The engine under the functions above: yields, for each of ``max_new_tokens`` steps, the next token id of
     every prompt, (B,). It never stops early: end-of-text is the caller's business.
 
     ``use_cache=False`` recomputes the whole context every step (slow; the reference the cached path is tested
-    against)."""
+    against). ``seen_before``: tokens the repetition penalty counts as seen besides each prompt's own, the text
+    before a prompt cut to the context (speculative decoding goes on so once the text fills the context)."""
     check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     context = model.config.max_seq_len
     for prompt in prompts:
@@ -90,7 +92,7 @@ def generate_steps(
     if repetition_penalty != 1.0:
         seen = torch.zeros(len(seqs), model.config.vocab_size, dtype=torch.bool, device=device)
         for row, seq in enumerate(seqs):
-            seen[row, seq] = True
+            seen[row, [*seen_before, *seq]] = True
     with eval_mode(model):
         tokens, left_pad = _left_padded(seqs, context, device)
         cache = new_kv_cache(model, batch_size=len(seqs)) if use_cache else None

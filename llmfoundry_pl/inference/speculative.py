@@ -20,7 +20,7 @@ import torch
 from llmfoundry_pl.config import ConfigError
 from llmfoundry_pl.inference.generate import eval_mode, generate_stream
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
-from llmfoundry_pl.inference.sampling import check_sampling, draw, next_token_probs, seeded_generator
+from llmfoundry_pl.inference.sampling import check_finite, check_sampling, draw, next_token_probs, seeded_generator
 from llmfoundry_pl.model import Transformer
 
 
@@ -74,7 +74,7 @@ def speculative_stream(
     with ``model`` alone, guessing ``draft_tokens`` at a time with ``draft_model`` (which must share the
     tokenizer). ``stats`` (optional) is filled in as it goes. The context is the target's: once the text fills the
     draft's shorter one, the target decodes alone (with its cache), and once it fills the target's, the rest is
-    plain decoding with a sliding window (whose repetition penalty sees the window only), as without a draft."""
+    plain decoding with a sliding window (its repetition penalty seeing the whole text), as without a draft."""
     check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     if draft_tokens < 1:
         raise ConfigError(f"draft_tokens={draft_tokens} must be 1 or more")
@@ -110,7 +110,7 @@ def speculative_stream(
             if len(tokens) > context:  # the target's context is full: finish with plain decoding (a sliding window)
                 seed = int(torch.randint(2**62, (), generator=generator, device=device))
                 yield from generate_stream(model, tokens[-context:], max_new_tokens - produced, eos_id=eos_id,
-                                           seed=seed, **sampling)
+                                           seed=seed, seen_before=tokens[:-context], **sampling)
                 return
             # 0 guesses: the target's token only (the last token asked for, or the draft's context is full)
             room = min(context, draft_context) - len(tokens)
@@ -120,6 +120,7 @@ def speculative_stream(
             feed = tokens[draft_cached:]
             for _ in range(k):
                 logits = draft_model(torch.tensor([feed], device=device), draft_cache, draft_cached)[0, -1]
+                check_finite(logits)
                 draft_cached += len(feed)
                 q.append(probs(logits, guesses))
                 guesses.append(int(draw(q[-1], generator)))
@@ -127,6 +128,7 @@ def speculative_stream(
             # 2. The target scores the last token and all k guesses in one pass: k + 1 distributions.
             feed = tokens[target_cached:] + guesses
             logits = model(torch.tensor([feed], device=device), target_cache, target_cached)[0, -(k + 1) :]
+            check_finite(logits)  # NaN weights: greedy took token 0 every time, as plain decoding does not
             p = torch.stack([probs(logits[j], guesses[:j]) for j in range(k + 1)])
             # 3. Keep the guesses the target agrees with, plus one token of its own.
             new = accept_draft(p, torch.stack(q) if q else p[:0], guesses, generator)
