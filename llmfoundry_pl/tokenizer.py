@@ -83,6 +83,15 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def decode_after(self, previous: int, ids: Iterable[int]) -> str:
+        """The text of ``ids`` as they continue a text whose last token is ``previous`` (a prompt's). Decoded on
+        their own, a tokenizer that adds a space before every text (SentencePiece's add_dummy_prefix, as Llama 2's
+        does; ours do not) takes the space of a first piece "▁the" for that one and drops it: a continuation of
+        "The quality of mercy" came out as "mercythe". After ``previous`` the space stays; ``previous``'s own text
+        is left out. (After <s>, a text's start, the space goes, as it should.)"""
+        head, text = self.decode([previous]), self.decode([previous, *ids])
+        return text[len(head):] if text.startswith(head) else self.decode(ids)
+
     @cached_property
     def token_bytes(self) -> np.ndarray:
         """UTF-8 length in bytes of the text each token id stands for (byte pieces: 1, control tokens: 0).

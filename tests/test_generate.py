@@ -145,7 +145,7 @@ def test_streamer_never_splits_a_character_and_reassembles_exactly():
     lines = [line for f in sorted(bundled_corpus_dir().glob("*.txt"))[:1] for line in f.read_text().splitlines()]
     tokenizer = train_tokenizer(lines + ["学而时习之，不亦说乎？"] * 10, vocab_size=400)
     text = "ROMEO: 你好，世界！🙂 naïve café — 不亦乐乎？\n\nJULIET. 未见之字：龘"
-    streamer = TextStreamer(tokenizer)
+    streamer = TextStreamer(tokenizer, tokenizer.bos_id)
     deltas = [streamer.push(i) for i in tokenizer.encode(text)] + [streamer.flush()]
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)

@@ -54,25 +54,31 @@ def test_chat_markup_counts_no_bytes_of_text(tokenizer):
     assert tokenizer.token_bytes[tokenizer.encode(text)].sum() == len("bytes 🙂".encode())
 
 
-def test_bytes_of_a_text_whose_tokenizer_adds_a_dummy_prefix(tokenizer):
-    # Llama 2's tokenizer (add_dummy_prefix) starts every text with a "▁" that is not in it: counted as a byte, it
-    # made bits per byte 3% low on 300 short documents. Validation counts a document's first token (after <s>) by
-    # first_token_bytes, without it. Ours add no prefix: both tables are the same.
+@pytest.fixture(scope="module")
+def llama2_like() -> Tokenizer:
+    """A tokenizer as Llama 2's: it adds a "▁" (a space) before every text, SentencePiece's add_dummy_prefix."""
     import io
 
     import sentencepiece as spm
-    import torch
-
-    from llmfoundry_pl.config import ModelConfig
-    from llmfoundry_pl.lit_module import LitLlama
 
     lines = [line for line in (bundled_corpus_dir() / "tempest_gut.txt").read_text().splitlines() if line]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
                                    vocab_size=400, byte_fallback=True, add_dummy_prefix=True, bos_id=BOS_ID,
                                    eos_id=EOS_ID, unk_id=UNK_ID, pad_id=-1, minloglevel=2,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False)  # as Llama 2
-    llama2_like = Tokenizer(model.getvalue())
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
+    return Tokenizer(model.getvalue())
+
+
+def test_bytes_of_a_text_whose_tokenizer_adds_a_dummy_prefix(tokenizer, llama2_like):
+    # Llama 2's tokenizer (add_dummy_prefix) starts every text with a "▁" that is not in it: counted as a byte, it
+    # made bits per byte 3% low on 300 short documents. Validation counts a document's first token (after <s>) by
+    # first_token_bytes, without it. Ours add no prefix: both tables are the same.
+    import torch
+
+    from llmfoundry_pl.config import ModelConfig
+    from llmfoundry_pl.lit_module import LitLlama
+
     texts = ["Hello there, friend.", "  two spaces first", "\nnewline first", "🙂 emoji first"]
     for text in texts:
         ids = llama2_like.encode(text)
@@ -122,3 +128,19 @@ def test_tokenizer_learns_from_lines_longer_than_sentencepiece_takes():
     tokenizer = train_tokenizer([(CHINESE + " hello world ") * 3000], vocab_size=340)
     assert len(tokenizer.encode(" hello world ")) <= 3
     assert tokenizer.decode(tokenizer.encode(CHINESE)) == CHINESE
+
+
+def test_a_continuation_keeps_the_space_a_dummy_prefix_tokenizer_drops_when_decoding_it_alone(llama2_like):
+    # Generated text is decoded apart from its prompt: with Llama 2's kind of tokenizer, "The quality of mercy"
+    # continued as "mercyis not strained" (lfpl-generate, generate_text, lfpl-serve; and a stop string " is" never
+    # matched there).
+    from llmfoundry_pl.inference.text import TextStreamer
+
+    prompt = llama2_like.encode("The quality of mercy", bos=True)
+    full = llama2_like.encode("The quality of mercy is not strained", bos=True)
+    new = full[len(prompt):]
+    assert full[: len(prompt)] == prompt and llama2_like.decode(new) == "is not strained"
+    assert llama2_like.decode_after(prompt[-1], new) == " is not strained"
+    assert llama2_like.decode_after(llama2_like.bos_id, new) == "is not strained"  # at a text's start it goes
+    streamer = TextStreamer(llama2_like, prompt[-1])
+    assert "".join([streamer.push(i) for i in new] + [streamer.flush()]) == " is not strained"

@@ -16,18 +16,19 @@ class TextStreamer:
     """Turns token ids, pushed one at a time, into text deltas that join up to exactly the decoded text.
 
     A character outside the vocabulary arrives as several byte tokens; until its last byte is in, decoding shows
-    U+FFFD, so the streamer holds back a trailing U+FFFD and never emits half a character (Chinese, emoji)."""
+    U+FFFD, so the streamer holds back a trailing U+FFFD and never emits half a character (Chinese, emoji). The
+    ids continue a prompt whose last token is ``previous`` (see :meth:`Tokenizer.decode_after`)."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+    def __init__(self, tokenizer: Tokenizer, previous: int) -> None:
+        self.tokenizer, self.previous, self.ids, self.emitted = tokenizer, previous, [], ""
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        return self._delta(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+        return self._delta(self.tokenizer.decode_after(self.previous, self.ids).rstrip("\ufffd"))
 
     def flush(self) -> str:
         """What is left at the end (a genuinely unfinished byte sequence comes out as U+FFFD)."""
-        return self._delta(self.tokenizer.decode(self.ids))
+        return self._delta(self.tokenizer.decode_after(self.previous, self.ids))
 
     def _delta(self, text: str) -> str:
         if not text.startswith(self.emitted):  # decoding is prefix-stable with this tokenizer; guard anyway
@@ -65,7 +66,7 @@ def stream_text(
         ids = generate_stream(model, prompt_ids, max_new_tokens, eos_id=end_id, **kwargs)
     else:
         ids = speculative_stream(model, draft_model, prompt_ids, max_new_tokens, eos_id=end_id, **kwargs)
-    text = StopStringStreamer(tokenizer, stop)
+    text = StopStringStreamer(tokenizer, prompt_ids[-1], stop)
     for token_id in ids:
         if delta := text.push(token_id):
             yield delta
@@ -81,9 +82,9 @@ class StopStringStreamer:
     of text that may be the start of a stop string until the next tokens tell. ``push`` returns the next delta
     (possibly empty) and sets ``stopped`` once a stop string is complete; ``finish`` returns what is left."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, previous: int, stop: Sequence[str] = ()) -> None:
         check_stop_strings(stop)
-        self.streamer, self.stop = TextStreamer(tokenizer), list(stop)
+        self.streamer, self.stop = TextStreamer(tokenizer, previous), list(stop)
         self.text, self.emitted, self.stopped = "", 0, False  # text decoded so far; how much of it went out
 
     def push(self, token_id: int) -> str:
@@ -128,5 +129,5 @@ def generate_text_batch(
     encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
     ids = generate_batch(model, [prompt_ids for prompt_ids, _ in encoded], max_new_tokens, eos_id=encoded[0][1],
                          **kwargs)
-    texts = [tokenizer.decode(row) for row in ids]
+    texts = [tokenizer.decode_after(prompt_ids[-1], row) for (prompt_ids, _), row in zip(encoded, ids, strict=True)]
     return [text[: _first_stop(text, stop)] for text in texts]

@@ -64,7 +64,7 @@ class Request:
                  on_event: Callable[[str, str | None], None]) -> None:
         self.prompt_ids, self.params, self.end_id, self.on_event = prompt_ids, params, end_id, on_event
         self.output_ids: list[int] = []
-        self.text = StopStringStreamer(tokenizer, params.stop)
+        self.text = StopStringStreamer(tokenizer, prompt_ids[-1], params.stop)
         self.generator: torch.Generator | None = None  # made on the engine's device by Engine.submit
         self.cancelled = False
         self.finish_reason: str | None = None
