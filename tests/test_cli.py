@@ -339,10 +339,12 @@ def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides
          "error: stream=true prints one prompt's text as it comes"),
         ("generate", ["ckpt_path=not_a.ckpt", "prompt=x", "system='Be brief.'"],
          "error: system= opens a chat; without chat=true it was ignored"),
+        ("generate", ["ckpt_path=not_a.ckpt", "prompt=x", "draft_ckpt_path=not_a.ckpt", "quantize=int8"],
+         "error: quantize=int8 scales each call's activations as a whole"),
     ],
     ids=["eval-no-ckpt", "generate-bad-ckpt", "generate-no-prompt-file", "generate-bad-device",
          "generate-empty-prompt-file", "generate-empty-stop-string", "generate-two-prompt-sources",
-         "generate-stream-a-batch", "generate-system-without-chat"],
+         "generate-stream-a-batch", "generate-system-without-chat", "generate-int8-with-a-draft"],
 )
 def test_eval_and_generate_mistakes_fail_with_one_line(tmp_path, command, args, message):
     (tmp_path / "not_a.ckpt").write_text("not a checkpoint")

@@ -297,6 +297,22 @@ def test_compiled_model_generates_what_the_eager_one_does(model):
     assert generate_batch(compiled, prompts, 8, temperature=0) == generate_batch(model, prompts, 8, temperature=0)
 
 
+def test_prompts_read_from_files_and_stdin_are_the_text_typed(tmp_path, monkeypatch):
+    # A byte-order mark began the first prompt of a file saved by a Windows editor, and a Windows line end left its
+    # \r in each prompt typed: both changed what the model was asked.
+    import io
+
+    from llmfoundry_pl.cli import generate as cli
+
+    (tmp_path / "p.txt").write_bytes("\ufeffROMEO:\r\n\r\nJULIET: 你好\r\n".encode())
+    assert cli.read_prompt_file(str(tmp_path / "p.txt")) == ["ROMEO:", "JULIET: 你好"]
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        cli.read_prompt_file(str(tmp_path / "latin1.txt"))
+    monkeypatch.setattr(cli.sys, "stdin", io.StringIO("ROMEO:\r\nJULIET:\n"))
+    assert list(cli.read_stdin_prompts()) == ["ROMEO:", "JULIET:"]
+
+
 def test_generate_chat_keeps_the_conversation_and_the_system_message(compose_train, monkeypatch):
     # lfpl-generate chat=true: a message too long for the context alone used to clear the whole conversation
     # before it, and prompt_file left the system message out of every prompt. The spies record what is asked.

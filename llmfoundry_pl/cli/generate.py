@@ -61,7 +61,11 @@ def read_prompt_file(path: str) -> list[str]:
     """The non-empty lines of a prompt file."""
     if not Path(path).is_file():
         raise ConfigError(f"prompt_file={path} does not exist; give a text file, one prompt per line")
-    prompts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:  # utf-8-sig: a file saved with a byte-order mark (Windows editors) does not start its first prompt with it
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"prompt_file={path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    prompts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
     if not prompts:  # else the run would load the model and print nothing
         raise ConfigError(f"prompt_file={path} holds no prompt (only empty lines); write one prompt per line")
     return prompts
@@ -75,7 +79,7 @@ def read_stdin_prompts() -> Iterator[str]:
         line = sys.stdin.readline()
         if not line:
             return
-        yield line.rstrip("\n")
+        yield line.rstrip("\r\n")  # a Windows line end too: its \r was part of the prompt
 
 
 def fit_context(chat: ChatFormat, messages: list[Message], max_seq_len: int) -> list[Message]:
@@ -102,6 +106,9 @@ def generate(node: DictConfig) -> list[str]:
                                         ("interactive=true", cfg.interactive)) if given]
     if len(sources) > 1:
         raise ConfigError(f"{' and '.join(sources)} both give the prompts; keep one")
+    if cfg.draft_ckpt_path is not None and cfg.quantize == "int8":
+        raise ConfigError("quantize=int8 scales each call's activations as a whole, so the model checking the draft's "
+                          "guesses in one pass answers otherwise than alone; use int8_weight with draft_ckpt_path")
     if cfg.system and not cfg.chat:
         raise ConfigError("system= opens a chat; without chat=true it was ignored: add chat=true, or put the text "
                           "in prompt=")
