@@ -35,8 +35,10 @@ class LanguageModelMetrics(Metric):
     def update(self, nats: torch.Tensor, tokens: torch.Tensor, n_bytes: torch.Tensor) -> None:
         """``nats``: summed cross-entropy of ``tokens`` predictions covering ``n_bytes`` bytes of text."""
         self.nats = _add(self.nats, nats)
-        self.tokens += tokens
-        self.bytes += n_bytes
+        # Not +=: under trainer.strategy=ddp_spawn the states sit in memory the processes share, and in-place sums
+        # of both ranks landed in one tensor (val/loss read half). Refused now (cli/ddp.py), still the safe form.
+        self.tokens = self.tokens + tokens
+        self.bytes = self.bytes + n_bytes
 
     def compute(self) -> dict[str, torch.Tensor]:
         loss = self.nats / self.tokens.clamp(min=1)
@@ -66,7 +68,7 @@ class PreferenceMetrics(Metric):
         self.loss = _add(self.loss, losses.sum())
         self.margin = _add(self.margin, margins.sum())
         self.preferred = _add(self.preferred, (margins > 0).sum() + 0.5 * (margins == 0).sum())
-        self.pairs += margins.numel()
+        self.pairs = self.pairs + margins.numel()  # not +=: see LanguageModelMetrics.update
 
     def compute(self) -> dict[str, torch.Tensor]:
         pairs = self.pairs.clamp(min=1)

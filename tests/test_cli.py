@@ -310,11 +310,15 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         (["trainer.accumulate_grad_batches=2", "trainer.val_check_interval=3"],
          "error: trainer.val_check_interval=3 (micro-batches) is not a multiple of trainer.accumulate_grad_batches=2"),
         (["trainer.limit_train_batches=4"], "error: trainer.limit_train_batches=4 would replay the same windows"),
+        (["trainer.accumulate_grad_batches=0"], "error: trainer.accumulate_grad_batches=0 must be 1 or more"),
+        (["trainer.strategy=ddp_spawn", "trainer.devices=2"],
+         "error: trainer.strategy=ddp_spawn runs training in child processes lfpl-train cannot report from"),
         pytest.param(["trainer.precision=16-true"], "error: trainer.precision=16-true needs fp16 matmuls",
                      marks=pytest.mark.skipif(cpu_has_native_fp16(), reason="this CPU multiplies fp16 natively")),
     ],
     ids=["clashing-heads", "missing-data", "missing-ckpt", "broken-ckpt", "typo", "wrong-type", "no-mps",
-         "bad-precision", "fsdp-on-cpu", "checkpoints-inside-a-step", "limit-train-batches", "fp16-on-cpu"],
+         "bad-precision", "fsdp-on-cpu", "checkpoints-inside-a-step", "limit-train-batches", "no-accumulation",
+         "ddp-spawn", "fp16-on-cpu"],
 )
 def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides, message):
     (tmp_path / "broken.ckpt").write_bytes(b"PK\x03\x04 cut short while copying")

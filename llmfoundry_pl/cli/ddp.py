@@ -25,6 +25,8 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
+from llmfoundry_pl.config import ConfigError
+
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 _CONFIG_FLAGS = ("--config-path", "--config-name", "--config-dir", "-cp", "-cn", "-cd")
 # Hydra overrides of the parent that a rank must not inherit: the child's run settings are set explicitly.
@@ -116,6 +118,11 @@ def build_strategy(strategy: Any, devices: Any, block_class: type) -> Any:
 
     if not isinstance(strategy, str):
         return strategy
+    if strategy.endswith("_spawn") or strategy.endswith("_fork") or strategy.endswith("_notebook"):
+        # The ranks run fit in child processes: this process never trains, so lfpl-train reported "trained 0
+        # steps", no checkpoint and, from metric states the processes shared, a val/loss of half the true one.
+        raise ConfigError(f"trainer.strategy={strategy} runs training in child processes lfpl-train cannot report "
+                          "from; use trainer=ddp (trainer.strategy=ddp), which starts one process per device")
     hydra_app = HydraConfig.initialized()
     if strategy == "fsdp":
         cls = HydraFSDPStrategy if hydra_app else FSDPStrategy

@@ -43,6 +43,7 @@ from llmfoundry_pl.cli.ddp import end_distributed_job
 from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, OptimConfig, SchedulerConfig, register_configs
 from llmfoundry_pl.data import ChatDataModule
+from llmfoundry_pl.data.datamodule import check_accumulate
 from llmfoundry_pl.inference import generate_text
 from llmfoundry_pl.lit_module import LitDPO, LitLlama, check_adamw_eps
 from llmfoundry_pl.model import Transformer
@@ -177,6 +178,7 @@ def _check_step_settings(trainer: L.Trainer) -> None:
     stream is max_steps of windows, so trainer.limit_train_batches (N micro-batches an "epoch") made every epoch
     after the first replay the same N."""
     accumulate, interval = trainer.accumulate_grad_batches, trainer.val_check_interval
+    check_accumulate(accumulate)  # before it divides: 0 was a ZeroDivisionError below
     if isinstance(interval, int) and interval % accumulate:
         raise ConfigError(f"trainer.val_check_interval={interval} (micro-batches) is not a multiple of "
                           f"trainer.accumulate_grad_batches={accumulate}: its checkpoints would fall inside an "
