@@ -78,6 +78,16 @@ class LastAndBestCheckpoint(ModelCheckpoint):
                 not self._should_save_on_train_epoch_end(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def save_after_validation(self, trainer: L.Trainer) -> None:
+        """What a validation during fit saves, for one run after it (``trainer.validate``: lfpl-train's final one,
+        when fit's last validation came before its last step): the best checkpoint, if the weights are, and
+        last.ckpt. Only last.ckpt was saved there, so the best of a run of 10 steps validated at 4 and 8 stayed
+        step 8's though the final validation's loss was lower."""
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        if self.save_last:
+            self._save_last_checkpoint(trainer, candidates)
+
 
 class TokenThroughputMonitor(L.Callback):
     """Training tokens/s and MFU, computed by Lightning's ``Throughput`` over about the last ``window_size``

@@ -232,6 +232,8 @@ def test_last_checkpoint_holds_the_trained_steps_and_a_run_needs_no_logger(tmp_p
                    "hydra.run.dir=run", cwd=tmp_path)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert f"checkpoint: {last}" in proc.stdout and torch.load(last, weights_only=False)["global_step"] == 10
+    # and the best is chosen with the final weights too (the loss still falls at step 10: they are)
+    assert [p.name[:10] for p in last.parent.glob("step*")] == ["step000010"]
     assert "warning: scheduler.warmup_steps=10 is not below trainer.max_steps=10" in proc.stderr
     assert not list((tmp_path / "run").glob("**/metrics.csv"))
     # A run into the same folder (as the recipes' fixed hydra.run.dir) replaces last.ckpt: Lightning wrote

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llmfoundry_pl.allocator import keep_freed_memory
+from llmfoundry_pl.callbacks import LastAndBestCheckpoint
 from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     absolute_model_path,
@@ -148,15 +149,18 @@ def _final_metrics(trainer: L.Trainer, lit: LitLlama, datamodule: L.LightningDat
     validation now. A second pass over the held-out split would measure the same weights again and log the same
     figures twice (the default run cut to 120 steps, 2-core CPU: 44.8 s → 42.7 s wall without it).
 
-    In the second case last.ckpt is saved again too: ModelCheckpoint saves at validations, so it held the weights of
-    the last one (max_steps=10, validations at 4 and 8: step 8, and resuming from it trained steps 9-10 again)."""
+    In the second case the checkpoints are saved again too: ModelCheckpoint saves at validations, so last.ckpt held
+    the weights of the last one (max_steps=10, validations at 4 and 8: step 8, and resuming from it trained steps
+    9-10 again), and the best one was chosen without the final weights."""
     step, metrics = lit.last_fit_validation or (None, {})
     if step == trainer.global_step:
         return metrics
     metrics = _validate(trainer, lit, datamodule)
     checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and checkpoint.last_model_path:
-        trainer.save_checkpoint(checkpoint.last_model_path)  # on every rank: under FSDP a collective
+    if isinstance(checkpoint, LastAndBestCheckpoint):
+        checkpoint.save_after_validation(trainer)  # on every rank: under FSDP a collective
+    elif checkpoint is not None and checkpoint.last_model_path:  # another ModelCheckpoint, named in the config
+        trainer.save_checkpoint(checkpoint.last_model_path)
     return metrics
 
 
