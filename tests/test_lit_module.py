@@ -1,4 +1,7 @@
+import csv
+import dataclasses
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -191,6 +194,26 @@ def test_training_reads_numbers_back_only_when_it_logs_or_refreshes_the_bar(data
     during_training = {i for i in reads if i is not None}
     assert during_training and during_training <= {3, 7, 11}, sorted(during_training)
     assert "train/loss" in bar.train_progress_bar.postfix  # the bar still shows the loss
+
+
+def test_the_logged_training_loss_is_the_whole_steps_under_accumulation(datamodule, tmp_path):
+    # One step of 8 windows, whole or in 2 micro-batches of 4: Lightning kept the last micro-batch's loss.
+    def logged_losses(batch_size: int, accumulate: int) -> list[float]:
+        data = TextDataModule(dataclasses.replace(datamodule.cfg, batch_size=batch_size))
+        torch.manual_seed(0)
+        lit = LitLlama(tiny_model())
+        lit.set_tokenizer(datamodule.tokenizer)
+        logger = L.pytorch.loggers.CSVLogger(tmp_path, name=f"b{batch_size}")
+        trainer = L.Trainer(max_steps=3, accumulate_grad_batches=accumulate, log_every_n_steps=1, logger=logger,
+                            limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                            use_distributed_sampler=False, enable_model_summary=False)
+        trainer.fit(lit, datamodule=data)
+        rows = csv.DictReader(open(Path(logger.log_dir) / "metrics.csv"))
+        return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+    whole, accumulated = logged_losses(8, 1), logged_losses(4, 2)
+    assert len(whole) == len(accumulated) == 3
+    assert accumulated == pytest.approx(whole, rel=1e-5)
 
 
 def test_a_diverged_run_stops_at_its_next_validation_and_validate_alone_reports_nan(datamodule):
