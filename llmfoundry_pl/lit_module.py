@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
@@ -259,6 +260,18 @@ class LitLlama(L.LightningModule):
         batches. Parameter names, and so checkpoints, stay those of the plain model."""
         self.train_forward = torch.compile(self.train_forward)
         self.compiled = True
+
+    def on_fit_start(self) -> None:
+        self._dropout_seed = torch.initial_seed()  # the run's seed (lfpl-train seeds before building anything)
+
+    def on_train_batch_start(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        """With dropout (model.dropout, lora.dropout), seed torch's RNG from (seed, step, micro-batch, rank), as the
+        data windows are: the masks were drawn from the RNG's running state, which a resumed run restarts from the
+        seed, so resuming at step 4 changed the losses from there (6.18263 → 6.18328). Now each micro-batch's masks
+        are the same in a resumed run as in the uninterrupted one."""
+        if self.model.config.dropout or (self.lora_cfg.enabled and self.lora_cfg.dropout):
+            key = [self._dropout_seed, self.global_step, batch_idx, self.global_rank]
+            torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         outputs = self.train_forward(batch)

@@ -130,8 +130,10 @@ def test_generate_refuses_a_draft_with_another_tokenizer(trained_run, tmp_path):
 def test_resume_continues_exactly(tmp_path, cache_dir, placement, tolerance):
     """Resuming at step 4 gives, step for step, the losses of the uninterrupted run (same data order, same LR), to
     its end three validations later. (Two intervals after the resume point, Lightning's epoch used to end and
-    replay the loader: 16 steps are needed to see that.)"""
-    run = [o for o in TINY if not (placement and o.startswith("hardware="))] + placement + ["trainer.max_steps=16"]
+    replay the loader: 16 steps are needed to see that.) With dropout, whose masks a resumed run drew from another
+    state of the RNG."""
+    run = [o for o in TINY if not (placement and o.startswith("hardware="))] + placement + ["trainer.max_steps=16",
+                                                                                             "model.dropout=0.1"]
     every_val = ["callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.filename='step{step}'"]
     run_cli("train", *run, *every_val, "hydra.run.dir=full", cwd=tmp_path)
     full = read_train_losses(tmp_path / "full")
