@@ -30,7 +30,8 @@ def corpus(tmp_path_factory):
 
 
 def data_cfg(corpus, cache, **kw) -> StreamingDataConfig:
-    return StreamingDataConfig(**{**dict(path=str(corpus), cache_dir=str(cache), vocab_size=512, seq_len=SEQ_LEN,
+    path = None if corpus is None else str(corpus)  # None: the chunks' own text (a URI's, say)
+    return StreamingDataConfig(**{**dict(path=path, cache_dir=str(cache), vocab_size=512, seq_len=SEQ_LEN,
                                          batch_size=8, chunk_bytes="4KB"), **kw})
 
 
@@ -150,7 +151,11 @@ def test_streaming_mistakes_fail_with_one_line(datamodule, corpus, tmp_path, mon
         (data_cfg(corpus, tmp_path, chunks_dir=str(folder), vocab_size=600), "set data.vocab_size=512"),
         (data_cfg(corpus, tmp_path, chunks_dir=f"local:{tmp_path}/nothing"), "cannot read local:.*/chunks.json"),
         (data_cfg(corpus, tmp_path, chunks_dir=str(folder.parent)), "a folder without chunks written by"),
+        # the chunks' own text and split: other ones were ignored, while the run's config recorded them
+        (data_cfg(tmp_path / "other.txt", tmp_path, chunks_dir=str(folder)), "were made from other text than data"),
+        (data_cfg(corpus, tmp_path, chunks_dir=str(folder), val_fraction=0.2), "set data.val_fraction=0.05"),
     ]
+    (tmp_path / "other.txt").write_text("Other text.\n")
     for cfg, message in cases:
         with pytest.raises(ConfigError, match=message) as err:
             prepare_chunks(cfg)

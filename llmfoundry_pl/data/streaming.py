@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmfoundry_pl.config import CHUNK_URI_PREFIXES, ConfigError, StreamingDataConfig
-from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus, publish_folder
+from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus, publish_folder, resolve_sources
 from llmfoundry_pl.data.datamodule import TextDataModule
 from llmfoundry_pl.tokenizer import Tokenizer, atomic_write_bytes
 
@@ -89,6 +89,18 @@ def _check_chunks(cfg: StreamingDataConfig, meta: dict, chunks_tokenizer: Tokeni
     """The chunks must hold windows of data.seq_len tokens made by the tokenizer this run uses (checks that only a
     given data.chunks_dir can fail: the folder built in the cache is named after both)."""
     where = cfg.chunks_dir
+    # The chunks hold their text and split: a data.path or data.val_fraction of other ones was ignored, while the
+    # run's config recorded them. (data.path=null, the default, takes the chunks as they are: built elsewhere.)
+    if cfg.path is not None and "sources" in meta:
+        built = [Path(s).resolve() for s in meta["sources"] if not s.startswith("... ")]
+        if [f.resolve() for f in resolve_sources(cfg.path)][: len(built)] != built:
+            raise ConfigError(f"the chunks at data.chunks_dir={where} were made from other text than data.path="
+                              f"{cfg.path} ({built[0]}{' ...' if len(built) > 1 else ''}); drop data.path (the chunks "
+                              "hold their text), or give a new data.chunks_dir folder to build chunks of this text")
+    if meta.get("val_fraction", cfg.val_fraction) != cfg.val_fraction:
+        raise ConfigError(f"the chunks at data.chunks_dir={where} hold out val_fraction={meta['val_fraction']}, not "
+                          f"data.val_fraction={cfg.val_fraction}; set data.val_fraction={meta['val_fraction']}, or "
+                          "give a new data.chunks_dir folder")
     if meta["seq_len"] != cfg.seq_len:
         raise ConfigError(f"the chunks at data.chunks_dir={where} hold windows for seq_len={meta['seq_len']}, not "
                           f"data.seq_len={cfg.seq_len}; set data.seq_len={meta['seq_len']}, or give a new "
