@@ -96,7 +96,8 @@ def test_training_loss_is_the_mean_over_reply_tokens(tokenizer, chat):
     scored = [(b, t) for b in range(2) for t in range(x.shape[1]) if y[b, t] != IGNORE_INDEX]
     by_hand = torch.stack([F.cross_entropy(logits[b, t], y[b, t]) for b, t in scored]).mean()
     lit.log = lambda *a, **k: None  # no Trainer attached: skip logging
-    lit._trainer = type("T", (), {"log_every_n_steps": 10**9, "global_step": 0, "datamodule": None})()
+    lit._trainer = type("T", (), {"log_every_n_steps": 10**9, "global_step": 0, "datamodule": None,
+                                  "accumulate_grad_batches": 1, "world_size": 1})()
     torch.testing.assert_close(lit.training_step((x, y), 0), by_hand)
     # 2 replies in the first conversation, 1 in the second, each its tokens + <|end|>
     assert len(scored) == sum(len(tokenizer.encode(r)) + 1 for r in ("The Tempest", "Twelfth Night", "The Tempest"))
