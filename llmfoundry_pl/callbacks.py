@@ -84,7 +84,8 @@ class LastAndBestCheckpoint(ModelCheckpoint):
         last.ckpt. Only last.ckpt was saved there, so the best of a run of 10 steps validated at 4 and 8 stayed
         step 8's though the final validation's loss was lower."""
         candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
+        if self.monitor is None or self.monitor in candidates:  # a training metric (train/loss) is gone by now
+            self._save_topk_checkpoint(trainer, candidates)
         if self.save_last:
             self._save_last_checkpoint(trainer, candidates)
 

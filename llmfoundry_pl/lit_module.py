@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -205,9 +206,14 @@ class LitLlama(L.LightningModule):
                               "llmfoundry_pl.cli.common.load_checkpoint(path), as lfpl-eval and lfpl-generate do")
         recorded, given = saved.get("init_from"), self.hparams["init_from"]
         if recorded and given and Path(recorded).expanduser().resolve() != Path(given).expanduser().resolve():
-            raise ConfigError(f"the checkpoint was fine-tuned from init_from={recorded}, not {given}, and its "
-                              f"{'adapters' if lora.get('enabled') else 'reference model'} came from that model; "
-                              f"resume with init_from={recorded}")
+            what = "adapters" if lora.get("enabled") else "reference model"
+            if Path(recorded).expanduser().exists():
+                raise ConfigError(f"the checkpoint was fine-tuned from init_from={recorded}, not {given}, and its "
+                                  f"{what} came from that model; resume with init_from={recorded}")
+            # Moved (another folder, another machine): nothing to compare with, so the user's word is taken.
+            if self._trainer is None or self.trainer.is_global_zero:
+                print(f"warning: the checkpoint was fine-tuned from init_from={recorded}, which is gone; its {what} "
+                      f"are taken to come from init_from={given}", file=sys.stderr, flush=True)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the tokenizer; when resuming, first check that the checkpoint fits this run (Lightning calls
@@ -350,6 +356,7 @@ class LitLlama(L.LightningModule):
             # A metric named "step" is the step loggers write at: the optimizer steps taken, as for the validations
             # before and after fit (trainer.validate). During fit Lightning's own step lags one behind (after step
             # 4 it wrote 3): in a run of 10 validated at 4 and 8, the curve's last point sat 3 steps on, not 2.
+            # (Taken out of the callback metrics again in on_validation_end.)
             self.log("step", float(self.global_step))
         if fitting and not torch.isfinite(metrics["loss"]):
             raise TrainingDiverged(
@@ -357,6 +364,13 @@ class LitLlama(L.LightningModule):
                 f"(it is {self.optim_cfg.lr:g}) or keep gradient clipping on (trainer.gradient_clip_val=1.0). The "
                 "checkpoints saved before this step are kept"
             )
+
+    def on_validation_end(self) -> None:
+        # Left there, the "step" _log_validation logs named the checkpoints saved between validations
+        # (every_n_train_steps): ModelCheckpoint prefers it to trainer.global_step, so step 6's save overwrote step
+        # 4's file, under its name. Lightning calls this after the callbacks' on_validation_end, which name theirs
+        # rightly.
+        self.trainer.callback_metrics.pop("step", None)
 
     def sampling_model(self) -> Transformer | None:
         """The transformer to generate text with between training steps, on global rank 0; None on other ranks.

@@ -244,6 +244,20 @@ def test_last_checkpoint_holds_the_trained_steps_and_a_run_needs_no_logger(tmp_p
     assert torch.load(last, weights_only=False)["global_step"] == 4 and not list(last.parent.glob("last-v*"))
 
 
+def test_checkpoints_between_validations_are_named_by_their_own_step(tmp_path, cache_dir):
+    # The "step" a validation logs (its point in the CSV) stayed in the callback metrics and named the saves after
+    # it: step 6's file was called step 4's and replaced it. And with a monitor that is no validation metric, the
+    # save after fit's final validation (10 is no multiple of 4) ended the run in a traceback.
+    every_2 = ["callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.save_top_k=-1"]
+    run_cli("train", *TINY, "trainer.max_steps=12", *every_2, "hydra.run.dir=a", cwd=tmp_path)
+    saved = {p.name[:10]: torch.load(p, weights_only=False)["global_step"]
+             for p in (tmp_path / "a" / "checkpoints").glob("step*")}
+    assert saved == {f"step{step:06d}": step for step in (4, 6, 8, 10, 12)}  # step 2's waits for a val/loss
+    run_cli("train", *TINY, "trainer.max_steps=10", *every_2, "callbacks.model_checkpoint.monitor=train/loss",
+            "hydra.run.dir=b", cwd=tmp_path)
+    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
+
+
 def test_ddp_single_run_two_processes(tmp_path, cache_dir):
     proc = run_cli("train", *TINY, "trainer=ddp", "trainer.devices=2", "hydra.run.dir=ddp", cwd=tmp_path)
     assert "held-out text" in proc.stdout and "MEMBER: 2/2" in proc.stderr

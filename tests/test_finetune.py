@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -336,6 +337,21 @@ def test_lora_trains_only_adapters_and_merges_into_the_same_function(tokenizer):
     assert isinstance(merged.layers[0].attention.wq, torch.nn.Linear)
     assert set(merged.state_dict()) == set(base.state_dict())  # plain names again
     torch.testing.assert_close(merged(tokens), with_adapters, atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_resume_on_a_moved_base_is_taken_with_a_warning(tmp_path, capsys):
+    # The base was refused by path: a project folder moved (or copied to another machine) could not resume.
+    base = tmp_path / "base.ckpt"
+    base.write_bytes(b"weights")
+    network = tiny_model(300)
+    lit = LitLlama(network.config, network=network, lora=LoraConfig(enabled=True, r=4),
+                   init_from=str(tmp_path / "moved.ckpt"))
+    saved = {"model": dataclasses.asdict(network.config), "lora": dict(lit.hparams["lora"]), "init_from": str(base)}
+    with pytest.raises(ConfigError, match=f"fine-tuned from init_from={base}, not .*moved.ckpt"):
+        lit._check_starting_model(saved)  # both there: another model
+    base.unlink()
+    lit._check_starting_model(saved)  # gone: nothing to compare with, the user's word is taken
+    assert f"init_from={base}, which is gone" in capsys.readouterr().err
 
 
 def test_lora_checkpoints_hold_only_the_adapters(tokenizer):

@@ -166,6 +166,8 @@ def test_streaming_mistakes_fail_with_one_line(datamodule, corpus, tmp_path, mon
         with pytest.raises(ConfigError, match=f"data.chunk_bytes={size} is not a size: .* e.g. 64MB"):
             data_cfg(corpus, tmp_path, chunk_bytes=size)
     assert data_cfg(corpus, tmp_path, chunk_bytes="1.5 kb").chunk_bytes == "1.5 kb"
+    monkeypatch.chdir(corpus.parent)  # the same text, given relative to another folder, is the chunks' own
+    prepare_chunks(data_cfg(corpus.name, tmp_path, chunks_dir=str(folder)))
     monkeypatch.setitem(sys.modules, "litdata", None)  # as if it were not installed
     with pytest.raises(ConfigError, match=r"data=streaming needs litdata: pip install 'llmfoundry-pl\[streaming\]'"):
         prepare_chunks(data_cfg(corpus, tmp_path))

@@ -253,7 +253,9 @@ def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer,
         "tokenizer_sha256": tokenizer.sha256,
         "vocab_size": tokenizer.vocab_size,
         "val_fraction": cfg.val_fraction,
-        "sources": [str(f) for f in files[:100]] + ([f"... {len(files) - 100} more"] if len(files) > 100 else []),
+        # absolute: data=streaming compares them with data.path from any folder
+        "sources": [str(f.resolve()) for f in files[:100]] + ([f"... {len(files) - 100} more"] if len(files) > 100
+                                                              else []),
         **counts,
     }
     atomic_write_bytes(tmp_dir / "meta.json", json.dumps(meta, indent=2).encode())

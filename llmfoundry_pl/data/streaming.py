@@ -89,11 +89,17 @@ def _check_chunks(cfg: StreamingDataConfig, meta: dict, chunks_tokenizer: Tokeni
     """The chunks must hold windows of data.seq_len tokens made by the tokenizer this run uses (checks that only a
     given data.chunks_dir can fail: the folder built in the cache is named after both)."""
     where = cfg.chunks_dir
-    # The chunks hold their text and split: a data.path or data.val_fraction of other ones was ignored, while the
-    # run's config recorded them. (data.path=null, the default, takes the chunks as they are: built elsewhere.)
-    if cfg.path is not None and "sources" in meta:
-        built = [Path(s).resolve() for s in meta["sources"] if not s.startswith("... ")]
-        if [f.resolve() for f in resolve_sources(cfg.path)][: len(built)] != built:
+    # Given chunks hold their text and split: a data.path or data.val_fraction of other ones was ignored, while the
+    # run's config recorded them. (data.path=null, the default, takes the chunks as they are: built elsewhere. The
+    # chunks built in the cache are named after the text already.) Sources recorded before they were absolute
+    # paths cannot be compared from another folder: those chunks are taken as they are.
+    built = [Path(s) for s in meta.get("sources", []) if not s.startswith("... ")]
+    if cfg.chunks_dir is not None and cfg.path is not None and built and all(p.is_absolute() for p in built):
+        try:
+            same = [f.resolve() for f in resolve_sources(cfg.path)][: len(built)] == built
+        except ConfigError:  # data.path is not on this machine
+            same = False
+        if not same:
             raise ConfigError(f"the chunks at data.chunks_dir={where} were made from other text than data.path="
                               f"{cfg.path} ({built[0]}{' ...' if len(built) > 1 else ''}); drop data.path (the chunks "
                               "hold their text), or give a new data.chunks_dir folder to build chunks of this text")
