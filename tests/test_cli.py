@@ -256,6 +256,10 @@ def test_checkpoints_between_validations_are_named_by_their_own_step(tmp_path, c
     run_cli("train", *TINY, "trainer.max_steps=10", *every_2, "callbacks.model_checkpoint.monitor=train/loss",
             "hydra.run.dir=b", cwd=tmp_path)
     assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
+    # without last.ckpt, the run's checkpoint is the best one (it said "none saved: no validation ran")
+    proc = run_cli("train", *TINY, "trainer.max_steps=4", "callbacks.model_checkpoint.save_last=false",
+                   "hydra.run.dir=c", cwd=tmp_path)
+    assert f"checkpoint: {tmp_path / 'c' / 'checkpoints' / 'step000004-val_loss'}" in proc.stdout
 
 
 def test_ddp_single_run_two_processes(tmp_path, cache_dir):

@@ -230,7 +230,8 @@ def _report(
     if trainer.checkpoint_callback is None:
         ckpt, no_ckpt = "", "(none: callbacks.model_checkpoint is disabled)"
     else:
-        ckpt, no_ckpt = trainer.checkpoint_callback.last_model_path, "(none saved: no validation ran)"
+        saved = trainer.checkpoint_callback  # with save_last=false, the best one is the run's checkpoint
+        ckpt, no_ckpt = saved.last_model_path or saved.best_model_path, "(none saved: no validation ran)"
     speed = f"{metrics[f'train_{unit}_per_s']:,.{0 if unit == 'tokens' else 1}f} {unit}/s"
     lines = [f"\nheld-out {'text' if unit == 'tokens' else 'examples'}: {_held_out(metrics)}",
              f"trained {steps} steps in {metrics['train_seconds']:.1f} s ({speed})"]
