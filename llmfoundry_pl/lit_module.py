@@ -269,6 +269,7 @@ class LitLlama(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._dropout_seed = torch.initial_seed()  # the run's seed (lfpl-train seeds before building anything)
+        self._step_sums = {}  # a fit stopped inside a step (Ctrl-C in a notebook) left its micro-batches' sums
 
     def on_train_batch_start(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         """With dropout (model.dropout, lora.dropout), seed torch's RNG from (seed, step, micro-batch, rank), as the
