@@ -22,6 +22,8 @@ from llmfoundry_pl.tokenizer import atomic_write_bytes
 
 RESULTS = "final_metrics.json"
 UNFINISHED = "(failed or unfinished)"
+# A job's status by the key its results carry when it ended on the user's side (cli.common.fail_sweep_job_alone)
+FAILED = {"diverged": "(diverged)", "error": "(failed)"}
 # Touched when a sweep starts. A sweep into a folder an earlier one used (a fixed hydra.sweep.dir, as the recipes
 # have) finds that sweep's jobs there too: only files newer than this are this sweep's.
 STARTED = ".sweep_started"
@@ -50,8 +52,7 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     for job_dir in sorted(job_dirs, key=lambda d: (len(d.name), d.name)):
         if fresh(job_dir / RESULTS):
             record = json.loads((job_dir / RESULTS).read_text())
-            status = {"diverged": "(diverged)", "error": "(failed)"}  # see cli.common.fail_sweep_job_alone
-            failed = [text for key, text in status.items() if key in record]
+            failed = [text for key, text in FAILED.items() if key in record]
             rows.append({"job": job_dir.name, "overrides": " ".join(record["overrides"]), **record["metrics"],
                          **({"status": failed[0]} if failed else {})})
         else:
