@@ -5,7 +5,8 @@
     python recipes/benchmark_serve.py --soak 60 --clients 64     # load test: 5xx, hung requests, memory
 
 Starts the server on loopback (a real ``lfpl-serve`` process), runs ``--clients`` concurrent streaming clients
-(the official ``openai`` client, one thread each) until ``--requests`` requests are done, and prints time to first
+(the official ``openai`` client, one thread each) until ``--requests`` requests of ``--max-tokens`` new tokens
+(fewer where prompt and reply would pass the model's context) are done, and prints time to first
 token (p50, p95), inter-token latency (p50), aggregate generated tokens/s and failed requests. Then the same load
 against a server that decodes one request at a time (``max_batch=1``: requests wait in its queue), and the ratio of
 the two aggregate rates. The last line is one JSON object with the figures.
@@ -27,6 +28,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+PROMPTS = ["ROMEO:", "To be, or not to be", "Full fathom five thy father lies", "If music be the food of love"]
 
 
 def tiny_model_folder(out: Path) -> Path:
@@ -71,12 +74,28 @@ def start_server(model: str, max_batch: int, queue_limit: int) -> tuple[subproce
     raise SystemExit("lfpl-serve did not answer within 2 minutes")
 
 
+def tokens_that_fit(base: str, name: str, max_tokens: int) -> int:
+    """``max_tokens``, or fewer where the longest prompt and its reply would pass the model's context: the server
+    refuses such a request (400), so a short-context model measured nothing but refusals (a 32-token model under
+    --soak: half the requests). The server tells its context (``/health``) and each prompt's length (``usage``)."""
+    context = json.loads(urllib.request.urlopen(f"{base}/health", timeout=10).read())["context"]
+    longest = 0
+    for prompt in PROMPTS:
+        body = json.dumps({"model": name, "prompt": prompt, "max_tokens": 1}).encode()
+        request = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
+        usage = json.loads(urllib.request.urlopen(request, timeout=60).read())["usage"]
+        longest = max(longest, usage["prompt_tokens"])
+    if context - longest < 1:
+        raise SystemExit(f"error: the model's context of {context} tokens leaves no room after a {longest}-token "
+                         "prompt")
+    return min(max_tokens, context - longest)
+
+
 def run_load(base: str, name: str, clients: int, requests: int, max_tokens: int) -> dict:
     """``clients`` threads stream requests until ``requests`` are done; per-request timings and totals."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
-    prompts = ["ROMEO:", "To be, or not to be", "Full fathom five thy father lies", "If music be the food of love"]
     lock, counter = threading.Lock(), iter(range(requests))
     ttft, gaps, tokens, failed = [], [], [0], [0]
 
@@ -89,7 +108,7 @@ def run_load(base: str, name: str, clients: int, requests: int, max_tokens: int)
             try:
                 start = last = time.perf_counter()
                 first = None
-                stream = client.completions.create(model=name, prompt=prompts[i % len(prompts)], stream=True,
+                stream = client.completions.create(model=name, prompt=PROMPTS[i % len(PROMPTS)], stream=True,
                                                    max_tokens=max_tokens, temperature=0)
                 for chunk in stream:
                     now = time.perf_counter()
@@ -122,10 +141,10 @@ def run_load(base: str, name: str, clients: int, requests: int, max_tokens: int)
             "tokens_per_s": tokens[0] / seconds, "tokens": tokens[0], "seconds": seconds, "failed": failed[0]}
 
 
-def soak(base: str, name: str, clients: int, seconds: float, pid: int) -> dict:
-    """``clients`` threads send requests for ``seconds`` — streaming or not, and one in four hangs up after its
-    first chunk — counting server errors (5xx), other failures and hung requests (no answer within 60 s); the
-    server's resident memory before, right after and 5 s after the load."""
+def soak(base: str, name: str, clients: int, seconds: float, pid: int, longest: int) -> dict:
+    """``clients`` threads send requests of up to ``longest`` new tokens for ``seconds`` — streaming or not, and one
+    in four hangs up after its first chunk — counting server errors (5xx), other failures and hung requests (no
+    answer within 60 s); the server's resident memory before, right after and 5 s after the load."""
     import random
 
     from openai import APIStatusError, APITimeoutError, OpenAI
@@ -139,7 +158,7 @@ def soak(base: str, name: str, clients: int, seconds: float, pid: int) -> dict:
         while time.monotonic() < deadline:
             outcome = "requests"
             try:
-                kwargs = dict(model=name, prompt="ROMEO:", max_tokens=rng.randint(1, 48), temperature=0.8)
+                kwargs = dict(model=name, prompt="ROMEO:", max_tokens=rng.randint(1, longest), temperature=0.8)
                 if rng.random() < 0.5:
                     client.completions.create(**kwargs)
                 else:
@@ -178,11 +197,13 @@ def _rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def measure(model: str, max_batch: int, args: argparse.Namespace) -> dict:
+def measure(model: str, max_batch: int, args: argparse.Namespace) -> tuple[int, dict]:
+    """The load against a server with ``max_batch`` slots: the new tokens per request used, and the figures."""
     proc, base, name = start_server(model, max_batch, queue_limit=max(64, args.clients))
     try:
+        max_tokens = tokens_that_fit(base, name, args.max_tokens)
         run_load(base, name, args.clients, args.clients, 4)  # warm-up: first calls allocate and fill caches
-        return run_load(base, name, args.clients, args.requests, args.max_tokens)
+        return max_tokens, run_load(base, name, args.clients, args.requests, max_tokens)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -202,21 +223,21 @@ def main() -> None:
         if args.soak:
             proc, base, name = start_server(model, max_batch=16, queue_limit=max(64, args.clients))
             try:
-                result = soak(base, name, args.clients, args.soak, proc.pid)
+                result = soak(base, name, args.clients, args.soak, proc.pid, tokens_that_fit(base, name, 48))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
             print(json.dumps({"clients": args.clients, "seconds": args.soak, **result}))
             return
-        batched = measure(model, max_batch=args.clients, args=args)
-        one_at_a_time = measure(model, max_batch=1, args=args)
+        max_tokens, batched = measure(model, max_batch=args.clients, args=args)
+        _, one_at_a_time = measure(model, max_batch=1, args=args)
     for label, r in (("continuous batching", batched), ("one at a time", one_at_a_time)):
         print(f"{label:>20}: {r['tokens_per_s']:8.1f} tokens/s | TTFT p50 {r['ttft_p50_ms']:7.1f} ms, "
               f"p95 {r['ttft_p95_ms']:7.1f} ms | inter-token p50 {r['itl_p50_ms']:6.1f} ms | "
               f"{r['tokens']} tokens in {r['seconds']:.1f} s | failed {r['failed']}")
     ratio = batched["tokens_per_s"] / one_at_a_time["tokens_per_s"]
     print(f"continuous batching / one at a time: {ratio:.2f}x ({args.clients} concurrent streams)")
-    print(json.dumps({"clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
+    print(json.dumps({"clients": args.clients, "requests": args.requests, "max_tokens": max_tokens,
                       **{f"batched_{k}": round(v, 2) for k, v in batched.items()},
                       **{f"single_{k}": round(v, 2) for k, v in one_at_a_time.items()}, "ratio": round(ratio, 2)}))
 
