@@ -262,6 +262,14 @@ def test_each_hardware_profile_fits_the_model_it_is_meant_for(compose_train, har
     assert result["largest_batch"] >= compose_train([f"hardware={hardware}"], name="plan").data.batch_size
 
 
+def test_an_experiment_is_planned_and_benchmarked_as_lfpl_train_takes_it(compose_train, capsys):
+    # experiment= as lfpl-train takes it: lfpl-plan and lfpl-bench said "Could not override 'experiment'"
+    planned = compose_train(["experiment=shakespeare_small", "hardware=rtx5060"], name="plan")
+    assert planned.data.seq_len == 512 and planned.data.vocab_size == 8192
+    assert plan(planned)["fits"], capsys.readouterr().out  # "sized for an 8 GB GPU"
+    assert compose_train(["experiment=shakespeare_small"], name="bench").optim.lr == 6e-4
+
+
 def test_plan_cli_prints_memory_fit_and_time(tmp_path):
     out = run_cli("plan", "model=base", "hardware=rtx5060", "plan.tokens=1e9", cwd=tmp_path).stdout
     result = json.loads(out.strip().splitlines()[-1])
