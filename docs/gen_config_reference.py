@@ -108,13 +108,16 @@ def schema_section(schema: type, where: str, intro: str) -> list[str]:
 
 def first_comment(path: Path) -> str:
     """The first sentence of the file's opening comment (which may wrap over several lines), skipping Hydra's
-    ``# @package`` directive and stopping at an indented example command."""
+    ``# @package`` directive and stopping at an indented example command; "" when a key comes first (a comment
+    further down is about that key, not the file)."""
     words: list[str] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         stripped = line.strip()
         if stripped.startswith("# @package"):
             continue
-        if not stripped.startswith("#") or stripped.startswith("#  "):
+        if stripped and not stripped.startswith("#"):
+            break
+        if not stripped or stripped.startswith("#  "):
             if words:
                 break
             continue

@@ -6,13 +6,14 @@ A conversation is a list of messages ``{"role": "system" | "user" | "assistant",
     <|user|>Which play is this passage from? ...<|end|>
     <|assistant|>The Tempest<|end|>
 
-Each turn is ``<|role|>`` + content + ``<|end|>`` + a newline. The four control tokens are reserved in every
+Each turn is ``<|role|>`` + content + ``<|end|>`` + a newline. The four markup tokens are reserved in every
 tokenizer this project trains (``llmfoundry_pl.tokenizer.CHAT_TOKENS``), so fine-tuning needs no vocabulary surgery.
 There is no ``<s>``: the role token opens the text. (Hugging Face's exported tokenizer reads a typed "<s>" as
 characters, as SentencePiece does, so a template that wrote one would not give the id.)
 
-Why this shape: every boundary between content and template sits next to a control token, and SentencePiece never
-merges across a control token. So encoding the whole rendered text at once gives exactly the ids of encoding each
+Why this shape: every boundary between content and template sits next to a markup token, and SentencePiece never
+merges across one: they are user-defined symbols, always one piece wherever they appear in text (unlike control
+tokens such as ``<s>``, which typed text never produces). So encoding the whole rendered text at once gives exactly the ids of encoding each
 piece apart — which is what lets training mark the assistant's tokens one turn at a time, while ``lfpl-generate``,
 the exported Hugging Face tokenizer (:data:`HF_CHAT_TEMPLATE`) and the server tokenize the rendered text and get the
 same ids.

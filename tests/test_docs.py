@@ -39,6 +39,18 @@ def test_docs_config_reference_is_current() -> None:
     assert committed == gen.render(), "docs/reference/config.md is stale: run python docs/gen_config_reference.py"
 
 
+def test_docs_config_option_is_described_by_its_opening_comment_only(tmp_path: Path) -> None:
+    gen = _generator()
+    option = tmp_path / "option.yaml"
+    # A comment on a key (wrapped onto the next line) is about that key: the reference described optim=adamw as
+    # "clipping under 16-mixed", the second line of its fused key's comment
+    option.write_text("lr: 1.0  # the peak\nfused: null  # null: the fused kernel where faster, the other when\n"
+                      "             # clipping under 16-mixed\n")
+    assert gen.first_comment(option) == ""
+    option.write_text("# @package _global_\n# What this option does, over\n# two lines. More detail.\nlr: 1.0  # x\n")
+    assert gen.first_comment(option) == "What this option does, over two lines."
+
+
 def test_docs_mkdocs_build_strict(tmp_path: Path) -> None:
     if importlib.util.find_spec("mkdocs") is None:
         pytest.skip("mkdocs is not installed (pip install -e '.[dev]')")
