@@ -13,10 +13,10 @@ characters, as SentencePiece does, so a template that wrote one would not give t
 
 Why this shape: every boundary between content and template sits next to a markup token, and SentencePiece never
 merges across one: they are user-defined symbols, always one piece wherever they appear in text (unlike control
-tokens such as ``<s>``, which typed text never produces). So encoding the whole rendered text at once gives exactly the ids of encoding each
-piece apart — which is what lets training mark the assistant's tokens one turn at a time, while ``lfpl-generate``,
-the exported Hugging Face tokenizer (:data:`HF_CHAT_TEMPLATE`) and the server tokenize the rendered text and get the
-same ids.
+tokens such as ``<s>``, which typed text never produces). So encoding the whole rendered text at once gives
+exactly the ids of encoding each piece apart — which is what lets training mark the assistant's tokens one turn at
+a time, while ``lfpl-generate``, the exported Hugging Face tokenizer (:data:`HF_CHAT_TEMPLATE`) and the server
+tokenize the rendered text and get the same ids.
 
 Training computes the loss on the assistant's content and its closing ``<|end|>`` only (the model must learn to
 stop); the prompt, the role tokens and the newlines get the label IGNORE_INDEX. Generation stops at ``<|end|>``.

@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from llmfoundry_pl.checkpoint_io import AtomicCheckpointIO
 from llmfoundry_pl.cli.ddp import build_strategy
 from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, ModelConfig, StreamingDataConfig, check_fp16_on_cpu
@@ -143,6 +144,7 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list, **ove
         # inherited deterministic kernels; False is what a fresh process has.
         unset = {"deterministic": False} if trainer_cfg.get("deterministic") is None else {}
         trainer = instantiate(trainer_cfg, strategy=strategy, callbacks=callbacks, logger=loggers or False,
+                              plugins=[AtomicCheckpointIO()],
                               **{**unset, **_unless_given(trainer_cfg, callbacks), **overrides})
     except InstantiationException as e:
         raise ConfigError(
