@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +180,14 @@ def test_trainer_and_callback_settings_lightning_cannot_use_are_one_line(compose
     cfg = compose_train(["hardware=cpu", f"paths.output_dir={tmp_path}", override])
     with pytest.raises(ConfigError, match=message):
         build_trainer(cfg.trainer, instantiate_group(cfg.callbacks, "callbacks"), [])
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(compose_train):
+    # Two lfpl-train started at once (a shell loop with &) shared one folder to the second: one last.ckpt held the
+    # other's weights, and their metrics.csv rows mixed
+    first, second = (compose_train(return_hydra_config=True).hydra for _ in range(2))
+    assert first.run.dir != second.run.dir and first.sweep.dir != second.sweep.dir
+    assert Path(first.run.dir).parent == Path(second.run.dir).parent  # outputs/<date>/
 
 
 @pytest.mark.parametrize(("overrides", "checkpoints", "bar"), [
