@@ -407,6 +407,55 @@ def test_ckpt_path_last_is_the_newest_last_checkpoint_and_paths_expand_home(tmp_
     assert resolve_ckpt_path("~/runs/b/checkpoints/last.ckpt") == str(newer)
 
 
+def test_ckpt_path_last_in_a_sweep_is_the_newest_run_before_it_and_follows_linked_folders(tmp_path, compose_train):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from llmfoundry_pl.cli.common import resolve_ckpt_path
+    from llmfoundry_pl.cli.sweep_summary import STARTED
+
+    runs = tmp_path / "runs"
+    moved = tmp_path / "other_disk/run/checkpoints/last.ckpt"  # a run folder moved away and linked back
+    job0 = runs / "multirun/x/0/checkpoints/last.ckpt"  # the sweep's first job, done
+    for i, path in enumerate((moved, job0)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))
+    (runs / "2026-12-07").mkdir(parents=True)
+    (runs / "2026-12-07/run").symlink_to(moved.parents[1], target_is_directory=True)
+    (runs / "multirun/x" / STARTED).touch()
+    cfg = compose_train(return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(runs / "multirun/x/1")  # the sweep's second job (or one of its DDP ranks)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        # Each job resolved `last` to the job before it: a sweep of init_from=last chained its jobs
+        assert resolve_ckpt_path("last", runs_dir=str(runs)) == str(runs / "2026-12-07/run/checkpoints/last.ckpt")
+    finally:
+        HydraConfig.instance().cfg = None
+    assert resolve_ckpt_path("last", runs_dir=str(runs)) == str(job0)  # outside the sweep, its jobs count
+
+
+def test_a_run_records_absolute_paths_that_other_folders_can_follow(tmp_path, cache_dir):
+    # A relative data.path was recorded as typed: lfpl-eval of the run's held-out split from another folder read
+    # that folder's data/corpus.txt, without a word; a resumed run recorded "ckpt_path: last" or a relative path
+    plays = sorted(bundled_corpus_dir().glob("*.txt"))
+    for project, play in (("a", plays[0]), ("b", plays[1])):
+        (tmp_path / project / "data").mkdir(parents=True)
+        (tmp_path / project / "data/corpus.txt").write_text(play.read_text())
+    short = ["trainer.max_steps=2", "trainer.val_check_interval=2", "data.path=data/corpus.txt"]
+    run_cli("train", *TINY, *short, "hydra.run.dir=run", cwd=tmp_path / "a")
+    ckpt = f"ckpt_path={tmp_path / 'a/run/checkpoints/last.ckpt'}"
+    here, elsewhere = (json.loads(run_cli("eval", ckpt, cwd=tmp_path / p).stdout.strip().splitlines()[-1])
+                       for p in ("a", "b"))
+    assert elsewhere == here
+    run_cli("train", *TINY, *short, "trainer.max_steps=4", "ckpt_path=run/checkpoints/last.ckpt", "hydra.run.dir=run2",
+            cwd=tmp_path / "a")
+    recorded = torch.load(tmp_path / "a/run2/checkpoints/last.ckpt", weights_only=False)["hyper_parameters"]
+    assert recorded["run_config"]["ckpt_path"] == str(tmp_path / "a/run/checkpoints/last.ckpt")
+    assert recorded["run_config"]["data"]["path"] == str(tmp_path / "a/data/corpus.txt")
+
+
 def test_help_and_cfg_job(tmp_path):
     help_text = run_cli("train", "--help", cwd=tmp_path).stdout
     assert "== Configuration groups ==" in help_text and "hardware: auto, cpu, m4pro, rtx5060" in help_text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from llmfoundry_pl.checkpoint_io import AtomicCheckpointIO
 from llmfoundry_pl.cli.ddp import build_strategy
+from llmfoundry_pl.cli.sweep_summary import STARTED as SWEEP_STARTED
 from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, ModelConfig, StreamingDataConfig, check_fp16_on_cpu
 from llmfoundry_pl.data import ChatDataModule, StreamingDataModule, TextDataModule
@@ -370,6 +372,26 @@ def _adapter_base(hparams: dict, path: str, key: str) -> Transformer:
     return init_network(load_model(init_from, key="init_from")[0], ModelConfig(**hparams["model"]), init_from)
 
 
+def absolute_data_paths(data: DictConfig) -> None:
+    """Make the data config's local paths absolute (``~`` expanded), as a run's config records them. Relative, they
+    named other files from another folder: lfpl-eval of a run's held-out split read whatever data/corpus.txt the
+    current folder held, without a word, or failed naming a setting the user never typed."""
+    for key in ("path", "val_path", "tokenizer_path", "chunks_dir"):
+        value = data.get(key)
+        if isinstance(value, str) and "://" not in value:  # not an object-store URI (data.chunks_dir)
+            data[key] = os.path.abspath(os.path.expanduser(value))
+
+
+def _this_sweep() -> Path | None:
+    """The folder of the sweep the current job belongs to (the nearest above its output folder marked when the sweep
+    started), None outside one. Found from the folder so that a job's extra DDP ranks, single runs of their own,
+    agree with it."""
+    if not HydraConfig.initialized():
+        return None
+    job_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    return next((folder for folder in job_dir.parents if (folder / SWEEP_STARTED).exists()), None)
+
+
 def absolute_model_path(path: str, runs_dir: str = "outputs", key: str = "init_from") -> str:
     """``path`` (a checkpoint, or a model folder) as an absolute path, ``last`` being the newest last.ckpt under
     ``runs_dir``. As typed, ``init_from=last`` or a relative path stopped naming the same model once recorded: a
@@ -382,13 +404,22 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str = "outputs", key: str
     """``ckpt_path`` as given (``~`` expanded), or for ``last`` the newest last checkpoint under ``runs_dir``:
     ``checkpoints/last.ckpt``, or ``last-v1.ckpt`` and so on, which Lightning writes beside an older one when a run
     reuses a run folder (a fixed ``hydra.run.dir``) with ``callbacks.model_checkpoint.enable_version_counter=true``
-    (as runs before it was turned off did)."""
+    (as runs before it was turned off did).
+
+    Run folders linked from elsewhere (moved to another disk) are searched too. A job of a sweep leaves out the
+    sweep's own runs: each job resolved ``last`` as it started, to the job before it, so a sweep of
+    ``init_from=last`` fine-tuned job 2 from job 1 and job 3 from job 2 instead of all from one model."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
-        candidates = sorted(Path(runs_dir).glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        sweep = _this_sweep()
+        pattern = os.path.join(glob.escape(os.path.expanduser(runs_dir)), "**", "checkpoints", "last*.ckpt")
+        found = [Path(p) for p in glob.glob(pattern, recursive=True)]  # pathlib's ** does not follow links
+        candidates = sorted((p for p in found if sweep is None or sweep not in p.resolve().parents),
+                            key=lambda p: p.stat().st_mtime)
         if not candidates:
-            raise ConfigError(f"{key}=last found no checkpoints/last.ckpt under {runs_dir}/; give the path")
+            before = " from before this sweep" if sweep else ""
+            raise ConfigError(f"{key}=last found no checkpoints/last.ckpt{before} under {runs_dir}/; give the path")
         return str(candidates[-1])
     path = Path(ckpt_path).expanduser()
     if not path.is_file():

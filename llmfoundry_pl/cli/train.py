@@ -26,6 +26,7 @@ from llmfoundry_pl.allocator import keep_freed_memory
 from llmfoundry_pl.callbacks import LastAndBestCheckpoint
 from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
+    absolute_data_paths,
     absolute_model_path,
     build_trainer,
     check_compiled_attention,
@@ -69,9 +70,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_adamw_eps(optim.eps, str(cfg.trainer.precision))
     if lora.enabled and not cfg.init_from:
         raise ConfigError("lora.enabled=true adapts a trained model: give it with init_from=")
-    if cfg.init_from:  # recorded in the checkpoints: LoRA adapters find their base there, a resumed DPO its reference
-        with open_dict(cfg):
+    with open_dict(cfg):  # the run's config, in its checkpoints, records what this run used, found from anywhere
+        if cfg.init_from:  # LoRA adapters find their base there, a resumed DPO its reference
             cfg.init_from = absolute_model_path(cfg.init_from, cfg.paths.runs_dir)
+        cfg.ckpt_path = ckpt_path and str(Path(ckpt_path).resolve())  # where the curve before this run is
+        absolute_data_paths(cfg.data)
     datamodule, model_cfg, network = prepare_data_and_model(cfg)
 
     # Preference pairs train with DPO; text and conversations with next-token prediction.
