@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import re
 import types
 import typing
@@ -823,6 +824,8 @@ def register_configs() -> None:
 
     OmegaConf.register_new_resolver("lfpl.auto_precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("lfpl.cpu_precision", cpu_precision, replace=True)
+    # For the run folders: Hydra creates them from paths.runs_dir as written, and '~/runs' became ./~/runs.
+    OmegaConf.register_new_resolver("lfpl.expanduser", os.path.expanduser, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)

@@ -182,6 +182,13 @@ def test_trainer_and_callback_settings_lightning_cannot_use_are_one_line(compose
         build_trainer(cfg.trainer, instantiate_group(cfg.callbacks, "callbacks"), [])
 
 
+def test_runs_dir_under_home_is_the_home_folder(compose_train, tmp_path, monkeypatch):
+    # Hydra made the run folder from paths.runs_dir as written: '~/runs' became a folder named ~ in the current one
+    monkeypatch.setenv("HOME", str(tmp_path))
+    hydra = compose_train(["paths.runs_dir='~/runs'"], return_hydra_config=True).hydra
+    assert Path(hydra.run.dir).parents[1] == Path(hydra.sweep.dir).parents[2] == tmp_path / "runs"
+
+
 def test_runs_started_in_the_same_second_get_their_own_folders(compose_train):
     # Two lfpl-train started at once (a shell loop with &) shared one folder to the second: one last.ckpt held the
     # other's weights, and their metrics.csv rows mixed
