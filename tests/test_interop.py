@@ -293,6 +293,20 @@ def test_write_folder_refuses_a_non_empty_folder_and_never_leaves_half_a_folder(
         write_folder(out / "b", lambda d: None, overwrite=True)
 
 
+def test_write_folder_keeps_a_folder_another_export_wrote_meanwhile(tmp_path):
+    # Checked empty at the start, out was moved aside and deleted at the end whether or not overwrite was given: of
+    # two exports into one folder at once, the first to finish was lost
+    out = tmp_path / "out"
+
+    def slow_fill(folder: Path) -> None:
+        (folder / "a").write_text("mine")
+        write_folder(out, lambda d: (d / "a").write_text("theirs"))  # the other export, done first
+
+    with pytest.raises(ConfigError, match="written by something else while this export ran; .*overwrite=true"):
+        write_folder(out, slow_fill)
+    assert (out / "a").read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The commands: lfpl-export, and lfpl-eval on what it wrote
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -30,13 +31,16 @@ def write_folder(out: str | os.PathLike, fill: Callable[[Path], None], overwrite
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         fill(tmp)
-        if out.exists():  # overwrite: move the old folder aside first (a rename cannot replace a non-empty folder)
+        if overwrite and out.exists():  # move the old folder aside first (a rename cannot replace a non-empty one)
             out.rename(old)
         try:
-            tmp.rename(out)
-        except OSError:
+            tmp.rename(out)  # without overwrite, fails if another writer filled out meanwhile: its folder stays
+        except OSError as e:
             if old.exists():
                 old.rename(out)  # put the old folder back
+            if not overwrite and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise ConfigError(f"out={out} was written by something else while this export ran; choose another "
+                                  "folder, or pass overwrite=true to replace it") from None
             raise
         shutil.rmtree(old, ignore_errors=True)
     except OSError as e:  # no permission, disk full, ...: the user's to fix
