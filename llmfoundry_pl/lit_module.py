@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import sys
 from pathlib import Path
@@ -102,6 +103,15 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def weights_sha256(network: nn.Module) -> str:
+    """The identity of a network's weights: sha256 of their names and bytes (about 1 s per GB on a CPU core)."""
+    digest = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # bf16: as bytes
+    return digest.hexdigest()
+
+
 class LitLlama(L.LightningModule):
     """Next-token prediction with AdamW and a warmup + cosine schedule.
 
@@ -115,7 +125,12 @@ class LitLlama(L.LightningModule):
             Hugging Face folder, or the ``init_from`` weights of a fine-tune); None builds a freshly initialised one.
         lora: train LoRA adapters on ``network`` instead of all its weights; checkpoints then hold the adapters only.
         init_from: where ``network``'s weights came from, recorded so that an adapter checkpoint can find its base.
+        init_sha256: the fingerprint of those weights that a checkpoint recorded (:func:`weights_sha256`); computed
+            afresh from ``network`` where the checkpoint depends on them (LoRA adapters, a DPO reference), and
+            compared with the recorded one on loading.
     """
+
+    keeps_reference = False  # whether the objective compares against the starting weights (DPO), rebuilt on resume
 
     def __init__(
         self,
@@ -126,6 +141,7 @@ class LitLlama(L.LightningModule):
         network: Transformer | None = None,
         lora: LoraConfig | dict | None = None,
         init_from: str | None = None,
+        init_sha256: str | None = None,
     ) -> None:
         super().__init__()
         model_cfg = _as(ModelConfig, model)
@@ -134,6 +150,11 @@ class LitLlama(L.LightningModule):
         self.optim_cfg = _as(OptimConfig, optim or {})
         self.scheduler_cfg = _as(SchedulerConfig, scheduler or {})
         self.lora_cfg = _as(LoraConfig, lora or {})
+        # The starting weights' identity, where checkpoints hold less than the whole model: adapters only, or no
+        # DPO reference. Their init_from path may by then hold another model (a recipe re-run into its folder),
+        # which the adapters were silently merged onto.
+        depends = self.lora_cfg.enabled or self.keeps_reference
+        self.base_sha256 = weights_sha256(network) if network is not None and init_from and depends else None
         self.save_hyperparameters(
             {
                 "model": dataclasses.asdict(model_cfg),
@@ -142,6 +163,7 @@ class LitLlama(L.LightningModule):
                 "run_config": run_config,
                 "lora": dataclasses.asdict(self.lora_cfg),
                 "init_from": init_from,
+                "init_sha256": self.base_sha256 or init_sha256,
             }
         )
         self.model = network if network is not None else Transformer(model_cfg)
@@ -205,15 +227,21 @@ class LitLlama(L.LightningModule):
                               f"init_from={saved.get('init_from')}): pass that model as network=, or load both with "
                               "llmfoundry_pl.cli.common.load_checkpoint(path), as lfpl-eval and lfpl-generate do")
         recorded, given = saved.get("init_from"), self.hparams["init_from"]
-        if recorded and given and Path(recorded).expanduser().resolve() != Path(given).expanduser().resolve():
-            what = "adapters" if lora.get("enabled") else "reference model"
-            if Path(recorded).expanduser().exists():
-                raise ConfigError(f"the checkpoint was fine-tuned from init_from={recorded}, not {given}, and its "
-                                  f"{what} came from that model; resume with init_from={recorded}")
-            # Moved (another folder, another machine): nothing to compare with, so the user's word is taken.
-            if self._trainer is None or self.trainer.is_global_zero:
-                print(f"warning: the checkpoint was fine-tuned from init_from={recorded}, which is gone; its {what} "
-                      f"are taken to come from init_from={given}", file=sys.stderr, flush=True)
+        what = "adapters" if lora.get("enabled") else "reference model"
+        moved = recorded and given and Path(recorded).expanduser().resolve() != Path(given).expanduser().resolve()
+        if moved and Path(recorded).expanduser().exists():
+            raise ConfigError(f"the checkpoint was fine-tuned from init_from={recorded}, not {given}, and its "
+                              f"{what} came from that model; resume with init_from={recorded}")
+        if saved.get("init_sha256") and self.base_sha256:  # the weights themselves, wherever they are now
+            if saved["init_sha256"] != self.base_sha256:
+                raise ConfigError(f"the checkpoint's {what} came from other weights than init_from={given} holds now "
+                                  "(replaced since, as by a run into the same folder?); put back the model it was "
+                                  "fine-tuned from")
+        elif moved and (self._trainer is None or self.trainer.is_global_zero):
+            # Moved (another folder, another machine), from before checkpoints recorded the weights' fingerprint:
+            # nothing to compare with, so the user's word is taken.
+            print(f"warning: the checkpoint was fine-tuned from init_from={recorded}, which is gone; its {what} "
+                  f"are taken to come from init_from={given}", file=sys.stderr, flush=True)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the tokenizer; when resuming, first check that the checkpoint fits this run (Lightning calls
@@ -474,19 +502,18 @@ class LitDPO(LitLlama):
     the B rejected ones.
     """
 
+    keeps_reference = True
+
     def __init__(
         self, model: ModelConfig | dict, *, network: Transformer | None = None, dpo: DPOConfig | dict | None = None,
         **kwargs,
     ) -> None:
         """``dpo``: beta; the other arguments are :class:`LitLlama`'s (by keyword)."""
-        given = network is not None
-        network = network if given else Transformer(_as(ModelConfig, model))
         super().__init__(model, network=network, **kwargs)
-        self.base_given = given
         self.dpo_cfg = _as(DPOConfig, dpo or {})
         self.hparams["dpo"] = dataclasses.asdict(self.dpo_cfg)
         # The starting weights, frozen; with LoRA the policy's own frozen base weights serve (_reference_logits)
-        self.reference = None if self.lora_cfg.enabled else copy.deepcopy(network).requires_grad_(False).eval()
+        self.reference = None if self.lora_cfg.enabled else copy.deepcopy(self.model).requires_grad_(False).eval()
         self.val_metrics = PreferenceMetrics()
 
     def _saved(self, key: str) -> bool:

@@ -354,6 +354,26 @@ def test_a_lora_resume_on_a_moved_base_is_taken_with_a_warning(tmp_path, capsys)
     assert f"init_from={base}, which is gone" in capsys.readouterr().err
 
 
+def test_lora_adapters_are_refused_on_other_weights_at_their_base_path(tmp_path, capsys):
+    # A base replaced at its path (a recipe re-run into its fixed folder) was taken as it was: the adapters were
+    # merged onto other weights without a word (held-out loss 7.9533 before, 7.5433 after)
+    base = tiny_model(300)
+    lit = LitLlama(base.config, network=base, lora=LoraConfig(enabled=True, r=4), init_from=str(tmp_path / "b.ckpt"))
+    saved = {k: lit.hparams[k] for k in ("model", "lora", "init_from", "init_sha256")}
+    assert saved["init_sha256"]
+    retrained = tiny_model(300)
+    with torch.no_grad():
+        retrained.layers[0].attention.wq.weight.add_(1e-3)  # one matrix of its weights differs
+    again = LitLlama(base.config, network=retrained, lora=LoraConfig(enabled=True, r=4), init_from=saved["init_from"])
+    with pytest.raises(ConfigError, match="adapters came from other weights than init_from=.*b.ckpt holds now"):
+        again._check_starting_model(saved)
+    # The same weights found at another path (the folder moved): taken without a warning, there being no doubt
+    moved = LitLlama(base.config, network=tiny_model(300), lora=LoraConfig(enabled=True, r=4),
+                     init_from=str(tmp_path / "elsewhere.ckpt"))
+    moved._check_starting_model(saved)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_lora_checkpoints_hold_only_the_adapters(tokenizer):
     lit = LitLlama(tiny_model(tokenizer.vocab_size).config, network=tiny_model(tokenizer.vocab_size),
                    lora=LoraConfig(enabled=True))
