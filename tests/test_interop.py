@@ -262,11 +262,19 @@ def test_write_folder_into_the_current_folder_is_refused_in_one_line(tmp_path, m
     assert (tmp_path / "sub" / "a").read_text() == "x"
 
 
+def model_files(text: str, name: str = "a"):
+    """A fill for write_folder: a model folder's config.json and one file holding ``text``."""
+    def fill(folder: Path) -> None:
+        (folder / "config.json").write_text("{}")
+        (folder / name).write_text(text)
+    return fill
+
+
 def test_write_folder_refuses_a_non_empty_folder_and_never_leaves_half_a_folder(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    write_folder(out, lambda d: (d / "a").write_text("first"))
+    write_folder(out, model_files("first"))
     with pytest.raises(ConfigError, match="exists and is not empty; .* overwrite=true"):
-        write_folder(out, lambda d: (d / "a").write_text("second"))
+        write_folder(out, model_files("second"))
 
     def crash(folder: Path) -> None:
         (folder / "a").write_text("half")
@@ -284,13 +292,19 @@ def test_write_folder_refuses_a_non_empty_folder_and_never_leaves_half_a_folder(
 
     monkeypatch.setattr(Path, "rename", failing_rename)
     with pytest.raises(ConfigError, match=r"cannot write out=.*: No space left on device"):
-        write_folder(out, lambda d: (d / "b").write_text("second"), overwrite=True)
+        write_folder(out, model_files("second", "b"), overwrite=True)
     assert (out / "a").read_text() == "first"  # the old folder was put back
     monkeypatch.undo()
-    write_folder(out, lambda d: (d / "b").write_text("second"), overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in out.iterdir()] == ["b"]
+    write_folder(out, model_files("second", "b"), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(p.name for p in out.iterdir()) == [
+        "b", "config.json"]
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         write_folder(out / "b", lambda d: None, overwrite=True)
+    # overwrite=true replaces a model folder only: out=outputs deleted every run and checkpoint in it
+    (tmp_path / "outputs/run/checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="is not a model folder .*overwrite=true replaces only those"):
+        write_folder(tmp_path / "outputs", model_files("x"), overwrite=True)
+    assert (tmp_path / "outputs/run/checkpoints").is_dir()
 
 
 def test_write_folder_keeps_a_folder_another_export_wrote_meanwhile(tmp_path):
@@ -388,6 +402,14 @@ def test_export_cli_mistakes_fail_with_one_line(checkpoint, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: out=taken exists and is not empty; choose another folder, or pass overwrite=true to replace it")
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    # overwrite=true deleted what it exported: a model folder exported onto itself, or the run holding the checkpoint
+    run_cli("export", f"ckpt_path={checkpoint}", "out=m", "format=safetensors", cwd=tmp_path)
+    proc = run_cli("export", "ckpt_path=m", "out=m", "overwrite=true", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "error: out=m holds the model being exported (ckpt_path=m)" in proc.stderr
+    proc = run_cli("export", f"ckpt_path={checkpoint}", f"out={checkpoint.parent}", "overwrite=true",
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "is not a model folder" in proc.stderr and checkpoint.is_file()
+    assert (tmp_path / "m" / "config.json").is_file()
     proc = run_cli("export", "ckpt_path=no/such.ckpt", "out=new", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: ckpt_path=no/such.ckpt does not exist; give a .ckpt file (or last), a folder written by "

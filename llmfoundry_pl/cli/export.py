@@ -16,7 +16,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from llmfoundry_pl.cli.common import CONFIG_PATH, load_model, quiet_library_noise, to_dataclass, user_errors
+from llmfoundry_pl.cli.common import (
+    CONFIG_PATH,
+    load_model,
+    quiet_library_noise,
+    resolve_ckpt_path,
+    to_dataclass,
+    user_errors,
+)
 from llmfoundry_pl.config import ConfigError, ExportConfig, register_configs
 from llmfoundry_pl.interop import FORMAT_NAMES, save_hf, save_safetensors
 from llmfoundry_pl.interop.folder import check_writable
@@ -25,7 +32,11 @@ from llmfoundry_pl.interop.hf import verify_hf
 
 def export(node: DictConfig) -> Path:
     cfg = to_dataclass(node, ExportConfig)
-    check_writable(cfg.out, cfg.overwrite)  # before loading: a refusal should not wait for a big model
+    out = check_writable(cfg.out, cfg.overwrite)  # before loading: a refusal should not wait for a big model
+    source_path = Path(resolve_ckpt_path(cfg.ckpt_path) if cfg.ckpt_path == "last" else cfg.ckpt_path).expanduser()
+    if source_path.resolve().is_relative_to(out.resolve()):  # replacing out would delete what is being exported
+        raise ConfigError(f"out={cfg.out} holds the model being exported (ckpt_path={cfg.ckpt_path}); give the path "
+                          "of a new folder, such as out=my-model")
     model, tokenizer, source = load_model(cfg.ckpt_path)  # a LoRA checkpoint comes back merged
     trained_lora = source.format == "ckpt" and ((source.run_config or {}).get("lora") or {}).get("enabled", False)
     if trained_lora != cfg.merge_lora:

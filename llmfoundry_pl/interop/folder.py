@@ -62,6 +62,10 @@ def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"out={out} exists and is not empty; choose another folder, or pass overwrite=true to "
                           "replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        # overwrite=true with out=outputs deleted every run and checkpoint in it
+        raise ConfigError(f"out={out} is not a model folder (it has no config.json), and overwrite=true replaces only "
+                          "those; give the path of a new folder, such as out=my-model")
     return out
 
 
