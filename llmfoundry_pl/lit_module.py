@@ -103,6 +103,18 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# What a run trains on, by its data config's format (pretraining text has none), as errors name it
+DATA_KINDS = {"text": "text (pretraining)", "sft": "conversations (experiment=sft)",
+              "preference": "preference pairs (experiment=dpo)"}
+
+
+def _data_kind(run_config: dict | None) -> str | None:
+    """Which of :data:`DATA_KINDS` a run's config trains on; None without a config (the Python API)."""
+    if not run_config:
+        return None
+    return (run_config.get("data") or {}).get("format", "text")
+
+
 def weights_sha256(network: nn.Module) -> str:
     """The identity of a network's weights: sha256 of their names and bytes (about 1 s per GB on a CPU core)."""
     digest = hashlib.sha256()
@@ -246,7 +258,14 @@ class LitLlama(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the tokenizer; when resuming, first check that the checkpoint fits this run (Lightning calls
         this before loading the weights, so a mismatch is one clear line instead of a size-mismatch traceback)."""
-        saved_model = checkpoint.get("hyper_parameters", {}).get("model", {})
+        saved = checkpoint.get("hyper_parameters", {})
+        # A DPO or SFT run resumed under pretraining's settings went on as next-token training on the plays, exit 0.
+        before, now = _data_kind(saved.get("run_config")), _data_kind(self.hparams.get("run_config"))
+        if before and now and before != now and checkpoint.get("optimizer_states"):
+            raise ConfigError(f"the checkpoint was trained on {DATA_KINDS[before]}, and this run's data is "
+                              f"{DATA_KINDS[now]}; resume with the run's own settings, or start from its weights "
+                              "with init_from= instead of ckpt_path=")
+        saved_model = saved.get("model", {})
         changed = [f"model.{k}: {v} → {getattr(self.model.config, k)}" for k, v in saved_model.items()
                    if getattr(self.model.config, k, v) != v and k not in RUN_OPTIONS]
         if changed:
@@ -254,7 +273,6 @@ class LitLlama(L.LightningModule):
                               "resume with the same model settings, or start a new run")
         # Resuming restores the optimizer's and the schedule's state, settings included: new optim.* or scheduler.*
         # values would be recorded in this run's checkpoints but never used.
-        saved = checkpoint.get("hyper_parameters", {})
         changed = [f"{group}.{k}: {v} → {self.hparams[group][k]}" for group in ("optim", "scheduler")
                    for k, v in (saved.get(group) or {}).items() if self.hparams[group].get(k, v) != v]
         if changed and checkpoint.get("optimizer_states"):

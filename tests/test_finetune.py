@@ -579,6 +579,11 @@ def test_dpo_run_logs_preference_metrics(pretrained, tmp_path):
     assert record["metrics"]["val/reward_margin"] != 0 and 0 <= record["metrics"]["val/pref_acc"] <= 1
     from llmfoundry_pl.cli.common import load_checkpoint
 
+    # resumed under pretraining's settings, it went on as next-token training on the plays
+    proc = run_cli("train", *FT, f"ckpt_path={record['checkpoint']}", "trainer.max_steps=20", cwd=tmp_path,
+                   check=False)
+    assert proc.returncode == 2 and "trained on preference pairs (experiment=dpo), and this run's data is text" in \
+        proc.stderr
     _, lit = load_checkpoint(record["checkpoint"])  # a DPO checkpoint loads as LitDPO, policy weights inside
     assert isinstance(lit, LitDPO) and lit.dpo_cfg.beta == 0.1
     saved = torch.load(record["checkpoint"], weights_only=False)["state_dict"]
