@@ -84,8 +84,8 @@ def test_bench_mistakes_fail_with_one_line(tmp_path, cache_dir, override):
 def test_a_bench_sweep_job_that_cannot_run_fails_alone(tmp_path, cache_dir):
     # It ended the sweep (exit status 2, no later job, no table); lfpl-train's sweeps already went on.
     proc = run_cli("bench", "-m", *TINY_BENCH, "bench.steps=1", "bench.plain=false", "model.n_heads=3,2",
-                   "hydra.sweep.dir=s", cwd=tmp_path)
-    assert "error: model.dim=32 is not divisible by model.n_heads=3" in proc.stderr
+                   "hydra.sweep.dir=s", cwd=tmp_path, check=False)
+    assert "error: model.dim=32 is not divisible by model.n_heads=3" in proc.stderr and proc.returncode == 2
     rows = list(csv.DictReader(open(tmp_path / "s" / "summary.csv")))
     assert [(r["status"], bool(r["tokens_per_s"])) for r in rows] == [("(failed)", False), ("", True)]
 

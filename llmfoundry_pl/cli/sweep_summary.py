@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,11 @@ class SweepSummary(Callback):
         writer.writerows(rows)
         atomic_write_bytes(sweep_dir / "summary.csv", buffer.getvalue().encode())
         print(f"\nsweep summary ({sweep_dir}/summary.md):\n{table}", flush=True)
+        # A job that could not run (its settings, the device's memory) is the user's to fix, as in a single run, so
+        # the sweep ends with a single run's exit status: all jobs failing exited 0, and scripts went on. A job
+        # that diverged ran: its nan is a result of the sweep (rates too high), not a failure of it.
+        failed = [r["job"] for r in rows if r.get("status") == FAILED["error"]]
+        if failed:
+            print(f"error: {len(failed)} of {len(rows)} jobs failed (job {', '.join(failed)}), each with its line "
+                  "above", file=sys.stderr, flush=True)
+            raise SystemExit(2)
