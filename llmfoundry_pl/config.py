@@ -762,6 +762,8 @@ class ServeConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be 1 or more")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"port={self.port} is not a TCP port: give one from 1 to 65535")
+        if not self.request_timeout_s > 0:  # 0 or less cut every generation at its first token
+            raise ConfigError(f"request_timeout_s={self.request_timeout_s} must be positive (seconds)")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -262,6 +262,13 @@ def test_each_hardware_profile_fits_the_model_it_is_meant_for(compose_train, har
     assert result["largest_batch"] >= compose_train([f"hardware={hardware}"], name="plan").data.batch_size
 
 
+@pytest.mark.parametrize("max_steps", [0, -1])
+def test_a_run_without_a_number_of_steps_is_planned_without_a_time(compose_train, capsys, max_steps):
+    result = plan(compose_train([f"trainer.max_steps={max_steps}"], name="plan"))  # 0 was a TypeError traceback
+    assert result["tokens"] is None and result["hours"] is None and "give plan.tokens= for a time" in \
+        capsys.readouterr().out
+
+
 def test_an_experiment_is_planned_and_benchmarked_as_lfpl_train_takes_it(compose_train, capsys):
     # experiment= as lfpl-train takes it: lfpl-plan and lfpl-bench said "Could not override 'experiment'"
     planned = compose_train(["experiment=shakespeare_small", "hardware=rtx5060"], name="plan")

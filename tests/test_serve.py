@@ -270,6 +270,9 @@ def test_concurrent_greedy_requests_get_their_solo_outputs(server, model, tokeni
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 500}, 400, "max_tokens"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", b'{"model": "M", "prompt": "hi", "temperature": Infinity}', 400, "temperature"),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "hi"}],
+                              "max_completion_tokens": 500, "max_tokens": 2}, 400, "max_completion_tokens"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "seed": 2**64}, 400, "seed"),  # over torch's seeds
     ("/v1/completions", {"model": "M", "prompt": "hi " * 200}, 400, "prompt"),
     ("/v1/completions", {"model": "other", "prompt": "hi"}, 404, "model"),
@@ -288,6 +291,8 @@ def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, sta
     base, name = server
     if isinstance(body, dict) and body.get("model") == "M":
         body = {**body, "model": name}
+    elif isinstance(body, bytes):
+        body = body.replace(b'"M"', json.dumps(name).encode())
     code, error, _ = post(base, path, body)
     assert code == status and error["error"]["param"] == param and error["error"]["message"]
     assert urllib.request.urlopen(f"{base}/health").status == 200  # still serving
@@ -535,11 +540,23 @@ def test_a_model_with_nan_weights_answers_500_saying_so(model, tokenizer):
     assert greedy.status_code == 500 and message.startswith("generation failed: the model's next-token scores are NaN")
 
 
-def test_serve_refuses_a_port_that_is_no_tcp_port():
+def test_serve_refuses_a_port_that_is_no_tcp_port_and_a_timeout_that_is_no_time():
     from llmfoundry_pl.config import ConfigError, ServeConfig
 
     with pytest.raises(ConfigError, match="port=70000 is not a TCP port: give one from 1 to 65535"):
         ServeConfig(ckpt_path="x", port=70000)
+    with pytest.raises(ConfigError, match="request_timeout_s=0 must be positive"):  # cut every generation short
+        ServeConfig(ckpt_path="x", request_timeout_s=0)
+
+
+def test_a_body_sent_without_its_json_content_type_is_told_so(server):
+    base, name = server
+    data = json.dumps({"model": name, "prompt": "hi", "max_tokens": 2}).encode()  # curl -d without -H
+    request = urllib.request.Request(f"{base}/v1/completions", data, {"Authorization": f"Bearer {API_KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=30)
+    assert answer.value.code == 400 and "Content-Type: application/json" in json.loads(answer.value.read())[
+        "error"]["message"]
 
 
 def test_serve_cli_mistakes_are_one_line(tmp_path):

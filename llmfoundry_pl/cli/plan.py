@@ -133,7 +133,7 @@ def _this_machines_peak(precision: str) -> float | None:
 
 def _run_tokens(cfg: DictConfig, devices: int) -> float | None:
     steps = cfg.trainer.max_steps
-    if steps is None or steps < 0:
+    if steps is None or steps <= 0:  # -1: Lightning's "no limit"; 0 trains nothing (its time was a traceback)
         return None
     return float(steps * cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.accumulate_grad_batches * devices)
 

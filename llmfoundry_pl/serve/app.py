@@ -43,7 +43,7 @@ class _Sampling(BaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
+    temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)  # Infinity was taken: uniform sampling
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=1)  # top_k and min_p are not OpenAI's: vLLM's (lfpl-generate's too)
     min_p: float | None = Field(default=None, ge=0.0, lt=1.0)
@@ -165,7 +165,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
         return _error(e.status, e.message, e.param, e.kind, e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
         # The deepest complaint is the most specific one: a union field (content: str | list[TextPart]) reports
         # each member it tried, and an image part is better named by its "type" than by "not a valid string".
         first = max(e.errors(), key=lambda error: len(error["loc"]))
@@ -174,6 +174,9 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
         # loc is ("body", field, ...); a union field adds the member type it tried ("str", "list[str]"): not a field
         path = [p for p in first["loc"][1:] if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_NAMES)]
         field = ".".join(map(str, path)) or None
+        if field is None and "json" not in request.headers.get("content-type", ""):  # curl -d without -H: a form
+            return _error(400, "the body must be JSON, sent with the header 'Content-Type: application/json'", None,
+                          "invalid_request_error")
         return _error(400, f"{field or 'the body'}: {first['msg']}", field, "invalid_request_error")
 
     @app.get("/health")
@@ -229,8 +232,9 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
         # Without max_tokens, as OpenAI and vLLM do: up to what the context leaves (here also default_max_tokens).
         max_tokens = body.max_tokens or min(cfg.default_max_tokens, room)
         if max_tokens > room:
-            raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceed the "
-                                f"model's context of {context} tokens", "max_tokens")
+            asked = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus {asked} ({max_tokens}) exceed the "
+                                f"model's context of {context} tokens", asked)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         try:
             check_stop_strings(stop)
