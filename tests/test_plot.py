@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -50,6 +51,19 @@ def test_plot_run_writes_one_png_per_logged_curve(tmp_path: Path) -> None:
     assert written == ["bpb.png", "loss.png", "lr.png", "tokens_per_s.png"]  # no MFU or DPO columns: no such PNG
     for png in (run / "plots").iterdir():
         assert_png(png)
+    # A run killed mid-write leaves its last row cut short ('3.4e' was a ValueError traceback): the rest is plotted
+    csv_file = run / "csv" / "metrics.csv"
+    csv_file.write_text(csv_file.read_text() + "0,,,40,,3.4e")
+    assert len(read_metrics(csv_file)["train/loss"]) == 40
+    # Another run into the same folder that logged no learning rate: the first run's lr.png was left as if its own
+    with open(csv_file) as f:
+        rows = [{k: v for k, v in row.items() if not k.startswith("lr-")} for row in csv.DictReader(f)][:-1]
+    with open(csv_file, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    main([str(run)])
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["bpb.png", "loss.png", "tokens_per_s.png"]
 
 
 def test_plot_sweep_compares_the_jobs(tmp_path: Path) -> None:
@@ -79,6 +93,23 @@ def test_plot_errors_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
     with pytest.raises(SystemExit):
         main([str(run)])
     assert "has no metrics yet" in capsys.readouterr().err
+
+    # files that are not what lfpl-plot reads or writes were tracebacks
+    (run / "csv" / "metrics.csv").write_bytes(b"epoch,step,train/loss\n0,1,\xff\xfe\n")
+    for plots_is_a_file in (False, True):
+        if plots_is_a_file:
+            (run / "plots").write_text("not a folder")
+        with pytest.raises(SystemExit):
+            main([str(run)])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("is a file, where lfpl-plot writes" in err if plots_is_a_file else
+                                         "is not a text file (not UTF-8)" in err)
+    bad = tmp_path / "bad"
+    (bad / "csv").mkdir(parents=True)
+    (bad / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n0,1,3.4e\n0,2,3.3\n")
+    with pytest.raises(SystemExit):  # a bad value before the last row is not a run cut short
+        main([str(bad)])
+    assert "metrics.csv, line 2: could not convert string to float: '3.4e'" in capsys.readouterr().err
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
     with pytest.raises(SystemExit):

@@ -63,6 +63,9 @@ def plot(path: Path) -> list[Path]:
     if not path.is_dir():
         raise PlotError(f"{path} is not a folder; give a run folder (outputs/<date>/<time>) or a sweep folder "
                         "(outputs/multirun/<date>/<time>)")
+    if (path / "plots").exists() and not (path / "plots").is_dir():
+        raise PlotError(f"{path / 'plots'} is a file, where lfpl-plot writes its PNGs into a folder of that name; "
+                        "move the file away")
     figure = _figure_class()
     if (path / "csv" / "metrics.csv").is_file():
         return plot_run(path, figure)
@@ -77,14 +80,27 @@ def read_metrics(csv_path: Path) -> Series:
     """Every logged column of a Lightning CSVLogger file as its (step, value) points. Each row holds only the
     metrics logged together (train metrics, validation metrics, learning rates), so most cells are empty."""
     series: Series = {}
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            step = row.get("step")
-            if not step:
-                continue
-            for column, value in row.items():
-                if column not in ("step", "epoch") and value not in ("", None):
-                    series.setdefault(column, []).append((int(float(step)), float(value)))
+    unreadable = None  # (line, error) of a row that does not parse: fine as the last one, which a killed run cut
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                if unreadable:
+                    raise PlotError(f"{csv_path}, line {unreadable[0]}: {unreadable[1]}; it is not a CSV file "
+                                    "Lightning wrote, or it was edited")
+                step = row.get("step")
+                if not step:
+                    continue
+                try:
+                    points = [(column, (int(float(step)), float(value))) for column, value in row.items()
+                              if column not in ("step", "epoch") and value not in ("", None)]
+                except (TypeError, ValueError) as e:  # a cell cut short ('3.4e'), or a row of too few cells
+                    unreadable = (reader.line_num, e)
+                    continue
+                for column, point in points:
+                    series.setdefault(column, []).append(point)
+    except UnicodeDecodeError:
+        raise PlotError(f"{csv_path} is not a text file (not UTF-8); it is not a CSV file Lightning wrote") from None
     return series
 
 
@@ -106,6 +122,10 @@ def plot_run(run_dir: Path, figure: type) -> list[Path]:
         written.append(_save(fig, run_dir / "plots" / f"{name}.png"))
     if not written:
         raise PlotError(f"{run_dir / 'csv' / 'metrics.csv'} has no metrics yet; plot it once training has logged")
+    for name, _, _ in RUN_CHARTS:  # an earlier run's chart in this folder (a fixed hydra.run.dir) is not this one's
+        stale = run_dir / "plots" / f"{name}.png"
+        if stale not in written:
+            stale.unlink(missing_ok=True)
     return written
 
 
