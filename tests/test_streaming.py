@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -154,6 +156,17 @@ def test_streaming_mistakes_fail_with_one_line(datamodule, corpus, tmp_path, mon
         # the chunks' own text and split: other ones were ignored, while the run's config recorded them
         (data_cfg(tmp_path / "other.txt", tmp_path, chunks_dir=str(folder)), "were made from other text than data"),
         (data_cfg(corpus, tmp_path, chunks_dir=str(folder), val_fraction=0.2), "set data.val_fraction=0.05"),
+    ]
+    # chunk folders that are not what llmfoundry-pl writes: tracebacks, or errors naming the wrong cause
+    broken = {name: Path(shutil.copytree(folder, tmp_path / name)) for name in ("cut", "list", "no_tokenizer")}
+    (broken["cut"] / "chunks.json").write_text((folder / "chunks.json").read_text()[:20])
+    (broken["list"] / "chunks.json").write_text("[1]")
+    (broken["no_tokenizer"] / "tokenizer.model").unlink()
+    cases += [
+        (data_cfg(corpus, tmp_path, chunks_dir=str(folder / "chunks.json")), "is a file, not a folder"),
+        (data_cfg(corpus, tmp_path, chunks_dir=str(broken["cut"])), "chunks.json is not a chunk index .*cut short"),
+        (data_cfg(corpus, tmp_path, chunks_dir=str(broken["list"])), "chunks.json is not a chunk index"),
+        (data_cfg(corpus, tmp_path, chunks_dir=str(broken["no_tokenizer"])), "have no tokenizer.model beside"),
     ]
     (tmp_path / "other.txt").write_text("Other text.\n")
     for cfg, message in cases:

@@ -63,6 +63,9 @@ def prepare_chunks(cfg: StreamingDataConfig, tokenizer: Tokenizer | None = None)
         folder, train = _mirror(chunks_dir, Path(cfg.cache_dir).expanduser()), f"{chunks_dir}/train"
     else:
         folder = Path(chunks_dir).expanduser() if chunks_dir is not None else None
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise ConfigError(f"data.chunks_dir={cfg.chunks_dir} is a file, not a folder; give the folder that holds "
+                              "chunks.json (or a new one to build chunks in)")
         if folder is None or _read_meta(folder) is None:
             if folder is not None and folder.exists() and any(folder.iterdir()):
                 raise ConfigError(f"data.chunks_dir={cfg.chunks_dir} is a folder without chunks written by "
@@ -73,16 +76,26 @@ def prepare_chunks(cfg: StreamingDataConfig, tokenizer: Tokenizer | None = None)
                 _write_chunks(token_files, corpus_tokenizer, cfg, folder)
         train = str(folder / "train")
     meta = _read_meta(folder)
+    if not (folder / "tokenizer.model").is_file():  # the tokenizer's own error named data.tokenizer_path
+        raise ConfigError(f"the chunks at {folder} have no tokenizer.model beside their chunks.json, so they were not "
+                          "written whole by llmfoundry-pl; give a new or empty data.chunks_dir to build them again")
     chunks_tokenizer = Tokenizer.from_file(folder / "tokenizer.model")
     _check_chunks(cfg, meta, chunks_tokenizer, tokenizer)
     return chunks_tokenizer, TokenFiles(folder, meta), train
 
 
 def _read_meta(folder: Path) -> dict | None:
+    """The chunk folder's index, None where it has none (chunks to build); one line if it is not what we write."""
     try:
-        return json.loads((folder / "chunks.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        meta = json.loads((folder / "chunks.json").read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:  # JSON cut short, not UTF-8, unreadable
+        meta = e
+    if not isinstance(meta, dict):  # a traceback, or "no chunks.json" though there was one
+        raise ConfigError(f"{folder / 'chunks.json'} is not a chunk index llmfoundry-pl wrote (cut short or edited); "
+                          "give a new or empty data.chunks_dir to build the chunks again")
+    return meta
 
 
 def _check_chunks(cfg: StreamingDataConfig, meta: dict, chunks_tokenizer: Tokenizer, given: Tokenizer | None) -> None:
