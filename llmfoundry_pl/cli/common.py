@@ -44,8 +44,8 @@ T = TypeVar("T")
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a :class:`ConfigError` (a mistake in the user's settings or data) into one line on stderr and exit
-    status 2, instead of a traceback; running out of memory into one line and status 1. Anything else is a bug and
-    keeps its traceback."""
+    status 2, instead of a traceback; running out of memory into one line and status 1; Ctrl-C into "interrupted"
+    and status 130, as a shell reports it. Anything else is a bug and keeps its traceback."""
     try:
         yield
     except ConfigError as e:
@@ -54,6 +54,9 @@ def user_errors() -> Iterator[None]:
     except MissingMandatoryValue as e:
         print(f"error: {e.full_key} is required; give it on the command line ({e.full_key}=...)", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C outside fit (which Lightning ends itself): preparing data, a prompt, ...
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except RuntimeError as e:  # torch.OutOfMemoryError is one
         what = out_of_memory(e)
         if what is None or os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the whole traceback

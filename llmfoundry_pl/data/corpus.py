@@ -222,10 +222,33 @@ def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer,
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     tmp_dir = temp_sibling(token_dir)
     tmp_dir.mkdir(parents=True)
+    try:
+        counts = _write_token_streams(files, cfg, tokenizer, dtype, tmp_dir)
+    except BaseException:  # failed, or interrupted (Ctrl-C): the temporary folder, named afresh each time, goes
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    meta = {
+        "format": CACHE_FORMAT,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer_sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "val_fraction": cfg.val_fraction,
+        # absolute: data=streaming compares them with data.path from any folder
+        "sources": [str(f.resolve()) for f in files[:100]] + ([f"... {len(files) - 100} more"] if len(files) > 100
+                                                              else []),
+        **counts,
+    }
+    atomic_write_bytes(tmp_dir / "meta.json", json.dumps(meta, indent=2).encode())
+    publish_folder(tmp_dir, token_dir, lambda folder: _read_meta(folder, tokenizer) is not None)
+    return meta
+
+
+def _write_token_streams(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer, dtype: type, folder: Path) -> dict:
+    """Write train.bin and val.bin of every document into ``folder``; their token, document and byte counts."""
     counts = {"train_tokens": 0, "val_tokens": 0, "documents": 0, "bytes": 0}
     short_docs = 0  # seen so far: whole ones are held out at an even val_fraction of them, the first included
     docs = list(iter_documents(files, cfg.text_field))
-    with open(tmp_dir / "train.bin", "wb") as train_f, open(tmp_dir / "val.bin", "wb") as val_f:
+    with open(folder / "train.bin", "wb") as train_f, open(folder / "val.bin", "wb") as val_f:
         bar = tqdm(total=len(docs), desc="tokenizing", unit="doc", disable=len(docs) < _ENCODE_CHUNK * 4)
         for start in range(0, len(docs), _ENCODE_CHUNK):
             chunk = docs[start : start + _ENCODE_CHUNK]
@@ -245,19 +268,5 @@ def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer,
             bar.update(len(chunk))
         bar.close()
     if counts["bytes"] == 0:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
         raise ConfigError(f"the corpus at data.path={cfg.path} is empty; add some text")
-    meta = {
-        "format": CACHE_FORMAT,
-        "dtype": np.dtype(dtype).name,
-        "tokenizer_sha256": tokenizer.sha256,
-        "vocab_size": tokenizer.vocab_size,
-        "val_fraction": cfg.val_fraction,
-        # absolute: data=streaming compares them with data.path from any folder
-        "sources": [str(f.resolve()) for f in files[:100]] + ([f"... {len(files) - 100} more"] if len(files) > 100
-                                                              else []),
-        **counts,
-    }
-    atomic_write_bytes(tmp_dir / "meta.json", json.dumps(meta, indent=2).encode())
-    publish_folder(tmp_dir, token_dir, lambda folder: _read_meta(folder, tokenizer) is not None)
-    return meta
+    return counts
