@@ -41,7 +41,8 @@ class Tokenizer:
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise ConfigError(f"tokenizer file {path} does not exist; fix data.tokenizer_path or set it to null")
+            what = "is a folder, not a SentencePiece .model file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"tokenizer file {path} {what}; fix data.tokenizer_path or set it to null")
         model_proto = path.read_bytes()
         try:
             if not model_proto:  # SentencePiece takes empty bytes for "no model": a tokenizer of 0 tokens
@@ -134,10 +135,12 @@ _MAX_SENTENCE_BYTES = 1 << 16
 _PIECE_CHARS = _MAX_SENTENCE_BYTES // 4  # UTF-8 takes at most 4 bytes per character
 
 
-def _pieces_that_fit(lines: Iterable[str], failures: list[Exception]) -> Iterator[str]:
-    """The lines cut to fit; an exception raised by ``lines`` is also kept in ``failures`` (see train_tokenizer)."""
+def _pieces_that_fit(lines: Iterable[str], failures: list[Exception], seen: dict[str, bool]) -> Iterator[str]:
+    """The lines cut to fit; an exception raised by ``lines`` is also kept in ``failures`` (see train_tokenizer),
+    and ``seen["text"]`` tells whether any line held more than whitespace."""
     try:
         for line in lines:
+            seen["text"] = seen["text"] or not line.isspace() and line != ""
             for start in range(0, len(line), _PIECE_CHARS):
                 yield line[start : start + _PIECE_CHARS]
     except Exception as e:
@@ -154,9 +157,10 @@ def train_tokenizer(
     # bad file met halfway through a lazily read corpus) into "RuntimeError: INTERNAL: ...": the original is kept
     # here and raised as itself.
     failures: list[Exception] = []
+    seen = {"text": False}
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_pieces_that_fit(lines, failures),
+            sentence_iterator=_pieces_that_fit(lines, failures, seen),
             model_writer=buffer,
             model_type="bpe",
             vocab_size=vocab_size,
@@ -178,6 +182,9 @@ def train_tokenizer(
     except RuntimeError as e:
         if failures:
             raise failures[0] from None
+        if not seen["text"]:  # SentencePiece's complaint was the vocabulary size (at most 271), then 0 tokens
+            raise ConfigError("the corpus has no text to train a tokenizer on, only whitespace; check data.path") \
+                from None
         too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", str(e))
         if too_high:
             raise ConfigError(

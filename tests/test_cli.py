@@ -343,6 +343,10 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         (["data.path=/no/such/dir"], "error: data.path=/no/such/dir does not exist"),
         (["ckpt_path=/no/such.ckpt"], "error: ckpt_path=/no/such.ckpt does not exist"),
         (["ckpt_path=broken.ckpt"], "error: ckpt_path=broken.ckpt is not a checkpoint written by lfpl-train"),
+        (["ckpt_path=folder"], "error: ckpt_path=folder is a folder; give a .ckpt file"),  # it "did not exist"
+        (["data.val_fraction=1"], "error: data.val_fraction=1.0 holds out all the text for validation"),
+        (["data.path=blank.txt"], "error: the corpus has no text to train a tokenizer on, only whitespace"),
+        (["data.tokenizer_path=folder"], "/folder is a folder, not a SentencePiece .model file"),
         (["trainer.max_step=3"], "Key 'max_step' not in 'TrainerConf'"),
         (["model.n_layers=two"], "Value 'two' of type 'str' could not be converted to Integer"),
         (["hardware=m4pro"], "error: the trainer settings cannot run here: `MPSAccelerator` can not run"),
@@ -357,12 +361,15 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         pytest.param(["trainer.precision=16-true"], "error: trainer.precision=16-true needs fp16 matmuls",
                      marks=pytest.mark.skipif(cpu_has_native_fp16(), reason="this CPU multiplies fp16 natively")),
     ],
-    ids=["clashing-heads", "missing-data", "missing-ckpt", "broken-ckpt", "typo", "wrong-type", "no-mps",
+    ids=["clashing-heads", "missing-data", "missing-ckpt", "broken-ckpt", "ckpt-folder", "tokenizer-folder",
+         "all-held-out", "blank-corpus", "typo", "wrong-type", "no-mps",
          "bad-precision", "fsdp-on-cpu", "checkpoints-inside-a-step", "limit-train-batches", "no-accumulation",
          "ddp-spawn", "fp16-on-cpu"],
 )
 def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides, message):
     (tmp_path / "broken.ckpt").write_bytes(b"PK\x03\x04 cut short while copying")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "blank.txt").write_text(" \n\t\n  \n" * 50)
     proc = run_cli("train", *TINY, *overrides, cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
@@ -375,6 +382,7 @@ def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides
         ("eval", [], "error: ckpt_path is required"),
         ("generate", ["ckpt_path=not_a.ckpt"], "error: ckpt_path=not_a.ckpt is not a checkpoint written by lfpl-train"),
         ("generate", ["ckpt_path=not_a.ckpt", "prompt_file=missing.txt"], "error: prompt_file=missing.txt does not"),
+        ("generate", ["ckpt_path=not_a.ckpt", "prompt_file=."], "error: prompt_file=. is a folder; give a text file"),
         ("generate", ["ckpt_path=not_a.ckpt", "device=gpu"], "error: device=gpu is not a device: use auto, cpu"),
         ("generate", ["ckpt_path=not_a.ckpt", "prompt_file=blank.txt"], "error: prompt_file=blank.txt holds no prompt"),
         ("generate", ["ckpt_path=not_a.ckpt", "stop=[A,'']"], "error: stop=['A', ''] holds an empty string"),
@@ -387,7 +395,8 @@ def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides
         ("generate", ["ckpt_path=not_a.ckpt", "prompt=x", "draft_ckpt_path=not_a.ckpt", "quantize=int8"],
          "error: quantize=int8 scales each call's activations as a whole"),
     ],
-    ids=["eval-no-ckpt", "generate-bad-ckpt", "generate-no-prompt-file", "generate-bad-device",
+    ids=["eval-no-ckpt", "generate-bad-ckpt", "generate-no-prompt-file", "generate-prompt-folder",
+         "generate-bad-device",
          "generate-empty-prompt-file", "generate-empty-stop-string", "generate-two-prompt-sources",
          "generate-stream-a-batch", "generate-system-without-chat", "generate-int8-with-a-draft"],
 )

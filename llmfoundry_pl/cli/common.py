@@ -425,6 +425,9 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str = "outputs", key: str
             raise ConfigError(f"{key}=last found no checkpoints/last.ckpt{before} under {runs_dir}/; give the path")
         return str(candidates[-1])
     path = Path(ckpt_path).expanduser()
+    if path.is_dir():  # a run's folder, or a model folder (lfpl-export's, Hugging Face's): no training state
+        raise ConfigError(f"{key}={ckpt_path} is a folder; give a .ckpt file (a run's checkpoints/last.ckpt, or "
+                          f"{key}=last) — to start from a model folder's weights, use init_from=")
     if not path.is_file():
         raise ConfigError(f"{key}={ckpt_path} does not exist; give the path of a .ckpt file (or {key}=last)")
     return str(path)

@@ -60,7 +60,8 @@ def load_models(cfg: GenerateConfig) -> tuple[Transformer, Tokenizer, Transforme
 def read_prompt_file(path: str) -> list[str]:
     """The non-empty lines of a prompt file."""
     if not Path(path).is_file():
-        raise ConfigError(f"prompt_file={path} does not exist; give a text file, one prompt per line")
+        what = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise ConfigError(f"prompt_file={path} {what}; give a text file, one prompt per line")
     try:  # utf-8-sig: a file saved with a byte-order mark (Windows editors) does not start its first prompt with it
         text = Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
