@@ -64,7 +64,7 @@ def test_eval_on_other_text_and_on_the_runs_own_split(trained_run, tmp_path):
     text.write_text("KING LEAR.\nBlow, winds, and crack your cheeks! rage! blow!\n" * 20)
     ckpt = f"ckpt_path={trained_run}/checkpoints/last.ckpt"
     other = json.loads(run_cli("eval", ckpt, f"data.path={text}", cwd=tmp_path).stdout.strip().splitlines()[-1])
-    assert other["tokens"] > 100 and other["val/bpb"] > 0
+    assert other["tokens"] > 100 and other["val/bpb"] > 0 and other["precision"] == "32-true"
     own = json.loads(run_cli("eval", ckpt, cwd=tmp_path).stdout.strip().splitlines()[-1])
     assert own["data"] == "validation split of the training data" and own["tokens"] > other["tokens"]
     assert list(tmp_path.iterdir()) == [text]  # eval writes no files

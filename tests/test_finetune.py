@@ -202,6 +202,17 @@ def test_preference_lines_need_all_three_fields(tmp_path):
     assert record["prompt"] == [{"role": "user", "content": "Which play?"}]
 
 
+def test_pairs_whose_replies_are_the_same_are_counted_and_all_of_them_refused(chat, caplog):
+    # They have a zero gradient: a file of such pairs trained to val/loss 0.6931 and pref_acc 0.5, exit 0
+    pair = {"prompt": [{"role": "user", "content": "Which play?"}], "chosen": "The Tempest", "rejected": "Othello"}
+    same = {**pair, "rejected": "The Tempest"}
+    cfg = ChatDataConfig(format="preference", seq_len=48)
+    assert len(encode_all(chat, [pair, same], cfg, "test")) == 2
+    assert "1 of 2 pairs have the same chosen and rejected reply" in caplog.text
+    with pytest.raises(ConfigError, match="in every pair, chosen and rejected are the same reply"):
+        encode_all(chat, [same, same], cfg, "test")
+
+
 def test_long_examples_are_truncated_or_dropped_and_counted(chat, caplog):
     long = [{"role": "user", "content": "Who? " * 40}, {"role": "assistant", "content": "Ariel"}]
     reply_cut = [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Ariel " * 40}]

@@ -116,6 +116,7 @@ def evaluate(node: DictConfig) -> dict[str, float]:
           f"loss {metrics['val/loss']:.4f} | perplexity {metrics['val/ppl']:.2f} | "
           f"bits per byte {metrics['val/bpb']:.4f}")
     record = {"ckpt_path": source.path, "format": source.format, "quantize": cfg.quantize,
+              "precision": str(trainer.precision),  # as it ran: Lightning runs 16-mixed on a CPU as bf16-mixed
               "weight_bytes": size, "data": what, "tokens": meta["val_tokens"],
               "seq_len": data_cfg.seq_len, "stride": data_cfg.val_stride or data_cfg.seq_len, **metrics}
     print(json.dumps(record), flush=True)

@@ -169,6 +169,14 @@ def encode_all(chat: ChatFormat, records: list[dict], cfg: ChatDataConfig, what:
                     f"tokens ({action}; data.overlong={cfg.overlong})")
     if not items:
         raise ConfigError(f"{what}: no example fits data.seq_len={cfg.seq_len}; raise data.seq_len")
+    if cfg.format == "preference":  # a pair whose replies are one text has a zero gradient: DPO learns nothing
+        same = sum(r["chosen"] == r["rejected"] for r in records)
+        if same == len(records):
+            raise ConfigError(f"{what}: in every pair, chosen and rejected are the same reply, so DPO has nothing to "
+                              "learn; check the file's chosen and rejected fields")
+        if same:
+            log.warning(f"{what}: {same} of {len(records)} pairs have the same chosen and rejected reply (they teach "
+                        "nothing)")
     return items
 
 
