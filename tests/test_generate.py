@@ -342,3 +342,8 @@ def test_generate_chat_keeps_the_conversation_and_the_system_message(compose_tra
     cli.generate(compose_train(["ckpt_path=x", "prompt_file=p.txt", *common], name="generate"))
     system = {"role": "system", "content": "Be brief."}
     assert batches == [[[system, {"role": "user", "content": p}] for p in ("ROMEO:", "JULIET:")]]
+    # A prompt too long for the context: the batch said "the prompt is 403 tokens", not which of the file's
+    monkeypatch.setattr(cli, "read_prompt_file", lambda path: ["ROMEO:", "JULIET " * 100, "HAMLET:"])
+    with pytest.raises(ConfigError, match=r"prompt 2 of prompt_file=p.txt \('JULIET JULIET .*\.\.\.'\) is \d+ tokens, "
+                                          "more than the model's context of 64"):
+        cli.generate(compose_train(["ckpt_path=x", "prompt_file=p.txt", *common], name="generate"))

@@ -32,6 +32,7 @@ from llmfoundry_pl.cli.common import (
 from llmfoundry_pl.config import ConfigError, GenerateConfig, register_configs
 from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, stream_text
 from llmfoundry_pl.inference.quantize import for_inference
+from llmfoundry_pl.inference.text import encode_prompt
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
 
@@ -70,6 +71,18 @@ def read_prompt_file(path: str) -> list[str]:
     if not prompts:  # else the run would load the model and print nothing
         raise ConfigError(f"prompt_file={path} holds no prompt (only empty lines); write one prompt per line")
     return prompts
+
+
+def _check_prompt_lengths(path: str, prompts: list[str], asked: list, tokenizer: Tokenizer, chat: ChatFormat | None,
+                          context: int) -> None:
+    """Name the first prompt of the file too long for the model, before any is generated: the batch's own error
+    said only "the prompt is 403 tokens", for which of hundreds of lines it did not say."""
+    for number, (prompt, question) in enumerate(zip(prompts, asked, strict=True), 1):
+        n = len(encode_prompt(tokenizer, question, chat)[0])
+        if n > context:
+            start = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+            raise ConfigError(f"prompt {number} of prompt_file={path} ({start!r}) is {n} tokens, more than the model's "
+                              f"context of {context}; shorten it")
 
 
 def read_stdin_prompts() -> Iterator[str]:
@@ -126,12 +139,14 @@ def generate(node: DictConfig) -> list[str]:
     texts: list[str] = []
     system = [{"role": "system", "content": cfg.system}] if cfg.chat and cfg.system else []
     if prompts is not None:  # batch mode: batch_size prompts at a time, one JSON line each
+        # chat: each prompt a conversation of its own, opened by the system message if there is one
+        asked = [[*system, {"role": "user", "content": p}] for p in prompts] if chat is not None else prompts
+        _check_prompt_lengths(cfg.prompt_file, prompts, asked, tokenizer, chat, model.config.max_seq_len)
         for i in range(0, len(prompts), cfg.batch_size):
             chunk = prompts[i : i + cfg.batch_size]
-            # chat: each prompt a conversation of its own, opened by the system message if there is one
-            asked = [[*system, {"role": "user", "content": p}] for p in chunk] if chat is not None else chunk
-            for prompt, text in zip(chunk, generate_text_batch(model, tokenizer, asked, cfg.max_new_tokens, **options),
-                                    strict=True):
+            outputs = generate_text_batch(model, tokenizer, asked[i : i + cfg.batch_size], cfg.max_new_tokens,
+                                          **options)
+            for prompt, text in zip(chunk, outputs, strict=True):
                 print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False), flush=True)
                 texts.append(text)
         return texts
