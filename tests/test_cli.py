@@ -344,7 +344,8 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         (["ckpt_path=/no/such.ckpt"], "error: ckpt_path=/no/such.ckpt does not exist"),
         (["ckpt_path=broken.ckpt"], "error: ckpt_path=broken.ckpt is not a checkpoint written by lfpl-train"),
         (["ckpt_path=folder"], "error: ckpt_path=folder is a folder; give a .ckpt file"),  # it "did not exist"
-        (["data.val_fraction=1"], "error: data.val_fraction=1.0 holds out all the text for validation"),
+        (["data.val_fraction=1"], "error: data.val_fraction=1.0 holds out all the data for validation"),
+        (["data=streaming", "data.val_fraction=1"], "error: data.val_fraction=1.0 holds out all the data"),
         (["data.path=blank.txt"], "error: the corpus has no text to train a tokenizer on, only whitespace"),
         (["data.tokenizer_path=folder"], "/folder is a folder, not a SentencePiece .model file"),
         (["trainer.max_step=3"], "Key 'max_step' not in 'TrainerConf'"),
@@ -361,8 +362,8 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         pytest.param(["trainer.precision=16-true"], "error: trainer.precision=16-true needs fp16 matmuls",
                      marks=pytest.mark.skipif(cpu_has_native_fp16(), reason="this CPU multiplies fp16 natively")),
     ],
-    ids=["clashing-heads", "missing-data", "missing-ckpt", "broken-ckpt", "ckpt-folder", "tokenizer-folder",
-         "all-held-out", "blank-corpus", "typo", "wrong-type", "no-mps",
+    ids=["clashing-heads", "missing-data", "missing-ckpt", "broken-ckpt", "ckpt-folder", "all-held-out",
+         "all-held-out-streaming", "blank-corpus", "tokenizer-folder", "typo", "wrong-type", "no-mps",
          "bad-precision", "fsdp-on-cpu", "checkpoints-inside-a-step", "limit-train-batches", "no-accumulation",
          "ddp-spawn", "fp16-on-cpu"],
 )
@@ -435,33 +436,32 @@ def test_ckpt_path_last_is_the_newest_last_checkpoint_and_paths_expand_home(tmp_
     assert resolve_ckpt_path("~/runs/b/checkpoints/last.ckpt") == str(newer)
 
 
-def test_ckpt_path_last_in_a_sweep_is_the_newest_run_before_it_and_follows_linked_folders(tmp_path, compose_train):
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
+def test_ckpt_path_last_in_a_sweep_is_the_newest_run_before_it_and_follows_linked_folders(tmp_path, monkeypatch):
     from llmfoundry_pl.cli.common import resolve_ckpt_path
+    from llmfoundry_pl.cli.ddp import SWEEP_DIR_ENV
     from llmfoundry_pl.cli.sweep_summary import STARTED
 
     runs = tmp_path / "runs"
     moved = tmp_path / "other_disk/run/checkpoints/last.ckpt"  # a run folder moved away and linked back
-    job0 = runs / "multirun/x/0/checkpoints/last.ckpt"  # the sweep's first job, done
-    for i, path in enumerate((moved, job0)):
+    earlier = runs / "multirun/x/0/checkpoints/last.ckpt"  # an earlier sweep into the same (fixed) sweep folder
+    job0 = runs / "multirun/x/1/checkpoints/last.ckpt"  # this sweep's first job, done
+    for i, path in enumerate((earlier, moved, job0)):
         path.parent.mkdir(parents=True)
         path.write_bytes(b"x")
-        os.utime(path, (1_000_000 + i, 1_000_000 + i))
+        os.utime(path, (1_000_000 + 2 * i, 1_000_000 + 2 * i))
     (runs / "2026-12-07").mkdir(parents=True)
     (runs / "2026-12-07/run").symlink_to(moved.parents[1], target_is_directory=True)
     (runs / "multirun/x" / STARTED).touch()
-    cfg = compose_train(return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(runs / "multirun/x/1")  # the sweep's second job (or one of its DDP ranks)
-    HydraConfig.instance().set_config(cfg)
-    try:
-        # Each job resolved `last` to the job before it: a sweep of init_from=last chained its jobs
-        assert resolve_ckpt_path("last", runs_dir=str(runs)) == str(runs / "2026-12-07/run/checkpoints/last.ckpt")
-    finally:
-        HydraConfig.instance().cfg = None
-    assert resolve_ckpt_path("last", runs_dir=str(runs)) == str(job0)  # outside the sweep, its jobs count
+    os.utime(runs / "multirun/x" / STARTED, (1_000_003, 1_000_003))  # this sweep started after the linked run
+    linked = str(runs / "2026-12-07/run/checkpoints/last.ckpt")
+    # Outside a running sweep, its jobs count: a marker a finished sweep left changes nothing
+    assert resolve_ckpt_path("last", runs_dir=str(runs)) == str(job0)
+    # In the sweep (here: one of its job's DDP ranks, as their launcher tells them), each job resolved `last` to
+    # the job before it, and a sweep of init_from=last chained its jobs; the earlier sweep's runs still count
+    monkeypatch.setenv(SWEEP_DIR_ENV, str(runs / "multirun/x"))
+    assert resolve_ckpt_path("last", runs_dir=str(runs)) == linked
+    os.utime(moved, (999_000, 999_000))
+    assert resolve_ckpt_path("last", runs_dir=str(runs)) == str(earlier)
 
 
 def test_a_run_records_absolute_paths_that_other_folders_can_follow(tmp_path, cache_dir):

@@ -388,6 +388,17 @@ def test_export_hf_to_our_format_and_strided_eval(checkpoint, verse, tmp_path, c
     assert strided["val/loss"] < plain["val/loss"]
 
 
+def test_export_counts_a_lora_checkpoints_base_among_what_it_must_not_replace(tmp_path):
+    # out= the base model's folder with overwrite=true replaced it, and the adapters' checkpoint became unusable
+    from llmfoundry_pl.cli.export import _sources
+
+    base, lora, full = tmp_path / "base" / "model.safetensors", tmp_path / "lora.ckpt", tmp_path / "full.ckpt"
+    torch.save({"hyper_parameters": {"lora": {"enabled": True}, "init_from": str(base.parent)}}, lora)
+    torch.save({"hyper_parameters": {"lora": {"enabled": False}, "init_from": str(base.parent)}}, full)
+    assert _sources(str(lora)) == [lora, base.parent]
+    assert _sources(str(full)) == [full]  # a full fine-tune holds every weight: its init_from is a record only
+
+
 def test_export_config_is_checked_before_anything_runs(compose_train):
     with pytest.raises(ConfigCompositionException, match="formt"):
         compose_train(["ckpt_path=x.ckpt", "out=y", "formt=hf"], name="export")
@@ -405,7 +416,7 @@ def test_export_cli_mistakes_fail_with_one_line(checkpoint, tmp_path):
     # overwrite=true deleted what it exported: a model folder exported onto itself, or the run holding the checkpoint
     run_cli("export", f"ckpt_path={checkpoint}", "out=m", "format=safetensors", cwd=tmp_path)
     proc = run_cli("export", "ckpt_path=m", "out=m", "overwrite=true", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "error: out=m holds the model being exported (ckpt_path=m)" in proc.stderr
+    assert proc.returncode == 2 and "error: out=m holds the model being exported (m)" in proc.stderr
     proc = run_cli("export", f"ckpt_path={checkpoint}", f"out={checkpoint.parent}", "overwrite=true",
                    cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "is not a model folder" in proc.stderr and checkpoint.is_file()

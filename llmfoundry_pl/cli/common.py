@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from llmfoundry_pl.checkpoint_io import AtomicCheckpointIO
-from llmfoundry_pl.cli.ddp import build_strategy
+from llmfoundry_pl.cli.ddp import SWEEP_DIR_ENV, build_strategy
 from llmfoundry_pl.cli.sweep_summary import STARTED as SWEEP_STARTED
 from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, ModelConfig, StreamingDataConfig, check_fp16_on_cpu
@@ -252,6 +252,9 @@ def prepare_data_and_model(cfg: DictConfig) -> tuple[TextDataModule | ChatDataMo
     starting model's own with ``init_from`` (fine-tuning, or continued pretraining on new text). (Lightning calls
     prepare_data again in fit; by then it only reads the cache.)"""
     data_cfg = OmegaConf.to_object(cfg.data)
+    if data_cfg.val_fraction >= 1 and not getattr(data_cfg, "val_path", None):  # before any tokenizing
+        raise ConfigError(f"data.val_fraction={data_cfg.val_fraction} holds out all the data for validation and leaves "
+                          "none to train on; lower it (0.05 is the default)")
     source = load_model(cfg.init_from, key="init_from") if cfg.get("init_from") else None
     tokenizer = source[1] if source else None
     if isinstance(data_cfg, ChatDataConfig):
@@ -385,14 +388,18 @@ def absolute_data_paths(data: DictConfig) -> None:
             data[key] = os.path.abspath(os.path.expanduser(value))
 
 
-def _this_sweep() -> Path | None:
-    """The folder of the sweep the current job belongs to (the nearest above its output folder marked when the sweep
-    started), None outside one. Found from the folder so that a job's extra DDP ranks, single runs of their own,
-    agree with it."""
-    if not HydraConfig.initialized():
+def _this_sweep() -> tuple[Path, float] | None:
+    """The folder of the sweep the current job belongs to while it runs, and when it started (its ``.sweep_started``
+    marker's time; 0 without one); None outside a running sweep. A job's extra DDP ranks run as single runs of their
+    own: their launcher tells them the sweep's folder (:data:`SWEEP_DIR_ENV`)."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        folder = Path(HydraConfig.get().sweep.dir)
+    elif os.environ.get(SWEEP_DIR_ENV):
+        folder = Path(os.environ[SWEEP_DIR_ENV])
+    else:
         return None
-    job_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
-    return next((folder for folder in job_dir.parents if (folder / SWEEP_STARTED).exists()), None)
+    marker = folder / SWEEP_STARTED
+    return folder.resolve(), marker.stat().st_mtime if marker.is_file() else 0.0
 
 
 def absolute_model_path(path: str, runs_dir: str = "outputs", key: str = "init_from") -> str:
@@ -409,17 +416,20 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str = "outputs", key: str
     reuses a run folder (a fixed ``hydra.run.dir``) with ``callbacks.model_checkpoint.enable_version_counter=true``
     (as runs before it was turned off did).
 
-    Run folders linked from elsewhere (moved to another disk) are searched too. A job of a sweep leaves out the
-    sweep's own runs: each job resolved ``last`` as it started, to the job before it, so a sweep of
+    Run folders linked from elsewhere (moved to another disk) are searched too. A job of a running sweep leaves out
+    the sweep's own runs: each job resolved ``last`` as it started, to the job before it, so a sweep of
     ``init_from=last`` fine-tuned job 2 from job 1 and job 3 from job 2 instead of all from one model."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
         sweep = _this_sweep()
         pattern = os.path.join(glob.escape(os.path.expanduser(runs_dir)), "**", "checkpoints", "last*.ckpt")
-        found = [Path(p) for p in glob.glob(pattern, recursive=True)]  # pathlib's ** does not follow links
-        candidates = sorted((p for p in found if sweep is None or sweep not in p.resolve().parents),
-                            key=lambda p: p.stat().st_mtime)
+        found = [Path(p) for p in glob.glob(pattern, recursive=True, include_hidden=True)]  # pathlib's ** skips links
+
+        def this_sweeps(p: Path) -> bool:  # written by a job of the running sweep (not an earlier one in its folder)
+            return sweep is not None and sweep[0] in p.resolve().parents and p.stat().st_mtime >= sweep[1]
+
+        candidates = sorted((p for p in found if not this_sweeps(p)), key=lambda p: p.stat().st_mtime)
         if not candidates:
             before = " from before this sweep" if sweep else ""
             raise ConfigError(f"{key}=last found no checkpoints/last.ckpt{before} under {runs_dir}/; give the path")

@@ -28,6 +28,9 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from llmfoundry_pl.config import ConfigError
 
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+# Tells a rank started for a sweep's job, a single run of its own, which sweep it belongs to: ckpt_path=last and
+# init_from=last leave that sweep's runs out on every rank alike (cli.common.resolve_ckpt_path).
+SWEEP_DIR_ENV = "LFPL_SWEEP_DIR"
 _CONFIG_FLAGS = ("--config-path", "--config-name", "--config-dir", "-cp", "-cn", "-cd")
 # Hydra overrides of the parent that a rank must not inherit: the child's run settings are set explicitly.
 _PARENT_ONLY_HYDRA_KEYS = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.job.name", "hydra.output_subdir",
@@ -87,10 +90,13 @@ class _HydraJobLauncher(_SubprocessScriptLauncher):
         os.environ["NODE_RANK"] = str(self.cluster_environment.node_rank())
         os.environ["LOCAL_RANK"] = str(self.cluster_environment.local_rank())
         os.environ["WORLD_SIZE"] = f"{self.num_processes * self.num_nodes}"
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
         from hydra.utils import get_original_cwd
 
+        sweep = {SWEEP_DIR_ENV: HydraConfig.get().sweep.dir} if HydraConfig.get().mode == RunMode.MULTIRUN else {}
         for local_rank in range(1, self.num_processes):
-            env = {**os.environ, "LOCAL_RANK": str(local_rank)}
+            env = {**os.environ, "LOCAL_RANK": str(local_rank), **sweep}
             self.procs.append(subprocess.Popen(rank_command(local_rank), env=env, cwd=get_original_cwd()))
 
 

@@ -20,6 +20,7 @@ from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     load_model,
     quiet_library_noise,
+    read_checkpoint,
     resolve_ckpt_path,
     to_dataclass,
     user_errors,
@@ -33,10 +34,10 @@ from llmfoundry_pl.interop.hf import verify_hf
 def export(node: DictConfig) -> Path:
     cfg = to_dataclass(node, ExportConfig)
     out = check_writable(cfg.out, cfg.overwrite)  # before loading: a refusal should not wait for a big model
-    source_path = Path(resolve_ckpt_path(cfg.ckpt_path) if cfg.ckpt_path == "last" else cfg.ckpt_path).expanduser()
-    if source_path.resolve().is_relative_to(out.resolve()):  # replacing out would delete what is being exported
-        raise ConfigError(f"out={cfg.out} holds the model being exported (ckpt_path={cfg.ckpt_path}); give the path "
-                          "of a new folder, such as out=my-model")
+    for needed in _sources(cfg.ckpt_path):  # replacing out would delete what is being exported
+        if needed.resolve().is_relative_to(out.resolve()):
+            raise ConfigError(f"out={cfg.out} holds the model being exported ({needed}); give the path of a new "
+                              "folder, such as out=my-model")
     model, tokenizer, source = load_model(cfg.ckpt_path)  # a LoRA checkpoint comes back merged
     trained_lora = source.format == "ckpt" and ((source.run_config or {}).get("lora") or {}).get("enabled", False)
     if trained_lora != cfg.merge_lora:
@@ -52,6 +53,17 @@ def export(node: DictConfig) -> Path:
         diff = verify_hf(out, model, tokenizer)
         print(f"verified with transformers: same token ids, logits within {diff:.1e}")
     return out
+
+
+def _sources(ckpt_path: str) -> list[Path]:
+    """What an export of ``ckpt_path`` reads: the checkpoint or folder, and for LoRA adapters the base model their
+    checkpoint records (replaced by the export, it left the adapters on other weights)."""
+    source = Path(resolve_ckpt_path(ckpt_path) if ckpt_path == "last" else ckpt_path).expanduser()
+    if not source.is_file():
+        return [source]
+    hparams = read_checkpoint(str(source)).get("hyper_parameters", {})
+    base = hparams.get("init_from") if (hparams.get("lora") or {}).get("enabled") else None
+    return [source] + ([Path(base)] if base else [])
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")

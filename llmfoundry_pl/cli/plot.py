@@ -1,7 +1,7 @@
 """``lfpl-plot``: PNG curves from a run's CSV log, or one chart comparing the runs of a sweep.
 
-    lfpl-plot outputs/2026-11-22/21-30-19            → <run>/plots/loss.png, bpb.png, lr.png, tokens_per_s.png, ...
-    lfpl-plot outputs/multirun/2026-11-22/21-40-02   → <sweep>/plots/sweep.png: every job's val/loss and val/bpb
+    lfpl-plot outputs/2026-11-22/21-30-19-664210     → <run>/plots/loss.png, bpb.png, lr.png, tokens_per_s.png, ...
+    lfpl-plot outputs/multirun/2026-11-22/21-40-02-118537 → <sweep>/plots/sweep.png: every job's val/loss and val/bpb
 
 It reads ``csv/metrics.csv``, which every run writes with the default ``logger=csv``. To watch a run while it
 trains, use TensorBoard instead (``lfpl-train logger=tensorboard``, then ``tensorboard --logdir outputs``);

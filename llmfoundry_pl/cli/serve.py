@@ -60,7 +60,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _default_name(path: str) -> str:
     """The model's API name when none is given: a folder's name, or for a checkpoint its run folder's name and its
-    own (``outputs/2026-11-23/01-30-00/checkpoints/last.ckpt`` → ``01-30-00-last``)."""
+    own (``outputs/2026-11-23/01-30-00-203117/checkpoints/last.ckpt`` → ``01-30-00-203117-last``)."""
     p = Path(path)
     if p.suffix != ".ckpt":
         return p.name

@@ -210,9 +210,6 @@ class TextDataModule(L.LightningDataModule):
     def train_batches(self, first_batch: int, num_batches: int, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Micro-batches ``first_batch .. first_batch + num_batches - 1`` of training windows for one rank: the
         same windows whoever asks (the Trainer, or a plain loop such as lfpl-bench's)."""
-        if self.cfg.val_fraction >= 1:  # else: "the training split has 0 tokens ... lower data.seq_len"
-            raise ConfigError(f"data.val_fraction={self.cfg.val_fraction} holds out all the text for validation and "
-                              "leaves none to train on; lower it (0.05 is the default)")
         sampler = StepBatchSampler(first_batch, num_batches, self.cfg.batch_size, rank, world_size)
         dataset = RandomWindows(self._token_file("train"), self.cfg.seq_len, self.cfg.seed)
         return self._loader(dataset, batch_sampler=sampler)
