@@ -279,15 +279,15 @@ class LitLlama(L.LightningModule):
             raise ConfigError(f"resuming restores the checkpoint's optimizer and schedule, so {'; '.join(changed)} "
                               "would be ignored; resume with its settings, or start a new schedule from its weights "
                               "with init_from= instead of ckpt_path=")
-        self._check_starting_model(checkpoint.get("hyper_parameters", {}))
+        self._check_starting_model(saved)
         self._fill_unsaved(checkpoint)
         if "tokenizer_model" not in checkpoint:
             return
-        saved = Tokenizer(checkpoint["tokenizer_model"])
-        if self.tokenizer is not None and self.tokenizer.sha256 != saved.sha256:
+        tokenizer = Tokenizer(checkpoint["tokenizer_model"])
+        if self.tokenizer is not None and self.tokenizer.sha256 != tokenizer.sha256:
             raise ConfigError("the checkpoint was trained with another tokenizer than this run's data.* settings "
                               "give; resume with the run's data settings, or start a new run")
-        self.set_tokenizer(saved)
+        self.set_tokenizer(tokenizer)
 
     # ---------------------------------------------------------------------------------------------------------
     # Steps
