@@ -155,6 +155,9 @@ class ModelConfig:
             raise ConfigError(f"model.logits={self.logits!r} is not one of {', '.join(LOGITS_CHOICES)}")
         if self.hidden_dim is None:
             self.hidden_dim = llama_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+            if self.hidden_dim < 1:  # a small ffn_dim_multiplier rounds it to 0: an MLP of nothing
+                raise ConfigError(f"model.ffn_dim_multiplier={self.ffn_dim_multiplier} makes the feed-forward width "
+                                  f"0 for dim={self.dim}; raise it, or give model.hidden_dim")
 
     @property
     def head_dim(self) -> int:

@@ -106,7 +106,9 @@ def test_greedy_and_filters_in_sample_next():
     ("kwargs", "message"),
     [(dict(top_p=1.5), "top_p=1.5 must be in"), (dict(top_p=0.0), "top_p=0.0"), (dict(top_k=0), "top_k=0"),
      (dict(min_p=1.0), "min_p=1.0"), (dict(temperature=-1.0), "temperature=-1.0"),
-     (dict(repetition_penalty=0.0), "repetition_penalty=0.0")],
+     (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
+     # NaN passed both checks: greedy decoding picked the lowest-numbered token seen at every step
+     (dict(temperature=float("nan")), "temperature=nan"), (dict(repetition_penalty=float("nan")), "penalty=nan")],
 )
 def test_bad_sampling_settings_are_one_line_errors(model, kwargs, message):
     with pytest.raises(ConfigError, match=message):

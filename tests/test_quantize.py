@@ -67,8 +67,13 @@ def test_quantize_refusals_are_one_line(model, monkeypatch):
     with pytest.raises(ConfigError, match="quantize=int8 does not run on meta: .*; use int8_weight, or run on the CPU"):
         quantize(copy.deepcopy(model).to("meta"), "int8")
     narrow = Transformer(ModelConfig(vocab_size=50, dim=48, n_layers=1, n_heads=4, max_seq_len=8))
-    with pytest.raises(ConfigError, match="input width is a multiple of 32; layers.0.attention.wq takes 48"):
+    with pytest.raises(ConfigError, match="input width is a multiple of 32 and output width a multiple of 16; "
+                                          "layers.0.attention.wq maps 48 to 48"):
         quantize(narrow, "int4_weight")
+    # an output head of a vocabulary that is not a multiple of 16 (32001, say) was torch's traceback
+    odd_vocab = Transformer(ModelConfig(vocab_size=341, dim=64, n_layers=1, n_heads=4, max_seq_len=8))
+    with pytest.raises(ConfigError, match="output width a multiple of 16; output maps 64 to 341: use int8_weight"):
+        quantize(odd_vocab, "int4_weight")
     real_import = builtins.__import__
 
     def no_torchao(name, *args, **kwargs):

@@ -38,6 +38,7 @@ from llmfoundry_pl.config import ConfigError, check_fp16_on_cpu, check_inference
 from llmfoundry_pl.model import Transformer
 
 INT4_GROUP_SIZE = 32  # weights sharing one scale and zero point; of the kernel's 32/64/128, the most accurate
+INT4_ROWS = 16  # output rows the int4 weight packing takes at a time
 _DEVICES = {"int8": ("cpu",), "int8_weight": ("cpu", "cuda"), "int4_weight": ("cpu",)}
 _WHY = {
     "int8": "its integer matmul kernels are PyTorch's CPU ones (fbgemm / oneDNN); use int8_weight",
@@ -91,10 +92,15 @@ def quantize(model: Transformer, mode: str) -> Transformer:
                                     inplace=True)
     if mode == "int4_weight":
         modules = dict(model.named_modules())
-        narrow = [name for name in targets if modules[name].in_features % INT4_GROUP_SIZE]
+        # Groups of INT4_GROUP_SIZE inputs share a scale; torch's int4 packing takes output rows 16 at a time (an
+        # output head of a vocabulary such as 32001 was its traceback, "expect N to be dividable by 16").
+        narrow = [name for name in targets
+                  if modules[name].in_features % INT4_GROUP_SIZE or modules[name].out_features % INT4_ROWS]
         if narrow:
+            layer = modules[narrow[0]]
             raise ConfigError(f"quantize=int4_weight needs linear layers whose input width is a multiple of "
-                              f"{INT4_GROUP_SIZE}; {narrow[0]} takes {modules[narrow[0]].in_features}: use int8_weight")
+                              f"{INT4_GROUP_SIZE} and output width a multiple of {INT4_ROWS}; {narrow[0]} maps "
+                              f"{layer.in_features} to {layer.out_features}: use int8_weight")
     quantize_, config = _torchao_config(mode)
     keep = set(targets)
     quantize_(model, config, filter_fn=lambda module, name: name in keep)
