@@ -416,7 +416,8 @@ class SchedulerConfig:
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class PathsConfig:
-    output_dir: str = field(default=MISSING, metadata=_help("This run's directory (Hydra's output dir)."))
+    # Optional: Hydra holds None there while it prints the config (--cfg job --resolve was a traceback)
+    output_dir: str | None = field(default=MISSING, metadata=_help("This run's directory (Hydra's output dir)."))
     runs_dir: str = field(
         default="outputs", metadata=_help("Where runs are written; ckpt_path=last searches here for the newest.")
     )

@@ -346,6 +346,7 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         (["ckpt_path=folder"], "error: ckpt_path=folder is a folder; give a .ckpt file"),  # it "did not exist"
         (["data.val_fraction=1"], "error: data.val_fraction=1.0 holds out all the data for validation"),
         (["data=streaming", "data.val_fraction=1"], "error: data.val_fraction=1.0 holds out all the data"),
+        (["hydra.job.chdir=true"], "error: hydra.job.chdir=true is not supported"),  # relative paths broke
         (["data.path=blank.txt"], "error: the corpus has no text to train a tokenizer on, only whitespace"),
         (["data.tokenizer_path=folder"], "/folder is a folder, not a SentencePiece .model file"),
         (["trainer.max_step=3"], "Key 'max_step' not in 'TrainerConf'"),
@@ -363,7 +364,7 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
                      marks=pytest.mark.skipif(cpu_has_native_fp16(), reason="this CPU multiplies fp16 natively")),
     ],
     ids=["clashing-heads", "missing-data", "missing-ckpt", "broken-ckpt", "ckpt-folder", "all-held-out",
-         "all-held-out-streaming", "blank-corpus", "tokenizer-folder", "typo", "wrong-type", "no-mps",
+         "all-held-out-streaming", "chdir", "blank-corpus", "tokenizer-folder", "typo", "wrong-type", "no-mps",
          "bad-precision", "fsdp-on-cpu", "checkpoints-inside-a-step", "limit-train-batches", "no-accumulation",
          "ddp-spawn", "fp16-on-cpu"],
 )
@@ -489,6 +490,8 @@ def test_help_and_cfg_job(tmp_path):
     assert "== Configuration groups ==" in help_text and "hardware: auto, cpu, m4pro, rtx5060" in help_text
     cfg = run_cli("eval", "--cfg", "job", "ckpt_path=x.ckpt", cwd=tmp_path).stdout
     assert "ckpt_path: x.ckpt" in cfg
+    resolved = run_cli("train", "--cfg", "job", "--resolve", cwd=tmp_path).stdout  # was a traceback
+    assert "output_dir: null" in resolved and "runs_dir: outputs" in resolved
 
 
 def test_non_editable_install_finds_configs_and_corpus(tmp_path):

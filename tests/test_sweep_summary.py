@@ -43,3 +43,21 @@ def test_a_sweep_into_a_used_folder_lists_its_own_jobs_only(tmp_path, capsys):
     table = (tmp_path / "summary.md").read_text()
     assert "8e-3" not in table and "| val/loss | val/pref_acc |" in table  # every figure the jobs report
     assert (tmp_path / STARTED).is_file() and "sweep summary" in capsys.readouterr().out
+
+
+def test_jobs_are_found_wherever_the_sweep_subdir_puts_them(tmp_path, capsys):
+    # hydra.sweep.subdir=lr${optim.lr}/s${seed} put the jobs two folders down: the summary found none (a TypeError
+    # where the table should be), and lfpl-plot no sweep; with hydra.output_subdir=null a job has no .hydra/ at all
+    summary = SweepSummary()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    summary.on_multirun_end(config)  # nothing yet: said so
+    assert "no job of this sweep left results" in capsys.readouterr().out
+    summary.on_multirun_start(config)
+    _job(tmp_path, "lr0.001/s1", ["optim.lr=0.001", "seed=1"], {"val/loss": 5.0})
+    _job(tmp_path, "lr0.001/s2", ["optim.lr=0.001", "seed=2"], {"val/loss": 5.1})
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / RESULTS).write_text(json.dumps({"overrides": ["seed=3"], "metrics": {"val/loss": 5.2}}))
+    rows = collect_rows(tmp_path)
+    assert [r["job"] for r in rows] == ["plain", "lr0.001/s1", "lr0.001/s2"]
+    summary.on_multirun_end(config)
+    assert "| lr0.001/s2 |" in (tmp_path / "summary.md").read_text()

@@ -47,6 +47,12 @@ def user_errors() -> Iterator[None]:
     status 2, instead of a traceback; running out of memory into one line and status 1; Ctrl-C into "interrupted"
     and status 130, as a shell reports it. Anything else is a bug and keeps its traceback."""
     try:
+        if HydraConfig.initialized() and HydraConfig.get().job.chdir:
+            # Relative paths (data.path, ckpt_path, init_from, the cache) mean the folder the command started in; in
+            # the run's folder they named nothing ("does not exist"), or put the token cache inside each run.
+            raise ConfigError("hydra.job.chdir=true is not supported: relative paths are read from the folder the "
+                              "command starts in, and outputs go to the run's folder (paths.output_dir) anyway; "
+                              "drop it")
         yield
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

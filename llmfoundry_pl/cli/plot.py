@@ -69,7 +69,7 @@ def plot(path: Path) -> list[Path]:
     figure = _figure_class()
     if (path / "csv" / "metrics.csv").is_file():
         return plot_run(path, figure)
-    if any((d / ".hydra").is_dir() for d in path.iterdir() if d.is_dir()):
+    if collect_rows(path):  # job folders below it, wherever hydra.sweep.subdir put them, .hydra/ or not
         return plot_sweep(path, figure)
     hint = " (trained with logger=tensorboard? then: tensorboard --logdir " + str(path) + ")" \
         if (path / "tensorboard").is_dir() else ""

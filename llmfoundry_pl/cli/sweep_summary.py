@@ -49,16 +49,21 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         return path.is_file() and path.stat().st_mtime >= since
 
     rows = []
-    job_dirs = [d for d in sweep_dir.iterdir() if fresh(d / ".hydra" / "overrides.yaml") or fresh(d / RESULTS)]
-    for job_dir in sorted(job_dirs, key=lambda d: (len(d.name), d.name)):
+    # A job's folder is hydra.sweep.subdir below the sweep's: the job number by default, deeper for a subdir such as
+    # lr${optim.lr}/s${seed} (the summary found no job there: a TypeError instead of a table)
+    job_dirs = {p.parents[1] for p in sweep_dir.rglob(".hydra/overrides.yaml") if fresh(p)}
+    job_dirs |= {p.parent for p in sweep_dir.rglob(RESULTS) if fresh(p)}
+    job_dirs.discard(sweep_dir)  # a single run's folder is not a sweep of itself
+    for job_dir in sorted(job_dirs, key=lambda d: (len(str(d)), str(d))):
+        name = job_dir.relative_to(sweep_dir).as_posix()
         if fresh(job_dir / RESULTS):
             record = json.loads((job_dir / RESULTS).read_text())
             failed = [text for key, text in FAILED.items() if key in record]
-            rows.append({"job": job_dir.name, "overrides": " ".join(record["overrides"]), **record["metrics"],
+            rows.append({"job": name, "overrides": " ".join(record["overrides"]), **record["metrics"],
                          **({"status": failed[0]} if failed else {})})
         else:
             overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
-            rows.append({"job": job_dir.name, "overrides": " ".join(overrides), "status": UNFINISHED})
+            rows.append({"job": name, "overrides": " ".join(overrides), "status": UNFINISHED})
     return rows
 
 
@@ -124,6 +129,9 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         rows = collect_rows(sweep_dir)
+        if not rows:
+            print(f"\nsweep summary: no job of this sweep left results under {sweep_dir}", flush=True)
+            return
         columns = self.columns if self.columns is not None else metric_columns(rows)
         table = format_table(rows, columns)
         atomic_write_bytes(sweep_dir / "summary.md", (table + "\n").encode())
