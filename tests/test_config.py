@@ -248,6 +248,15 @@ def test_running_out_of_memory_is_one_line_naming_what_to_lower(capsys, monkeypa
         raise error
 
 
+def test_hydra_full_error_shows_the_traceback_behind_a_one_line_error(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_, user_errors():
+        raise ConfigError("data.path=x does not exist")
+    assert exit_.value.code == 2 and capsys.readouterr().err == "error: data.path=x does not exist\n"
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # Hydra's switch showed its own errors' tracebacks, not ours
+    with pytest.raises(ConfigError, match="data.path=x"), user_errors():
+        raise ConfigError("data.path=x does not exist")
+
+
 def test_fp16_on_a_cpu_needs_fp16_instructions(monkeypatch):
     # Without them torch multiplies fp16 60-400x slower than fp32: a run that seems to hang, refused in one line.
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)

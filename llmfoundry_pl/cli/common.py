@@ -55,6 +55,8 @@ def user_errors() -> Iterator[None]:
                               "drop it")
         yield
     except ConfigError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the whole traceback, as for its errors
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except MissingMandatoryValue as e:
