@@ -260,7 +260,7 @@ def prepare_data_and_model(cfg: DictConfig) -> tuple[TextDataModule | ChatDataMo
     starting model's own with ``init_from`` (fine-tuning, or continued pretraining on new text). (Lightning calls
     prepare_data again in fit; by then it only reads the cache.)"""
     data_cfg = OmegaConf.to_object(cfg.data)
-    if data_cfg.val_fraction >= 1 and not getattr(data_cfg, "val_path", None):  # before any tokenizing
+    if data_cfg.val_fraction >= 1:  # before any tokenizing (chat data's schema keeps it below 1)
         raise ConfigError(f"data.val_fraction={data_cfg.val_fraction} holds out all the data for validation and leaves "
                           "none to train on; lower it (0.05 is the default)")
     source = load_model(cfg.init_from, key="init_from") if cfg.get("init_from") else None

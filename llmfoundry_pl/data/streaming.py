@@ -90,8 +90,8 @@ def _read_meta(folder: Path) -> dict | None:
         meta = json.loads((folder / "chunks.json").read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:  # JSON cut short, not UTF-8, unreadable
-        meta = e
+    except (OSError, ValueError):  # JSON cut short, not UTF-8, unreadable
+        meta = None
     if not isinstance(meta, dict):  # a traceback, or "no chunks.json" though there was one
         raise ConfigError(f"{folder / 'chunks.json'} is not a chunk index llmfoundry-pl wrote (cut short or edited); "
                           "give a new or empty data.chunks_dir to build the chunks again")
