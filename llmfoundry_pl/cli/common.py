@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from llmfoundry_pl.checkpoint_io import AtomicCheckpointIO
-from llmfoundry_pl.cli.ddp import SWEEP_DIR_ENV, build_strategy
+from llmfoundry_pl.cli.ddp import build_strategy, running_sweep_dir
 from llmfoundry_pl.cli.sweep_summary import STARTED as SWEEP_STARTED
 from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, ModelConfig, StreamingDataConfig, check_fp16_on_cpu
@@ -397,17 +397,12 @@ def absolute_data_paths(data: DictConfig) -> None:
 
 
 def _this_sweep() -> tuple[Path, float] | None:
-    """The folder of the sweep the current job belongs to while it runs, and when it started (its ``.sweep_started``
-    marker's time; 0 without one); None outside a running sweep. A job's extra DDP ranks run as single runs of their
-    own: their launcher tells them the sweep's folder (:data:`SWEEP_DIR_ENV`)."""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        folder = Path(HydraConfig.get().sweep.dir)
-    elif os.environ.get(SWEEP_DIR_ENV):
-        folder = Path(os.environ[SWEEP_DIR_ENV])
-    else:
+    """The folder of the sweep the current job belongs to while it runs (:func:`running_sweep_dir`), and when it
+    started (its ``.sweep_started`` marker's time; 0 without one); None outside a running sweep."""
+    if (folder := running_sweep_dir()) is None:
         return None
-    marker = folder / SWEEP_STARTED
-    return folder.resolve(), marker.stat().st_mtime if marker.is_file() else 0.0
+    marker = Path(folder) / SWEEP_STARTED
+    return Path(folder).resolve(), marker.stat().st_mtime if marker.is_file() else 0.0
 
 
 def absolute_model_path(path: str, runs_dir: str = "outputs", key: str = "init_from") -> str:

@@ -37,6 +37,18 @@ _PARENT_ONLY_HYDRA_KEYS = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.jo
                            "hydra/sweeper", "hydra/launcher", "hydra.sweeper", "hydra.launcher")
 
 
+def running_sweep_dir() -> str | None:
+    """The folder of the sweep the current job belongs to, None outside a sweep: Hydra's while a ``-m`` job runs,
+    and for the extra ranks of such a job (single runs of their own) what their launcher passed in
+    :data:`SWEEP_DIR_ENV`."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return HydraConfig.get().sweep.dir
+    return os.environ.get(SWEEP_DIR_ENV) or None
+
+
 def rank_command(local_rank: int) -> list[str]:
     """The command line that starts rank ``local_rank`` of the current Hydra job as a single run."""
     from hydra.core.hydra_config import HydraConfig
@@ -90,11 +102,9 @@ class _HydraJobLauncher(_SubprocessScriptLauncher):
         os.environ["NODE_RANK"] = str(self.cluster_environment.node_rank())
         os.environ["LOCAL_RANK"] = str(self.cluster_environment.local_rank())
         os.environ["WORLD_SIZE"] = f"{self.num_processes * self.num_nodes}"
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
         from hydra.utils import get_original_cwd
 
-        sweep = {SWEEP_DIR_ENV: HydraConfig.get().sweep.dir} if HydraConfig.get().mode == RunMode.MULTIRUN else {}
+        sweep = {SWEEP_DIR_ENV: folder} if (folder := running_sweep_dir()) else {}
         for local_rank in range(1, self.num_processes):
             env = {**os.environ, "LOCAL_RANK": str(local_rank), **sweep}
             self.procs.append(subprocess.Popen(rank_command(local_rank), env=env, cwd=get_original_cwd()))
