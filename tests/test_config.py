@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from llmfoundry_pl.cli.common import (
     build_trainer,
     check_compiled_attention,
+    check_nothing_deleted,
     instantiate_group,
     pick_device,
     require_compiler,
@@ -255,6 +256,30 @@ def test_hydra_full_error_shows_the_traceback_behind_a_one_line_error(capsys, mo
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # Hydra's switch showed its own errors' tracebacks, not ours
     with pytest.raises(ConfigError, match="data.path=x"), user_errors():
         raise ConfigError("data.path=x does not exist")
+
+
+def test_deleting_a_setting_with_a_tilde_is_one_line_naming_it(compose_train, monkeypatch, capsys):
+    # ~lora deleted the key, ~trainer the group's option: the run failed later in OmegaConf's traceback
+    from hydra.core.hydra_config import HydraConfig
+
+    for override in ("~lora", "~seed", "~trainer"):
+        cfg = compose_train([override], return_hydra_config=True)
+        monkeypatch.setattr(HydraConfig.instance(), "cfg", cfg)
+        with pytest.raises(SystemExit) as exit_, user_errors(cfg):
+            raise AssertionError("the check runs first")
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.startswith(f"error: {override} deleted {override[1:]}, which this command")
+    for override in ("~logger", "~callbacks"):  # deletions that leave a working run (no logger, no callbacks)
+        cfg = compose_train([override], return_hydra_config=True)
+        monkeypatch.setattr(HydraConfig.instance(), "cfg", cfg)
+        check_nothing_deleted(cfg)
+    # ~paths: an interpolation to the value it deleted
+    with pytest.raises(SystemExit) as exit_, user_errors():
+        _ = OmegaConf.create({"trainer": {"default_root_dir": "${paths.output_dir}"}, "paths": {"output_dir": "???"}}
+                             ).trainer.default_root_dir
+    assert exit_.value.code == 2 and capsys.readouterr().err == (
+        "error: trainer.default_root_dir needs paths.output_dir, which is missing; give it on the command line "
+        "(paths.output_dir=...)\n")
 
 
 def test_fp16_on_a_cpu_needs_fp16_instructions(monkeypatch):

@@ -317,7 +317,7 @@ def _report(rows: dict[str, dict[str, float]], setup: dict[str, float | str | bo
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
 def _hydra_main(cfg: DictConfig) -> None:
     output_dir = HydraConfig.get().runtime.output_dir
-    with user_errors():
+    with user_errors(cfg):
         try:
             result = bench(cfg)
         except (ConfigError, RuntimeError) as e:  # one job of a sweep (a batch too large) fails alone

@@ -22,8 +22,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from llmfoundry_pl.checkpoint_io import AtomicCheckpointIO
 from llmfoundry_pl.cli.ddp import build_strategy, running_sweep_dir
@@ -42,11 +42,14 @@ T = TypeVar("T")
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors(cfg: DictConfig | None = None) -> Iterator[None]:
     """Turn a :class:`ConfigError` (a mistake in the user's settings or data) into one line on stderr and exit
     status 2, instead of a traceback; running out of memory into one line and status 1; Ctrl-C into "interrupted"
-    and status 130, as a shell reports it. Anything else is a bug and keeps its traceback."""
+    and status 130, as a shell reports it. Anything else is a bug and keeps its traceback. Given the command's
+    ``cfg``, first checks that Hydra's ``~key`` deleted nothing it needs (:func:`check_nothing_deleted`)."""
     try:
+        if cfg is not None:
+            check_nothing_deleted(cfg)
         if HydraConfig.initialized() and HydraConfig.get().job.chdir:
             # Relative paths (data.path, ckpt_path, init_from, the cache) mean the folder the command started in; in
             # the run's folder they named nothing ("does not exist"), or put the token cache inside each run.
@@ -62,6 +65,12 @@ def user_errors() -> Iterator[None]:
     except MissingMandatoryValue as e:
         print(f"error: {e.full_key} is required; give it on the command line ({e.full_key}=...)", file=sys.stderr)
         raise SystemExit(2) from None
+    except InterpolationToMissingValueError as e:  # ${paths.output_dir} after ~paths, say
+        needed = re.search(r"Missing mandatory value: (\S+)", str(e))
+        what = needed[1] if needed else "a value it refers to"
+        print(f"error: {e.full_key} needs {what}, which is missing; give it on the command line ({what}=...)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:  # Ctrl-C outside fit (which Lightning ends itself): preparing data, a prompt, ...
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
@@ -72,6 +81,24 @@ def user_errors() -> Iterator[None]:
         print(f"error: out of memory: {what} — the 'Out of memory' section of docs/troubleshooting.md lists what to "
               "lower; for training, lfpl-plan shows the largest micro-batch that fits", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def check_nothing_deleted(cfg: DictConfig) -> None:
+    """Refuse a config that Hydra's ``~key`` override left without a setting of its schema. Hydra deletes the key
+    (``~lora``) or the group's option (``~trainer``), and the command failed later, deep in its code, with
+    OmegaConf's traceback ("Key 'lora' not in 'TrainConfig'"). Settings are turned off by value here
+    (``lora.enabled=false``, ``callbacks.sample_text=null``), so a deletion is never what the user meant."""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    deleted = {o[1:].partition("=")[0] for o in HydraConfig.get().overrides.task if o.startswith("~")} \
+        if HydraConfig.initialized() else set()
+    for f in dataclasses.fields(schema):
+        # ~trainer: the group's option deleted, and only what other groups (hardware=) set in it is left
+        gone = f.name not in cfg.keys() or (f.default == MISSING and f.name in deleted)
+        if gone:
+            raise ConfigError(f"~{f.name} deleted {f.name}, which this command needs; set its value instead "
+                              f"(--help lists the settings): features turn off by value, e.g. lora.enabled=false")
 
 
 def fail_sweep_job_alone(error: BaseException, output_dir: str | os.PathLike, metrics: dict[str, float]) -> bool:

@@ -147,7 +147,7 @@ def evaluate_task(cfg: EvalConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors():
+    with user_errors(cfg):
         evaluate(cfg)
 
 

@@ -68,7 +68,7 @@ def _sources(ckpt_path: str) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors():
+    with user_errors(cfg):
         export(cfg)
 
 

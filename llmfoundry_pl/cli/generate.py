@@ -186,7 +186,7 @@ def generate(node: DictConfig) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
 def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors():
+    with user_errors(cfg):
         generate(cfg)
 
 

@@ -186,7 +186,7 @@ def _duration(hours: float) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="plan")
 def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors():
+    with user_errors(cfg):
         plan(cfg)
 
 

@@ -70,7 +70,7 @@ def _default_name(path: str) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="serve")
 def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors():
+    with user_errors(cfg):
         serve(cfg)
 
 

@@ -254,7 +254,7 @@ def _held_out(metrics: dict[str, float]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
-    with user_errors():
+    with user_errors(cfg):
         try:
             # The value Hydra's sweepers (hparams_search=optuna) minimise. A trial without one (no validation, or
             # failed below) is +inf, the worst: told a NaN, Optuna raised, and the whole search ended there.
