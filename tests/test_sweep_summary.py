@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import unicodedata
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -36,7 +38,7 @@ def test_a_sweep_into_a_used_folder_lists_its_own_jobs_only(tmp_path, capsys):
     _job(tmp_path, "1", ["model=tiny", "optim.lr=3e-4"], None)
     rows = collect_rows(tmp_path)
     assert [(r["job"], r["overrides"], r.get("val/loss")) for r in rows] == [
-        ("0", "model=tiny optim.lr=1e-4", 4.5), ("1", "model=tiny optim.lr=3e-4", None)]
+        ("0", ["model=tiny", "optim.lr=1e-4"], 4.5), ("1", ["model=tiny", "optim.lr=3e-4"], None)]
     # the stopped job keeps its label: what the sweep varied is still told apart
     assert split_overrides(rows) == (["model=tiny"], ["optim.lr=1e-4", f"optim.lr=3e-4 {UNFINISHED}"])
     summary.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
@@ -61,3 +63,28 @@ def test_jobs_are_found_wherever_the_sweep_subdir_puts_them(tmp_path, capsys):
     assert [r["job"] for r in rows] == ["plain", "lr0.001/s1", "lr0.001/s2"]
     summary.on_multirun_end(config)
     assert "| lr0.001/s2 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_values_with_spaces_and_wide_characters_stay_whole_and_aligned(tmp_path):
+    # Rows held the overrides joined by spaces and split them again at any whitespace: a quoted value with a space
+    # (or an ideographic one, U+3000) was cut in two, half of it "common to all jobs"; and Chinese cells, two
+    # terminal columns each, slid the table's columns apart
+    summary = SweepSummary()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    summary.on_multirun_start(config)
+    prompts = ["sample_prompt='第一章\u3000开端'", "sample_prompt='ROMEO said'"]
+    for job, prompt in enumerate(prompts):
+        _job(tmp_path, str(job), [prompt, "optim.lr=0.001"], {"val/loss": 5.0 + job})
+    assert split_overrides(collect_rows(tmp_path)) == (["optim.lr=0.001"], prompts)
+    summary.on_multirun_end(config)
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    assert table[0] == "common to all jobs: optim.lr=0.001"
+    rows = table[2:]
+    assert prompts[0] in rows[2] and prompts[1] in rows[3]
+    # every "|" at the same terminal column: wide characters count two
+    columns = [[sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line[:i]) for i, c in
+                enumerate(line) if c == "|"] for line in rows]
+    assert all(c == columns[0] for c in columns)
+    assert [r["overrides"] for r in csv.DictReader(open(tmp_path / "summary.csv"))] == [
+        f"{p} optim.lr=0.001" for p in prompts]
+

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import sys
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,9 @@ def write_final_metrics(output_dir: Path, metrics: dict[str, Any], **extra: Any)
 
 def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job directory (numbered by Hydra) of the latest sweep under ``sweep_dir``, in job order: its
-    overrides and figures (and ``status`` "(failed)" or "(diverged)" for a job that ended so), or for a job without
-    results its overrides (from the config Hydra saved, ``.hydra/``; lfpl-bench saves none) and ``status``
-    :data:`UNFINISHED`."""
+    overrides (a list, as Hydra keeps them: a value may hold spaces) and figures (and ``status`` "(failed)" or
+    "(diverged)" for a job that ended so), or for a job without results its overrides (from the config Hydra saved,
+    ``.hydra/``; lfpl-bench saves none) and ``status`` :data:`UNFINISHED`."""
     started = sweep_dir / STARTED
     since = started.stat().st_mtime if started.is_file() else 0.0
 
@@ -59,11 +60,11 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         if fresh(job_dir / RESULTS):
             record = json.loads((job_dir / RESULTS).read_text())
             failed = [text for key, text in FAILED.items() if key in record]
-            rows.append({"job": name, "overrides": " ".join(record["overrides"]), **record["metrics"],
+            rows.append({"job": name, "overrides": list(record["overrides"]), **record["metrics"],
                          **({"status": failed[0]} if failed else {})})
         else:
             overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
-            rows.append({"job": name, "overrides": " ".join(overrides), "status": UNFINISHED})
+            rows.append({"job": name, "overrides": list(overrides), "status": UNFINISHED})
     return rows
 
 
@@ -77,7 +78,7 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
 def split_overrides(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """The overrides shared by every job, and each row's others: what the sweep varied ("-" if nothing; an
     unfinished job's marked so)."""
-    jobs = [r["overrides"].split() for r in rows]
+    jobs = [r["overrides"] for r in rows]
     common = [o for o in jobs[0] if all(o in j for j in jobs)] if jobs else []
     varied = []
     for r, j in zip(rows, jobs, strict=True):
@@ -93,10 +94,17 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     header = ["job", "overrides", *columns]
     cells = [[str(r.get("job", "")), v] + [_fmt(c, r.get(c)) for c in columns]
              for r, v in zip(rows, varied, strict=True)]
-    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
-    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
+    widths = [max(_width(h), *(_width(row[i]) for row in cells)) for i, h in enumerate(header)]
+    line = lambda values: "| " + " | ".join(v + " " * (w - _width(v)) for v, w in zip(values, widths, strict=True)) \
+        + " |"
     table = [line(header), line(["-" * w for w in widths]), *(line(row) for row in cells)]
     return "\n".join(([f"common to all jobs: {' '.join(common)}", ""] if common else []) + table)
+
+
+def _width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: Chinese, Japanese and Korean characters take two (the table's columns
+    slid apart where a value held them)."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def _fmt(column: str, value: Any) -> str:
@@ -138,7 +146,7 @@ class SweepSummary(Callback):
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["job", "overrides", "status", *columns], extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "overrides": " ".join(r["overrides"])} for r in rows)
         atomic_write_bytes(sweep_dir / "summary.csv", buffer.getvalue().encode())
         print(f"\nsweep summary ({sweep_dir}/summary.md):\n{table}", flush=True)
         # A job that could not run (its settings, the device's memory) is the user's to fix, as in a single run, so
