@@ -17,6 +17,7 @@ from llmfoundry_pl.cli.common import (
     check_nothing_deleted,
     instantiate_group,
     pick_device,
+    quote_non_ascii_values,
     require_compiler,
     seed_everything,
     to_dataclass,
@@ -280,6 +281,19 @@ def test_deleting_a_setting_with_a_tilde_is_one_line_naming_it(compose_train, mo
     assert exit_.value.code == 2 and capsys.readouterr().err == (
         "error: trainer.default_root_dir needs paths.output_dir, which is missing; give it on the command line "
         "(paths.output_dir=...)\n")
+
+
+def test_non_ascii_values_are_quoted_for_hydras_grammar(compose_train):
+    # Hydra reads unquoted values in ASCII only: prompt=你好, data.path=/data/语料.txt, even sample_prompt=é ended
+    # in its lexer's error (LexerNoViableAltException), for a project whose first audience writes Chinese
+    typed = ["sample_prompt=你好", "data.path=/tmp/语料 a/a.txt", "optim.lr=3e-4", "-m", "--config-dir", "配置",
+             "sample_prompt=你好,再见", 'sample_prompt="你好"', "stop=[\"。\"]", "+x=${a}é"]
+    assert quote_non_ascii_values(typed) == [
+        "sample_prompt='你好'", "data.path='/tmp/语料 a/a.txt'", *typed[2:]]  # Hydra's grammar left to Hydra
+    cfg = compose_train(quote_non_ascii_values(typed[:3]))
+    assert (cfg.sample_prompt, cfg.data.path, cfg.optim.lr) == ("你好", "/tmp/语料 a/a.txt", 3e-4)
+    with pytest.raises(Exception, match="LexerNoViableAltException"):  # as typed, without the quotes
+        compose_train(typed[:1])
 
 
 def test_fp16_on_a_cpu_needs_fp16_instructions(monkeypatch):

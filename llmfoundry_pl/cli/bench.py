@@ -44,15 +44,15 @@ from llmfoundry_pl.cli.common import (
     check_compiled_attention,
     fail_sweep_job_alone,
     prepare_data_and_model,
-    quiet_library_noise,
     require_compiler,
+    run_hydra_app,
     seed_everything,
     to_dataclass,
     user_errors,
 )
 from llmfoundry_pl.cli.ddp import end_distributed_job
 from llmfoundry_pl.cli.sweep_summary import write_final_metrics
-from llmfoundry_pl.config import BenchSettings, ConfigError, ModelConfig, OptimConfig, register_configs
+from llmfoundry_pl.config import BenchSettings, ConfigError, ModelConfig, OptimConfig
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
 from llmfoundry_pl.lit_module import LitLlama, adamw_param_groups, check_adamw_eps, use_fused_adamw
@@ -329,9 +329,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
-    quiet_library_noise()
-    _hydra_main()
+    run_hydra_app(_hydra_main)
 
 
 if __name__ == "__main__":

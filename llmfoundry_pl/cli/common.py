@@ -9,7 +9,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +29,14 @@ from llmfoundry_pl.checkpoint_io import AtomicCheckpointIO
 from llmfoundry_pl.cli.ddp import build_strategy, running_sweep_dir
 from llmfoundry_pl.cli.sweep_summary import STARTED as SWEEP_STARTED
 from llmfoundry_pl.cli.sweep_summary import write_final_metrics
-from llmfoundry_pl.config import ChatDataConfig, ConfigError, ModelConfig, StreamingDataConfig, check_fp16_on_cpu
+from llmfoundry_pl.config import (
+    ChatDataConfig,
+    ConfigError,
+    ModelConfig,
+    StreamingDataConfig,
+    check_fp16_on_cpu,
+    register_configs,
+)
 from llmfoundry_pl.data import ChatDataModule, StreamingDataModule, TextDataModule
 from llmfoundry_pl.interop import ModelSource, load_folder
 from llmfoundry_pl.lit_module import LitDPO, LitLlama, TrainingDiverged
@@ -124,6 +131,34 @@ def out_of_memory(error: BaseException) -> str | None:
         return ". ".join(text.split(". ")[:3]).rstrip(".")  # what was asked for, and what the device has free
     cpu = re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", text)
     return f"the CPU could not allocate {int(cpu[1]) / 1e9:.1f} GB more" if cpu else None
+
+
+def run_hydra_app(app: Callable[[], Any]) -> None:
+    """Start a Hydra command (``app``, its ``@hydra.main`` function): register the schemas, quiet the libraries'
+    noise, and quote the values Hydra's command-line grammar cannot read unquoted (:func:`quote_non_ascii_values`)."""
+    register_configs()
+    quiet_library_noise()
+    sys.argv[1:] = quote_non_ascii_values(sys.argv[1:])
+    app()
+
+
+# Characters with a meaning in Hydra's override grammar (sweeps, lists, dicts, interpolations, quotes): a value that
+# holds one is left as typed, for Hydra to read.
+_GRAMMAR_CHARACTERS = set("'\"\\[]{}(),$=")
+
+
+def quote_non_ascii_values(args: list[str]) -> list[str]:
+    """``args`` with each override's value that holds non-ASCII text quoted (``prompt=你好`` as ``prompt='你好'``).
+    Hydra reads unquoted values in ASCII only: ``prompt=你好``, ``data.path=/data/语料.txt``, even ``prompt=é``
+    ended in its lexer's error, and its docs say to quote them, which only a shell's quotes around Hydra's own do
+    (``'prompt="你好"'``). Values Hydra would read otherwise (a sweep ``a,b``, a list, ``${...}``) are left as typed."""
+    quoted = []
+    for arg in args:
+        override = re.fullmatch(r"([~+]{0,2}[A-Za-z_][\w.@/-]*)=(.*)", arg, flags=re.DOTALL)
+        if override and not override[2].isascii() and not _GRAMMAR_CHARACTERS & set(override[2]):
+            arg = f"{override[1]}='{override[2]}'"
+        quoted.append(arg)
+    return quoted
 
 
 def quiet_library_noise() -> None:

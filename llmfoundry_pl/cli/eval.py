@@ -25,7 +25,7 @@ from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     load_model,
     pick_device,
-    quiet_library_noise,
+    run_hydra_app,
     to_dataclass,
     user_errors,
 )
@@ -36,7 +36,6 @@ from llmfoundry_pl.config import (
     EvalConfig,
     ModelConfig,
     check_fp16_on_cpu,
-    register_configs,
 )
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.demo_task import demo_questions
@@ -152,9 +151,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
-    quiet_library_noise()
-    _hydra_main()
+    run_hydra_app(_hydra_main)
 
 
 if __name__ == "__main__":

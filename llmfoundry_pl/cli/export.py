@@ -19,13 +19,13 @@ from omegaconf import DictConfig
 from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     load_model,
-    quiet_library_noise,
     read_checkpoint,
     resolve_ckpt_path,
+    run_hydra_app,
     to_dataclass,
     user_errors,
 )
-from llmfoundry_pl.config import ConfigError, ExportConfig, register_configs
+from llmfoundry_pl.config import ConfigError, ExportConfig
 from llmfoundry_pl.interop import FORMAT_NAMES, save_hf, save_safetensors
 from llmfoundry_pl.interop.folder import check_writable
 from llmfoundry_pl.interop.hf import verify_hf
@@ -73,9 +73,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
-    quiet_library_noise()
-    _hydra_main()
+    run_hydra_app(_hydra_main)
 
 
 if __name__ == "__main__":

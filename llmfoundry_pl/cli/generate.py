@@ -24,12 +24,12 @@ from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     load_model,
     pick_device,
-    quiet_library_noise,
     require_compiler,
+    run_hydra_app,
     to_dataclass,
     user_errors,
 )
-from llmfoundry_pl.config import ConfigError, GenerateConfig, register_configs
+from llmfoundry_pl.config import ConfigError, GenerateConfig
 from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, stream_text
 from llmfoundry_pl.inference.quantize import for_inference
 from llmfoundry_pl.inference.text import encode_prompt
@@ -191,9 +191,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
-    quiet_library_noise()
-    _hydra_main()
+    run_hydra_app(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_pl.callbacks import HALF_PRECISION, peak_matmul_flops
-from llmfoundry_pl.cli.common import CONFIG_PATH, check_seq_len, pick_device, to_dataclass, user_errors
+from llmfoundry_pl.cli.common import CONFIG_PATH, check_seq_len, pick_device, run_hydra_app, to_dataclass, user_errors
 from llmfoundry_pl.cli.ddp import device_count
-from llmfoundry_pl.config import ConfigError, MachineConfig, ModelConfig, PlanSettings, register_configs
+from llmfoundry_pl.config import ConfigError, MachineConfig, ModelConfig, PlanSettings
 from llmfoundry_pl.data.datamodule import check_accumulate
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.planner import CPU_RESIDENT_FACTOR, MemoryPlan, largest_batch, plan_memory
@@ -191,8 +191,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
-    _hydra_main()
+    run_hydra_app(_hydra_main)
 
 
 if __name__ == "__main__":

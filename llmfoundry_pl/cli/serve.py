@@ -20,11 +20,11 @@ from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     load_model,
     pick_device,
-    quiet_library_noise,
+    run_hydra_app,
     to_dataclass,
     user_errors,
 )
-from llmfoundry_pl.config import ConfigError, ServeConfig, register_configs
+from llmfoundry_pl.config import ConfigError, ServeConfig
 from llmfoundry_pl.inference.quantize import for_inference
 
 
@@ -75,9 +75,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
-    quiet_library_noise()
-    _hydra_main()
+    run_hydra_app(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -33,17 +33,17 @@ from llmfoundry_pl.cli.common import (
     fail_sweep_job_alone,
     instantiate_group,
     prepare_data_and_model,
-    quiet_library_noise,
     read_checkpoint,
     require_compiler,
     resolve_ckpt_path,
+    run_hydra_app,
     seed_everything,
     to_dataclass,
     user_errors,
 )
 from llmfoundry_pl.cli.ddp import end_distributed_job
 from llmfoundry_pl.cli.sweep_summary import write_final_metrics
-from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, OptimConfig, SchedulerConfig, register_configs
+from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, OptimConfig, SchedulerConfig
 from llmfoundry_pl.data import ChatDataModule
 from llmfoundry_pl.data.datamodule import check_accumulate
 from llmfoundry_pl.inference import generate_text
@@ -266,9 +266,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    register_configs()
-    quiet_library_noise()
-    _hydra_main()
+    run_hydra_app(_hydra_main)
 
 
 if __name__ == "__main__":
