@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from llmfoundry_pl.config import ConfigError
-from llmfoundry_pl.tokenizer import CHAT_TOKENS, Tokenizer
+from llmfoundry_pl.tokenizer import CHAT_TOKENS, Tokenizer, check_encodable
 
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"
@@ -59,6 +59,7 @@ def check_messages(messages: object, where: str = "the conversation") -> list[Me
             raise ConfigError(f"{where}: message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
             raise ConfigError(f"{where}: message {i} ({m['role']}) has no text content")
+        check_encodable(m["content"], f"{where}: message {i}")
         if m["role"] == "assistant" and not m["content"].strip():
             raise ConfigError(f"{where}: message {i} is an empty assistant turn; there is nothing to learn from it")
     return messages

@@ -2,7 +2,10 @@
 
 Choices that matter (and why):
 - BPE with ``byte_fallback``: a character never seen in training (an emoji, a rare Chinese character) becomes its
-  UTF-8 bytes instead of ``<unk>``, so every text round-trips exactly.
+  UTF-8 bytes instead of ``<unk>``, so every text round-trips exactly, but for two things SentencePiece reserves:
+  ``▁`` (U+2581), its own mark for a space, comes back as a space (and counts as one byte in bits per byte), and
+  the chat markup strings (``<|user|>``...) are read as their tokens wherever they appear (as Hugging Face
+  tokenizers read special tokens in text).
 - ``normalization_rule_name="identity"``, no dummy prefix, whitespace kept: decode(encode(text)) == text,
   newlines and runs of spaces included (verse and code keep their layout).
 - Fixed ids for ``<unk>``=0, ``<s>``=1 (bos), ``</s>``=2 (eos), ``<pad>``=3, then chat-role tokens reserved from
@@ -28,6 +31,22 @@ from llmfoundry_pl.config import ConfigError
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 RESERVED_TOKENS = tuple(f"<|reserved_{i}|>" for i in range(4))
+
+
+def check_encodable(text: str, where: str) -> None:
+    """Refuse text that has no UTF-8 form, in one line naming ``where``: half of a character (an unpaired UTF-16
+    surrogate, which a JSON ``\\ud83d`` escape of an emoji cut in two decodes to) or a byte that was not UTF-8 (in
+    Python's stand-in, from a terminal or pipe in another encoding). SentencePiece failed on it with pybind11's
+    "Unable to cast Python instance of type str" and no place named; the server answered 500."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}, which is not UTF-8 text" if 0xDC80 <= code <= 0xDCFF else \
+            f"U+{code:04X}, half of a character (an unpaired surrogate, as an emoji cut in two leaves)"
+        raise ConfigError(f"{where}: character {e.start + 1} is {what}; remove it") from None
 
 
 class Tokenizer:

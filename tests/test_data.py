@@ -232,12 +232,16 @@ def _corpus(path, files):
         (lambda d: _write(d / "bin.txt", b"ok\xff\xfe"), "is not UTF-8 text .*offset 2"),
         (lambda d: _write(d / "b.jsonl", '{"text": "a"}\n{oops'), "b.jsonl:2 is not valid JSON"),
         (lambda d: _write(d / "k.jsonl", '{"body": "a"}'), "no string field 'text'"),
+        # an emoji cut in two by a scraper (a lone \\ud83d escape): SentencePiece's trainer failed, naming no line
+        (lambda d: _write(d / "s.jsonl", '{"text": "a"}\n{"text": "cut \\ud83d"}'),
+         r"s.jsonl:2: character 5 is U\+D83D, half of a character"),
         # the tokenizer trainer reads the files after the first one lazily: their errors must come out unchanged
         (lambda d: _corpus(d / "c", {"a.txt": TEXT, "b.txt": b"ok\xff"}), "b.txt is not UTF-8 text"),
         (lambda d: _corpus(d / "c", {"a.jsonl": json.dumps({"text": TEXT}), "b.jsonl": '{"text": "a"}\n{oops'}),
          "b.jsonl:2 is not valid JSON"),
     ],
-    ids=["missing", "no-files", "empty", "undecodable", "bad-json", "no-field", "undecodable-second-file",
+    ids=["missing", "no-files", "empty", "undecodable", "bad-json", "no-field", "lone-surrogate",
+         "undecodable-second-file",
          "bad-json-second-file"],
 )
 def test_corpus_bad_input_gives_one_clear_error(tmp_path, make, message):

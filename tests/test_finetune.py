@@ -163,6 +163,8 @@ def test_instruction_lines_become_conversations(tmp_path):
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "role 'robot'"),
     ({"text": "hello"}, "expected"),
+    ('{"messages": [{"role": "user", "content": "hi \\ud83d"}, {"role": "assistant", "content": "yo"}]}',
+     r"message 0: character 4 is U\+D83D"),  # an emoji cut in two: the tokenizer's traceback, not skipped
 ])
 def test_malformed_lines_name_their_line_number_or_are_skipped(tmp_path, caplog, line, reason):
     good = {"messages": CONVERSATION[1:3]}

@@ -315,7 +315,7 @@ def test_prompts_read_from_files_and_stdin_are_the_text_typed(tmp_path, monkeypa
     assert list(cli.read_stdin_prompts()) == ["ROMEO:", "JULIET:"]
 
 
-def test_generate_chat_keeps_the_conversation_and_the_system_message(compose_train, monkeypatch):
+def test_generate_chat_keeps_the_conversation_and_the_system_message(compose_train, monkeypatch, capsys):
     # lfpl-generate chat=true: a message too long for the context alone used to clear the whole conversation
     # before it, and prompt_file left the system message out of every prompt. The spies record what is asked.
     from llmfoundry_pl.cli import generate as cli
@@ -332,10 +332,12 @@ def test_generate_chat_keeps_the_conversation_and_the_system_message(compose_tra
         return stream_text(model, tok, prompt, *args, **kwargs)
 
     monkeypatch.setattr(cli, "stream_text", stream_spy)
-    monkeypatch.setattr(cli, "read_stdin_prompts", lambda: iter(["hi", "x " * 200, "yo"]))
+    # a line a GBK terminal typed (Python's stand-ins for bytes that are not UTF-8) ended the session in a traceback
+    monkeypatch.setattr(cli, "read_stdin_prompts", lambda: iter(["hi", "x " * 200, "\udcc4\udce3", "yo"]))
     common = ["chat=true", "system=Be brief.", "max_new_tokens=2", "temperature=0"]
     replies = cli.generate(compose_train(["ckpt_path=x", "interactive=true", *common], name="generate"))
     assert asked[0] == ["Be brief.", "hi"] and asked[2] == ["Be brief.", "hi", replies[0], "yo"]
+    assert "error: the prompt: character 1 is byte 0xc4, which is not UTF-8 text; remove it" in capsys.readouterr().err
 
     batches = []
     monkeypatch.setattr(cli, "generate_text_batch", lambda model, tok, prompts, *a, **k: batches.append(prompts)

@@ -280,6 +280,10 @@ def test_concurrent_greedy_requests_get_their_solo_outputs(server, model, tokeni
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}, 400, "messages.0.content.0.type"),
     ("/v1/completions", b"[]", 400, None),
+    # an emoji cut in two, as JavaScript's JSON.stringify sends it (a lone \\ud83d): the tokenizer's 500
+    ("/v1/completions", {"model": "M", "prompt": "表情\ud83d"}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "表情\ud83d"}]}, 400,
+     "messages.0.content"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 4, "stop": ["A", ""]}, 400, "stop"),
     # OpenAI features this server lacks are refused, not ignored
     ("/v1/completions", {"model": "M", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),

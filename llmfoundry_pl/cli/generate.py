@@ -34,7 +34,7 @@ from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, strea
 from llmfoundry_pl.inference.quantize import for_inference
 from llmfoundry_pl.inference.text import encode_prompt
 from llmfoundry_pl.model import Transformer
-from llmfoundry_pl.tokenizer import Tokenizer
+from llmfoundry_pl.tokenizer import Tokenizer, check_encodable
 
 
 def load_models(cfg: GenerateConfig) -> tuple[Transformer, Tokenizer, Transformer | None]:
@@ -155,13 +155,14 @@ def generate(node: DictConfig) -> list[str]:
         options.update(draft_model=draft, draft_tokens=cfg.draft_tokens, stats=stats)
     history = system
     for prompt in read_stdin_prompts() if cfg.interactive else [cfg.prompt]:
-        # chat: the conversation so far, oldest turns dropped if it outgrows the context; kept as it was if this
-        # prompt cannot be answered (a message too long for the context alone would have cleared it)
-        asked = fit_context(chat, [*history, {"role": "user", "content": prompt}], model.config.max_seq_len) \
-            if chat is not None else prompt
-        deltas = stream_text(model, tokenizer, asked, cfg.max_new_tokens, **options)
-        try:
-            text = next(deltas, "")  # a prompt the model cannot take fails here, before anything is printed
+        try:  # a prompt the model cannot take fails here, before anything is printed
+            check_encodable(prompt, "the prompt")  # a line typed in another encoding than UTF-8 (GBK), say
+            # chat: the conversation so far, oldest turns dropped if it outgrows the context; kept as it was if
+            # this prompt cannot be answered (a message too long for the context alone would have cleared it)
+            asked = fit_context(chat, [*history, {"role": "user", "content": prompt}], model.config.max_seq_len) \
+                if chat is not None else prompt
+            deltas = stream_text(model, tokenizer, asked, cfg.max_new_tokens, **options)
+            text = next(deltas, "")
         except ConfigError as e:
             if not cfg.interactive:
                 raise

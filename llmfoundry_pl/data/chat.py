@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from llmfoundry_pl.chat import ChatFormat, Message, check_messages
 from llmfoundry_pl.config import ChatDataConfig, ConfigError
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX, RankShare, StepBatchSampler, remaining_micro_batches
-from llmfoundry_pl.tokenizer import Tokenizer
+from llmfoundry_pl.tokenizer import Tokenizer, check_encodable
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ def _preference_record(obj: dict, where: str) -> dict:
             reply = reply[0].get("content")
         if not isinstance(reply, str) or not reply.strip():
             raise ConfigError(f"{where}: {key} must be a non-empty reply text")
+        check_encodable(reply, f"{where}: {key}")
         replies[key] = reply
     return {"prompt": prompt, **replies}
 

@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmfoundry_pl.config import ConfigError, DataConfig
-from llmfoundry_pl.tokenizer import Tokenizer, atomic_write_bytes, temp_sibling, train_tokenizer
+from llmfoundry_pl.tokenizer import Tokenizer, atomic_write_bytes, check_encodable, temp_sibling, train_tokenizer
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")  # one document per line: the string in its data.text_field
 TEXT_SUFFIXES = (".txt", ".md", *JSON_LINES_SUFFIXES)  # compared in lower case: DOCS.JSONL is JSON Lines too
@@ -95,6 +95,7 @@ def read_documents(file: Path, text_field: str = "text") -> list[str]:
             raise ConfigError(f"{file}:{lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise ConfigError(f"{file}:{lineno} has no string field '{text_field}'; set data.text_field to its key")
+        check_encodable(record[text_field], f"{file}:{lineno}")
         docs.append(record[text_field])
     return docs
 

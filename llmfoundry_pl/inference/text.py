@@ -9,7 +9,7 @@ from llmfoundry_pl.config import check_stop_strings
 from llmfoundry_pl.inference.generate import generate_batch, generate_stream
 from llmfoundry_pl.inference.speculative import speculative_stream
 from llmfoundry_pl.model import Transformer
-from llmfoundry_pl.tokenizer import Tokenizer
+from llmfoundry_pl.tokenizer import Tokenizer, check_encodable
 
 
 class TextStreamer:
@@ -47,8 +47,11 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: ChatFormat | None)
     if chat is None:
         if not isinstance(prompt, str):
             raise TypeError("a conversation (list of messages) needs chat=ChatFormat(tokenizer)")
+        check_encodable(prompt, "the prompt")
         return tokenizer.encode(prompt, bos=True), tokenizer.eos_id
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    for m in messages:
+        check_encodable(m["content"], "the prompt")
     return chat.prompt_ids(messages), chat.end_id
 
 

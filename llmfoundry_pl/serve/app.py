@@ -21,22 +21,37 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from llmfoundry_pl.chat import ChatFormat, Message
 from llmfoundry_pl.config import ConfigError, ServeConfig, check_stop_strings
 from llmfoundry_pl.serve.engine import Engine, QueueFull, SamplingParams
 from llmfoundry_pl.serve.engine import Request as EngineRequest
+from llmfoundry_pl.tokenizer import check_encodable
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Request bodies (pydantic checks types; the error handler names the field)
 # ------------------------------------------------------------------------------------------------------------------
+def _utf8(text: str) -> str:
+    """A 400 for text without a UTF-8 form: JavaScript's JSON.stringify sends an emoji cut in two as a lone
+    ``\\ud83d``, and the tokenizer failed on it with a 500."""
+    try:
+        check_encodable(text, "the text")
+    except ConfigError as e:
+        raise PydanticCustomError("unicode", str(e)) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class _Sampling(BaseModel):
     # Fields this class does not name are kept (not dropped), for _refuse_unsupported to look at.
     model_config = ConfigDict(extra="allow")
@@ -47,26 +62,26 @@ class _Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=1)  # top_k and min_p are not OpenAI's: vLLM's (lfpl-generate's too)
     min_p: float | None = Field(default=None, ge=0.0, lt=1.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stream: bool = False
     n: Literal[1] = 1  # one choice per request
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
 
 class TextPart(BaseModel):
     """A part of a message's content in OpenAI's list form; only text parts (no images) for a text model."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def as_message(self) -> Message:
         """The message for the chat template: OpenAI's newer ``developer`` role is the system message, and text
