@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from llmfoundry_pl.cli.common import (
     pick_device,
     quote_non_ascii_values,
     require_compiler,
+    run_hydra_app,
     seed_everything,
     to_dataclass,
     user_errors,
@@ -294,6 +296,20 @@ def test_non_ascii_values_are_quoted_for_hydras_grammar(compose_train):
     assert (cfg.sample_prompt, cfg.data.path, cfg.optim.lr) == ("你好", "/tmp/语料 a/a.txt", 3e-4)
     with pytest.raises(Exception, match="LexerNoViableAltException"):  # as typed, without the quotes
         compose_train(typed[:1])
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capfd):
+    # `lfpl-train --help | head`: Python's BrokenPipeError traceback, after the lines the reader wanted
+    monkeypatch.setattr(sys, "argv", ["lfpl-train", "prompt=你好"])
+    seen = []
+
+    def app():
+        seen.append(sys.argv[1])
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_hydra_app(app)
+    assert exit_.value.code == 1 and seen == ["prompt='你好'"] and capfd.readouterr().err == ""
 
 
 def test_fp16_on_a_cpu_needs_fp16_instructions(monkeypatch):

@@ -182,7 +182,14 @@ def test_streaming_mistakes_fail_with_one_line(datamodule, corpus, tmp_path, mon
     monkeypatch.chdir(corpus.parent)  # the same text, given relative to another folder, is the chunks' own
     prepare_chunks(data_cfg(corpus.name, tmp_path, chunks_dir=str(folder)))
     monkeypatch.setitem(sys.modules, "litdata", None)  # as if it were not installed
-    with pytest.raises(ConfigError, match=r"data=streaming needs litdata: pip install 'llmfoundry-pl\[streaming\]'"):
+    with pytest.raises(ConfigError, match=r"data=streaming needs litdata: pip install 'llmfoundry-pl\[streaming\]'") \
+            as error:
+        prepare_chunks(data_cfg(corpus, tmp_path))
+    # on a CPU-only torch, the extra's torchvision from PyPI (a CUDA build) would have replaced it: the CPU one first
+    assert str(error.value).endswith("after the CPU build of torchvision, which it requires: pip install "
+                                     "torchvision --index-url https://download.pytorch.org/whl/cpu")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(ConfigError, match=r"pip install 'llmfoundry-pl\[streaming\]'$"):
         prepare_chunks(data_cfg(corpus, tmp_path))
 
 

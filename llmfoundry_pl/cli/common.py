@@ -135,11 +135,16 @@ def out_of_memory(error: BaseException) -> str | None:
 
 def run_hydra_app(app: Callable[[], Any]) -> None:
     """Start a Hydra command (``app``, its ``@hydra.main`` function): register the schemas, quiet the libraries'
-    noise, and quote the values Hydra's command-line grammar cannot read unquoted (:func:`quote_non_ascii_values`)."""
+    noise, and quote the values Hydra's command-line grammar cannot read unquoted (:func:`quote_non_ascii_values`);
+    output piped into a reader that stops early (``| head``) ends quietly, as for other commands."""
     register_configs()
     quiet_library_noise()
     sys.argv[1:] = quote_non_ascii_values(sys.argv[1:])
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # `lfpl-train --help | head`: the reader left early, and Python's traceback said so
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe: no second error at exit
+        raise SystemExit(1) from None
 
 
 # Characters with a meaning in Hydra's override grammar (sweeps, lists, dicts, interpolations, quotes): a value that

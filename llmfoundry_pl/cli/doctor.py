@@ -43,8 +43,16 @@ OPTIONAL = {
     "transformers": ("parity tests and lfpl-export verify=true", "pip install transformers"),
     "tensorboard": ("logger=tensorboard", "pip install tensorboard"),
     "matplotlib": ("lfpl-plot", "pip install 'llmfoundry-pl[plot]'"),
+    "fastapi": ("lfpl-serve", "pip install 'llmfoundry-pl[serve]'"),
+    "uvicorn": ("lfpl-serve", "pip install 'llmfoundry-pl[serve]'"),
+    "torchao": ("quantize=int8_weight / int4_weight", "pip install 'llmfoundry-pl[quant]'"),
+    "litdata": ("data=streaming", "pip install 'llmfoundry-pl[streaming]' (with a CPU-only torch, the CPU build of "
+                                  "torchvision first: docs/concepts.md)"),
+    "hydra-optuna-sweeper": ("hparams_search=optuna", "pip install hydra-optuna-sweeper"),
 }
-IMPORT_NAMES = {"hydra-core": "hydra", "flash-attn": "flash_attn"}  # where the module is not the distribution
+# where the module is not the distribution
+IMPORT_NAMES = {"hydra-core": "hydra", "flash-attn": "flash_attn",
+                "hydra-optuna-sweeper": "hydra_plugins.hydra_optuna_sweeper"}
 CPU_FLAGS = ("sse4_2", "fma", "avx", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
              "amx_tile", "amx_bf16", "amx_int8",  # x86 (/proc/cpuinfo "flags")
              "asimd", "sve", "sve2", "bf16", "i8mm")  # ARM (/proc/cpuinfo "Features")
@@ -56,6 +64,9 @@ SMOKE_TEST_FIX = {
     "mps": "update macOS and torch (MPS needs macOS 12.3+); training on the CPU still works: hardware=cpu",
 }
 GIB = 1024**3
+# An installed user has no repository to `pip install -e .` in
+REINSTALL = ("reinstall llmfoundry-pl as you installed it (pip install --force-reinstall llmfoundry-pl; in a clone: "
+             "pip install -e .)")
 
 
 @dataclass
@@ -372,7 +383,7 @@ def check_configs() -> list[Check]:
                             f"{cfg.model.n_layers} layers; trainer.max_steps {cfg.trainer.max_steps})", data=True))
     except Exception as e:
         checks.append(Check("configs", "train config", "FAIL", f"does not compose: {_one_line(e)}",
-                            _import_fix(e) or "fix the file named above, or reinstall: pip install -e .", False))
+                            _import_fix(e) or f"fix the file named above, or {REINSTALL}", False))
     # The files themselves, not through llmfoundry_pl.data (the same path as its bundled_corpus_dir): this check
     # should say whether the data was installed even when a dependency of the data code is broken.
     corpus = Path(str(resources.files("llmfoundry_pl.assets") / "shakespeare"))
@@ -383,7 +394,7 @@ def check_configs() -> list[Check]:
         checks.append(Check("configs", "bundled corpus", "ok", f"{len(files)} plays, {size_mb:.1f} MB", data=data))
     else:
         checks.append(Check("configs", "bundled corpus", "FAIL", f"no .txt files in {corpus}",
-                            "reinstall the package, its data included: pip install -e .", data))
+                            f"{REINSTALL}, its data included", data))
     return checks
 
 

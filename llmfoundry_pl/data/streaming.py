@@ -48,7 +48,11 @@ def _litdata():
     try:
         import litdata
     except ImportError:
-        raise ConfigError("data=streaming needs litdata: pip install 'llmfoundry-pl[streaming]'") from None
+        # litdata requires torchvision, whose PyPI wheels are CUDA builds: following the plain advice on a CPU-only
+        # torch replaced it with a multi-GB CUDA one
+        first = "" if torch.version.cuda else (" after the CPU build of torchvision, which it requires: pip install "
+                                               "torchvision --index-url https://download.pytorch.org/whl/cpu")
+        raise ConfigError(f"data=streaming needs litdata: pip install 'llmfoundry-pl[streaming]'{first}") from None
     return litdata
 
 
