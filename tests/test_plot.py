@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,33 @@ def test_plot_sweep_compares_the_jobs(tmp_path: Path) -> None:
     proc = run_cli("plot", str(sweep), cwd=tmp_path, timeout=120)  # as a user runs it
     assert proc.stdout.split() == [str(sweep / "plots" / "sweep.png")]
     assert_png(sweep / "plots" / "sweep.png")
+
+
+def test_chinese_labels_use_an_installed_cjk_font_or_say_what_to_install(tmp_path: Path, capsys, monkeypatch):
+    # A sweep over Chinese prompts was labelled with empty boxes, and matplotlib warned once per character
+    from matplotlib import font_manager, rcParams
+
+    from llmfoundry_pl.cli import plot as plot_cli
+
+    sweep = tmp_path / "multirun"
+    for job, prompt in enumerate(("你好", "再见")):
+        fake_run(sweep / str(job), overrides=(f"sample_prompt='{prompt}'",))
+    cjk = {"WenQuanYi Micro Hei", "Noto Sans CJK SC"}
+    fonts = [f for f in font_manager.fontManager.ttflist if f.name not in cjk]
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", fonts)  # none installed (as on CI)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning per glyph would fail here
+        main([str(sweep)])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: no installed font has some characters of the labels")
+    # One installed (here DejaVu Sans' file under a CJK font's name): matplotlib is given it to fall back to
+    dejavu = next(f for f in fonts if f.name == "DejaVu Sans")
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", [*fonts, dataclasses.replace(dejavu,
+                                                                                           name="Noto Sans CJK SC")])
+    seen, save = [], plot_cli._save
+    monkeypatch.setattr(plot_cli, "_save", lambda fig, path: seen.append(rcParams["font.family"]) or save(fig, path))
+    main([str(sweep)])
+    assert seen == [["sans-serif", "Noto Sans CJK SC"]] and rcParams["font.family"] == ["sans-serif"]  # restored
 
 
 def test_plot_errors_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:

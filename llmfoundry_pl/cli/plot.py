@@ -16,7 +16,11 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import re
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from llmfoundry_pl.cli.sweep_summary import collect_rows, split_overrides
@@ -36,6 +40,9 @@ RUN_CHARTS = (
     ("reward_margin", "reward margin (DPO)", ("train/reward_margin", "val/reward_margin")),
 )
 SWEEP_METRICS = ("val/loss", "val/bpb")
+# Fonts with Chinese, Japanese and Korean characters that Linux, macOS and Windows ship or install
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Micro Hei", "WenQuanYi Zen Hei",
+             "Microsoft YaHei", "SimHei", "PingFang SC", "Hiragino Sans GB", "Heiti SC", "Malgun Gothic")
 Series = dict[str, list[tuple[int, float]]]  # column → (step, value) for the rows where it was logged
 
 
@@ -67,10 +74,11 @@ def plot(path: Path) -> list[Path]:
         raise PlotError(f"{path / 'plots'} is a file, where lfpl-plot writes its PNGs into a folder of that name; "
                         "move the file away")
     figure = _figure_class()
-    if (path / "csv" / "metrics.csv").is_file():
-        return plot_run(path, figure)
-    if collect_rows(path):  # job folders below it, wherever hydra.sweep.subdir put them, .hydra/ or not
-        return plot_sweep(path, figure)
+    with _fonts_for_any_script():
+        if (path / "csv" / "metrics.csv").is_file():
+            return plot_run(path, figure)
+        if collect_rows(path):  # job folders below it, wherever hydra.sweep.subdir put them, .hydra/ or not
+            return plot_sweep(path, figure)
     hint = " (trained with logger=tensorboard? then: tensorboard --logdir " + str(path) + ")" \
         if (path / "tensorboard").is_dir() else ""
     raise PlotError(f"{path} holds neither a run's csv/metrics.csv nor a sweep's job folders{hint}")
@@ -169,6 +177,29 @@ def _finish(ax, ylabel: str, title: str) -> None:
     ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.grid(alpha=0.3)
+
+
+@contextmanager
+def _fonts_for_any_script() -> Iterator[None]:
+    """Draw with matplotlib's default font first and the Chinese, Japanese or Korean fonts installed here after it,
+    which matplotlib (3.6+) takes a character from when the first lacks it: a sweep over Chinese prompts was
+    labelled with empty boxes. Where no installed font has a label's characters, matplotlib's warning per
+    character becomes one line saying what to install."""
+    from matplotlib import font_manager, rc_context
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    families = ["sans-serif", *(name for name in CJK_FONTS if name in installed)]
+    with rc_context({"font.family": families}), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    missing = [w for w in caught if re.match(r"Glyph \d+ .* missing from font", str(w.message))]
+    for w in caught:
+        if w not in missing:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if missing:
+        print("warning: no installed font has some characters of the labels, drawn as boxes: install a font for "
+              "them (Chinese: fonts-noto-cjk on Debian/Ubuntu), then delete ~/.cache/matplotlib, where matplotlib "
+              "keeps its list of fonts", file=sys.stderr)
 
 
 def _figure_class() -> type:
