@@ -98,3 +98,18 @@ def test_eval_data_mistakes_are_one_line(compose_train, overrides, message):
     source = ModelSource("some/folder", "hf", run_config=None if not overrides else {"data": {"seq_len": 32}})
     with pytest.raises(ConfigError, match=message):
         evaluation_data(cfg, source, model_cfg, tokenizer)
+
+
+def test_eval_takes_the_runs_own_split_or_all_of_the_text_given(compose_train, tmp_path):
+    # The run's val_fraction picks its held-out split: with the default instead, a run trained with
+    # data.val_fraction=0.2 was scored on a split holding text it trained on
+    cfg = compose_train(["ckpt_path=some.ckpt"], name="eval")
+    model_cfg = ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, max_seq_len=32)
+    tokenizer = type("Tok", (), {"vocab_size": 50})()
+    run = {"data": {"path": "/corpus", "val_fraction": 0.2, "text_field": "body", "seq_len": 16}}
+    data = evaluation_data(cfg, ModelSource("some.ckpt", "ckpt", run_config=run), model_cfg, tokenizer)
+    assert (data.path, data.val_fraction, data.text_field, data.seq_len) == ("/corpus", 0.2, "body", 16)
+    given = compose_train(["ckpt_path=some.ckpt", f"data.path={tmp_path}"], name="eval")
+    data = evaluation_data(given, ModelSource("some.ckpt", "ckpt", run_config=run), model_cfg, tokenizer)
+    assert (data.path, data.val_fraction) == (str(tmp_path), 1.0)
+

@@ -30,6 +30,7 @@ from llmfoundry_pl.data.chat import (
 )
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
+from llmfoundry_pl.inference.scoring import sequence_log_probs
 from llmfoundry_pl.lit_module import LitDPO, LitLlama
 from llmfoundry_pl.lora import merge_lora
 from llmfoundry_pl.metrics import PreferenceMetrics
@@ -228,6 +229,13 @@ def test_long_examples_are_truncated_or_dropped_and_counted(chat, caplog):
     assert len(encode_all(chat, records, ChatDataConfig(seq_len=48, overlong="drop"), "test")) == 1
 
 
+def test_packing_fills_rows_in_order_up_to_seq_len_and_never_past_it():
+    examples = [Example([n] * n, [n] * n) for n in (3, 4, 5, 2, 7, 1, 6, 8)]
+    rows = pack_examples(examples, seq_len=8)
+    assert [[len(ex.x) for ex in row] for row in rows] == [[3, 4], [5, 2], [7, 1], [6], [8]]  # next-fit, full rows
+    assert [ex for row in rows for ex in row] == examples
+
+
 def test_packed_rows_compute_each_example_as_if_alone(chat):
     examples = [encode_example(chat, m, 96, "truncate")[0]
                 for m in (CONVERSATION[1:3], CONVERSATION[3:5], CONVERSATION)]
@@ -269,6 +277,20 @@ def _chat_data(tmp_path: Path, tokenizer: Tokenizer, batch_size: int, pack: bool
     return ChatDataModule(cfg, tokenizer)
 
 
+def test_without_a_val_path_a_seeded_share_of_the_examples_is_held_out(tokenizer, tmp_path):
+    _replies_of_many_lengths(tmp_path / "train.jsonl", 40)
+    splits = []
+    for seed, fraction in ((0, 0.1), (0, 0.1), (1, 0.1), (0, 0.25)):
+        dm = ChatDataModule(ChatDataConfig(path=str(tmp_path / "train.jsonl"), seq_len=96, seed=seed,
+                                           val_fraction=fraction), tokenizer)
+        dm.prepare_data()
+        splits.append([item.x for item in dm.val_items])
+        assert len(dm.val_items) == round(fraction * 40) and len(dm.train_items) == 40 - round(fraction * 40)
+        train = {tuple(item.x) for item in dm.train_items}
+        assert not any(tuple(x) in train for x in splits[-1])  # no example in both
+    assert splits[0] == splits[1] != splits[2]  # the seed picks them
+
+
 def test_the_demo_task_validates_on_the_held_out_file_given(tokenizer, tmp_path, cache_dir):
     _replies_of_many_lengths(tmp_path / "val.jsonl", 3)  # data.val_path was ignored when data.path was null
     cfg = ChatDataConfig(val_path=str(tmp_path / "val.jsonl"), cache_dir=str(cache_dir), seq_len=96)
@@ -293,6 +315,24 @@ def test_chat_data_counts_each_steps_targets_and_examples_over_every_micro_batch
     assert len(set(targets.values())) > 1  # steps differ, so a wrong range of samples would show
     assert dm.examples_in_steps(1, 4) == sum(examples[step] for step in range(1, 4))
     assert (dm.examples_in_steps(1, 4) > 3 * 2 * 2 * 2) == pack  # packed rows hold several examples
+
+
+@pytest.mark.parametrize(("accumulate", "ranks"), [(1, 2), (2, 2), (3, 1)])
+def test_each_micro_batch_weighs_its_targets_as_one_big_batch_would(accumulate, ranks):
+    # Lightning divides by the accumulation, DDP averages over the ranks: the micro-batches' scaled mean losses
+    # must add up to the step's mean over all its targets. Without the ranks in the scale, the loss and gradients
+    # of fine-tuning on W GPUs came out W times too small.
+    counts = torch.tensor([5, 1, 9, 2, 7, 3])[: accumulate * ranks]  # reply tokens of each micro-batch of the step
+    means = torch.linspace(1.0, 3.0, len(counts))
+    lit = LitLlama(tiny_model(64).config, network=tiny_model(64))
+    total = 0.0
+    for counted, mean in zip(counts, means, strict=True):
+        lit.trainer = SimpleNamespace(accumulate_grad_batches=accumulate, world_size=ranks, global_step=0,
+                                      datamodule=SimpleNamespace(targets_in_step=lambda step: int(counts.sum())))
+        y = torch.full((1, int(counts.max())), IGNORE_INDEX)
+        y[0, :counted] = 1
+        total += mean * lit._share_of_step((y, y)) / accumulate / ranks
+    assert float(total) == pytest.approx(float((counts * means).sum() / counts.sum()))
 
 
 def _first_step_gradients(dm: ChatDataModule, accumulate: int, tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
@@ -421,6 +461,11 @@ def test_dpo_rewards_start_at_zero_and_accuracy_at_a_coin_toss(chat):
     optimizer.step()
     chosen, rejected = lit._rewards((x, y))
     assert (chosen - rejected).min() > 0
+    # ... as the policy's own probabilities say, read apart from _rewards (rows: chosen, then rejected): with the
+    # two swapped there, DPO trained towards the rejected replies and the margins above still read positive
+    with torch.no_grad():
+        gain = sequence_log_probs(lit.model(x), y) - sequence_log_probs(lit.reference(x), y)
+    assert (gain[:2] > gain[2:]).all()
     assert not any(k.startswith("reference.") for k in _saved_keys(lit))  # the reference is rebuilt, not saved
 
 

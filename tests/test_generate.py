@@ -26,6 +26,7 @@ from llmfoundry_pl.inference.sampling import (
     sample_next,
 )
 from llmfoundry_pl.inference.speculative import accept_draft
+from llmfoundry_pl.inference.text import StopStringStreamer
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import train_tokenizer
 
@@ -87,6 +88,21 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     assert out.tolist() == [1.0, -4.0, 1.0]
 
 
+def test_next_token_probs_apply_each_setting():
+    # Each setting was checked for validity, and each filter alone: nothing checked that sampling applied them
+    # (temperature dropped, or min_p skipped, left generate, the server and the training samples unchanged)
+    logits = logits_of([0.05, 0.5, 0.15, 0.3])
+    plain = torch.softmax(logits, -1)
+    torch.testing.assert_close(next_token_probs(logits), plain)
+    for temperature in (0.5, 2.0):
+        torch.testing.assert_close(next_token_probs(logits, temperature=temperature),
+                                   torch.softmax(logits / temperature, -1))
+    assert next_token_probs(logits, temperature=0.5)[1] > plain[1] > next_token_probs(logits, temperature=2.0)[1]
+    assert kept(next_token_probs(logits, min_p=0.4).log()) == [1, 3]
+    assert kept(next_token_probs(logits, top_k=2).log()) == [1, 3]
+    assert kept(next_token_probs(logits, top_p=0.6).log()) == [1, 3]
+
+
 def test_greedy_and_filters_in_sample_next():
     g = torch.Generator().manual_seed(0)
     logits = logits_of([0.05, 0.5, 0.15, 0.3])
@@ -141,6 +157,42 @@ def test_stop_strings_cut_the_text(model):
         generate_text(model, tokenizer, "A", 20, stop=["B", ""])
     with pytest.raises(ConfigError, match="holds an empty string"):
         generate_text_batch(model, tokenizer, ["A"], 20, stop=[""])
+
+
+def test_stop_strings_cut_at_the_first_and_never_leak_a_partial_one():
+    # Two stop strings in the text: the cut belongs before the first (not the last found). A stop string spanning
+    # tokens: its start is held back until the next tokens tell, never streamed and then found to be one.
+    lines = [line for f in sorted(bundled_corpus_dir().glob("*.txt"))[:1] for line in f.read_text().splitlines()]
+    tokenizer = train_tokenizer(lines, vocab_size=400)
+    text = "What light through yonder window breaks?\nJULIET: Ay me!\nROMEO: She speaks."
+    ids = tokenizer.encode(text)
+    for stop, cut in ((["ROMEO:", "\nJULIET:"], text.index("\nJULIET:")), (["speaks"], text.index("speaks"))):
+        streamer = StopStringStreamer(tokenizer, tokenizer.bos_id, stop)
+        deltas = []
+        for i in ids:
+            deltas.append(streamer.push(i))
+            assert text[:cut].startswith("".join(deltas)), (stop, deltas)  # nothing past the cut, ever
+            if streamer.stopped:
+                break
+        assert "".join(deltas) + streamer.finish() == text[:cut]
+    assert len(tokenizer.encode("\nJULIET:")) > 1  # the stop string spans tokens
+
+
+def test_a_batch_ends_each_prompt_at_its_end_token_or_first_stop_string(model, monkeypatch):
+    # generate_text_batch gave generate_batch no end token: lfpl-generate prompt_file= ran on past </s> (a chat
+    # reply past <|end|>, into invented turns) to max_new_tokens
+    from llmfoundry_pl.chat import ChatFormat
+    from llmfoundry_pl.inference import text as text_module
+
+    lines = [line for f in sorted(bundled_corpus_dir().glob("*.txt"))[:1] for line in f.read_text().splitlines()]
+    tokenizer = train_tokenizer(lines, vocab_size=400)
+    asked, text = [], "What light?\nJULIET: Ay me!\nROMEO: She speaks."
+    monkeypatch.setattr(text_module, "generate_batch", lambda m, prompts, n, eos_id, **kw: asked.append(eos_id)
+                        or [tokenizer.encode(text) for _ in prompts])
+    # each text cut before the first of the stop strings it holds (two here)
+    assert generate_text_batch(model, tokenizer, ["A", "B"], 4, stop=["ROMEO:", "\nJULIET:"]) == ["What light?"] * 2
+    generate_text_batch(model, tokenizer, ["A"], 4, chat=ChatFormat(tokenizer))
+    assert asked == [tokenizer.eos_id, ChatFormat(tokenizer).end_id]
 
 
 def test_streamer_never_splits_a_character_and_reassembles_exactly():

@@ -187,6 +187,21 @@ def test_compiled_bf16_training_step_has_eager_gradients():
     assert ((compiled - eager).norm() / eager.norm()).item() < 0.02  # bf16 rounding: 0.002-0.006 measured
 
 
+def test_a_left_padded_row_gives_its_prompts_own_logits():
+    # Batched prompts line up on the right; each row's positions start at its first real token. Greedy tokens of a
+    # near-uniform model at the default init hid a shift of every row's positions by one; its logits do not.
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
+                                    init_std=0.3)).eval()
+    prompts = [torch.tensor([1, 17, 42, 9, 5, 33]), torch.tensor([1, 7, 3])]
+    pad = torch.tensor([0, 3])
+    batch = torch.stack([prompts[0], torch.cat([torch.zeros(3, dtype=torch.long), prompts[1]])])
+    with torch.no_grad():
+        together = model(batch, left_pad=pad)
+        for row, prompt in enumerate(prompts):
+            torch.testing.assert_close(together[row, int(pad[row]):], model(prompt[None])[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", ["causal", "cached_prefix", "left_padded", "packed"])
 def test_math_attention_equals_sdpa_with_every_mask_the_model_builds(case):
     """The written-out formula against PyTorch's fused kernel, outputs and gradients, grouped heads (4 query heads on

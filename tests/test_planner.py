@@ -91,6 +91,35 @@ def test_planned_peak_is_the_allocators_peak_in_a_training_step(checkpointing, a
     assert plan_cpu(cfg, B, T, "32-true").peak(checkpointing) == pytest.approx(measured, rel=0.05)
 
 
+def test_planned_peak_counts_what_checkpointing_and_accumulation_keep():
+    """Two terms too small to show at SHAPE's peak: a deep, narrow model (24 blocks of width 32) keeps every block's
+    input with checkpointing (a fifth of the peak); accumulating over micro-batches keeps the gradients between
+    them (a fifth of SHAPE's)."""
+    deep = ModelConfig(vocab_size=64, dim=32, n_layers=24, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=64,
+                       logits="full", activation_checkpointing=True)
+    torch.manual_seed(0)
+    model = Transformer(deep)
+    x, y = torch.randint(0, 64, (8, 64)), torch.randint(0, 64, (8, 64))
+    measured = _training_step_peak(model, lambda: F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+    assert plan_cpu(deep, 8, 64, "32-true").peak(checkpointing=True) == pytest.approx(measured, rel=0.05)
+
+    model = Transformer(SHAPE)
+    (x, y), optimizer = _batch(), torch.optim.AdamW(model.parameters(), fused=True)
+
+    def accumulated_step() -> None:
+        for _ in range(2):
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    accumulated_step()  # the optimizer's state is made
+    measured = 3 * model.num_params() * 4 + _step_peak(accumulated_step)
+    plan = plan_cpu(SHAPE, B, T, "32-true", accumulate=2)
+    assert plan.peak(checkpointing=False) == pytest.approx(measured, rel=0.05)
+    # the CPU holds more than its tensors (CPU_RESIDENT_FACTOR); a GPU holds its tensors
+    assert plan.resident(False, "cuda") == plan.peak(False) < plan.resident(False, "cpu")
+
+
 def _training_step_peak(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], precision: str = "32-true",
                         first_step: contextlib.AbstractContextManager | None = None) -> int:
     """What a steady-state training step of ``loss_fn`` (fused AdamW) holds at its peak: the fp32 weights and two
