@@ -93,7 +93,9 @@ class LastAndBestCheckpoint(ModelCheckpoint):
 class TokenThroughputMonitor(L.Callback):
     """Training tokens/s and MFU, computed by Lightning's ``Throughput`` over about the last ``window_size``
     optimizer steps and logged under the names Lightning's ThroughputMonitor uses (``train/device/items_per_sec``
-    — items are tokens — ``train/device/flops_per_sec``, ``train/device/mfu``, ...). Validation time is left out.
+    — items are tokens — ``train/device/flops_per_sec``, ``train/device/mfu``, ...). The time from a validation's
+    start until training goes on is left out: the validation, and what other callbacks do after it (the sample
+    text, saving checkpoints), which counted as training time and lowered the rate of the window holding it.
 
     Why not Lightning's ThroughputMonitor: it synchronises the GPU after every batch to read the clock, which stops
     the CPU from queueing the next step's kernels while the GPU runs this one. Here the clock is read only on the
@@ -124,7 +126,7 @@ class TokenThroughputMonitor(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.throughput.reset()
-        self._start = self._read_clock(pl_module)
+        self._start, self._paused_at = self._read_clock(pl_module), None
         self._batches = self._samples = self._tokens = self._flops = 0
         self._last_read_step = trainer.global_step
 
@@ -145,11 +147,14 @@ class TokenThroughputMonitor(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self._validation_start = self._read_clock(pl_module)
+            self._paused_at = self._read_clock(pl_module)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self._start += self._read_clock(pl_module) - self._validation_start  # as if validation took no time
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        # Training goes on after a validation: as if the pause took no time. Read here rather than at the
+        # validation's end, which other callbacks' work follows (Lightning saves the checkpoints last).
+        if self._paused_at is not None:
+            self._start += self._read_clock(pl_module) - self._paused_at
+            self._paused_at = None
 
     @staticmethod
     def _read_clock(pl_module: L.LightningModule) -> float:

@@ -10,7 +10,8 @@ from llmfoundry_pl.config import DataConfig, ModelConfig
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.lit_module import LitLlama
 
-STEP_S, VALIDATION_S = 0.25, 30.0  # what each training step and each validation "takes" on the test's clock
+# What each training step, each validation and what follows it (the sample text, checkpoints) "take" on the clock
+STEP_S, VALIDATION_S, AFTER_VALIDATION_S = 0.25, 30.0, 7.0
 
 
 class FakeClock(L.Callback):
@@ -30,10 +31,21 @@ class FakeClock(L.Callback):
         self.now += VALIDATION_S
 
 
+class AfterValidation(L.Callback):
+    """Another callback's work after each validation (listed after the monitor, as the sample text is; Lightning
+    runs ModelCheckpoint after every callback)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def on_validation_end(self, *args) -> None:
+        self.clock.now += AFTER_VALIDATION_S
+
+
 def test_throughput_reads_the_clock_only_on_logging_steps_and_leaves_validation_out(cache_dir, monkeypatch):
     # Lightning's ThroughputMonitor reads the clock (on a GPU: a sync) after every batch; ours only on the steps the
-    # loggers write. Rates between two readings must still be exact, and a validation inside the window must not
-    # lower them.
+    # loggers write, and once as training goes on after a validation. Rates between two readings must still be
+    # exact, and a validation inside the window, or the sample and checkpoints after it, must not lower them.
     datamodule = TextDataModule(DataConfig(vocab_size=512, seq_len=32, batch_size=4, cache_dir=str(cache_dir)))
     lit = LitLlama(ModelConfig(vocab_size=512, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32))
     clock, monitor = FakeClock(), TokenThroughputMonitor(window_size=8, measure_cpu_peak=False)
@@ -52,7 +64,8 @@ def test_throughput_reads_the_clock_only_on_logging_steps_and_leaves_validation_
                 logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
 
     trainer = L.Trainer(max_steps=16, log_every_n_steps=4, val_check_interval=10, limit_val_batches=1,
-                        accumulate_grad_batches=2, callbacks=[clock, monitor, Logged()], logger=False,
+                        accumulate_grad_batches=2, callbacks=[clock, monitor, AfterValidation(clock), Logged()],
+                        logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False,
                         enable_model_summary=False)
     monkeypatch.setattr(time, "perf_counter", clock)
@@ -68,8 +81,9 @@ def test_throughput_reads_the_clock_only_on_logging_steps_and_leaves_validation_
     flops_per_batch = lit.model.flops_per_token(32) * 4 * 32  # 4 windows of 32 tokens
     assert first["train/device/flops_per_sec"] == pytest.approx(flops_per_batch / STEP_S)
     assert logged[-1]["train/lengths"] == 16 * tokens_per_step
-    assert [step for step, validating in read_at if not validating] == [0, 4, 8, 12, 16]  # start, logging steps
-    assert [step for step, validating in read_at if validating] == [5, 5, 10, 10, 15, 15]  # each validation's ends
+    # start, logging steps, and training going on after the validations at steps 5, 10 and 15
+    assert [step for step, validating in read_at if not validating] == [0, 4, 5, 8, 10, 12, 15, 16]
+    assert [step for step, validating in read_at if validating] == [5, 10, 15]  # each validation's start
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)])
