@@ -119,8 +119,11 @@ def _throughput(settings: PlanSettings, machine: MachineConfig, precision: str,
     if peak is None:
         return None, "unknown: give machine.peak_tflops= or plan.tokens_per_s= (from lfpl-bench)"
     where = "machine.peak_tflops" if machine.peak_tflops else "this machine's"
+    # The profile's MFU was measured on one model in one precision: a smaller model, or bf16 on a CPU's AMX, runs
+    # at a fraction of it (the tiny default on a 2-core AMX CPU: 0.11, against the cpu profile's 0.72)
     return (peak * machine.mfu / flops_per_token,
-            f"estimated: {peak / 1e12:.3g} TFLOP/s ({where}) × MFU {machine.mfu} (machine.mfu)")
+            f"estimated: {peak / 1e12:.3g} TFLOP/s ({where}) × MFU {machine.mfu} (machine.mfu; lfpl-bench with "
+            f"the same settings measures it: then plan.tokens_per_s=)")
 
 
 def _this_machines_peak(precision: str) -> float | None:
