@@ -372,20 +372,26 @@ class LitLlama(L.LightningModule):
         counted = (batch[1] != IGNORE_INDEX).sum()
         return counted * (self.trainer.accumulate_grad_batches * self.trainer.world_size / step_count)
 
+    @torch.no_grad()  # as Lightning runs it; a direct call (a notebook, a test) too: the per-token loss has no backward
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         x, y, *segment_ids = batch
         # Validation runs eagerly (compile_training compiles the training step only), so under model.logits=auto it
         # takes the chunks: its full logits, B·T·V copied to fp32 twice, outgrew a chunked training step's peak.
         chunked = uses_chunked_loss(self.model.config.logits, compiled=False)
-        nats = next_token_loss(self.model, x, y, *segment_ids, chunked=chunked, reduction="sum")
+        nats = next_token_loss(self.model, x, y, *segment_ids, chunked=chunked, reduction="none").view_as(y)
         counted = y != IGNORE_INDEX
         # Without a tokenizer the bytes behind each token are unknown: val/bpb then reads as bits per token.
-        n_bytes = counted.sum()
+        n_bytes, text_nats = counted.sum(), nats.sum()
         if self.tokenizer is not None:
             first = x == self.tokenizer.bos_id  # a document's first token: see Tokenizer.first_token_bytes
             ids = y.clamp(min=0)  # IGNORE_INDEX, a valid index for the lookup, then left out by ``counted``
-            n_bytes = torch.where(first, self.first_token_bytes[ids], self.token_bytes[ids])[counted].sum()
-        self.val_metrics.update(nats, counted.sum(), n_bytes)
+            token_bytes = torch.where(first, self.first_token_bytes[ids], self.token_bytes[ids]) * counted
+            n_bytes = token_bytes.sum()
+            # Bits per byte of the text: a structure token (</s>, <s>, the chat markup) has no bytes, and its nats
+            # counted made the figure depend on how the text was cut into documents (300 one-line documents: 31%
+            # above the same lines as one), as nanochat's and lm-evaluation-harness's leave them out too
+            text_nats = nats[token_bytes > 0].sum()
+        self.val_metrics.update(nats.sum(), counted.sum(), n_bytes, text_nats)
 
     def on_validation_epoch_end(self) -> None:
         self._log_validation(self.val_metrics.compute())  # torchmetrics adds up the sums across ranks

@@ -31,10 +31,11 @@ CHUNK_LOGITS_BYTES = 32 * 2**20
 def next_token_loss(model: Transformer, tokens: torch.Tensor, targets: torch.Tensor,
                     segment_ids: torch.Tensor | None = None, *, chunked: bool, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of ``model``'s predictions for ``tokens`` (B, T) against ``targets`` (B, T), skipping
-    ``IGNORE_INDEX``: the pretraining and fine-tuning loss ("mean" over the counted tokens; "sum" for validation's
-    totals). ``chunked`` takes it from the hidden states a chunk of tokens at a time (:func:`linear_cross_entropy`),
-    else from the full logits; the two agree to rounding. A quantized head (``lfpl-eval quantize=...``) is always
-    run whole: its weight is packed for its own kernels, not a matrix the chunks could multiply by."""
+    ``IGNORE_INDEX``: the pretraining and fine-tuning loss ("mean" over the counted tokens; "none" for validation:
+    each token's nats, flattened, 0 where skipped). ``chunked`` takes it from the hidden states a chunk of tokens
+    at a time (:func:`linear_cross_entropy`), else from the full logits; the two agree to rounding. A quantized
+    head (``lfpl-eval quantize=...``) is always run whole: its weight is packed for its own kernels, not a matrix
+    the chunks could multiply by."""
     # (LoRA never adapts the head, config.LORA_TARGETS: in training it is a plain nn.Linear)
     if chunked and _is_plain_linear(model.output):
         hidden = model.hidden_states(tokens, segment_ids=segment_ids)  # (B, T, D)
@@ -76,24 +77,29 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     ``hidden`` (N, D) are the final (normalised) hidden states, ``weight`` (V, D) the output head's weight,
     ``targets`` (N,) token ids with ``IGNORE_INDEX`` where nothing is learnt. Equals
     ``F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)``
-    ("mean" over the counted tokens, or "sum"), gradients included. Under autocast the matmuls run in the autocast
-    dtype, as the plain output head's would; the softmax is in fp32. Without gradients (validation, under no_grad)
-    only the loss is computed: no gradient buffers, a third of the FLOPs.
+    ("mean" over the counted tokens, "sum", or "none": each token's, 0 where ignored), gradients included. Under
+    autocast the matmuls run in the autocast dtype, as the plain output head's would; the softmax is in fp32.
+    Without gradients (validation, under no_grad) only the loss is computed: no gradient buffers, a third of the
+    FLOPs; "none" is for that case only.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction={reduction!r}: use 'mean' or 'sum'")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     counted = targets != IGNORE_INDEX
     # The mean divides by the counted tokens; a batch with nothing to learn gives 0 loss and 0 gradients (not NaN).
     divisor = counted.sum().clamp(min=1) if reduction == "mean" else 1
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if grad and reduction == "none":
+        raise ValueError("reduction='none' computes no gradients: call it under torch.no_grad(), as Lightning's "
+                         "validation does")
+    if grad:
         return _LinearCrossEntropy.apply(hidden, weight, targets, counted, divisor, dtype)
-    nats = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    nats = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     with torch.autocast(device_type, enabled=False):  # the dtypes are chosen by hand
-        for _, _, labels, keep, log_probs in _chunk_log_probs(hidden, weight.to(dtype), targets, counted):
-            nats -= (log_probs.gather(1, labels) * keep).sum()
-    return nats / divisor
+        for start, _, labels, keep, log_probs in _chunk_log_probs(hidden, weight.to(dtype), targets, counted):
+            nats[start : start + labels.shape[0]] = -(log_probs.gather(1, labels) * keep)[:, 0]
+    return nats if reduction == "none" else nats.sum() / divisor
 
 
 def _chunk_log_probs(hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor):

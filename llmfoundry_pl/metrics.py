@@ -20,8 +20,9 @@ class LanguageModelMetrics(Metric):
     """Loss (nats per token), perplexity and bits per UTF-8 byte over everything seen since the last reset.
 
     Sums, not means of means: a padded last batch or ranks with unequal shares still give the exact average.
-    Bits per byte = total nats / ln 2 / total bytes of the predicted text, so models with different tokenizers
-    compare (a larger vocabulary lowers the loss per token, not the information per byte).
+    Bits per byte = nats of the text's tokens / ln 2 / their bytes, so models with different tokenizers compare (a
+    larger vocabulary lowers the loss per token, not the information per byte); tokens without bytes (``</s>``,
+    chat markup) count in the loss per token, not here.
     """
 
     full_state_update = False
@@ -31,10 +32,14 @@ class LanguageModelMetrics(Metric):
         self.add_state("nats", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("bytes", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("text_nats", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, nats: torch.Tensor, tokens: torch.Tensor, n_bytes: torch.Tensor) -> None:
-        """``nats``: summed cross-entropy of ``tokens`` predictions covering ``n_bytes`` bytes of text."""
+    def update(self, nats: torch.Tensor, tokens: torch.Tensor, n_bytes: torch.Tensor,
+               text_nats: torch.Tensor | None = None) -> None:
+        """``nats``: summed cross-entropy of ``tokens`` predictions; ``text_nats``: the part of it predicting the
+        ``n_bytes`` bytes of text (all of it if None)."""
         self.nats = _add(self.nats, nats)
+        self.text_nats = _add(self.text_nats, nats if text_nats is None else text_nats)
         # Not +=: under trainer.strategy=ddp_spawn the states sit in memory the processes share, and in-place sums
         # of both ranks landed in one tensor (val/loss read half). Refused now (cli/ddp.py), still the safe form.
         self.tokens = self.tokens + tokens
@@ -45,7 +50,7 @@ class LanguageModelMetrics(Metric):
         return {
             "loss": loss.float(),
             "ppl": loss.exp().float(),
-            "bpb": (self.nats / math.log(2) / self.bytes.clamp(min=1)).float(),
+            "bpb": (self.text_nats / math.log(2) / self.bytes.clamp(min=1)).float(),
         }
 
 

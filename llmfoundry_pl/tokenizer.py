@@ -116,11 +116,11 @@ class Tokenizer:
     def token_bytes(self) -> np.ndarray:
         """UTF-8 length in bytes of the text each token id stands for (byte pieces: 1, control tokens: 0).
 
-        Dividing the summed loss by these bytes gives bits per byte, a number that compares models whose
-        tokenizers differ (a bigger vocabulary lowers the loss per token but not per byte). The chat markup tokens
-        count 0 too, like </s>: they are structure the template adds, not text. (SentencePiece calls them
-        user-defined, not control: spelled out, the 7 bytes of each reply's <|end|> were a quarter of the bytes of
-        the demo task's held-out replies, and fine-tuning's val/bpb read a quarter low.)"""
+        Dividing the summed loss of the tokens with bytes by these bytes gives bits per byte, a number that compares
+        models whose tokenizers differ (a bigger vocabulary lowers the loss per token but not per byte). The chat
+        markup tokens count 0 too, like </s>: they are structure the template adds, not text. (SentencePiece calls
+        them user-defined, not control: spelled out, the 7 bytes of each reply's <|end|> were a quarter of the bytes
+        of the demo task's held-out replies, and fine-tuning's val/bpb read a quarter low.)"""
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         markup = {self.sp.piece_to_id(t) for t in CHAT_TOKENS + RESERVED_TOKENS} - {self.sp.unk_id()}
         for i in range(self.vocab_size):

@@ -198,7 +198,7 @@ def test_training_reads_numbers_back_only_when_it_logs_or_refreshes_the_bar(data
 
 def test_the_logged_training_loss_is_the_whole_steps_under_accumulation(datamodule, tmp_path):
     # One step of 8 windows, whole or in 2 micro-batches of 4: Lightning kept the last micro-batch's loss.
-    def logged_losses(batch_size: int, accumulate: int) -> list[float]:
+    def logged(batch_size: int, accumulate: int) -> tuple[list[float], list[float]]:
         data = TextDataModule(dataclasses.replace(datamodule.cfg, batch_size=batch_size))
         torch.manual_seed(0)
         lit = LitLlama(tiny_model())
@@ -208,12 +208,16 @@ def test_the_logged_training_loss_is_the_whole_steps_under_accumulation(datamodu
                             limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
                             use_distributed_sampler=False, enable_model_summary=False)
         trainer.fit(lit, datamodule=data)
-        rows = csv.DictReader(open(Path(logger.log_dir) / "metrics.csv"))
-        return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+        rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+        return ([float(r["train/loss"]) for r in rows if r.get("train/loss")],
+                [float(r["train/tokens"]) for r in rows if r.get("train/tokens")])
 
-    whole, accumulated = logged_losses(8, 1), logged_losses(4, 2)
+    (whole, tokens), (accumulated, accumulated_tokens) = logged(8, 1), logged(4, 2)
     assert len(whole) == len(accumulated) == 3
     assert accumulated == pytest.approx(whole, rel=1e-5)
+    # the tokens trained on, the x axis of the curves: each step's 8 windows, however they were split
+    windows = 8 * datamodule.cfg.seq_len
+    assert tokens == accumulated_tokens == [windows, 2 * windows, 3 * windows]
 
 
 def test_a_diverged_run_stops_at_its_next_validation_and_validate_alone_reports_nan(datamodule):
@@ -242,6 +246,35 @@ def test_validation_bits_per_byte_use_the_tokenizer_bytes(datamodule):
     assert metrics["val/loss"] == pytest.approx(math.log(512), rel=0.05)
     assert 1.5 < metrics["val/loss"] / math.log(2) / metrics["val/bpb"] < 5
     assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-4)
+
+
+def test_bits_per_byte_are_the_texts_nats_over_its_bytes_not_the_document_ends(datamodule):
+    # </s> and <s> have no bytes, and their nats were counted: 300 one-line documents read 31% above the same lines
+    # as one document. The loss per token still counts them.
+    tokenizer, texts = datamodule.tokenizer, ["ROMEO: what light", "JULIET: ay me"]
+    lit = LitLlama(tiny_model())
+    lit.set_tokenizer(tokenizer)
+    ids = torch.tensor([i for t in texts for i in tokenizer.encode(t, bos=True, eos=True)])
+    x, y = ids[None, :-1], ids[None, 1:]
+    with torch.no_grad():
+        lit.validation_step((x, y), 0)
+        nats = F.cross_entropy(lit.model(x)[0], y[0], reduction="none")
+    metrics = lit.val_metrics.compute()
+    text = ~torch.isin(y[0], torch.tensor([tokenizer.bos_id, tokenizer.eos_id]))
+    assert 0 < text.sum() < len(y[0]) - 2  # two </s> and a <s> among the targets
+    text_bytes = sum(len(t.encode()) for t in texts)
+    assert metrics["bpb"].item() == pytest.approx(nats[text].sum().item() / math.log(2) / text_bytes, rel=1e-5)
+    assert metrics["loss"].item() == pytest.approx(nats.mean().item(), rel=1e-5)
+    # A document's first token counts the bytes of Tokenizer.first_token_bytes (a dummy-prefix tokenizer's "▁the"
+    # has no space in the text there): here, as if each first token stood for 1 byte
+    first = x[0] == tokenizer.bos_id
+    lit.first_token_bytes = torch.ones_like(lit.token_bytes)
+    lit.val_metrics.reset()
+    with torch.no_grad():
+        lit.validation_step((x, y), 0)
+    fewer = int(lit.token_bytes[y[0][first]].sum()) - int(first.sum())
+    assert fewer > 0 and lit.val_metrics.compute()["bpb"].item() == pytest.approx(
+        nats[text].sum().item() / math.log(2) / (text_bytes - fewer), rel=1e-5)
 
 
 def test_compiled_training_takes_the_steps_eager_training_takes_and_repeats_them(compose_train, cache_dir):

@@ -92,8 +92,12 @@ def test_without_gradients_only_the_loss_is_computed(precision, monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
         chunked = linear_cross_entropy(hidden, weight, targets, "sum")
         full = _full_logits_loss(hidden, weight, targets, "sum")
+        # each token's nats (validation's bits per byte leave out those of tokens without bytes), 0 where ignored
+        each, each_full = (f(hidden, weight, targets, "none") for f in (linear_cross_entropy, _full_logits_loss))
     assert not chunked.requires_grad
     torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(each, each_full, rtol=1e-5, atol=1e-5)
+    assert (targets == IGNORE_INDEX).any() and not each[targets == IGNORE_INDEX].any()
 
 
 def test_a_batch_with_nothing_to_learn_gives_zero_not_nan():
