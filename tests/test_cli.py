@@ -42,6 +42,11 @@ def test_train_reports_and_leaves_checkpoint(trained_run):
     assert record["metrics"]["val/bpb"] > 0 and record["metrics"]["val/ppl"] > 1
     assert Path(record["checkpoint"]).name == "last.ckpt" and Path(record["checkpoint"]).is_file()
     assert (trained_run / ".hydra" / "config.yaml").is_file()
+    # train.log keeps what the run said, with times: Lightning's messages (which wrote to the console only) and the
+    # summary printed at the end (the file stayed empty)
+    log = (trained_run / "train.log").read_text()
+    assert "`Trainer.fit` stopped: `max_steps=8` reached" in log
+    assert "held-out text: val/loss" in log and f"checkpoint: {record['checkpoint']}" in log
     assert len(read_train_losses(trained_run)) == 8  # log_every_n_steps=1 for 8 steps
     with open(trained_run / "csv" / "metrics.csv") as f:
         tokens = [float(r["train/tokens"]) for r in csv.DictReader(f) if r.get("train/tokens")]

@@ -12,6 +12,7 @@ Examples::
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -243,7 +244,9 @@ def _report(
     if sampler is not None:
         sample = generate_text(sampler, lit.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
         lines.append(f"sample: {cfg.sample_prompt}{sample}")
-    print("\n".join([*lines, f"checkpoint: {ckpt or no_ckpt}"]), flush=True)
+    report = "\n".join([*lines, f"checkpoint: {ckpt or no_ckpt}"])
+    print(report, flush=True)
+    logging.getLogger("lfpl.run_summary").info(report.strip())  # into <run>/train.log (conf/train.yaml, job_logging)
     write_final_metrics(Path(cfg.paths.output_dir), metrics, initial_metrics=initial, checkpoint=ckpt)
 
 
