@@ -396,7 +396,7 @@ class OptimConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Learning rate: linear warmup from 0, then decay to lr·min_lr_ratio at trainer.max_steps."""
+    """Learning rate: linear warmup from lr/(warmup_steps+1), then decay to lr·min_lr_ratio at trainer.max_steps."""
 
     decay: str = field(default="cosine", metadata=_help("cosine, linear or constant after the warmup."))
     warmup_steps: int = field(default=50, metadata=_help("Optimizer steps of linear warmup."))
@@ -520,7 +520,7 @@ class TrainConfig:
     callbacks: Any = field(
         default=None, metadata=_help("Lightning callbacks by name, each with its own arguments; null disables one.")
     )
-    logger: Any = field(default=None, metadata=_help("Where metrics are logged (logger=csv|tensorboard)."))
+    logger: Any = field(default=None, metadata=_help("Where metrics are logged (logger=csv|tensorboard|none)."))
     paths: PathsConfig = field(default_factory=PathsConfig, metadata=_help("Run directory and caches."))
     seed: int = field(default=1337, metadata=_help("Global seed (model init, data windows, samples)."))
     ckpt_path: str | None = field(

@@ -2,7 +2,8 @@
 # The whole path on the bundled data with the tiny preset: pretrain → supervised fine-tuning (SFT) → DPO, with the
 # demo task's held-out accuracy ("Which play is this passage from?", 13 titles) after each stage.
 # Expected: ~7 min on a 2-core CPU (measured: 389–423 s). The last line is one JSON object:
-#   {"chance", "base_acc", "sft_acc", "dpo_acc", "dpo_val_pref_acc_start", "dpo_val_pref_acc_end", "seconds"}
+#   {"chance", "base_acc", "sft_acc", "dpo_acc", "dpo_val_pref_acc_start", "dpo_val_pref_acc_end", "questions",
+#    "seconds"}
 # OUT=dir and QUESTIONS=n (held-out questions scored, default all 507) may be set in the environment.
 set -euo pipefail
 out=${OUT:-outputs/recipes/sft_dpo_demo}

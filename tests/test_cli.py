@@ -254,7 +254,7 @@ def test_last_checkpoint_holds_the_trained_steps_and_a_run_needs_no_logger(tmp_p
     # 10 steps, validations (and checkpoints) at 4 and 8: last.ckpt held step 8, so resuming trained 9-10 again.
     # With no logger, Lightning's LearningRateMonitor raised a traceback; it has nothing to write to: left out.
     # A warmup as long as the run (trainer=debug's: 50 of 20 steps) never reaches the rate, and says so.
-    proc = run_cli("train", *TINY, "trainer.max_steps=10", "logger.csv=null", "scheduler.warmup_steps=10",
+    proc = run_cli("train", *TINY, "trainer.max_steps=10", "logger=none", "scheduler.warmup_steps=10",
                    "hydra.run.dir=run", cwd=tmp_path)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert f"checkpoint: {last}" in proc.stdout and torch.load(last, weights_only=False)["global_step"] == 10

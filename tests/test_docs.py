@@ -70,3 +70,13 @@ def test_docs_every_recipe_is_listed() -> None:
     assert scripts, "no recipe scripts found"
     missing = [s for s in scripts if f"{s}`" not in table]
     assert not missing, f"recipes/README.md does not list {', '.join(missing)}"
+
+
+def test_docs_hold_no_control_characters() -> None:
+    """A LaTeX formula written through a Python string without r"" lost its backslashes to escapes: ``\\frac``
+    became a form feed and "rac", ``\\right`` a line break and "ight", and the page showed neither."""
+    pages = sorted(ROOT.glob("*.md")) + sorted((ROOT / "docs").rglob("*.md")) + sorted((ROOT / "recipes").rglob("*.md"))
+    bad = [f"{p.relative_to(ROOT)}:{n}" for p in pages
+           for n, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1)
+           if any(ord(c) < 32 and c != "\t" for c in line)]
+    assert pages and not bad, f"control characters (a lost backslash?) at {', '.join(bad)}"

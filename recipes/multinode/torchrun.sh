@@ -7,7 +7,7 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash recipes/multinode/torchrun.sh model=small   # on node 0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 bash recipes/multinode/torchrun.sh model=small   # on node 1
 #
-# Tested here on one machine only (NNODES=1, 2 CPU processes, gloo: tests/test_cli.py::test_torchrun_launch);
+# Tested here on one machine only (NNODES=1, 2 CPU processes, gloo: tests/test_cli.py::test_torchrun_launch_recipe_on_one_node);
 # the multi-node wiring is Lightning's and torchrun's own.
 set -euo pipefail
 NNODES=${NNODES:-1}
