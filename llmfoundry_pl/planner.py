@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import torch
 
 from llmfoundry_pl.callbacks import HALF_PRECISION
-from llmfoundry_pl.config import ModelConfig
+from llmfoundry_pl.config import ConfigError, ModelConfig
 from llmfoundry_pl.loss import chunk_tokens, uses_chunked_loss
 from llmfoundry_pl.model import Transformer, attention_kernel
 
@@ -79,7 +79,8 @@ def _bytes(precision: str) -> tuple[int, int, int]:
         return 2, 2, 2
     if precision in FULL:
         return 4, 4, 4
-    raise ValueError(f"no memory model for precision={precision!r} (known: {', '.join(FULL + MIXED + TRUE_HALF)})")
+    raise ConfigError(f"trainer.precision={precision} has no memory model here: pick one of "
+                      f"{', '.join(FULL + MIXED + TRUE_HALF)}")
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,7 @@ def test_memory_grows_with_the_batch_and_shrinks_with_checkpointing_and_sharding
     assert sharded.optimizer == 2 * -(-params // 4) * 4 and sharded.weights > -(-params // 4) * 4
     mixed = plan_cpu(SHAPE, 4, T, "bf16-mixed")
     assert mixed.saved < four.saved and mixed.weights > four.weights  # half activations, + half weight copies
-    with pytest.raises(ValueError, match="precision='64-true'"):
+    with pytest.raises(ConfigError, match="trainer.precision=64-true has no memory model"):
         plan_cpu(SHAPE, 1, T, "64-true")
 
 
@@ -350,7 +350,12 @@ def test_plan_says_when_a_run_does_not_fit(compose_train, capsys):
      ("plan.tokens=-5", r"plan.tokens=-5.0 must be positive \(or null\)"),
      ("machine.memory_gb=0", r"machine.memory_gb=0.0 must be positive \(or null\)"),
      ("machine.peak_dtype=fp8", "machine.peak_dtype=fp8 is not one of bf16, fp16, fp32"),
-     ("data.seq_len=512 model.max_seq_len=128", "data.seq_len=512 exceeds model.max_seq_len=128")],  # as lfpl-train
+     ("data.seq_len=512 model.max_seq_len=128", "data.seq_len=512 exceeds model.max_seq_len=128"),  # as lfpl-train
+     # tracebacks, or a plan for -5 devices (negative tokens/s), before: lfpl-train refuses each
+     ("trainer.accelerator=foo", "trainer.accelerator=foo cannot be planned"),
+     ("trainer.devices=-5", "trainer.devices=-5 names no device"), ("trainer.devices=abc", "trainer.devices=abc"),
+     ("trainer.num_nodes=0", "trainer.num_nodes=0 must be 1 or more"),
+     ("trainer.precision=64", "trainer.precision=64 has no memory model")],
 )
 def test_plan_refuses_settings_that_plan_nothing(compose_train, override, message):
     with pytest.raises(ConfigError, match=message):

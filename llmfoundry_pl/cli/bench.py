@@ -112,6 +112,11 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     total = settings.warmup + settings.steps
     trainer, timer = _timed_trainer(cfg, settings.warmup, total)
     device, devices = trainer.strategy.root_device, trainer.world_size
+    # The planner's estimate, reported beside the measured memory; first, so a precision it cannot model (64-true)
+    # is refused before the minutes of timing, not after them.
+    precision, accumulate = str(trainer.precision), cfg.trainer.accumulate_grad_batches or 1
+    planned = plan_memory(model_cfg, cfg.data.batch_size, cfg.data.seq_len, precision, accumulate,
+                          compiled=cfg.compile, device_type=device.type)
     launching = trainer.strategy  # the first fit's strategy starts the other ranks, so it reaps them at the end
     floor = memory_meter.start(device)  # before the model exists: the training step's own memory is above it
     lit = LitLlama(model=model_cfg, optim=to_dataclass(cfg.optim, OptimConfig))
@@ -170,9 +175,6 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     # written-out attention in bf16 on a CPU did, and was benchmarked for a day as the faster choice).
     weights_finite = all(bool(torch.isfinite(p).all()) for p in lit.model.parameters())
 
-    precision, accumulate = str(trainer.precision), cfg.trainer.accumulate_grad_batches or 1
-    planned = plan_memory(model_cfg, cfg.data.batch_size, cfg.data.seq_len, precision, accumulate,
-                          compiled=cfg.compile, device_type=device.type)
     if not trainer.is_global_zero:
         return {}
     setup = {"params": params, "devices": devices, "tokens_per_step": tokens_per_call * accumulate,

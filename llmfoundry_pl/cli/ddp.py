@@ -154,10 +154,18 @@ def device_count(devices: Any) -> int | None:
     if devices in (-1, "-1", "auto"):
         return None
     if isinstance(devices, str) and "," in devices:
-        return len([d for d in devices.split(",") if d.strip()])
-    if isinstance(devices, Sequence) and not isinstance(devices, str):  # a list, or OmegaConf's ListConfig
-        return len(devices)
-    return int(devices)
+        count = len([d for d in devices.split(",") if d.strip()])
+    elif isinstance(devices, Sequence) and not isinstance(devices, str):  # a list, or OmegaConf's ListConfig
+        count = len(devices)
+    else:
+        try:
+            count = int(devices)
+        except (TypeError, ValueError):
+            count = 0
+    if count < 1:  # Lightning refuses these too, when it builds the Trainer
+        raise ConfigError(f"trainer.devices={devices} names no device: give a count (1, 2, ...), a list of indices "
+                          "([0,1] or \"0,1\"), or auto")
+    return count
 
 def end_distributed_job(strategy: Any, failed: bool) -> None:
     """After a job: reap the extra ranks (killed if the job failed), destroy the process group and restore the

@@ -49,14 +49,12 @@ def plan(cfg: DictConfig) -> dict[str, float]:
     trainer, seq_len, batch = cfg.trainer, data.seq_len, data.batch_size
     precision, accumulate = str(trainer.precision), trainer.accumulate_grad_batches
     check_accumulate(accumulate)  # (the schema makes it an int)
+    if trainer.num_nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={trainer.num_nodes} must be 1 or more")
     devices = (device_count(trainer.devices) or 1) * trainer.num_nodes  # [0,1,2,3] is 4, as 4 is
     shards = devices if trainer.strategy == "fsdp" else 1
     checkpointing, device_type = model_cfg.activation_checkpointing, _device_type(str(trainer.accelerator))
-    try:
-        memory = plan_memory(model_cfg, batch, seq_len, precision, accumulate, shards, cfg.compile,
-                             device_type=device_type)
-    except ValueError as e:
-        raise ConfigError(f"{e}; set trainer.precision") from None
+    memory = plan_memory(model_cfg, batch, seq_len, precision, accumulate, shards, cfg.compile, device_type=device_type)
     budget = _memory_bytes(machine) * HEADROOM
     fits = {ckpt: largest_batch(model_cfg, seq_len, precision, budget, ckpt, device_type, accumulate, shards,
                                 cfg.compile) for ckpt in (False, True)}
@@ -89,7 +87,9 @@ def _device_type(accelerator: str) -> str:
     has. A plan may be for another machine, so the device need not be here."""
     if accelerator == "auto":
         return pick_device("auto").type
-    return "cuda" if accelerator == "gpu" else torch.device(accelerator).type
+    if accelerator not in ("cpu", "gpu", "cuda", "mps"):
+        raise ConfigError(f"trainer.accelerator={accelerator} cannot be planned: use cpu, gpu (cuda), mps or auto")
+    return "cuda" if accelerator == "gpu" else accelerator
 
 
 def _memory_bytes(machine: MachineConfig) -> float:
