@@ -39,14 +39,16 @@ def _help(text: str) -> dict[str, str]:
 
 
 def _check_positive(group: str, settings: object, names: tuple[str, ...]) -> None:
-    """A one-line error for the first setting of ``names`` that is given but not a positive number (`not > 0` also
-    catches NaN). A setting whose default is null may be left null, and the error says so."""
+    """A one-line error for the first setting of ``names`` that is given but not a positive, finite number (`not`
+    also catches NaN; inf trained silently, model.rope_theta=inf with no rotation at all). A setting whose default is
+    null may be left null, and the error says so."""
     defaults = {f.name: f.default for f in dataclasses.fields(settings)}
     for name in names:
         value = getattr(settings, name)
-        if value is not None and not value > 0:
+        if value is not None and not 0 < value < math.inf:
+            what = "finite" if value == math.inf else "positive"
             or_null = " (or null)" if defaults[name] is None else ""
-            raise ConfigError(f"{group}.{name}={value} must be positive{or_null}")
+            raise ConfigError(f"{group}.{name}={value} must be {what}{or_null}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -388,8 +390,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         # torch.optim.AdamW checks these too, but only when the optimizer is built, after the model and data are.
         for name in ("lr", "weight_decay", "eps"):
-            if not getattr(self, name) >= 0:  # `not >=` also refuses NaN
-                raise ConfigError(f"optim.{name}={getattr(self, name)} must be a number, 0 or more")
+            if not 0 <= getattr(self, name) < math.inf:  # `not` also refuses NaN
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be a finite number, 0 or more")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9,0.95]")
 

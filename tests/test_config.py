@@ -178,6 +178,7 @@ def test_a_device_this_machine_lacks_is_one_line(monkeypatch):
      ("trainer.val_check_interval=0", "^trainer.val_check_interval=0 must be positive"),
      ("trainer.val_check_interval=0.5", "^trainer.val_check_interval=0.5 is a fraction of an epoch, .*(an int)"),
      ("trainer.gradient_clip_val=-1", r"^trainer.gradient_clip_val=-1 must be 0 or more"),  # would flip the gradients
+     ("trainer.gradient_clip_val=nan", r"^trainer.gradient_clip_val=nan must be 0 or more"),  # trained in NaN
      ("callbacks.model_checkpoint.save_top_k=-5", "^callbacks.model_checkpoint: Invalid value for save_top_k=-5")],
 )
 def test_trainer_and_callback_settings_lightning_cannot_use_are_one_line(compose_train, tmp_path, override, message):

@@ -53,8 +53,10 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     [(SchedulerConfig, {"decay": "step"}, "scheduler.decay='step' is not one of"),
      (SchedulerConfig, {"warmup_steps": -1}, "scheduler.warmup_steps=-1 must be 0 or more"),
      (SchedulerConfig, {"min_lr_ratio": 1.5}, r"scheduler.min_lr_ratio=1.5 must be in \[0, 1\]"),
-     (OptimConfig, {"lr": -1.0}, "optim.lr=-1.0 must be a number, 0 or more"),
-     (OptimConfig, {"lr": float("nan")}, "optim.lr=nan must be a number, 0 or more"),
+     (OptimConfig, {"lr": -1.0}, "optim.lr=-1.0 must be a finite number, 0 or more"),
+     (OptimConfig, {"lr": float("nan")}, "optim.lr=nan must be a finite number, 0 or more"),
+     # trained in NaN, then blamed the rate (or the clipping) at the first validation
+     (OptimConfig, {"weight_decay": float("inf")}, "optim.weight_decay=inf must be a finite number, 0 or more"),
      (OptimConfig, {"betas": [0.9, 1.0]}, r"optim.betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"),
      (OptimConfig, {"betas": [0.9]}, "must be two numbers")],
 )

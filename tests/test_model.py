@@ -132,6 +132,7 @@ def test_llama_hidden_dim_rule():
         (dict(attention="flash"), "model.attention='flash' is not one of auto, sdpa, math"),
         (dict(norm_eps=-1e-5), "model.norm_eps=-1e-05 must be positive"),  # NaN in every norm
         (dict(rope_theta=0.0), "model.rope_theta=0.0 must be positive"),
+        (dict(rope_theta=float("inf")), "model.rope_theta=inf must be finite"),  # trained with no rotation at all
         (dict(hidden_dim=0), "model.hidden_dim=0 must be positive"),
         # computed, it rounded to 0: the model ran without its MLPs
         (dict(hidden_dim=None, dim=16, ffn_dim_multiplier=0.02), "ffn_dim_multiplier=0.02 makes the feed-forward"),

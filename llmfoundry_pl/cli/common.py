@@ -269,7 +269,7 @@ def _check_trainer_settings(trainer_cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.val_check_interval={interval} is a fraction of an epoch, and runs here count "
                           "steps: give a number of training batches (an int), e.g. trainer.val_check_interval=100")
     clip = trainer_cfg.get("gradient_clip_val")
-    if clip is not None and clip < 0:
+    if clip is not None and not clip >= 0:  # `not` also refuses NaN (inf is "no clipping", as 0 is)
         raise ConfigError(f"trainer.gradient_clip_val={clip} must be 0 or more (null or 0: no clipping)")
 
 
