@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llmfoundry_pl.allocator import keep_freed_memory
-from llmfoundry_pl.callbacks import LastAndBestCheckpoint
+from llmfoundry_pl.callbacks import LastAndBestCheckpoint, SampleTextCallback
 from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     absolute_data_paths,
@@ -48,8 +48,10 @@ from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, OptimConfig
 from llmfoundry_pl.data import ChatDataModule
 from llmfoundry_pl.data.datamodule import check_accumulate
 from llmfoundry_pl.inference import generate_text
+from llmfoundry_pl.inference.text import encode_prompt
 from llmfoundry_pl.lit_module import LitDPO, LitLlama, check_adamw_eps
 from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.tokenizer import Tokenizer
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -96,6 +98,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks, loggers = instantiate_group(cfg.callbacks, "callbacks"), instantiate_group(cfg.logger, "logger")
     if not loggers:  # logger=none or every logger set to null: the rate has nowhere to go (Lightning raises)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    _check_sample_prompts(cfg, callbacks, datamodule.tokenizer, model_cfg.max_seq_len)
     trainer = build_trainer(cfg.trainer, callbacks, loggers)
     _check_step_settings(trainer)
     if 0 < max_steps <= scheduler.warmup_steps and trainer.is_global_zero:  # trainer=debug's 20 steps, for one
@@ -201,6 +204,18 @@ def _validate(trainer: L.Trainer, lit: LitLlama, datamodule: L.LightningDataModu
     validation, where ``validate`` returns no results)."""
     results = trainer.validate(lit, datamodule=datamodule, verbose=False)
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def _check_sample_prompts(cfg: DictConfig, callbacks: list, tokenizer: Tokenizer, context: int) -> None:
+    """The prompts sampled after each validation and at the end fit the model's context. Checked only when sampled,
+    the end's failed after the whole run (no summary, no final_metrics.json), a validation's before any checkpoint."""
+    prompts = [("sample_prompt", cfg.sample_prompt)] if cfg.sample_tokens > 0 else []
+    prompts += [("callbacks.sample_text.prompt", c.prompt) for c in callbacks if isinstance(c, SampleTextCallback)]
+    for setting, prompt in prompts:
+        n = len(encode_prompt(tokenizer, prompt, chat=None)[0])  # <s> included, as generation feeds it
+        if n > context:
+            raise ConfigError(f"{setting} is {n} tokens, more than the model's context (model.max_seq_len={context}): "
+                              "shorten it")
 
 
 def _checkpoint_step(ckpt_path: str | None) -> int:
