@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,6 +150,15 @@ def test_resume_continues_exactly(tmp_path, cache_dir, placement, tolerance):
     assert sorted(resumed) == [s for s in sorted(full) if s >= 4]
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], rel=tolerance, abs=tolerance), step
+    # Resumed into its own folder (as after an interruption with a fixed hydra.run.dir), the curve before the
+    # checkpoint stays and the steps logged after it are not doubled: Lightning's CSV logger deleted metrics.csv
+    shutil.copytree(tmp_path / "full", tmp_path / "same")
+    run_cli("train", *run, f"ckpt_path={tmp_path}/same/checkpoints/step4.ckpt", "hydra.run.dir=same", cwd=tmp_path)
+    with open(tmp_path / "same" / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == sorted(full)
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [4, 8, 12, 16]
+    assert read_train_losses(tmp_path / "same") == pytest.approx(full, rel=tolerance, abs=tolerance)
     # `ckpt_path=last` finds the newest last.ckpt under paths.runs_dir
     proc = run_cli("train", *run, "ckpt_path=last", "paths.runs_dir=.", "trainer.max_steps=17", "hydra.run.dir=again",
                    cwd=tmp_path)

@@ -12,6 +12,7 @@ Examples::
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llmfoundry_pl.allocator import keep_freed_memory
@@ -101,6 +103,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     _check_sample_prompts(cfg, callbacks, datamodule.tokenizer, model_cfg.max_seq_len)
     trainer = build_trainer(cfg.trainer, callbacks, loggers)
     _check_step_settings(trainer)
+    if start_step and trainer.is_global_zero:
+        _keep_the_curve_before(start_step, loggers)
     if 0 < max_steps <= scheduler.warmup_steps and trainer.is_global_zero:  # trainer=debug's 20 steps, for one
         print(f"warning: scheduler.warmup_steps={scheduler.warmup_steps} is not below trainer.max_steps={max_steps}: "
               f"the rate rises for the whole run, never reaching optim.lr={optim.lr} nor decaying", file=sys.stderr,
@@ -216,6 +220,21 @@ def _check_sample_prompts(cfg: DictConfig, callbacks: list, tokenizer: Tokenizer
         if n > context:
             raise ConfigError(f"{setting} is {n} tokens, more than the model's context (model.max_seq_len={context}): "
                               "shorten it")
+
+
+def _keep_the_curve_before(step: int, loggers: list) -> None:
+    """Resuming into the run's own folder (a fixed hydra.run.dir, as the recipes use), keep its csv/metrics.csv rows
+    up to the checkpoint's ``step``: Lightning's CSV logger deletes an existing metrics.csv when it starts (it has no
+    append mode), and the curve from before the interruption was gone. Rows logged after the checkpoint are left
+    out: the resumed run logs those steps again."""
+    for logger in loggers:
+        path = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
+        if path is None or not path.is_file():
+            continue
+        with open(path, newline="") as f:  # a validation logs at the step it follows, the training steps after it
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) < step or
+                    (int(r["step"]) == step and any(v for k, v in r.items() if k.startswith("val/")))]
+        logger.experiment.metrics[:0] = rows  # (creating the writer deletes the file); written with the next save
 
 
 def _checkpoint_step(ckpt_path: str | None) -> int:
