@@ -154,15 +154,15 @@ _MAX_SENTENCE_BYTES = 1 << 16
 _PIECE_CHARS = _MAX_SENTENCE_BYTES // 4  # UTF-8 takes at most 4 bytes per character
 
 
-def _pieces_that_fit(lines: Iterable[str], failures: list[Exception], seen: dict[str, bool]) -> Iterator[str]:
+def _pieces_that_fit(lines: Iterable[str], failures: list[BaseException], seen: dict[str, bool]) -> Iterator[str]:
     """The lines cut to fit; an exception raised by ``lines`` is also kept in ``failures`` (see train_tokenizer),
-    and ``seen["text"]`` tells whether any line held more than whitespace."""
+    Ctrl-C's KeyboardInterrupt included, and ``seen["text"]`` tells whether any line held more than whitespace."""
     try:
         for line in lines:
             seen["text"] = seen["text"] or not line.isspace() and line != ""
             for start in range(0, len(line), _PIECE_CHARS):
                 yield line[start : start + _PIECE_CHARS]
-    except Exception as e:
+    except BaseException as e:  # SentencePiece made Ctrl-C while reading a "RuntimeError: INTERNAL: KeyboardInterrupt"
         failures.append(e)
         raise
 
@@ -175,7 +175,7 @@ def train_tokenizer(
     # SentencePiece pulls the lines from C++ and turns an exception raised while reading them (a ConfigError for a
     # bad file met halfway through a lazily read corpus) into "RuntimeError: INTERNAL: ...": the original is kept
     # here and raised as itself.
-    failures: list[Exception] = []
+    failures: list[BaseException] = []
     seen = {"text": False}
     try:
         spm.SentencePieceTrainer.train(

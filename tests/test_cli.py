@@ -198,7 +198,9 @@ def test_ddp_sweep_with_mixed_jobs_and_summary(tmp_path, cache_dir):
     assert not (tmp_path / "outputs").exists()  # ranks wrote nowhere else
 
 
-def test_ctrl_c_says_which_checkpoint_to_resume_from(tmp_path, cache_dir):
+# SIGTERM (SLURM's preemption, `docker stop`) ended with status 0, which a scheduler reads as done
+@pytest.mark.parametrize(("sent", "status"), [(signal.SIGINT, 1), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_says_which_checkpoint_to_resume_from(tmp_path, cache_dir, sent, status):
     run = [*TINY, "trainer.max_steps=100000", "hydra.run.dir=run"]
     # SIGINT as the terminal sends it; reset to the default in the child in case this process ignores it
     proc = subprocess.Popen([sys.executable, "-m", "llmfoundry_pl.train", *run], cwd=tmp_path, text=True,
@@ -208,9 +210,9 @@ def test_ctrl_c_says_which_checkpoint_to_resume_from(tmp_path, cache_dir):
     deadline = time.monotonic() + 120
     while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sent)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and last.is_file()
+    assert proc.returncode == status and last.is_file()
     assert f"to go on from the last validation's checkpoint, run lfpl-train ckpt_path={last.resolve()}" in stderr
 
 

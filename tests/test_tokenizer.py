@@ -144,3 +144,14 @@ def test_a_continuation_keeps_the_space_a_dummy_prefix_tokenizer_drops_when_deco
     assert llama2_like.decode_after(llama2_like.bos_id, new) == "is not strained"  # at a text's start it goes
     streamer = TextStreamer(llama2_like, prompt[-1])
     assert "".join([streamer.push(i) for i in new] + [streamer.flush()]) == " is not strained"
+
+
+def test_ctrl_c_while_the_corpus_is_read_stays_an_interruption():
+    # SentencePiece pulls the lines from C++ and turned the KeyboardInterrupt raised in them into "RuntimeError:
+    # INTERNAL: KeyboardInterrupt", a 30-line traceback where the command says "interrupted" (exit 130)
+    def lines():
+        yield from ["to be or not to be"] * 100
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(lines(), vocab_size=300)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -123,13 +124,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         try:
             trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
-        except SystemExit:  # how Lightning ends its graceful shutdown after Ctrl-C
+            train_seconds = time.perf_counter() - t0
+            step_speed = _step_speed(trainer)  # before a validation below resets what was logged
+            metrics = _final_metrics(trainer, lit, datamodule)
+        except SystemExit:  # how Lightning ends its graceful shutdown, in fit or the final validation
             if trainer.interrupted and trainer.is_global_zero:
-                print(_resume_hint(trainer), file=sys.stderr, flush=True)
+                print(_resume_hint(trainer, ckpt_path), file=sys.stderr, flush=True)
+            if trainer.received_sigterm:  # Lightning's SIGTERMException exits 0, "done" to SLURM or Kubernetes
+                raise SystemExit(128 + signal.SIGTERM) from None  # 143, as a process the signal ends
             raise
-        train_seconds = time.perf_counter() - t0
-        step_speed = _step_speed(trainer)  # before a validation below resets what was logged
-        metrics = _final_metrics(trainer, lit, datamodule)
         # Before the process group goes: under FSDP every rank takes part in gathering the weights to sample with.
         sampler = lit.sampling_model() if cfg.sample_tokens > 0 else None
         failed = False
@@ -249,9 +252,11 @@ def _checkpoint_step(ckpt_path: str | None) -> int:
     return step
 
 
-def _resume_hint(trainer: L.Trainer) -> str:
-    """After Ctrl-C: where the run stopped, and the checkpoint to go on from (the last validation's)."""
+def _resume_hint(trainer: L.Trainer, resumed_from: str | None) -> str:
+    """After Ctrl-C or SIGTERM: where the run stopped, and the checkpoint to go on from (the last validation's, or
+    before this run saved one, the one it resumed from)."""
     last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback is not None else ""
+    last = last or resumed_from
     if not last:
         return (f"interrupted at step {trainer.global_step}, before any checkpoint was saved (one is written at each "
                 "validation, every trainer.val_check_interval steps)")
