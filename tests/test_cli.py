@@ -175,6 +175,11 @@ def test_resume_continues_exactly(tmp_path, cache_dir, placement, tolerance):
                    check=False)
     assert proc.returncode == 2 and "optim.lr: 0.003 → 0.0001; scheduler.warmup_steps: 2 → 1 would be ignored" in \
         proc.stderr
+    # nor the settings that count the place in the data: half the batch went on with steps 2 and 3's windows again
+    proc = run_cli("train", *run, f"ckpt_path={ckpt}", "data.batch_size=2", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert ("the checkpoint's place in the data counts samples under other settings (samples per step (data.batch_size"
+            " × trainer.accumulate_grad_batches × processes): 4 → 2)") in proc.stderr
 
 
 def test_ddp_sweep_with_mixed_jobs_and_summary(tmp_path, cache_dir):

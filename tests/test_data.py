@@ -297,6 +297,22 @@ def test_step_batches_are_disjoint_across_ranks_and_resume_where_they_left_off()
     assert resumed == whole[2:]
 
 
+def step_samples(step: int, batch_size: int, accumulate: int, world_size: int) -> set[int]:
+    """The samples optimizer ``step`` trains on, over its micro-batches and ranks."""
+    return {i for rank in range(world_size)
+            for batch in StepBatchSampler(step * accumulate, accumulate, batch_size, rank, world_size) for i in batch}
+
+
+def test_a_step_trains_on_the_same_samples_however_its_batch_is_split():
+    # What a resume checks (ResumesWhereItStopped): the samples per step, not how they are split. 2 devices × 4
+    # resumed on 1 device × 4 with 2 micro-batches per step, or 1 × 8, trains on the same samples as it would have.
+    for step in (0, 3, 10):
+        split = [step_samples(step, *shape) for shape in [(4, 1, 2), (4, 2, 1), (8, 1, 1), (2, 2, 2)]]
+        assert all(samples == split[0] for samples in split) and len(split[0]) == 8
+    # a run of 8 per step resumed at step 10 with 4 per step: samples its step 5 trained on already
+    assert step_samples(10, 4, 1, 1) < step_samples(5, 8, 1, 1)
+
+
 def test_validation_sweep_predicts_every_token_once(token_file):
     sweep = SweepWindows(token_file, seq_len=64, pad_id=0)
     targets = np.concatenate([y[y != IGNORE_INDEX].numpy() for _, y in (sweep[i] for i in range(len(sweep)))])

@@ -24,14 +24,19 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from llmfoundry_pl.chat import ChatFormat, Message, check_messages
 from llmfoundry_pl.config import ChatDataConfig, ConfigError
-from llmfoundry_pl.data.datamodule import IGNORE_INDEX, RankShare, StepBatchSampler, remaining_micro_batches
+from llmfoundry_pl.data.datamodule import (
+    IGNORE_INDEX,
+    RankShare,
+    ResumesWhereItStopped,
+    StepBatchSampler,
+    remaining_micro_batches,
+)
 from llmfoundry_pl.tokenizer import Tokenizer, check_encodable
 
 log = logging.getLogger(__name__)
@@ -250,7 +255,7 @@ def _counted_targets(item: Example | list[Example]) -> int:
     return sum(t != IGNORE_INDEX for ex in (item if isinstance(item, list) else [item]) for t in ex.y)
 
 
-class ChatDataModule(L.LightningDataModule):
+class ChatDataModule(ResumesWhereItStopped):
     """SFT conversations or DPO preference pairs from ``cfg``, encoded with ``tokenizer`` (the model's own)."""
 
     def __init__(self, cfg: ChatDataConfig, tokenizer: Tokenizer) -> None:

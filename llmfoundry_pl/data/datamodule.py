@@ -105,6 +105,30 @@ def remaining_micro_batches(trainer: L.Trainer | None, why: str) -> tuple[int, i
     return first, max(trainer.max_steps * accumulate - first, 0)
 
 
+class ResumesWhereItStopped(L.LightningDataModule):
+    """A data module whose place in the data is counted, not stored: optimizer step ``s`` trains on samples
+    ``s·N ... s·N + N-1`` (``N`` = data.batch_size × trainer.accumulate_grad_batches × processes, however they are
+    split among the micro-batches and ranks), drawn with ``data.seed``. The checkpoint records those settings
+    (Lightning saves a data module's ``state_dict``), and a resume under others is refused: it went on silently on
+    other samples than the interrupted run's next ones (half the batch at step 10: steps 5 to 9's samples again),
+    with ``train/tokens`` counted wrong. A resume on half the devices with twice the accumulation is the same run."""
+
+    cfg: Any  # the data config: batch_size, seq_len, seed
+
+    def state_dict(self) -> dict[str, Any]:
+        samples = self.cfg.batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        return {"data.seq_len": self.cfg.seq_len, "data.seed": self.cfg.seed,
+                "samples per step (data.batch_size × trainer.accumulate_grad_batches × processes)": samples}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        now = self.state_dict()
+        changed = [f"{key}: {value} → {now[key]}" for key, value in state_dict.items() if now.get(key, value) != value]
+        if changed:
+            raise ConfigError(f"the checkpoint's place in the data counts samples under other settings "
+                              f"({'; '.join(changed)}): resumed, it would train on other samples than the run's next "
+                              "ones; resume with its settings, or start a new run from its weights with init_from=")
+
+
 class RankShare(Dataset):
     """One process's share of the ``items`` to validate on: every world_size-th item from its rank, so that the
     ranks' sums add up to the whole split, nothing counted twice.
@@ -183,7 +207,7 @@ class SweepWindows(Dataset):
         return x, y
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(ResumesWhereItStopped):
     """Tokenizer and token files for ``cfg`` (built on first use, cached), served as training and validation
     windows. ``tokenizer`` forces a tokenizer, e.g. the one stored in a checkpoint."""
 

@@ -31,6 +31,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -244,6 +245,12 @@ class StreamingDataModule(TextDataModule):
     def prepare_data(self) -> None:
         """Build (or fetch) the chunk folder if it is not there yet (Lightning calls this on one process)."""
         self.tokenizer, self.token_files, self.train_input = prepare_chunks(self.cfg, self._given_tokenizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        # litdata deals the chunks out to the ranks and their workers, so how the step's samples are split matters too
+        return {**super().state_dict(), "data.batch_size": self.cfg.batch_size,
+                "data.num_workers": self.cfg.num_workers,
+                "processes (trainer.devices × trainer.num_nodes)": self.trainer.world_size}
 
     def train_batches(self, first_batch: int, num_batches: int, rank: int = 0, world_size: int = 1) -> StreamedBatches:
         """Micro-batches ``first_batch .. first_batch + num_batches - 1`` of training windows for this process.
