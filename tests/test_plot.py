@@ -139,6 +139,12 @@ def test_plot_errors_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
     with pytest.raises(SystemExit):  # a bad value before the last row is not a run cut short
         main([str(bad)])
     assert "metrics.csv, line 2: could not convert string to float: '3.4e'" in capsys.readouterr().err
+    # a quote left open takes the rest of the file into one field, past csv's 131,072 characters: a traceback
+    (bad / "csv" / "metrics.csv").write_text('epoch,step,train/loss\n0,1,"3.4\n' + "0,2,3.3\n" * 20_000)
+    with pytest.raises(SystemExit):
+        main([str(bad)])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "field larger than field limit" in err
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
     with pytest.raises(SystemExit):

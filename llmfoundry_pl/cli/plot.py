@@ -109,6 +109,8 @@ def read_metrics(csv_path: Path) -> Series:
                     series.setdefault(column, []).append(point)
     except UnicodeDecodeError:
         raise PlotError(f"{csv_path} is not a text file (not UTF-8); it is not a CSV file Lightning wrote") from None
+    except csv.Error as e:  # a quote left open swallows the rest of the file into one field, past csv's limit
+        raise PlotError(f"{csv_path}: {e}; it is not a CSV file Lightning wrote, or it was edited") from None
     return series
 
 
