@@ -59,6 +59,19 @@ def test_corpus_holds_out_short_documents_whole(tmp_path):
     assert lines[0] not in train and lines[1] in train and "winter of our discontent" in train
 
 
+def test_a_val_fraction_that_holds_out_the_only_document_names_one_that_would_not(text_dir, tmp_path):
+    # One document whose 0.01% is under 64 tokens: held out whole, as the first short document is. The error was the
+    # training split's "0 tokens, fewer than data.seq_len+2: lower data.seq_len", after the Trainer was set up.
+    one = text_dir / "doc0.txt"
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.0001 leaves nothing to train on: .* the corpus is one "
+                                          r"such document; raise data.val_fraction to \S+ or more") as error:
+        prepare_corpus(data_cfg(one, tmp_path / "cache", val_fraction=0.0001))
+    enough = float(error.value.args[0].split("raise data.val_fraction to ")[1].split()[0])
+    tok, files = prepare_corpus(data_cfg(one, tmp_path / "cache", val_fraction=enough))  # as it says
+    assert files.meta["train_tokens"] > 0 and files.meta["val_tokens"] >= corpus.MIN_HELD_OUT_TAIL
+    assert not list((tmp_path / "cache").rglob("*.tmp*"))  # nothing written half
+
+
 def test_corpus_cache_is_reused_when_nothing_changed(text_dir, tmp_path, monkeypatch):
     cfg = data_cfg(text_dir, tmp_path / "cache")
     _, first = prepare_corpus(cfg)

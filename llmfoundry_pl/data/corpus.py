@@ -247,6 +247,7 @@ def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer,
 def _write_token_streams(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer, dtype: type, folder: Path) -> dict:
     """Write train.bin and val.bin of every document into ``folder``; their token, document and byte counts."""
     counts = {"train_tokens": 0, "val_tokens": 0, "documents": 0, "bytes": 0}
+    longest = 0  # tokens of the longest document
     short_docs = 0  # seen so far: whole ones are held out at an even val_fraction of them, the first included
     docs = list(iter_documents(files, cfg.text_field))
     with open(folder / "train.bin", "wb") as train_f, open(folder / "val.bin", "wb") as val_f:
@@ -255,6 +256,7 @@ def _write_token_streams(files: list[Path], cfg: DataConfig, tokenizer: Tokenize
             chunk = docs[start : start + _ENCODE_CHUNK]
             for doc, ids in zip(chunk, tokenizer.encode_batch(chunk), strict=True):
                 tokens = np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype)
+                longest = max(longest, len(tokens))
                 n_val = math.ceil(len(tokens) * cfg.val_fraction)
                 if n_val < MIN_HELD_OUT_TAIL and n_val < len(tokens):
                     short_docs += 1
@@ -270,4 +272,10 @@ def _write_token_streams(files: list[Path], cfg: DataConfig, tokenizer: Tokenize
         bar.close()
     if counts["bytes"] == 0:
         raise ConfigError(f"the corpus at data.path={cfg.path} is empty; add some text")
+    if counts["train_tokens"] == 0:  # one file and a tiny val_fraction: "lower data.seq_len" came next, which cannot
+        raise ConfigError(
+            f"data.val_fraction={cfg.val_fraction} leaves nothing to train on: a document whose share is under "
+            f"{MIN_HELD_OUT_TAIL} tokens is held out whole (one in every {1 / cfg.val_fraction:.0f}, the first "
+            f"included), and the corpus is one such document; raise data.val_fraction to "
+            f"{math.ceil(MIN_HELD_OUT_TAIL / longest * 1e4) / 1e4:g} or more, or add documents")
     return counts
