@@ -382,6 +382,8 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         (["trainer.accumulate_grad_batches=0"], "error: trainer.accumulate_grad_batches=0 must be 1 or more"),
         (["trainer.strategy=ddp_spawn", "trainer.devices=2"],
          "error: trainer.strategy=ddp_spawn runs training in child processes lfpl-train cannot report from"),
+        # Hydra creates the run's folder before the command runs: its traceback, 33 lines
+        (["paths.runs_dir=broken.ckpt"], "error: cannot create the run's folder broken.ckpt/"),
         # failed after the whole run (no summary written) / at the first validation, before any checkpoint
         (["sample_prompt='" + "to be or not " * 12 + "'"], "error: sample_prompt is "),
         (["callbacks.sample_text.prompt='" + "to be or not " * 12 + "'"], "error: callbacks.sample_text.prompt is "),
@@ -391,7 +393,7 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
     ids=["clashing-heads", "missing-data", "missing-ckpt", "broken-ckpt", "ckpt-folder", "all-held-out",
          "all-held-out-streaming", "chdir", "blank-corpus", "tokenizer-folder", "typo", "wrong-type", "no-mps",
          "bad-precision", "fsdp-on-cpu", "checkpoints-inside-a-step", "limit-train-batches", "no-accumulation",
-         "ddp-spawn", "long-sample-prompt", "long-validation-sample-prompt", "fp16-on-cpu"],
+         "ddp-spawn", "runs-dir-a-file", "long-sample-prompt", "long-validation-sample-prompt", "fp16-on-cpu"],
 )
 def test_train_config_mistakes_fail_with_one_line(tmp_path, cache_dir, overrides, message):
     (tmp_path / "broken.ckpt").write_bytes(b"PK\x03\x04 cut short while copying")

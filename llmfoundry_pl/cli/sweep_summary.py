@@ -128,9 +128,7 @@ class SweepSummary(Callback):
         self.columns = None if columns is None else list(columns)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / STARTED).touch()
+        (Path(config.hydra.sweep.dir) / STARTED).touch()  # the folder: CreateOutputFolder, the callback before
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
