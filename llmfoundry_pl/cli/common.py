@@ -441,7 +441,10 @@ def read_checkpoint(path: str, key: str = "ckpt_path") -> dict:
 
 def _not_a_checkpoint(path: str, key: str, error: Exception) -> ConfigError:
     reason = " ".join(str(error).split()).split(". ")[0][:160]  # the first sentence is the useful one
-    return ConfigError(f"{key}={path} is not a checkpoint written by lfpl-train ({type(error).__name__}: {reason})")
+    reason = f"{type(error).__name__}: {reason}"
+    if "_use_new_zipfile_serialization" in reason:  # torch.load(mmap=True) of any file that is no zip: "re-save it"
+        reason = "the file is empty" if os.path.getsize(path) == 0 else "not the zip archive torch.save writes"
+    return ConfigError(f"{key}={path} is not a checkpoint written by lfpl-train ({reason})")
 
 
 def _adapter_base(hparams: dict, path: str, key: str) -> Transformer:
