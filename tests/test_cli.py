@@ -74,6 +74,10 @@ def test_eval_on_other_text_and_on_the_runs_own_split(trained_run, tmp_path):
     own = json.loads(run_cli("eval", ckpt, cwd=tmp_path).stdout.strip().splitlines()[-1])
     assert own["data"] == "validation split of the training data" and own["tokens"] > other["tokens"]
     assert list(tmp_path.iterdir()) == [text]  # eval writes no files
+    # the run's folder itself (not a model folder: "has no config.json; give a folder written by lfpl-export")
+    proc = run_cli("eval", f"ckpt_path={trained_run}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and f"is a training run's folder; give its checkpoint: ckpt_path={trained_run}/" \
+        "checkpoints/last.ckpt" in proc.stderr
 
 
 def test_generate_continues_the_prompt_reproducibly(trained_run, tmp_path):

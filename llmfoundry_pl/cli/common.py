@@ -393,6 +393,9 @@ def load_model(ckpt_path: str | None, key: str = "ckpt_path") -> tuple[Transform
         path = Path(ckpt_path).expanduser()
         if path.is_file() and (path.name == "config.json" or path.suffix == ".safetensors"):
             path = path.parent  # a file inside a model folder: the folder is meant
+        if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints" / "last.ckpt").is_file():
+            raise ConfigError(f"{key}={ckpt_path} is a training run's folder; give its checkpoint: "
+                              f"{key}={Path(ckpt_path) / 'checkpoints' / 'last.ckpt'}")
         if path.is_dir():
             return load_folder(path)
         if not path.exists():

@@ -272,7 +272,9 @@ def _write_token_streams(files: list[Path], cfg: DataConfig, tokenizer: Tokenize
         bar.close()
     if counts["bytes"] == 0:
         raise ConfigError(f"the corpus at data.path={cfg.path} is empty; add some text")
-    if counts["train_tokens"] == 0:  # one file and a tiny val_fraction: "lower data.seq_len" came next, which cannot
+    # One file and a tiny val_fraction: "lower data.seq_len" came next, which cannot help. (1: lfpl-eval on a text,
+    # all of it held out, as asked.)
+    if counts["train_tokens"] == 0 and cfg.val_fraction < 1:
         raise ConfigError(
             f"data.val_fraction={cfg.val_fraction} leaves nothing to train on: a document whose share is under "
             f"{MIN_HELD_OUT_TAIL} tokens is held out whole (one in every {1 / cfg.val_fraction:.0f}, the first "
