@@ -172,7 +172,10 @@ def quiet_library_noise() -> None:
     parameters, not bytes, here — and the FutureWarning its own pytree helper raises under recent torch, LeafSpec)
     and torch's notice, once per enum, that torchao registers enums it no longer needs to (torchao comes with peft:
     every LoRA run printed two). No setting of ours can act on them; a learner's first run should show the run.
-    Each filter matches one message exactly."""
+    Each filter matches one message exactly. One more of Lightning's is untrue here: every resume warned that the
+    dataloader "is not resumable" and results may be unreliable, where the data modules restart at the resumed
+    step's samples by construction (data/datamodule.py) and resumed losses equal the uninterrupted run's."""
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     leaf_spec = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
     warnings.filterwarnings("ignore", message=leaf_spec, category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
