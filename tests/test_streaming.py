@@ -78,7 +78,10 @@ def test_streaming_interrupted_build_leaves_nothing_trusted(datamodule, monkeypa
         patch.setattr(streaming.Tokenizer, "save", crash)  # after the chunks, before chunks.json
         with pytest.raises(KeyboardInterrupt):
             prepare_chunks(cfg)
-    assert not (datamodule.token_files.directory.parent / "chunks-seq32-8KB").exists()  # only a hidden temp folder
+    cache = datamodule.token_files.directory.parent
+    assert not (cache / "chunks-seq32-8KB").exists()
+    # nor the hidden folder it was written in, which stayed for good (gigabytes, for a large corpus)
+    assert not list(cache.glob(".chunks-seq32-8KB*")), sorted(p.name for p in cache.iterdir())
     assert prepare_chunks(cfg)[1].meta["windows"] == datamodule.token_files.meta["windows"]
 
 

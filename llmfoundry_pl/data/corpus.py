@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -216,31 +217,40 @@ def publish_folder(tmp: Path, folder: Path, is_complete: Callable[[Path], bool])
             shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextmanager
+def temporary_folder(folder: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside ``folder`` to build it in (then :func:`publish_folder`), removed if the build
+    fails or is interrupted (Ctrl-C): nothing half-written is left to grow unseen (an interrupted chunk build's
+    folder could hold gigabytes)."""
+    tmp = temp_sibling(folder)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer, token_dir: Path) -> dict:
     """Tokenize every document (SentencePiece threads in C++, a progress bar over chunks), split each document's
     tail off for validation (or hold out whole short documents, see the module docstring), and write both streams
     into a temporary folder that is renamed into place."""
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    tmp_dir = temp_sibling(token_dir)
-    tmp_dir.mkdir(parents=True)
-    try:
+    with temporary_folder(token_dir) as tmp_dir:
         counts = _write_token_streams(files, cfg, tokenizer, dtype, tmp_dir)
-    except BaseException:  # failed, or interrupted (Ctrl-C): the temporary folder, named afresh each time, goes
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    meta = {
-        "format": CACHE_FORMAT,
-        "dtype": np.dtype(dtype).name,
-        "tokenizer_sha256": tokenizer.sha256,
-        "vocab_size": tokenizer.vocab_size,
-        "val_fraction": cfg.val_fraction,
-        # absolute: data=streaming compares them with data.path from any folder
-        "sources": [str(f.resolve()) for f in files[:100]] + ([f"... {len(files) - 100} more"] if len(files) > 100
-                                                              else []),
-        **counts,
-    }
-    atomic_write_bytes(tmp_dir / "meta.json", json.dumps(meta, indent=2).encode())
-    publish_folder(tmp_dir, token_dir, lambda folder: _read_meta(folder, tokenizer) is not None)
+        meta = {
+            "format": CACHE_FORMAT,
+            "dtype": np.dtype(dtype).name,
+            "tokenizer_sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size,
+            "val_fraction": cfg.val_fraction,
+            # absolute: data=streaming compares them with data.path from any folder
+            "sources": [str(f.resolve()) for f in files[:100]] + ([f"... {len(files) - 100} more"] if len(files) > 100
+                                                                  else []),
+            **counts,
+        }
+        atomic_write_bytes(tmp_dir / "meta.json", json.dumps(meta, indent=2).encode())
+        publish_folder(tmp_dir, token_dir, lambda folder: _read_meta(folder, tokenizer) is not None)
     return meta
 
 

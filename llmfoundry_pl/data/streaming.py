@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmfoundry_pl.config import CHUNK_URI_PREFIXES, ConfigError, StreamingDataConfig
-from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus, publish_folder, resolve_sources
+from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus, publish_folder, resolve_sources, temporary_folder
 from llmfoundry_pl.data.datamodule import TextDataModule
 from llmfoundry_pl.tokenizer import Tokenizer, atomic_write_bytes
 
@@ -154,21 +153,19 @@ def _write_chunks(token_files: TokenFiles, tokenizer: Tokenizer, cfg: StreamingD
     if n_windows < 1:
         raise ConfigError(f"the training split has {token_files.meta['train_tokens']} tokens, fewer than "
                           f"data.seq_len+1={cfg.seq_len + 1}; lower data.seq_len or use more text")
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tokens = np.memmap(token_files.train_path, dtype=token_files.dtype, mode="r")
-    writer = litdata.streaming.Cache(str(tmp / "train"), chunk_bytes=cfg.chunk_bytes,
-                                     item_loader=litdata.TokensLoader())
-    for i in tqdm(range(n_windows), desc="writing chunks", unit="window", disable=n_windows < _PROGRESS_FROM):
-        writer[i] = np.array(tokens[i * cfg.seq_len : (i + 1) * cfg.seq_len + 1])
-    writer.done()
-    litdata.complete_dataset(str(tmp / "train"))  # the writer's index shard → index.json
-    shutil.copyfile(token_files.val_path, tmp / "val.bin")
-    tokenizer.save(tmp / "tokenizer.model")
-    meta = {**token_files.meta, "seq_len": cfg.seq_len, "windows": n_windows, "chunk_bytes": cfg.chunk_bytes}
-    atomic_write_bytes(tmp / "chunks.json", json.dumps(meta, indent=2).encode())
-    publish_folder(tmp, folder, lambda published: _read_meta(published) == meta)
+    with temporary_folder(folder) as tmp:
+        writer = litdata.streaming.Cache(str(tmp / "train"), chunk_bytes=cfg.chunk_bytes,
+                                         item_loader=litdata.TokensLoader())
+        for i in tqdm(range(n_windows), desc="writing chunks", unit="window", disable=n_windows < _PROGRESS_FROM):
+            writer[i] = np.array(tokens[i * cfg.seq_len : (i + 1) * cfg.seq_len + 1])
+        writer.done()
+        litdata.complete_dataset(str(tmp / "train"))  # the writer's index shard → index.json
+        shutil.copyfile(token_files.val_path, tmp / "val.bin")
+        tokenizer.save(tmp / "tokenizer.model")
+        meta = {**token_files.meta, "seq_len": cfg.seq_len, "windows": n_windows, "chunk_bytes": cfg.chunk_bytes}
+        atomic_write_bytes(tmp / "chunks.json", json.dumps(meta, indent=2).encode())
+        publish_folder(tmp, folder, lambda published: _read_meta(published) == meta)
 
 
 def _mirror(uri: str, cache_dir: Path) -> Path:
@@ -177,26 +174,23 @@ def _mirror(uri: str, cache_dir: Path) -> Path:
     from litdata.streaming.downloader import get_downloader
 
     local = cache_dir / f"streaming-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
-    tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    downloader = get_downloader(uri, str(tmp), [])
-    try:
-        downloader.download_file(f"{uri}/chunks.json", str(tmp / "chunks.json"))
-    except Exception as e:  # missing file, no credentials, no network: each library says it its own way
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = " ".join(str(e).split())[:160]
-        raise ConfigError(f"cannot read {uri}/chunks.json ({type(e).__name__}: {reason}); check data.chunks_dir and "
-                          "its credentials, or, if nothing is there yet, build the chunks with lfpl-train "
-                          "data=streaming data.chunks_dir=LOCAL_FOLDER and upload LOCAL_FOLDER there") from None
-    if _read_meta(local) == _read_meta(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-        return local
-    for name in ("tokenizer.model", "val.bin"):
-        downloader.download_file(f"{uri}/{name}", str(tmp / name))
-    # a folder mirrored from an older upload (its files and the chunks cached from it) differs in chunks.json: replaced
-    remote_meta = _read_meta(tmp)
-    publish_folder(tmp, local, lambda published: _read_meta(published) == remote_meta)
+    with temporary_folder(local) as tmp:
+        downloader = get_downloader(uri, str(tmp), [])
+        try:
+            downloader.download_file(f"{uri}/chunks.json", str(tmp / "chunks.json"))
+        except Exception as e:  # missing file, no credentials, no network: each library says it its own way
+            reason = " ".join(str(e).split())[:160]
+            raise ConfigError(f"cannot read {uri}/chunks.json ({type(e).__name__}: {reason}); check data.chunks_dir "
+                              "and its credentials, or, if nothing is there yet, build the chunks with lfpl-train "
+                              "data=streaming data.chunks_dir=LOCAL_FOLDER and upload LOCAL_FOLDER there") from None
+        if _read_meta(local) == _read_meta(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return local
+        for name in ("tokenizer.model", "val.bin"):
+            downloader.download_file(f"{uri}/{name}", str(tmp / name))
+        # from an older upload (its files and the chunks cached from it) a mirror differs in chunks.json: replaced
+        remote_meta = _read_meta(tmp)
+        publish_folder(tmp, local, lambda published: _read_meta(published) == remote_meta)
     return local
 
 
