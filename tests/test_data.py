@@ -81,6 +81,16 @@ def test_corpus_cache_is_reused_when_nothing_changed(text_dir, tmp_path, monkeyp
     assert second.directory == first.directory
 
 
+def test_a_damaged_cached_tokenizer_is_trained_again(text_dir, tmp_path):
+    # (it was "not a SentencePiece model; point data.tokenizer_path at a .model file", a setting no one had given)
+    cfg = data_cfg(text_dir, tmp_path / "cache")
+    first, _ = prepare_corpus(cfg)
+    [cached] = (tmp_path / "cache").rglob("tokenizer-*.model")
+    cached.write_bytes(b"damaged")
+    again, _ = prepare_corpus(cfg)
+    assert again.sha256 == first.sha256 and Tokenizer.from_file(cached).sha256 == first.sha256
+
+
 def test_corpus_cache_is_rebuilt_when_inputs_or_tokenizer_change(text_dir, tmp_path):
     cfg = data_cfg(text_dir, tmp_path / "cache")
     tok1, first = prepare_corpus(cfg)

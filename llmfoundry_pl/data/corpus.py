@@ -175,9 +175,11 @@ def _resolve_tokenizer(cfg: DataConfig, files: list[Path], corpus_dir: Path, giv
         tokenizer = Tokenizer.from_file(cfg.tokenizer_path)
     else:
         model_path = corpus_dir / f"tokenizer-v{cfg.vocab_size}-c{cfg.character_coverage:g}.model"
-        if model_path.is_file():
-            tokenizer = Tokenizer.from_file(model_path)
-        else:
+        try:
+            tokenizer = Tokenizer.from_file(model_path) if model_path.is_file() else None
+        except ConfigError:  # damaged (not by us: it is written whole or not at all): rebuilt, as a cache is
+            tokenizer = None  # (its error said to point data.tokenizer_path at a .model file, which no one had set)
+        if tokenizer is None:
             lines = (line for doc in iter_documents(files, cfg.text_field) for line in doc.splitlines() if line)
             tokenizer = train_tokenizer(lines, cfg.vocab_size, cfg.character_coverage)
             tokenizer.save(model_path)
