@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmfoundry_pl.cli.serve import server_url
 from llmfoundry_pl.config import ModelConfig
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
 from llmfoundry_pl.inference import generate_stream
@@ -572,3 +573,8 @@ def test_serve_cli_mistakes_are_one_line(tmp_path):
         proc = run_cli("serve", "ckpt_path=missing.ckpt", f"port={port}", cwd=tmp_path, timeout=120, check=False)
     assert proc.returncode == 2
     assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another port=" in proc.stderr
+
+
+def test_the_address_printed_for_an_ipv6_host_is_a_url():
+    assert server_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert server_url("::1", 8000) == "http://[::1]:8000"  # was http://::1:8000, which no browser opens

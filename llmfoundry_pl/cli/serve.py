@@ -28,6 +28,11 @@ from llmfoundry_pl.config import ConfigError, ServeConfig
 from llmfoundry_pl.inference.quantize import for_inference
 
 
+def server_url(host: str, port: int) -> str:
+    """The address to open: an IPv6 host in brackets (``http://[::1]:8000``, RFC 3986; ``http://::1:8000`` is none)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def serve(node: DictConfig) -> None:
     cfg = to_dataclass(node, ServeConfig)
     try:
@@ -43,7 +48,7 @@ def serve(node: DictConfig) -> None:
     model = for_inference(model, device, cfg.precision, cfg.quantize)
     name = cfg.model_name or _default_name(source.path)
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch, queue_limit=cfg.queue_limit)
-    print(f"serving {source} as model {name!r} on http://{cfg.host}:{cfg.port} (playground at /)", flush=True)
+    print(f"serving {source} as model {name!r} on {server_url(cfg.host, cfg.port)} (playground at /)", flush=True)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, cfg, name), log_level="warning"))
     server.run(sockets=[listener])
 
