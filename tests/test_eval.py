@@ -106,10 +106,16 @@ def test_eval_takes_the_runs_own_split_or_all_of_the_text_given(compose_train, t
     cfg = compose_train(["ckpt_path=some.ckpt"], name="eval")
     model_cfg = ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, max_seq_len=32)
     tokenizer = type("Tok", (), {"vocab_size": 50})()
-    run = {"data": {"path": "/corpus", "val_fraction": 0.2, "text_field": "body", "seq_len": 16}}
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    run = {"data": {"path": str(corpus), "val_fraction": 0.2, "text_field": "body", "seq_len": 16}}
     data = evaluation_data(cfg, ModelSource("some.ckpt", "ckpt", run_config=run), model_cfg, tokenizer)
-    assert (data.path, data.val_fraction, data.text_field, data.seq_len) == ("/corpus", 0.2, "body", 16)
+    assert (data.path, data.val_fraction, data.text_field, data.seq_len) == (str(corpus), 0.2, "body", 16)
     given = compose_train(["ckpt_path=some.ckpt", f"data.path={tmp_path}"], name="eval")
     data = evaluation_data(given, ModelSource("some.ckpt", "ckpt", run_config=run), model_cfg, tokenizer)
     assert (data.path, data.val_fraction) == (str(tmp_path), 1.0)
+    # the run's text moved away: said as such, not as a data.path the user had not given
+    corpus.rmdir()
+    with pytest.raises(ConfigError, match=f"ckpt_path=some.ckpt was trained on {corpus}, which is not there now"):
+        evaluation_data(cfg, ModelSource("some.ckpt", "ckpt", run_config=run), model_cfg, tokenizer)
 

@@ -14,7 +14,9 @@ choice; ``data.*`` is then unused. The last line printed is a JSON object of the
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 
 import hydra
 import lightning as L
@@ -70,7 +72,13 @@ def evaluation_data(cfg: EvalConfig, source: ModelSource, model_cfg: ModelConfig
     common = {"seq_len": seq_len, "val_stride": cfg.data.stride, "batch_size": cfg.data.batch_size,
               "cache_dir": cfg.data.cache_dir, "vocab_size": tokenizer.vocab_size}
     if cfg.data.path is None:
-        return DataConfig(path=run_data.get("path"), text_field=run_data.get("text_field", "text"),
+        trained_on = run_data.get("path")  # null: the bundled plays
+        # (moved away, it was "data.path=... does not exist": a setting the user had not given)
+        if trained_on is not None and not glob.glob(os.path.expanduser(trained_on)):
+            raise ConfigError(f"ckpt_path={source.path} was trained on {trained_on}, which is not there now, so its "
+                              "validation split cannot be taken; put it back, or give the text to evaluate with "
+                              "data.path=")
+        return DataConfig(path=trained_on, text_field=run_data.get("text_field", "text"),
                           val_fraction=run_data.get("val_fraction", DataConfig.val_fraction), **common)
     return DataConfig(path=cfg.data.path, text_field=cfg.data.text_field, val_fraction=1.0, **common)
 
