@@ -187,6 +187,18 @@ def test_trainer_and_callback_settings_lightning_cannot_use_are_one_line(compose
         build_trainer(cfg.trainer, instantiate_group(cfg.callbacks, "callbacks"), [])
 
 
+@pytest.mark.parametrize("max_steps", [0, -1])
+def test_a_run_of_no_steps_is_refused_before_anything_is_built(compose_train, tmp_path, max_steps, monkeypatch):
+    # It was refused once the data loader was asked for: after the corpus, the model summary, the CPU's peak
+    # measurement and the run folder's csv/hparams.yaml
+    from llmfoundry_pl.cli import train as train_cli
+
+    monkeypatch.setattr(train_cli, "prepare_data_and_model", lambda cfg: pytest.fail("built the data first"))
+    cfg = compose_train(["hardware=cpu", f"paths.output_dir={tmp_path}", f"trainer.max_steps={max_steps}"])
+    with pytest.raises(ConfigError, match=f"^trainer.max_steps={max_steps} must be a positive number of optimizer"):
+        train_cli.train(cfg)
+
+
 def test_runs_dir_under_home_is_the_home_folder(compose_train, tmp_path, monkeypatch):
     # Hydra made the run folder from paths.runs_dir as written: '~/runs' became a folder named ~ in the current one
     monkeypatch.setenv("HOME", str(tmp_path))

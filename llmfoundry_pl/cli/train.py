@@ -65,6 +65,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
     start_step = _checkpoint_step(ckpt_path)
     max_steps = cfg.trainer.max_steps  # an int (the schema's); -1 is Lightning's "no limit"
+    if max_steps <= 0:  # (the data modules refuse it too, once the Trainer is built and the run's folder written)
+        raise ConfigError(f"trainer.max_steps={max_steps} must be a positive number of optimizer steps: the data and "
+                          "the schedule count steps, not epochs")
     if start_step and 0 < max_steps <= start_step:  # Lightning would train 0 steps
         raise ConfigError(f"ckpt_path={ckpt_path} was saved at step {start_step}, so trainer.max_steps={max_steps} "
                           "leaves nothing to train: raise trainer.max_steps to train on (past the schedule's end the "
