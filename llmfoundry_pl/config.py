@@ -502,7 +502,7 @@ class TrainConfig:
     """Root schema of ``lfpl-train`` (conf/train.yaml)."""
 
     model: ModelConfig = field(
-        default_factory=ModelConfig, metadata=_help("The model's shape (model=tiny|small|base).")
+        default_factory=ModelConfig, metadata=_help("The model's shape (model=tiny|ref16m|small|base).")
     )
     # DataConfig (data=text), StreamingDataConfig (data=streaming) or ChatDataConfig (data=sft, data=preference):
     # each data file names its schema.

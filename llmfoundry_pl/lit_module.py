@@ -125,7 +125,7 @@ def weights_sha256(network: nn.Module) -> str:
 
 
 class LitLlama(L.LightningModule):
-    """Next-token prediction with AdamW and a warmup + cosine schedule.
+    """Next-token prediction with AdamW and a warmup + decay schedule (scheduler.decay: cosine, linear or constant).
 
     Args:
         model: the transformer's shape.

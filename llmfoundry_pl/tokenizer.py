@@ -57,19 +57,21 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+    def from_file(cls, path: str | os.PathLike, key: str | None = "data.tokenizer_path") -> Tokenizer:
+        """The SentencePiece model at ``path``; a one-line error if it is none, naming the setting ``key`` that gave
+        the path (None: a file no setting names, a model folder's or the chunk folder's own)."""
         path = Path(path).expanduser()
         if not path.is_file():
             what = "is a folder, not a SentencePiece .model file" if path.is_dir() else "does not exist"
-            raise ConfigError(f"tokenizer file {path} {what}; fix data.tokenizer_path or set it to null")
+            raise ConfigError(f"tokenizer file {path} {what}" + (f"; fix {key} or set it to null" if key else ""))
         model_proto = path.read_bytes()
         try:
             if not model_proto:  # SentencePiece takes empty bytes for "no model": a tokenizer of 0 tokens
                 raise RuntimeError("the file is empty")
             return cls(model_proto)
         except RuntimeError as e:
-            message = f"{path} is not a SentencePiece model ({e}); point data.tokenizer_path at a .model file"
-            raise ConfigError(message) from None
+            fix = f"; point {key} at a .model file" if key else ""
+            raise ConfigError(f"{path} is not a SentencePiece model ({' '.join(str(e).split())[:120]}){fix}") from None
 
     @property
     def vocab_size(self) -> int:

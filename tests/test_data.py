@@ -276,7 +276,8 @@ def test_corpus_bad_input_gives_one_clear_error(tmp_path, make, message):
 def test_a_cache_dir_that_cannot_be_created_is_one_line(text_dir, tmp_path):
     blocker = _write(tmp_path / "a_file", "not a folder")  # fails for root too, unlike a read-only folder
     with pytest.raises(ConfigError, match=r"cannot create the token cache under data.cache_dir=.*a_file/cache \(Not a "
-                                          r"directory\); point paths.cache_dir \(or \$LFPL_CACHE_DIR\)"):
+                                          r"directory\); point it \(lfpl-train: paths.cache_dir; any command: "
+                                          r"\$LFPL_CACHE_DIR\)"):  # (lfpl-eval has no paths.cache_dir)
         prepare_corpus(data_cfg(text_dir, blocker / "cache"))
 
 

@@ -115,6 +115,12 @@ def test_tokenizer_from_missing_or_bad_file(tmp_path):
     (tmp_path / "empty.model").write_bytes(b"")  # SentencePiece alone loads it as a tokenizer of 0 tokens
     with pytest.raises(ConfigError, match="empty.model is not a SentencePiece model"):
         Tokenizer.from_file(tmp_path / "empty.model")
+    # the fix names the setting that gave the path, and none for a file no setting names (a chunk folder's own:
+    # "point data.tokenizer_path at a .model file" sent users to a setting they had not used)
+    with pytest.raises(ConfigError, match=r"bad.model is not a SentencePiece model \(.*\); point data.tokenizer_path"):
+        Tokenizer.from_file(tmp_path / "bad.model")
+    with pytest.raises(ConfigError, match=r"bad.model is not a SentencePiece model \(.*\)$"):
+        Tokenizer.from_file(tmp_path / "bad.model", key=None)
 
 
 def test_tokenizer_rejects_a_vocab_too_small_for_the_characters():

@@ -41,10 +41,9 @@ from llmfoundry_pl.callbacks import HALF_PRECISION, peak_matmul_flops, synchroni
 from llmfoundry_pl.cli.common import (
     CONFIG_PATH,
     build_trainer,
-    check_compiled_attention,
+    compile_training_step,
     fail_sweep_job_alone,
     prepare_data_and_model,
-    require_compiler,
     run_hydra_app,
     seed_everything,
     to_dataclass,
@@ -121,9 +120,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     floor = memory_meter.start(device)  # before the model exists: the training step's own memory is above it
     lit = LitLlama(model=model_cfg, optim=to_dataclass(cfg.optim, OptimConfig))
     if cfg.compile:
-        require_compiler(device)
-        check_compiled_attention(model_cfg.attention, device, str(trainer.precision))
-        lit.compile_training()
+        compile_training_step(lit, trainer)
     # Under DDP every rank times the same steps (the gradients' all-reduce keeps them in step): the Lightning row
     # counts the tokens of all ranks, and MFU is against the peak of all devices.
     peak_flops = peak_matmul_flops(device, str(trainer.precision)) * devices

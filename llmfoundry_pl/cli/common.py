@@ -322,6 +322,15 @@ def check_compiled_attention(attention: str, device: torch.device, precision: st
                           "Inductor compiles its backward wrong); use model.attention=auto or compile=false")
 
 
+def compile_training_step(lit: LitLlama, trainer: L.Trainer) -> None:
+    """``compile=true`` in lfpl-train and lfpl-bench: refused in one line where it cannot work here
+    (:func:`require_compiler`, :func:`check_compiled_attention`), then :meth:`LitLlama.compile_training`."""
+    device = trainer.strategy.root_device
+    require_compiler(device)
+    check_compiled_attention(lit.model.config.attention, device, str(trainer.precision))
+    lit.compile_training()
+
+
 def prepare_data_and_model(cfg: DictConfig) -> tuple[TextDataModule | ChatDataModule, ModelConfig, Transformer | None]:
     """The prepared data module, the model config and, with ``init_from``, the starting network of a training
     config (lfpl-train, lfpl-bench).

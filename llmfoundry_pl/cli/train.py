@@ -33,12 +33,11 @@ from llmfoundry_pl.cli.common import (
     absolute_data_paths,
     absolute_model_path,
     build_trainer,
-    check_compiled_attention,
+    compile_training_step,
     fail_sweep_job_alone,
     instantiate_group,
     prepare_data_and_model,
     read_checkpoint,
-    require_compiler,
     resolve_ckpt_path,
     run_hydra_app,
     seed_everything,
@@ -64,11 +63,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
     start_step = _checkpoint_step(ckpt_path)
-    max_steps = cfg.trainer.max_steps  # an int (the schema's); -1 is Lightning's "no limit"
-    if max_steps <= 0:  # (the data modules refuse it too, once the Trainer is built and the run's folder written)
+    max_steps = cfg.trainer.max_steps  # an int (the schema's)
+    if max_steps <= 0:  # Lightning's -1, "no limit", included (the data modules refuse it too, but only in fit)
         raise ConfigError(f"trainer.max_steps={max_steps} must be a positive number of optimizer steps: the data and "
                           "the schedule count steps, not epochs")
-    if start_step and 0 < max_steps <= start_step:  # Lightning would train 0 steps
+    if start_step and max_steps <= start_step:  # Lightning would train 0 steps
         raise ConfigError(f"ckpt_path={ckpt_path} was saved at step {start_step}, so trainer.max_steps={max_steps} "
                           "leaves nothing to train: raise trainer.max_steps to train on (past the schedule's end the "
                           "rate stays at its minimum), or measure the model with lfpl-eval")
@@ -109,14 +108,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     _check_step_settings(trainer)
     if start_step and trainer.is_global_zero:
         _keep_the_curve_before(start_step, loggers)
-    if 0 < max_steps <= scheduler.warmup_steps and trainer.is_global_zero:  # trainer=debug's 20 steps, for one
+    if max_steps <= scheduler.warmup_steps and trainer.is_global_zero:  # trainer=debug's 20 steps, for one
         print(f"warning: scheduler.warmup_steps={scheduler.warmup_steps} is not below trainer.max_steps={max_steps}: "
               f"the rate rises for the whole run, never reaching optim.lr={optim.lr} nor decaying", file=sys.stderr,
               flush=True)
     if cfg.compile:
-        require_compiler(trainer.strategy.root_device)
-        check_compiled_attention(model_cfg.attention, trainer.strategy.root_device, str(trainer.precision))
-        lit.compile_training()
+        compile_training_step(lit, trainer)
 
     failed = True
     try:

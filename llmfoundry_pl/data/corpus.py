@@ -154,7 +154,8 @@ def prepare_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple
         corpus_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create the token cache under data.cache_dir={cfg.cache_dir} ({e.strerror}); point "
-                          "paths.cache_dir (or $LFPL_CACHE_DIR) at a folder you can write") from None
+                          "it (lfpl-train: paths.cache_dir; any command: $LFPL_CACHE_DIR) at a folder you can write"
+                          ) from None
     tokenizer = _resolve_tokenizer(cfg, files, corpus_dir, tokenizer)
     token_dir = corpus_dir / f"tokens-{tokenizer.sha256[:12]}-val{cfg.val_fraction:g}"
     meta = _read_meta(token_dir, tokenizer)
@@ -176,9 +177,9 @@ def _resolve_tokenizer(cfg: DataConfig, files: list[Path], corpus_dir: Path, giv
     else:
         model_path = corpus_dir / f"tokenizer-v{cfg.vocab_size}-c{cfg.character_coverage:g}.model"
         try:
-            tokenizer = Tokenizer.from_file(model_path) if model_path.is_file() else None
+            tokenizer = Tokenizer.from_file(model_path, key=None) if model_path.is_file() else None
         except ConfigError:  # damaged (not by us: it is written whole or not at all): rebuilt, as a cache is
-            tokenizer = None  # (its error said to point data.tokenizer_path at a .model file, which no one had set)
+            tokenizer = None
         if tokenizer is None:
             lines = (line for doc in iter_documents(files, cfg.text_field) for line in doc.splitlines() if line)
             tokenizer = train_tokenizer(lines, cfg.vocab_size, cfg.character_coverage)

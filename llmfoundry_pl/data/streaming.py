@@ -83,7 +83,7 @@ def prepare_chunks(cfg: StreamingDataConfig, tokenizer: Tokenizer | None = None)
     if not (folder / "tokenizer.model").is_file():  # the tokenizer's own error named data.tokenizer_path
         raise ConfigError(f"the chunks at {folder} have no tokenizer.model beside their chunks.json, so they were not "
                           "written whole by llmfoundry-pl; give a new or empty data.chunks_dir to build them again")
-    chunks_tokenizer = Tokenizer.from_file(folder / "tokenizer.model")
+    chunks_tokenizer = Tokenizer.from_file(folder / "tokenizer.model", key=None)
     _check_chunks(cfg, meta, chunks_tokenizer, tokenizer)
     return chunks_tokenizer, TokenFiles(folder, meta), train
 

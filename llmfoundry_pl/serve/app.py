@@ -270,7 +270,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
             raise APIError(400, str(e), None) from None
         response = _Response(chat, model_name, len(prompt_ids))
         if body.stream:
-            return StreamingResponse(_sse(response, request, events, http), media_type="text/event-stream")
+            return StreamingResponse(_sse(response, request, events), media_type="text/event-stream")
         text, reason = "", None
         gone = asyncio.ensure_future(_client_gone(http))
         try:
@@ -292,8 +292,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
             raise APIError(500, f"generation failed: {request.error}", None, "server_error")
         return response.whole(text, reason, len(request.output_ids))
 
-    async def _sse(response: _Response, request: EngineRequest, events: asyncio.Queue, http: Request
-                   ) -> AsyncIterator[str]:
+    async def _sse(response: _Response, request: EngineRequest, events: asyncio.Queue) -> AsyncIterator[str]:
         """Server-sent events; a client that disconnects cancels its request (its slot frees at the next step)."""
         try:
             if response.chat:
