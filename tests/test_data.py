@@ -328,7 +328,7 @@ def step_samples(step: int, batch_size: int, accumulate: int, world_size: int) -
 
 
 def test_a_step_trains_on_the_same_samples_however_its_batch_is_split():
-    # What a resume checks (ResumesWhereItStopped): the samples per step, not how they are split. 2 devices × 4
+    # What a resume checks (StepDataModule): the samples per step, not how they are split. 2 devices × 4
     # resumed on 1 device × 4 with 2 micro-batches per step, or 1 × 8, trains on the same samples as it would have.
     for step in (0, 3, 10):
         split = [step_samples(step, *shape) for shape in [(4, 1, 2), (4, 2, 1), (8, 1, 1), (2, 2, 2)]]

@@ -47,6 +47,8 @@ CONVERSATION = [
     {"role": "assistant", "content": "Twelfth Night"},
 ]
 
+ON_CPU = SimpleNamespace(root_device=torch.device("cpu"))  # a stand-in trainer's strategy
+
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
@@ -306,7 +308,7 @@ def test_chat_data_counts_each_steps_targets_and_examples_over_every_micro_batch
     targets, examples = {}, {}  # step → reply tokens / examples in the batches the ranks' loaders give for it
     for rank in range(2):
         dm.trainer = SimpleNamespace(max_steps=5, accumulate_grad_batches=2, global_step=0, global_rank=rank,
-                                     world_size=2)
+                                     world_size=2, strategy=ON_CPU)
         for b, (_, y, *segments) in enumerate(dm.train_dataloader()):
             targets[b // 2] = targets.get(b // 2, 0) + int((y != IGNORE_INDEX).sum())
             in_rows = int((segments[0].amax(dim=1) + 1).sum()) if pack else len(y)  # packed: segments 0 .. n-1
@@ -354,7 +356,7 @@ def test_accumulated_fine_tuning_step_has_the_gradient_of_the_whole_batch(tokeni
     halves = _chat_data(tmp_path, tokenizer, batch_size=3)
     halves.prepare_data()
     halves.trainer = SimpleNamespace(max_steps=1, accumulate_grad_batches=2, global_step=0, global_rank=0,
-                                     world_size=1)
+                                     world_size=1, strategy=ON_CPU)
     first, second = [int((y != IGNORE_INDEX).sum()) for _, y in halves.train_dataloader()]
     assert first != second  # else a mean of the two micro-batch means would be right too (133 and 91 here)
     whole = _first_step_gradients(_chat_data(tmp_path, tokenizer, batch_size=6), 1, tokenizer)

@@ -33,8 +33,8 @@ from llmfoundry_pl.config import ChatDataConfig, ConfigError
 from llmfoundry_pl.data.datamodule import (
     IGNORE_INDEX,
     RankShare,
-    ResumesWhereItStopped,
     StepBatchSampler,
+    StepDataModule,
     remaining_micro_batches,
 )
 from llmfoundry_pl.tokenizer import Tokenizer, check_encodable
@@ -255,7 +255,7 @@ def _counted_targets(item: Example | list[Example]) -> int:
     return sum(t != IGNORE_INDEX for ex in (item if isinstance(item, list) else [item]) for t in ex.y)
 
 
-class ChatDataModule(ResumesWhereItStopped):
+class ChatDataModule(StepDataModule):
     """SFT conversations or DPO preference pairs from ``cfg``, encoded with ``tokenizer`` (the model's own)."""
 
     def __init__(self, cfg: ChatDataConfig, tokenizer: Tokenizer) -> None:
@@ -349,5 +349,4 @@ class ChatDataModule(ResumesWhereItStopped):
         return self._loader(share, batch_size=self.cfg.batch_size)
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
-        return DataLoader(dataset, collate_fn=partial(collate_examples, pad_id=self.tokenizer.pad_id),
-                          num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0, **kwargs)
+        return super()._loader(dataset, collate_fn=partial(collate_examples, pad_id=self.tokenizer.pad_id), **kwargs)

@@ -105,15 +105,16 @@ def remaining_micro_batches(trainer: L.Trainer | None, why: str) -> tuple[int, i
     return first, max(trainer.max_steps * accumulate - first, 0)
 
 
-class ResumesWhereItStopped(L.LightningDataModule):
-    """A data module whose place in the data is counted, not stored: optimizer step ``s`` trains on samples
+class StepDataModule(L.LightningDataModule):
+    """Base of the data modules, whose place in the data is counted, not stored: optimizer step ``s`` trains on samples
     ``s·N ... s·N + N-1`` (``N`` = data.batch_size × trainer.accumulate_grad_batches × processes, however they are
     split among the micro-batches and ranks), drawn with ``data.seed``. The checkpoint records those settings
     (Lightning saves a data module's ``state_dict``), and a resume under others is refused: it went on silently on
     other samples than the interrupted run's next ones (half the batch at step 10: steps 5 to 9's samples again),
-    with ``train/tokens`` counted wrong. A resume on half the devices with twice the accumulation is the same run."""
+    with ``train/tokens`` counted wrong. A resume on half the devices with twice the accumulation is the same run.
+    Also builds their DataLoaders, one way for all (memory pinned on CUDA: the chat data's loader had left it out)."""
 
-    cfg: Any  # the data config: batch_size, seq_len, seed
+    cfg: Any  # the data config: batch_size, seq_len, seed, num_workers
 
     def state_dict(self) -> dict[str, Any]:
         samples = self.cfg.batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
@@ -127,6 +128,16 @@ class ResumesWhereItStopped(L.LightningDataModule):
             raise ConfigError(f"the checkpoint's place in the data counts samples under other settings "
                               f"({'; '.join(changed)}): resumed, it would train on other samples than the run's next "
                               "ones; resume with its settings, or start a new run from its weights with init_from=")
+
+    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(
+            dataset,
+            num_workers=self.cfg.num_workers,
+            pin_memory=on_cuda,
+            persistent_workers=self.cfg.num_workers > 0,
+            **kwargs,
+        )
 
 
 class RankShare(Dataset):
@@ -207,7 +218,7 @@ class SweepWindows(Dataset):
         return x, y
 
 
-class TextDataModule(ResumesWhereItStopped):
+class TextDataModule(StepDataModule):
     """Tokenizer and token files for ``cfg`` (built on first use, cached), served as training and validation
     windows. ``tokenizer`` forces a tokenizer, e.g. the one stored in a checkpoint."""
 
@@ -248,12 +259,3 @@ class TextDataModule(ResumesWhereItStopped):
         path = self.token_files.train_path if split == "train" else self.token_files.val_path
         return _TokenFile(path, self.token_files.dtype)
 
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(
-            dataset,
-            num_workers=self.cfg.num_workers,
-            pin_memory=on_cuda,
-            persistent_workers=self.cfg.num_workers > 0,
-            **kwargs,
-        )
