@@ -222,16 +222,15 @@ def publish_folder(tmp: Path, folder: Path, is_complete: Callable[[Path], bool])
 
 @contextmanager
 def temporary_folder(folder: Path) -> Iterator[Path]:
-    """A fresh hidden folder beside ``folder`` to build it in (then :func:`publish_folder`), removed if the build
-    fails or is interrupted (Ctrl-C): nothing half-written is left to grow unseen (an interrupted chunk build's
-    folder could hold gigabytes)."""
+    """A fresh hidden folder beside ``folder`` to build it in, then :func:`publish_folder` it, which renames it away.
+    Whatever is still there at the end goes: a build that failed, was interrupted (Ctrl-C) or found nothing to
+    publish leaves nothing half-written to grow unseen (an interrupted chunk build's folder could hold gigabytes)."""
     tmp = temp_sibling(folder)
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer, token_dir: Path) -> dict:

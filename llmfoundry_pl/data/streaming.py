@@ -183,8 +183,7 @@ def _mirror(uri: str, cache_dir: Path) -> Path:
             raise ConfigError(f"cannot read {uri}/chunks.json ({type(e).__name__}: {reason}); check data.chunks_dir "
                               "and its credentials, or, if nothing is there yet, build the chunks with lfpl-train "
                               "data=streaming data.chunks_dir=LOCAL_FOLDER and upload LOCAL_FOLDER there") from None
-        if _read_meta(local) == _read_meta(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if _read_meta(local) == _read_meta(tmp):  # the mirror is current (the temporary folder goes)
             return local
         for name in ("tokenizer.model", "val.bin"):
             downloader.download_file(f"{uri}/{name}", str(tmp / name))
