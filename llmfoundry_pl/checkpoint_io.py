@@ -10,7 +10,6 @@ checkpoint or the new one. Remote paths (``s3://...``) keep Lightning's way."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from llmfoundry_pl.tokenizer import temp_sibling
+from llmfoundry_pl.files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -29,11 +28,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(str(path)):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_sibling(path)
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)  # after a failed save; after the rename there is nothing left to remove
+        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))

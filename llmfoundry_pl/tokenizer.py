@@ -18,7 +18,6 @@ import hashlib
 import io
 import os
 import re
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import sentencepiece as spm
 
 from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.files import atomic_write_bytes
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -223,18 +223,3 @@ def train_tokenizer(
             ) from None
         raise
     return Tokenizer(buffer.getvalue())
-
-
-def temp_sibling(path: Path, suffix: str = "tmp") -> Path:
-    """A hidden temporary name next to ``path`` (ending in ``.suffix``), to build it under and rename into place.
-    Random rather than the process id: processes on two machines sharing a folder may well have the same id."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{suffix}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that it is either absent or complete: a crash mid-write leaves only a temp file. Processes
-    writing the same contents at once (ranks saving the tokenizer they each trained) may all do so safely."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from llmfoundry_pl.cli.sweep_summary import collect_rows, split_overrides
-from llmfoundry_pl.tokenizer import atomic_write_bytes
+from llmfoundry_pl.files import atomic_write_bytes
 
 # One PNG per entry: file name, y-axis label, the columns drawn on it (those present). Lightning's
 # LearningRateMonitor names its columns lr-<optimizer>/pg<N>, matched by the prefix "lr-".

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from llmfoundry_pl.tokenizer import atomic_write_bytes
+from llmfoundry_pl.files import atomic_write_bytes
 
 RESULTS = "final_metrics.json"
 UNFINISHED = "(failed or unfinished)"

@@ -26,9 +26,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -37,7 +35,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmfoundry_pl.config import ConfigError, DataConfig
-from llmfoundry_pl.tokenizer import Tokenizer, atomic_write_bytes, check_encodable, temp_sibling, train_tokenizer
+from llmfoundry_pl.files import atomic_write_bytes, publish_folder, temporary_folder
+from llmfoundry_pl.tokenizer import Tokenizer, check_encodable, train_tokenizer
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")  # one document per line: the string in its data.text_field
 TEXT_SUFFIXES = (".txt", ".md", *JSON_LINES_SUFFIXES)  # compared in lower case: DOCS.JSONL is JSON Lines too
@@ -199,38 +198,6 @@ def _read_meta(token_dir: Path, tokenizer: Tokenizer) -> dict | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return meta if meta.get("tokenizer_sha256") == tokenizer.sha256 else None
-
-
-def publish_folder(tmp: Path, folder: Path, is_complete: Callable[[Path], bool]) -> None:
-    """Rename the finished temporary folder ``tmp`` into place as ``folder``.
-
-    Processes that start together on a cold cache (torchrun or SLURM ranks, a sweep sharing data.cache_dir) build
-    the same folder: the first rename wins, and the others keep that folder, which its owner may already be reading,
-    and delete their own copy. Only a folder that ``is_complete`` rejects (interrupted, or outdated) is replaced."""
-    for last_try in (False, True):
-        try:
-            os.replace(tmp, folder)  # refused while ``folder`` holds files
-            return
-        except OSError:
-            if is_complete(folder):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            if last_try:
-                raise
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextmanager
-def temporary_folder(folder: Path) -> Iterator[Path]:
-    """A fresh hidden folder beside ``folder`` to build it in, then :func:`publish_folder` it, which renames it away.
-    Whatever is still there at the end goes: a build that failed, was interrupted (Ctrl-C) or found nothing to
-    publish leaves nothing half-written to grow unseen (an interrupted chunk build's folder could hold gigabytes)."""
-    tmp = temp_sibling(folder)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer, token_dir: Path) -> dict:

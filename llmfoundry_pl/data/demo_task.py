@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
-from llmfoundry_pl.tokenizer import atomic_write_bytes
+from llmfoundry_pl.files import atomic_write_bytes
 
 # File stem (assets/shakespeare/<stem>_gut.txt) → the title a question is answered with.
 TITLES = {

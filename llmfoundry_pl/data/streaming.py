@@ -37,9 +37,10 @@ import torch
 from tqdm.auto import tqdm
 
 from llmfoundry_pl.config import CHUNK_URI_PREFIXES, ConfigError, StreamingDataConfig
-from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus, publish_folder, resolve_sources, temporary_folder
+from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus, resolve_sources
 from llmfoundry_pl.data.datamodule import TextDataModule
-from llmfoundry_pl.tokenizer import Tokenizer, atomic_write_bytes
+from llmfoundry_pl.files import atomic_write_bytes, publish_folder, temporary_folder
+from llmfoundry_pl.tokenizer import Tokenizer
 
 _PROGRESS_FROM = 100_000  # windows: smaller corpora are written without a progress bar
 

@@ -14,8 +14,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.files import temp_sibling
 from llmfoundry_pl.model import Transformer
-from llmfoundry_pl.tokenizer import Tokenizer, temp_sibling
+from llmfoundry_pl.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"

@@ -1,0 +1,71 @@
+"""Files and folders that are whole or absent, never half-written.
+
+Everything the project writes to last (checkpoints, tokenizers, token files, exports, sweep summaries) is built
+under a hidden temporary name beside its final one and renamed into place. On one filesystem a rename is atomic: a
+reader, or a later run, sees the old version or the new one, and a crash, a full disk or Ctrl-C mid-write leaves no
+file that looks finished. Whatever temporary is left after a failure is removed, so failures do not pile up unseen.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def temp_sibling(path: Path, suffix: str = "tmp") -> Path:
+    """A hidden temporary name next to ``path`` (ending in ``.suffix``), to build it under and rename into place.
+    Random rather than the process id: processes on two machines sharing a folder may well have the same id."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{suffix}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Create the file ``path`` with ``write(tmp)``, so that it is either absent (or its old self) or complete.
+    Processes writing the same contents at once (ranks saving the tokenizer they each trained) may all do so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write; after the rename there is nothing left to remove
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """:func:`atomic_write` of ``data``."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+@contextmanager
+def temporary_folder(folder: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside ``folder`` to build it in, then :func:`publish_folder` it, which renames it away.
+    Whatever is still there at the end goes: a build that failed, was interrupted (Ctrl-C) or found nothing to
+    publish leaves nothing half-written to grow unseen (an interrupted chunk build's folder could hold gigabytes)."""
+    tmp = temp_sibling(folder)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_folder(tmp: Path, folder: Path, is_complete: Callable[[Path], bool]) -> None:
+    """Rename the finished temporary folder ``tmp`` into place as ``folder``.
+
+    Processes that start together on a cold cache (torchrun or SLURM ranks, a sweep sharing data.cache_dir) build
+    the same folder: the first rename wins, and the others keep that folder, which its owner may already be reading,
+    and delete their own copy. Only a folder that ``is_complete`` rejects (interrupted, or outdated) is replaced."""
+    for last_try in (False, True):
+        try:
+            os.replace(tmp, folder)  # refused while ``folder`` holds files
+            return
+        except OSError:
+            if is_complete(folder):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            if last_try:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
