@@ -75,6 +75,8 @@ def _value(value: Any) -> str:
 
 
 def field_default(f: dataclasses.Field) -> str:
+    if f.default_factory is C.default_cache_dir:  # read from the environment: document the rule, not this machine's
+        return f"`$LFPL_CACHE_DIR`, else `{C.DEFAULT_CACHE_DIR}`"
     if f.default_factory is not dataclasses.MISSING:
         value = f.default_factory()
         if dataclasses.is_dataclass(value):

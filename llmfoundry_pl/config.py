@@ -182,6 +182,16 @@ def _nearest_divisor(n: int, target: int) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------
+DEFAULT_CACHE_DIR = "~/.cache/llmfoundry_pl"
+
+
+def default_cache_dir() -> str:
+    """Where tokenizers, token files and the demo task are cached unless a config says otherwise: ``$LFPL_CACHE_DIR``,
+    else :data:`DEFAULT_CACHE_DIR`. conf/paths reads the same variable, so a config built in Python and one composed
+    by Hydra share the cache."""
+    return os.environ.get("LFPL_CACHE_DIR", DEFAULT_CACHE_DIR)
+
+
 @dataclass
 class DataConfig:
     """Where the text comes from, how it is tokenized, and how training windows are drawn."""
@@ -214,7 +224,7 @@ class DataConfig:
     )
     seed: int = field(default=1337, metadata=_help("Seed of the window positions (with the step and rank)."))
     cache_dir: str = field(
-        default="~/.cache/llmfoundry_pl",
+        default_factory=default_cache_dir,
         metadata=_help("Where tokenizers and token files are cached, keyed by the inputs that made them."),
     )
 
@@ -306,7 +316,8 @@ class ChatDataConfig:
     )
     num_workers: int = field(default=0, metadata=_help("DataLoader worker processes (0 loads in the main process)."))
     seed: int = field(default=1337, metadata=_help("Seed of the example order (with the epoch)."))
-    cache_dir: str = field(default="~/.cache/llmfoundry_pl", metadata=_help("Where the demo task's files are built."))
+    cache_dir: str = field(default_factory=default_cache_dir, metadata=_help("Where the demo task's files are "
+                                                                               "built."))
 
     def __post_init__(self) -> None:
         choices = {"format": ("sft", "preference"), "overlong": ("truncate", "drop"), "bad_lines": ("fail", "skip")}
@@ -423,7 +434,7 @@ class PathsConfig:
     runs_dir: str = field(
         default="outputs", metadata=_help("Where runs are written; ckpt_path=last searches here for the newest.")
     )
-    cache_dir: str = field(default="~/.cache/llmfoundry_pl", metadata=_help("Tokenizer and token-file cache."))
+    cache_dir: str = field(default_factory=default_cache_dir, metadata=_help("Tokenizer and token-file cache."))
 
 
 
@@ -627,7 +638,7 @@ class EvalDataConfig:
                        "did not, so each has at least seq_len-stride tokens of context; null: seq_len (no overlap)."),
     )
     batch_size: int = field(default=16, metadata=_help("Windows per batch."))
-    cache_dir: str = field(default="~/.cache/llmfoundry_pl", metadata=_help("Token-file cache."))
+    cache_dir: str = field(default_factory=default_cache_dir, metadata=_help("Token-file cache."))
 
 
 @dataclass

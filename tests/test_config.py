@@ -27,10 +27,12 @@ from llmfoundry_pl.cli.common import (
 )
 from llmfoundry_pl.cli.ddp import HydraDDPStrategy, HydraFSDPStrategy, build_strategy
 from llmfoundry_pl.config import (
+    DEFAULT_CACHE_DIR,
     ChatDataConfig,
     ConfigError,
     DataConfig,
     EvalConfig,
+    EvalDataConfig,
     GenerateConfig,
     LoraConfig,
     ModelConfig,
@@ -51,6 +53,18 @@ GROUPS = ["model", "data", "trainer", "optim", "scheduler", "callbacks", "logger
 def group_options(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in CONF.joinpath(group).iterdir() if p.name.endswith(".yaml"))
 
+
+
+@pytest.mark.parametrize("env", [None, "/big/disk/lfpl"])
+def test_configs_built_in_python_share_the_cache_hydra_composes(compose_train, monkeypatch, env):
+    """Python-built configs used to ignore $LFPL_CACHE_DIR (and fill the home folder) while lfpl-train honoured it."""
+    if env is None:
+        monkeypatch.delenv("LFPL_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("LFPL_CACHE_DIR", env)
+    composed = compose_train([]).paths.cache_dir
+    assert composed == (env or DEFAULT_CACHE_DIR)
+    assert DataConfig().cache_dir == ChatDataConfig().cache_dir == EvalDataConfig().cache_dir == composed
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in group_options(g)])
 def test_every_shipped_config_composes(compose_train, group, option):
