@@ -475,6 +475,22 @@ def check_stop_strings(stop: Sequence[str]) -> None:
                           "starts: leave it out")
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
+                   repetition_penalty: float) -> None:
+    """One-line errors for sampling settings that cannot work. Called by lfpl-generate's schema (before a model is
+    loaded) and by every generation function (``inference``), which the server shares."""
+    if not temperature >= 0:  # "not" catches NaN, which no comparison does
+        raise ConfigError(f"temperature={temperature} must be 0 (greedy) or more")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k={top_k} must be 1 or more (or null for no limit)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1] (or null for no limit)")
+    if min_p is not None and not 0 <= min_p < 1:
+        raise ConfigError(f"min_p={min_p} must be in [0, 1) (or null)")
+    if not repetition_penalty > 0:  # NaN picked the lowest-numbered token seen, every step
+        raise ConfigError(f"repetition_penalty={repetition_penalty} must be positive (1 = no penalty)")
+
+
 @dataclass
 class MachineConfig:
     """What the hardware profile's device can hold and do, for ``lfpl-plan`` and the fit check of each profile."""
@@ -640,6 +656,13 @@ class EvalDataConfig:
     batch_size: int = field(default=16, metadata=_help("Windows per batch."))
     cache_dir: str = field(default_factory=default_cache_dir, metadata=_help("Token-file cache."))
 
+    def __post_init__(self) -> None:
+        # The upper bound of stride (the window length) is known only once the model is: cli/eval.py checks it.
+        _check_positive("data", self, ("seq_len", "stride", "batch_size"))
+
+
+EVAL_TASKS = ("demo",)  # lfpl-eval's task= values (cli/eval.py); null is the text evaluation
+
 
 @dataclass
 class EvalConfig:
@@ -662,6 +685,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_quantize(self.quantize)
+        if self.task is not None and self.task not in EVAL_TASKS:
+            raise ConfigError(f"task={self.task} is not a known task; use one of {', '.join(EVAL_TASKS)}, or task=null "
+                              "for loss / perplexity / bits per byte on text")
+        if self.task_limit is not None and self.task_limit < 1:
+            raise ConfigError(f"task_limit={self.task_limit} must be at least 1, or null for every question")
         mixed = ("bf16-mixed", "16-mixed")
         if self.precision is not None and self.precision not in (*INFERENCE_PRECISIONS, *mixed):
             raise ConfigError(f"precision={self.precision} is not one of {', '.join((*INFERENCE_PRECISIONS, *mixed))} "
@@ -715,6 +743,29 @@ class GenerateConfig:
         check_inference_precision(self.precision)
         check_quantize(self.quantize)
         check_stop_strings(self.stop)
+        check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        for name, least in (("max_new_tokens", 0), ("batch_size", 1), ("draft_tokens", 1)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"{name}={getattr(self, name)} must be {least} or more")
+        # Where the prompts come from is one of three; a second source, or stream=true with a batch, was ignored.
+        given = {"prompt=": self.prompt != "", "prompt_file=": self.prompt_file is not None,
+                 "interactive=true": self.interactive}
+        sources = [name for name, is_given in given.items() if is_given]
+        if len(sources) > 1:
+            raise ConfigError(f"{' and '.join(sources)} both give the prompts; keep one")
+        if self.prompt_file is not None and self.draft_ckpt_path is not None:
+            raise ConfigError("draft_ckpt_path speeds up one prompt at a time (prompt= or interactive=true); "
+                              "prompt_file runs in batches without a draft")
+        if self.draft_ckpt_path is not None and self.quantize == "int8":
+            raise ConfigError("quantize=int8 scales each call's activations as a whole, so the model checking the "
+                              "draft's guesses in one pass answers otherwise than alone; use int8_weight with "
+                              "draft_ckpt_path")
+        if self.system and not self.chat:
+            raise ConfigError("system= opens a chat; without chat=true it was ignored: add chat=true, or put the text "
+                              "in prompt=")
+        if self.prompt_file is not None and self.stream:
+            raise ConfigError("stream=true prints one prompt's text as it comes; prompt_file prints a JSON line per "
+                              "prompt when its batch is done: drop stream=true")
 
 
 @dataclass

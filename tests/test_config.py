@@ -123,6 +123,29 @@ def test_quantize_typo_fails_when_the_config_is_read(compose_train, name, schema
     assert to_dataclass(valid, schema).quantize == "int4_weight"
 
 
+
+@pytest.mark.parametrize(
+    ("name", "schema", "overrides", "message"),
+    [("generate", GenerateConfig, ["temperature=-1"], "temperature=-1.0 must be 0 (greedy) or more"),
+     ("generate", GenerateConfig, ["top_p=0"], "top_p=0.0 must be in (0, 1] (or null for no limit)"),
+     ("generate", GenerateConfig, ["max_new_tokens=-1"], "max_new_tokens=-1 must be 0 or more"),
+     ("generate", GenerateConfig, ["draft_tokens=0"], "draft_tokens=0 must be 1 or more"),
+     ("eval", EvalConfig, ["data.batch_size=0"], "data.batch_size=0 must be positive"),
+     ("eval", EvalConfig, ["data.stride=0"], "data.stride=0 must be positive (or null)"),
+     ("eval", EvalConfig, ["task=nope"], "task=nope is not a known task; use one of demo, or task=null for loss / "
+                                         "perplexity / bits per byte on text"),
+     ("eval", EvalConfig, ["task=demo", "task_limit=0"],
+      "task_limit=0 must be at least 1, or null for every question")],
+)
+def test_generate_and_eval_settings_are_checked_when_the_config_is_read(compose_train, name, schema, overrides,
+                                                                         message):
+    """By the schema, before a model is loaded (a sampling setting used to fail only after loading it), and for
+    configs built in Python too."""
+    cfg = compose_train(["ckpt_path=some/model", *overrides], name=name)
+    with pytest.raises(ConfigError) as error:
+        to_dataclass(cfg, schema)
+    assert str(error.value) == message
+
 def test_hardware_profiles_set_device_and_precision(compose_train):
     cpu = compose_train(["hardware=cpu"])
     assert (cpu.trainer.accelerator, cpu.trainer.precision, cpu.compile) == ("cpu", cpu_precision(), True)

@@ -83,7 +83,6 @@ def evaluation_data(cfg: EvalConfig, source: ModelSource, model_cfg: ModelConfig
     return DataConfig(path=cfg.data.path, text_field=cfg.data.text_field, val_fraction=1.0, **common)
 
 
-TASKS = ("demo",)  # task= values; null is the text evaluation
 
 
 def load_quantized(cfg: EvalConfig) -> tuple[Transformer, Tokenizer, ModelSource]:
@@ -98,7 +97,7 @@ def load_quantized(cfg: EvalConfig) -> tuple[Transformer, Tokenizer, ModelSource
 
 
 def evaluate(node: DictConfig) -> dict[str, float]:
-    cfg = to_dataclass(node, EvalConfig)  # the schema's checks (quantize=) run here, before any loading
+    cfg = to_dataclass(node, EvalConfig)  # the schema's checks run here, before any loading
     pick_device(cfg.accelerator, key="accelerator")  # one line if this machine lacks it, not Lightning's traceback
     if cfg.task is not None:
         return evaluate_task(cfg)
@@ -132,11 +131,6 @@ def evaluate(node: DictConfig) -> dict[str, float]:
 
 def evaluate_task(cfg: EvalConfig) -> dict[str, float]:
     """Multiple-choice accuracy on the held-out questions of ``cfg.task`` (the first ``task_limit`` of them)."""
-    if cfg.task not in TASKS:
-        raise ConfigError(f"task={cfg.task} is not a known task; use one of {', '.join(TASKS)}, or task=null for "
-                          "loss / perplexity / bits per byte on text")
-    if cfg.task_limit is not None and cfg.task_limit < 1:
-        raise ConfigError(f"task_limit={cfg.task_limit} must be at least 1, or null for every question")
     questions = demo_questions("val")[: cfg.task_limit]
     model, tokenizer, source = load_quantized(cfg)
     chat = ChatFormat(tokenizer)  # a ConfigError if the tokenizer lacks the chat tokens (an imported model)

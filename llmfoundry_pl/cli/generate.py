@@ -107,28 +107,7 @@ def fit_context(chat: ChatFormat, messages: list[Message], max_seq_len: int) -> 
 
 def generate(node: DictConfig) -> list[str]:
     """Print, and return, the continuation of each prompt."""
-    cfg = to_dataclass(node, GenerateConfig)  # the schema's checks (quantize=) run here, before any loading
-    if cfg.max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be 0 or more")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be 1 or more")
-    if cfg.prompt_file is not None and cfg.draft_ckpt_path is not None:
-        raise ConfigError("draft_ckpt_path speeds up one prompt at a time (prompt= or interactive=true); "
-                          "prompt_file runs in batches without a draft")
-    # Where the prompts come from is one of three; a second source, or stream=true with a batch, was ignored silently.
-    sources = [name for name, given in (("prompt=", cfg.prompt != ""), ("prompt_file=", cfg.prompt_file is not None),
-                                        ("interactive=true", cfg.interactive)) if given]
-    if len(sources) > 1:
-        raise ConfigError(f"{' and '.join(sources)} both give the prompts; keep one")
-    if cfg.draft_ckpt_path is not None and cfg.quantize == "int8":
-        raise ConfigError("quantize=int8 scales each call's activations as a whole, so the model checking the draft's "
-                          "guesses in one pass answers otherwise than alone; use int8_weight with draft_ckpt_path")
-    if cfg.system and not cfg.chat:
-        raise ConfigError("system= opens a chat; without chat=true it was ignored: add chat=true, or put the text "
-                          "in prompt=")
-    if cfg.prompt_file is not None and cfg.stream:
-        raise ConfigError("stream=true prints one prompt's text as it comes; prompt_file prints a JSON line per "
-                          "prompt when its batch is done: drop stream=true")
+    cfg = to_dataclass(node, GenerateConfig)  # the schema's checks run here, before any loading
     prompts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file is not None else None  # a typo fails before loading
     model, tokenizer, draft = load_models(cfg)
     chat = ChatFormat(tokenizer) if cfg.chat else None

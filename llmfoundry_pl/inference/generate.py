@@ -15,9 +15,9 @@ from contextlib import contextmanager
 
 import torch
 
-from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.config import ConfigError, check_sampling
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
-from llmfoundry_pl.inference.sampling import check_finite, check_sampling, sample_next, seeded_generator
+from llmfoundry_pl.inference.sampling import check_finite, sample_next, seeded_generator
 from llmfoundry_pl.model import Transformer
 
 

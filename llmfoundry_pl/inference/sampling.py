@@ -28,21 +28,6 @@ def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
     return generator
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
-                   repetition_penalty: float) -> None:
-    """One-line errors for sampling settings that cannot work."""
-    if not temperature >= 0:  # "not" catches NaN, which no comparison does
-        raise ConfigError(f"temperature={temperature} must be 0 (greedy) or more")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k={top_k} must be 1 or more (or null for no limit)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"top_p={top_p} must be in (0, 1] (or null for no limit)")
-    if min_p is not None and not 0 <= min_p < 1:
-        raise ConfigError(f"min_p={min_p} must be in [0, 1) (or null)")
-    if not repetition_penalty > 0:  # NaN picked the lowest-numbered token seen, every step
-        raise ConfigError(f"repetition_penalty={repetition_penalty} must be positive (1 = no penalty)")
-
-
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
     """Make tokens already present less likely (Keskar et al., 2019 — CTRL; Hugging Face's rule): a positive logit
     is divided by ``penalty``, a negative one multiplied by it. ``seen`` (..., V) marks the tokens present."""

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.config import ConfigError, check_sampling
 from llmfoundry_pl.inference.generate import eval_mode, generate_stream
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
-from llmfoundry_pl.inference.sampling import check_finite, check_sampling, draw, next_token_probs, seeded_generator
+from llmfoundry_pl.inference.sampling import check_finite, draw, next_token_probs, seeded_generator
 from llmfoundry_pl.model import Transformer
 
 
