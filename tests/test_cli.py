@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmfoundry_pl.config import cpu_has_native_fp16
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
+from llmfoundry_pl.precision import cpu_has_native_fp16
 from llmfoundry_pl.tokenizer import train_tokenizer
 from tests.conftest import TINY, run_cli
 from tests.helpers.run_if import RunIf

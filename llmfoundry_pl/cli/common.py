@@ -34,7 +34,6 @@ from llmfoundry_pl.config import (
     ConfigError,
     ModelConfig,
     StreamingDataConfig,
-    check_fp16_on_cpu,
     register_configs,
 )
 from llmfoundry_pl.data import ChatDataModule, StreamingDataModule, TextDataModule
@@ -42,6 +41,7 @@ from llmfoundry_pl.interop import ModelSource, load_folder
 from llmfoundry_pl.lit_module import LitDPO, LitLlama, TrainingDiverged
 from llmfoundry_pl.lora import has_lora, merge_lora
 from llmfoundry_pl.model import Transformer, TransformerBlock
+from llmfoundry_pl.precision import check_fp16_on_cpu
 from llmfoundry_pl.tokenizer import Tokenizer
 
 CONFIG_PATH = "pkg://llmfoundry_pl.conf"  # conf/ ships inside the package (see pyproject.toml)

@@ -117,10 +117,10 @@ def run_checks() -> list[Check]:
 
 
 def _auto_precision() -> str:
-    """The precision hardware=auto trains in (:func:`llmfoundry_pl.config.auto_precision`: bf16-mixed only on a GPU
+    """The precision hardware=auto trains in (:func:`llmfoundry_pl.precision.auto_precision`: bf16-mixed only on a GPU
     or CPU with native bf16); 32-true when the package does not import, which the rows above already report."""
     try:
-        from llmfoundry_pl.config import auto_precision
+        from llmfoundry_pl.precision import auto_precision
     except Exception:
         return "32-true"
     return auto_precision()

@@ -37,7 +37,6 @@ from llmfoundry_pl.config import (
     DataConfig,
     EvalConfig,
     ModelConfig,
-    check_fp16_on_cpu,
 )
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.demo_task import demo_questions
@@ -46,6 +45,7 @@ from llmfoundry_pl.inference.quantize import for_inference, weight_bytes
 from llmfoundry_pl.interop import ModelSource
 from llmfoundry_pl.lit_module import LitLlama
 from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.precision import check_fp16_on_cpu
 from llmfoundry_pl.tokenizer import Tokenizer
 
 

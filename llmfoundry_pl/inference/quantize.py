@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from llmfoundry_pl.callbacks import HALF_PRECISION
-from llmfoundry_pl.config import ConfigError, check_fp16_on_cpu, check_inference_precision, check_quantize
+from llmfoundry_pl.config import ConfigError, check_inference_precision, check_quantize
 from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.precision import check_fp16_on_cpu
 
 INT4_GROUP_SIZE = 32  # weights sharing one scale and zero point; of the kernel's 32/64/128, the most accurate
 INT4_ROWS = 16  # output rows the int4 weight packing takes at a time
