@@ -132,7 +132,8 @@ class LitLlama(L.LightningModule):
         optim: AdamW settings.
         scheduler: learning-rate schedule; its length is ``trainer.max_steps``.
         run_config: the run's whole resolved config, stored with the checkpoint for the record (and for
-            ``lfpl-eval`` to find the run's data); not read by the module.
+            ``lfpl-eval`` to find the run's data). The module reads only its data format, to refuse resuming a
+            checkpoint under another kind of data (:data:`DATA_KINDS`).
         network: an already-built transformer of shape ``model`` to wrap (e.g. loaded from an exported or
             Hugging Face folder, or the ``init_from`` weights of a fine-tune); None builds a freshly initialised one.
         lora: train LoRA adapters on ``network`` instead of all its weights; checkpoints then hold the adapters only.
