@@ -267,8 +267,10 @@ class LitLlama(L.LightningModule):
                               f"{DATA_KINDS[now]}; resume with the run's own settings, or start from its weights "
                               "with init_from= instead of ckpt_path=")
         saved_model = saved.get("model", {})
-        changed = [f"model.{k}: {v} → {getattr(self.model.config, k)}" for k, v in saved_model.items()
-                   if getattr(self.model.config, k, v) != v and k not in RUN_OPTIONS]
+        # The presets set max_seq_len from data.seq_len, which is then the setting that changed.
+        changed = [f"model.{k}: {v} → {getattr(self.model.config, k)}"
+                   + (" (the model presets take it from data.seq_len)" if k == "max_seq_len" else "")
+                   for k, v in saved_model.items() if getattr(self.model.config, k, v) != v and k not in RUN_OPTIONS]
         if changed:
             raise ConfigError(f"the checkpoint's model differs from this run's ({'; '.join(changed)}); "
                               "resume with the same model settings, or start a new run")

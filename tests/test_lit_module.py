@@ -165,6 +165,9 @@ def test_checkpoint_carries_tokenizer_and_config(datamodule, tmp_path):
     other = LitLlama(tiny_model(dim=64))
     with pytest.raises(ConfigError, match="model.dim: 32 → 64"):
         other.on_load_checkpoint(torch.load(tmp_path / "a.ckpt", weights_only=False))
+    shorter = LitLlama(tiny_model(max_seq_len=16))  # a resume with data.seq_len=16: the presets follow it
+    with pytest.raises(ConfigError, match=r"model.max_seq_len: 32 → 16 \(the model presets take it from data.seq_len"):
+        shorter.on_load_checkpoint(torch.load(tmp_path / "a.ckpt", weights_only=False))
     # How the model runs may change on resume: same weights, other attention kernel, checkpointing on.
     resumed = LitLlama(tiny_model(attention="math", activation_checkpointing=True))
     resumed.on_load_checkpoint(torch.load(tmp_path / "a.ckpt", weights_only=False))
