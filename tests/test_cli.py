@@ -71,8 +71,12 @@ def test_eval_on_other_text_and_on_the_runs_own_split(trained_run, tmp_path):
     ckpt = f"ckpt_path={trained_run}/checkpoints/last.ckpt"
     other = json.loads(run_cli("eval", ckpt, f"data.path={text}", cwd=tmp_path).stdout.strip().splitlines()[-1])
     assert other["tokens"] > 100 and other["val/bpb"] > 0 and other["precision"] == "32-true"
-    own = json.loads(run_cli("eval", ckpt, cwd=tmp_path).stdout.strip().splitlines()[-1])
+    proc = run_cli("eval", ckpt, cwd=tmp_path)
+    own = json.loads(proc.stdout.strip().splitlines()[-1])
     assert own["data"] == "validation split of the training data" and own["tokens"] > other["tokens"]
+    # the run recorded its split, for lfpl-eval to see that the text has not changed since
+    saved = torch.load(f"{trained_run}/checkpoints/last.ckpt", weights_only=False)["hyper_parameters"]
+    assert saved["run_config"]["data_split"]["val_tokens"] == own["tokens"] and "warning" not in proc.stderr
     assert list(tmp_path.iterdir()) == [text]  # eval writes no files
     # the run's folder itself (not a model folder: "has no config.json; give a folder written by lfpl-export")
     proc = run_cli("eval", f"ckpt_path={trained_run}", cwd=tmp_path, check=False)

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from llmfoundry_pl.cli.eval import evaluation_data
-from llmfoundry_pl.config import ConfigError, ModelConfig
+from llmfoundry_pl.cli.eval import _warn_if_the_split_changed, evaluation_data
+from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig
+from llmfoundry_pl.data import TextDataModule
+from llmfoundry_pl.data.corpus import split_counts
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX, SweepWindows, _TokenFile
 from llmfoundry_pl.interop import ModelSource
 from llmfoundry_pl.lit_module import LitLlama
@@ -119,3 +121,23 @@ def test_eval_takes_the_runs_own_split_or_all_of_the_text_given(compose_train, t
     with pytest.raises(ConfigError, match=f"ckpt_path=some.ckpt was trained on {corpus}, which is not there now"):
         evaluation_data(cfg, ModelSource("some.ckpt", "ckpt", run_config=run), model_cfg, tokenizer)
 
+
+def test_eval_warns_when_the_runs_text_changed_since(tmp_path, capsys):
+    """The run's own split is rebuilt from its text: edited since, it was silently another split."""
+    text = tmp_path / "book.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 200)
+    cfg = DataConfig(path=str(text), vocab_size=320, seq_len=16, cache_dir=str(tmp_path / "cache"))
+    trained = TextDataModule(cfg)
+    trained.prepare_data()
+    source = ModelSource("run.ckpt", "ckpt", run_config={"data_split": split_counts(trained.token_files.meta)})
+    _warn_if_the_split_changed(source, TextDataModule(cfg, tokenizer=trained.tokenizer))
+    assert capsys.readouterr().err == ""
+    text.write_text(text.read_text() + "Whether 'tis nobler in the mind to suffer.\n")
+    _warn_if_the_split_changed(source, TextDataModule(cfg, tokenizer=trained.tokenizer))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the text ckpt_path=run.ckpt was trained on has changed since "
+                          "(bytes 8,600 → 8,643, train_tokens ")
+    assert "its figures are not comparable with the run's val/ metrics" in err
+    _warn_if_the_split_changed(ModelSource("old.ckpt", "ckpt", run_config={}),  # a run from before runs recorded it
+                               TextDataModule(cfg, tokenizer=trained.tokenizer))
+    assert capsys.readouterr().err == ""

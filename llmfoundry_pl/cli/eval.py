@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 
 import hydra
 import lightning as L
@@ -39,6 +40,7 @@ from llmfoundry_pl.config import (
     ModelConfig,
 )
 from llmfoundry_pl.data import TextDataModule
+from llmfoundry_pl.data.corpus import SPLIT_COUNTS, split_counts
 from llmfoundry_pl.data.demo_task import demo_questions
 from llmfoundry_pl.inference import choice_accuracy
 from llmfoundry_pl.inference.quantize import for_inference, weight_bytes
@@ -85,6 +87,19 @@ def evaluation_data(cfg: EvalConfig, source: ModelSource, model_cfg: ModelConfig
 
 
 
+def _warn_if_the_split_changed(source: ModelSource, datamodule: TextDataModule) -> None:
+    """The run's own split is rebuilt from the text it names: if that text was edited since, the figures are not
+    comparable with the run's val/ metrics, which the user would otherwise take them to be."""
+    recorded = (source.run_config or {}).get("data_split")
+    datamodule.prepare_data()  # builds (or finds) the split; the Trainer's prepare_data then reads it from the cache
+    now = split_counts(datamodule.token_files.meta)
+    if recorded and now and recorded != now:
+        changed = ", ".join(f"{k} {recorded[k]:,} → {now[k]:,}" for k in SPLIT_COUNTS if recorded[k] != now[k])
+        print(f"warning: the text ckpt_path={source.path} was trained on has changed since ({changed}), so this "
+              "split is not the one the run validated on and its figures are not comparable with the run's val/ "
+              "metrics", file=sys.stderr, flush=True)
+
+
 def load_quantized(cfg: EvalConfig) -> tuple[Transformer, Tokenizer, ModelSource]:
     """``load_model`` of ``cfg.ckpt_path``, then with ``cfg.quantize`` its linear layers quantized on the device
     that will run it (quantized weights are packed for one device's kernels, so Lightning must not move them), in
@@ -106,6 +121,8 @@ def evaluate(node: DictConfig) -> dict[str, float]:
     lit = LitLlama(model.config, network=model)
     lit.set_tokenizer(tokenizer)
     datamodule = TextDataModule(data_cfg, tokenizer=tokenizer)
+    if cfg.data.path is None:
+        _warn_if_the_split_changed(source, datamodule)
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=1, precision=cfg.precision, logger=False, enable_checkpointing=False,
         enable_model_summary=False, use_distributed_sampler=False,

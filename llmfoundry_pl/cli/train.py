@@ -47,7 +47,8 @@ from llmfoundry_pl.cli.common import (
 from llmfoundry_pl.cli.ddp import end_distributed_job
 from llmfoundry_pl.cli.sweep_summary import write_final_metrics
 from llmfoundry_pl.config import ConfigError, DPOConfig, LoraConfig, OptimConfig, SchedulerConfig
-from llmfoundry_pl.data import ChatDataModule
+from llmfoundry_pl.data import ChatDataModule, TextDataModule
+from llmfoundry_pl.data.corpus import split_counts
 from llmfoundry_pl.data.datamodule import check_accumulate
 from llmfoundry_pl.inference import generate_text
 from llmfoundry_pl.inference.text import encode_prompt
@@ -88,11 +89,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Preference pairs train with DPO; text and conversations with next-token prediction.
     objective = {"dpo": to_dataclass(cfg.dpo, DPOConfig)} if isinstance(datamodule, ChatDataModule) and \
         datamodule.cfg.format == "preference" else {}
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(datamodule, TextDataModule):  # for lfpl-eval to tell whether the text is still what it validated on
+        run_config["data_split"] = split_counts(datamodule.token_files.meta)
     lit = (LitDPO if objective else LitLlama)(
         model=model_cfg,
         optim=optim,
         scheduler=scheduler,
-        run_config=OmegaConf.to_container(cfg, resolve=True),
+        run_config=run_config,
         network=network,
         lora=lora,
         init_from=cfg.init_from,

@@ -120,6 +120,17 @@ def sources_fingerprint(files: list[Path], text_field: str) -> str:
     return h.hexdigest()[:16]
 
 
+# What a corpus's split is, as a run records it (run_config["data_split"]) for lfpl-eval to check that the text it
+# validated on has not changed since: counts, not a hash, so checking reads no text. An edit that keeps every count
+# (a same-length typo fix) goes unseen, and moves the figures by as little.
+SPLIT_COUNTS = ("documents", "bytes", "train_tokens", "val_tokens")
+
+
+def split_counts(meta: dict) -> dict[str, int] | None:
+    """The :data:`SPLIT_COUNTS` of a token-file ``meta``; None for chunks made elsewhere, which lack some."""
+    return {k: meta[k] for k in SPLIT_COUNTS} if all(k in meta for k in SPLIT_COUNTS) else None
+
+
 @dataclass
 class TokenFiles:
     """The cached token files of one corpus and tokenizer."""
