@@ -83,6 +83,9 @@ class ChatFormat:
             )
         self.tokenizer = tokenizer
         self.end_id = tokenizer.sp.piece_to_id(END)
+        # What ends a generated reply: its <|end|>, or a </s> (the end of a document, which pretraining taught), at
+        # which the exported generation_config.json stops transformers' generate too.
+        self.stop_ids = (self.end_id, tokenizer.eos_id)
         self.role_ids = {role: tokenizer.sp.piece_to_id(role_token(role)) for role in ROLES}
         self.separator_ids = tokenizer.encode(TURN_SEPARATOR)
 

@@ -833,6 +833,9 @@ class ServeConfig:
             raise ConfigError(f"port={self.port} is not a TCP port: give one from 1 to 65535")
         if not self.request_timeout_s > 0:  # 0 or less cut every generation at its first token
             raise ConfigError(f"request_timeout_s={self.request_timeout_s} must be positive (seconds)")
+        if self.api_key == "":  # LFPL_API_KEY=$KEY with $KEY unset: the server ran open to anyone, silently
+            raise ConfigError("api_key is empty (or LFPL_API_KEY is set to nothing), which would leave /v1/ open to "
+                              "anyone: give a key, or unset both to serve without one")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -109,10 +109,11 @@ def run_load(base: str, name: str, clients: int, requests: int, max_tokens: int)
                 start = last = time.perf_counter()
                 first = None
                 stream = client.completions.create(model=name, prompt=PROMPTS[i % len(PROMPTS)], stream=True,
-                                                   max_tokens=max_tokens, temperature=0)
+                                                   stream_options={"include_usage": True}, max_tokens=max_tokens,
+                                                   temperature=0)
                 for chunk in stream:
                     now = time.perf_counter()
-                    if chunk.choices[0].text:
+                    if chunk.choices and chunk.choices[0].text:
                         if first is None:
                             first = now - start
                         else:

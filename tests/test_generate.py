@@ -177,6 +177,20 @@ def test_stop_strings_cut_at_the_first_and_never_leak_a_partial_one():
         assert "".join(deltas) + streamer.finish() == text[:cut]
     assert len(tokenizer.encode("\nJULIET:")) > 1  # the stop string spans tokens
 
+    # A long stop string costs work per token for the text held back only, not for each of its lengths: a server
+    # request with a 300,000-character one took 2.4 s per token, on the thread that serves every request.
+    class CountedPrefixes(str):
+        cuts = 0
+
+        def __getitem__(self, key):
+            CountedPrefixes.cuts += 1
+            return str.__getitem__(self, key)
+
+    long_stop = CountedPrefixes("x" * 10_000)
+    streamer = StopStringStreamer(tokenizer, tokenizer.bos_id, [long_stop])
+    assert "".join(streamer.push(i) for i in ids) + streamer.finish() == text  # no x in it: all of it comes out
+    assert CountedPrefixes.cuts <= 2 * len(text)  # was ~10,000 per token
+
 
 def test_a_batch_ends_each_prompt_at_its_end_token_or_first_stop_string(model, monkeypatch):
     # generate_text_batch gave generate_batch no end token: lfpl-generate prompt_file= ran on past </s> (a chat
@@ -192,7 +206,7 @@ def test_a_batch_ends_each_prompt_at_its_end_token_or_first_stop_string(model, m
     # each text cut before the first of the stop strings it holds (two here)
     assert generate_text_batch(model, tokenizer, ["A", "B"], 4, stop=["ROMEO:", "\nJULIET:"]) == ["What light?"] * 2
     generate_text_batch(model, tokenizer, ["A"], 4, chat=ChatFormat(tokenizer))
-    assert asked == [tokenizer.eos_id, ChatFormat(tokenizer).end_id]
+    assert asked == [(tokenizer.eos_id,), ChatFormat(tokenizer).stop_ids]  # a reply ends at <|end|> or </s>
 
 
 def test_streamer_never_splits_a_character_and_reassembles_exactly():

@@ -22,7 +22,8 @@ from llmfoundry_pl.cli.export import export
 from llmfoundry_pl.config import ConfigError, DataConfig, ExportConfig, ModelConfig
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
-from llmfoundry_pl.inference import generate
+from llmfoundry_pl.inference import generate, generate_text
+from llmfoundry_pl.inference.text import encode_prompt
 from llmfoundry_pl.interop import load_folder, load_hf, load_safetensors, save_hf, save_safetensors
 from llmfoundry_pl.interop.folder import write_folder
 from llmfoundry_pl.interop.hf import verify_hf
@@ -158,8 +159,18 @@ def test_hf_export_of_a_chat_model_stops_generating_at_end(tokenizer, tmp_path):
     reply = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
     assert reply == [chat.end_id]  # not <|end|> eight times: transformers stops where lfpl-generate chat=true does
     assert hf.generation_config.eos_token_id == [EOS_ID, chat.end_id] and hf.generation_config.pad_token_id == PAD_ID
+    assert generate_text(ours, tokenizer, "hi", 8, chat=chat, temperature=0) == ""  # ours stops there too
     back, _, _ = load_folder(tmp_path / "hf")  # our own importer reads the folder as before
     assert same_weights(back, ours)
+    # rigged to answer </s>, which transformers stops at as well: ours ran on past it into a new document
+    with torch.no_grad():
+        ours.output.weight.zero_()
+        ours.output.weight[EOS_ID, 0] = 10.0
+    save_hf(ours, tokenizer, tmp_path / "hf-eos")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-eos").eval()
+    assert hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist() == [EOS_ID]
+    asked, ends = encode_prompt(tokenizer, "hi", chat)  # what lfpl-generate chat=true and lfpl-serve generate from
+    assert generate(ours, asked, 8, eos_id=ends, temperature=0) == []  # was </s> 8 times (they decode to nothing)
     # a tokenizer without the chat tokens: no generation_config.json, config.json's </s> stops generation as before
     plain = Tokenizer(sentencepiece_model(normalization_rule_name="identity", remove_extra_whitespaces=False))
     save_hf(tiny_model(plain), plain, tmp_path / "plain")

@@ -63,7 +63,7 @@ def run_engine(engine: Engine, arrivals: dict[int, list[Request]], steps: int) -
 
 def make_request(tokenizer, prompt: str, events: list | None = None, **params) -> Request:
     events = [] if events is None else events
-    return Request(tokenizer.encode(prompt, bos=True), SamplingParams(**params), tokenizer.eos_id, tokenizer,
+    return Request(tokenizer.encode(prompt, bos=True), SamplingParams(**params), (tokenizer.eos_id,), tokenizer,
                    lambda delta, reason: events.append((delta, reason)))
 
 
@@ -207,6 +207,12 @@ def test_openai_client_completions_chat_streaming_and_models(server, model, toke
     assert done.usage.prompt_tokens == len(tokenizer.encode("ROMEO:", bos=True))
     chunks = list(c.completions.create(model=name, prompt="ROMEO:", max_tokens=10, temperature=0, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == expected and chunks[-1].choices[0].finish_reason == reason
+    assert all(ch.usage is None for ch in chunks)  # usage only when asked for, as OpenAI's
+    # as OpenAI's: asked for, the usage comes in a last chunk with no choices (clients look for it there)
+    counted = list(c.completions.create(model=name, prompt="ROMEO:", max_tokens=10, temperature=0, stream=True,
+                                        stream_options={"include_usage": True}))
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == len(tokens)
+    assert counted[-2].choices[0].finish_reason == reason and all(ch.usage is None for ch in counted[:-1])
 
     messages = [{"role": "user", "content": "Which play is this passage from?"}]
     reply = c.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
@@ -291,6 +297,15 @@ def test_concurrent_greedy_requests_get_their_solo_outputs(server, model, tokeni
     ("/v1/completions", {"model": "M", "prompt": "hi", "echo": True}, 400, "echo"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "hi"}],
                               "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    # strict types: these were taken as max_tokens=1, temperature 0.5 and a stream
+    ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "temperature": "0.5"}, 400, "temperature"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    # Starlette's own refusals, which answered {"detail": ...}: a body that is not UTF-8, a path that is not there
+    ("/v1/completions", b'{"model": "M", "prompt": "\xff\xfe"}', 400, None),
+    ("/v1/embeddings", {"model": "M", "input": "hi"}, 404, None),
 ])
 def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, status, param):
     base, name = server
@@ -301,6 +316,24 @@ def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, sta
     code, error, _ = post(base, path, body)
     assert code == status and error["error"]["param"] == param and error["error"]["message"]
     assert urllib.request.urlopen(f"{base}/health").status == 200  # still serving
+
+
+def test_nulls_mean_the_defaults_and_top_k_minus_one_means_no_limit(server):
+    """As OpenAI's API reads null (its clients send it), and vLLM top_k=-1; both were a 400."""
+    base, name = server
+    ask = {"model": name, "prompt": "ROMEO:", "max_tokens": 6, "seed": 7}
+    code, plain, _ = post(base, "/v1/completions", ask)
+    assert code == 200
+    for extra in ({"temperature": None, "top_p": None, "n": None, "stream": None, "stream_options": None},
+                  {"top_k": -1}, {"top_k": 0}):
+        code, same, _ = post(base, "/v1/completions", {**ask, **extra})
+        assert code == 200 and same["choices"][0]["text"] == plain["choices"][0]["text"], extra
+    # another method on an endpoint: OpenAI's error object too, with the methods it takes
+    wrong = urllib.request.Request(f"{base}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(wrong, timeout=30)
+    assert answer.value.code == 405 and answer.value.headers["allow"] == "POST"
+    assert json.loads(answer.value.read())["error"]["message"] == "GET is not allowed on /v1/completions"
 
 
 def test_without_max_tokens_a_request_fills_what_the_context_leaves(server, tokenizer):
@@ -508,6 +541,27 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, tokenize
     assert "OutOfMemoryError" in capsys.readouterr().err  # the traceback, for whoever runs the server
 
 
+def test_a_prompt_whose_prefill_fails_fails_alone(model, tokenizer, capsys):
+    """Out of memory on one long prompt's pass ended every running request with it; their cache rows are intact."""
+    engine = Engine(model, tokenizer, max_batch=2)
+    engine.model = failing_model(model, {2})  # 1: a's prefill; 2: b's prefill
+    events = {name: [] for name in "ab"}
+    a, b = (make_request(tokenizer, p, events[n], max_tokens=8, temperature=0) for n, p in (("a", "ROMEO:"),
+                                                                                              ("b", "A")))
+    engine.submit(a)
+    engine.submit(b)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while (a.finish_reason is None or b.finish_reason is None) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert b.finish_reason == "error" and b.error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert a.finish_reason in ("stop", "length") and a.output_ids == solo(model, tokenizer, "ROMEO:", 8)
+    assert engine.failed_total == 1 and not engine.running and "OutOfMemoryError" in capsys.readouterr().err
+
+
 def test_a_failed_generation_is_a_500_or_an_error_event(model, tokenizer):
     from fastapi.testclient import TestClient
 
@@ -545,13 +599,15 @@ def test_a_model_with_nan_weights_answers_500_saying_so(model, tokenizer):
     assert greedy.status_code == 500 and message.startswith("generation failed: the model's next-token scores are NaN")
 
 
-def test_serve_refuses_a_port_that_is_no_tcp_port_and_a_timeout_that_is_no_time():
+def test_serve_refuses_a_port_that_is_no_tcp_port_a_timeout_that_is_no_time_and_an_empty_key():
     from llmfoundry_pl.config import ConfigError, ServeConfig
 
     with pytest.raises(ConfigError, match="port=70000 is not a TCP port: give one from 1 to 65535"):
         ServeConfig(ckpt_path="x", port=70000)
     with pytest.raises(ConfigError, match="request_timeout_s=0 must be positive"):  # cut every generation short
         ServeConfig(ckpt_path="x", request_timeout_s=0)
+    with pytest.raises(ConfigError, match="api_key is empty .* which would leave /v1/ open to anyone"):
+        ServeConfig(ckpt_path="x", api_key="")  # LFPL_API_KEY=$UNSET_VARIABLE
 
 
 def test_a_body_sent_without_its_json_content_type_is_told_so(server):

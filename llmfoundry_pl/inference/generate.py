@@ -10,7 +10,7 @@ printing a sample during training never moves the global RNG that dropout and re
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -27,33 +27,45 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, **kwarg
     return list(generate_stream(model, prompt, max_new_tokens, **kwargs))
 
 
+EndIds = int | Collection[int] | None  # what ends a generation: one token id, any of several, or none
+
+
+def end_ids(eos_id: EndIds) -> frozenset[int]:
+    """``eos_id`` as a set: a chat reply ends at ``<|end|>`` or at ``</s>`` (see ``ChatFormat.stop_ids``)."""
+    if eos_id is None:
+        return frozenset()
+    return frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
+
+
 def generate_stream(
-    model: Transformer, prompt: list[int], max_new_tokens: int, eos_id: int | None = None, **kwargs
+    model: Transformer, prompt: list[int], max_new_tokens: int, eos_id: EndIds = None, **kwargs
 ) -> Iterator[int]:
     """Yield the new token ids continuing ``prompt``, one at a time, up to ``max_new_tokens``; stops early at
-    ``eos_id`` (or when the caller stops reading). Takes the sampling options of :func:`generate_steps`."""
+    ``eos_id`` (one id or several) or when the caller stops reading. Takes the sampling options of
+    :func:`generate_steps`."""
+    ends = end_ids(eos_id)
     for step in generate_steps(model, [prompt], max_new_tokens, **kwargs):
-        if int(step[0]) == eos_id:
+        if int(step[0]) in ends:
             return
         yield int(step[0])
 
 
 def generate_batch(
-    model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | None = None, **kwargs
+    model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: EndIds = None, **kwargs
 ) -> list[list[int]]:
-    """Continue each prompt of a batch (different lengths welcome); each row ends at its ``eos_id`` (not
-    included) or after ``max_new_tokens``. With greedy decoding, row i is exactly ``generate(model, prompts[i],
-    ...)``. Takes the sampling options of :func:`generate_steps`."""
+    """Continue each prompt of a batch (different lengths welcome); each row ends at an ``eos_id`` (one id or
+    several; not included) or after ``max_new_tokens``. With greedy decoding, row i is exactly ``generate(model,
+    prompts[i], ...)``. Takes the sampling options of :func:`generate_steps`."""
+    ends = end_ids(eos_id)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)
     steps = generate_steps(model, prompts, max_new_tokens, **kwargs)
     for step in steps:
         step = step.cpu()
         for row in (~done).nonzero().flatten().tolist():
-            if int(step[row]) != eos_id:
+            if int(step[row]) not in ends:
                 outputs[row].append(int(step[row]))
-        if eos_id is not None:
-            done |= step == eos_id
+        done |= torch.isin(step, torch.tensor(sorted(ends), dtype=step.dtype))
         if done.all():
             steps.close()
             break

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from llmfoundry_pl.config import ConfigError, check_sampling
-from llmfoundry_pl.inference.generate import eval_mode, generate_stream
+from llmfoundry_pl.inference.generate import EndIds, end_ids, eval_mode, generate_stream
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
 from llmfoundry_pl.inference.sampling import check_finite, draw, next_token_probs, seeded_generator
 from llmfoundry_pl.model import Transformer
@@ -66,7 +66,7 @@ def speculative_stream(
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: EndIds = None,
     seed: int | None = None,
     stats: SpeculativeStats | None = None,
 ) -> Iterator[int]:
@@ -102,6 +102,7 @@ def speculative_stream(
     tokens = list(prompt)
     # The caches lag behind the text (the target has not seen the token it emitted last, the draft maybe not its
     # own last guess); each round feeds what is missing together with the new work, so nothing is recomputed.
+    ends = end_ids(eos_id)
     target_cached = draft_cached = 0
     target_cache, draft_cache = new_kv_cache(model, 1), new_kv_cache(draft_model, 1)
     with eval_mode(model, draft_model):
@@ -138,7 +139,7 @@ def speculative_stream(
             target_cached = len(tokens) + len(new) - 1  # its keys of the accepted guesses are right, not later ones
             draft_cached = min(draft_cached, target_cached)  # the draft never fed its last guess
             for token_id in new:
-                if token_id == eos_id:
+                if token_id in ends:
                     return
                 tokens.append(token_id)
                 seen[token_id] = True

@@ -40,19 +40,20 @@ class TextStreamer:
 Prompt = str | Sequence[Message]
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: ChatFormat | None) -> tuple[list[int], int]:
-    """The ids to continue and the id that ends the answer. Plain text starts after ``<s>``, as every training
+def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: ChatFormat | None) -> tuple[list[int], tuple[int, ...]]:
+    """The ids to continue and the ids that end the answer. Plain text starts after ``<s>``, as every training
     document did, and ends at ``</s>``. With ``chat``, the prompt is a user message (a string) or a conversation
-    (messages), put in the chat template with the assistant's turn opened; the reply ends at ``<|end|>``."""
+    (messages), put in the chat template with the assistant's turn opened; the reply ends at ``<|end|>`` (or
+    ``</s>``: ``ChatFormat.stop_ids``)."""
     if chat is None:
         if not isinstance(prompt, str):
             raise TypeError("a conversation (list of messages) needs chat=ChatFormat(tokenizer)")
         check_encodable(prompt, "the prompt")
-        return tokenizer.encode(prompt, bos=True), tokenizer.eos_id
+        return tokenizer.encode(prompt, bos=True), (tokenizer.eos_id,)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     for m in messages:
         check_encodable(m["content"], "the prompt")
-    return chat.prompt_ids(messages), chat.end_id
+    return chat.prompt_ids(messages), chat.stop_ids
 
 
 def stream_text(
@@ -64,11 +65,11 @@ def stream_text(
     :func:`encode_prompt`). Takes the sampling options of :func:`~llmfoundry_pl.inference.generate.generate_steps`;
     with a ``draft_model`` (same tokenizer), tokens come from speculative decoding (and ``draft_tokens``, ``stats``
     of :func:`~llmfoundry_pl.inference.speculative.speculative_stream` apply)."""
-    prompt_ids, end_id = encode_prompt(tokenizer, prompt, chat)
+    prompt_ids, end_ids = encode_prompt(tokenizer, prompt, chat)
     if draft_model is None:
-        ids = generate_stream(model, prompt_ids, max_new_tokens, eos_id=end_id, **kwargs)
+        ids = generate_stream(model, prompt_ids, max_new_tokens, eos_id=end_ids, **kwargs)
     else:
-        ids = speculative_stream(model, draft_model, prompt_ids, max_new_tokens, eos_id=end_id, **kwargs)
+        ids = speculative_stream(model, draft_model, prompt_ids, max_new_tokens, eos_id=end_ids, **kwargs)
     text = StopStringStreamer(tokenizer, prompt_ids[-1], stop)
     for token_id in ids:
         if delta := text.push(token_id):
@@ -96,7 +97,12 @@ class StopStringStreamer:
         if cut is not None:
             self.stopped = True
             return self._emit(cut)
-        keep = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        # Hold back the longest end of the text that may start a stop string. Only text not yet emitted can (what
+        # went out was no such start), which bounds the search: over every length of a long stop string, it took
+        # seconds per token (a 300,000-character one, 2.4 s), on the thread that serves every request.
+        pending = len(self.text) - self.emitted
+        keep = max((k for s in self.stop for k in range(1, min(len(s), pending + 1)) if self.text.endswith(s[:k])),
+                   default=0)
         return self._emit(len(self.text) - keep)
 
     def finish(self) -> str:

@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmfoundry_pl.chat import ChatFormat, Message
 from llmfoundry_pl.config import ConfigError, ServeConfig, check_stop_strings
@@ -52,20 +53,41 @@ def _utf8(text: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    include_usage: bool = False  # a last chunk with the usage and no choices, before [DONE]
+
+
+# Fields whose null OpenAI's API reads as "the default" (its SDKs and LangChain send them so): they were a 400.
+_NULL_IS_DEFAULT = ("temperature", "top_p", "n", "stream", "stream_options")
+
+
 class _Sampling(BaseModel):
-    # Fields this class does not name are kept (not dropped), for _refuse_unsupported to look at.
-    model_config = ConfigDict(extra="allow")
+    # Fields this class does not name are kept (not dropped), for _refuse_unsupported to look at. Strict types:
+    # pydantic's default took "max_tokens": true as 1 and "temperature": "0.5" as a number, answering a request
+    # other than the one sent (a number is still taken where a float goes).
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)  # Infinity was taken: uniform sampling
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1)  # top_k and min_p are not OpenAI's: vLLM's (lfpl-generate's too)
+    # top_k and min_p are not OpenAI's but vLLM's (lfpl-generate's too), top_k -1 or 0 meaning no limit as there
+    top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, lt=1.0)
     stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: Literal[1] = 1  # one choice per request
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in _NULL_IS_DEFAULT)}
+        return data
 
 
 class CompletionRequest(_Sampling):
@@ -179,6 +201,20 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return _error(e.status, e.message, e.param, e.kind, e.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (no such path, another method, a body it cannot parse) in OpenAI's error object
+        too: their {"detail": ...} left clients that read error.message with nothing to show."""
+        message = {
+            404: f"there is no {request.url.path} here; this server has /v1/completions, /v1/chat/completions and "
+                 "/v1/models",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(e.status_code, str(e.detail))
+        if e.detail == "There was an error parsing the body":  # bytes that are not UTF-8, say (a cp1252 file)
+            message = "the body could not be read as JSON in UTF-8"
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(e.status_code, message, None, kind, e.headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
         # The deepest complaint is the most specific one: a union field (content: str | list[TextPart]) reports
@@ -226,16 +262,16 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt if isinstance(body.prompt, str) else _single(body.prompt)
         ids = engine.tokenizer.encode(prompt, bos=True)
-        return await _generate(body, request, ids, engine.tokenizer.eos_id, chat=False)
+        return await _generate(body, request, ids, (engine.tokenizer.eos_id,), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         if chat is None:
             raise APIError(400, "this model's tokenizer has no chat tokens; use /v1/completions", "messages")
         ids = chat.prompt_ids([m.as_message() for m in body.messages])
-        return await _generate(body, request, ids, chat.end_id, chat=True)
+        return await _generate(body, request, ids, chat.stop_ids, chat=True)
 
-    async def _generate(body: _Sampling, http: Request, prompt_ids: list[int], end_id: int, chat: bool):
+    async def _generate(body: _Sampling, http: Request, prompt_ids: list[int], end_ids: tuple[int, ...], chat: bool):
         if body.model != model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}", "model",
                            "not_found_error")
@@ -255,11 +291,15 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
             check_stop_strings(stop)
         except ConfigError as e:
             raise APIError(400, str(e), "stop") from None
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options applies to a streamed answer: add stream=true, or leave it out",
+                           "stream_options")
         params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                                top_p=None if body.top_p >= 1.0 else body.top_p, top_k=body.top_k, min_p=body.min_p,
+                                top_p=None if body.top_p >= 1.0 else body.top_p,
+                                top_k=body.top_k if body.top_k and body.top_k > 0 else None, min_p=body.min_p,
                                 stop=stop, seed=body.seed, timeout_s=cfg.request_timeout_s)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        request = EngineRequest(prompt_ids, params, end_id, engine.tokenizer,
+        request = EngineRequest(prompt_ids, params, end_ids, engine.tokenizer,
                                 lambda delta, reason: loop.call_soon_threadsafe(events.put_nowait, (delta, reason)))
         try:
             engine.submit(request)
@@ -270,7 +310,8 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
             raise APIError(400, str(e), None) from None
         response = _Response(chat, model_name, len(prompt_ids))
         if body.stream:
-            return StreamingResponse(_sse(response, request, events), media_type="text/event-stream")
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(_sse(response, request, events, usage), media_type="text/event-stream")
         text, reason = "", None
         gone = asyncio.ensure_future(_client_gone(http))
         try:
@@ -292,8 +333,10 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
             raise APIError(500, f"generation failed: {request.error}", None, "server_error")
         return response.whole(text, reason, len(request.output_ids))
 
-    async def _sse(response: _Response, request: EngineRequest, events: asyncio.Queue) -> AsyncIterator[str]:
-        """Server-sent events; a client that disconnects cancels its request (its slot frees at the next step)."""
+    async def _sse(response: _Response, request: EngineRequest, events: asyncio.Queue,
+                   usage: bool) -> AsyncIterator[str]:
+        """Server-sent events; a client that disconnects cancels its request (its slot frees at the next step).
+        With ``usage`` (``stream_options.include_usage``), as OpenAI: a last chunk with no choices holds it."""
         try:
             if response.chat:
                 yield _event(response.chunk({"role": "assistant", "content": ""}, None))
@@ -306,7 +349,9 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
                 yield _event({"error": {"message": f"generation failed: {request.error}", "type": "server_error",
                                         "param": None, "code": None}})
             else:
-                yield _event(response.chunk("", reason, usage=len(request.output_ids)))
+                yield _event(response.chunk("", reason))
+                if usage:
+                    yield _event(response.usage_chunk(len(request.output_ids)))
             yield "data: [DONE]\n\n"
         finally:
             if request.finish_reason is None:
@@ -405,7 +450,7 @@ class _Response:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
         return {**self._head("text_completion"), "choices": [choice], "usage": self._usage(completion_tokens)}
 
-    def chunk(self, delta: str | dict, reason: str | None, usage: int | None = None) -> dict:
+    def chunk(self, delta: str | dict, reason: str | None) -> dict:
         if self.chat:
             content = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
             body = {**self._head("chat.completion.chunk"),
@@ -413,6 +458,8 @@ class _Response:
         else:
             body = {**self._head("text_completion"),
                     "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}]}
-        if usage is not None:
-            body["usage"] = self._usage(usage)
         return body
+
+    def usage_chunk(self, completion_tokens: int) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(kind), "choices": [], "usage": self._usage(completion_tokens)}

@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -60,9 +60,9 @@ class Request:
     or length (max_tokens, the context, or the request's timeout); or ``error`` (not OpenAI's) when its step
     failed, with what went wrong in ``error``."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, end_id: int, tokenizer: Tokenizer,
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, end_ids: Collection[int], tokenizer: Tokenizer,
                  on_event: Callable[[str, str | None], None]) -> None:
-        self.prompt_ids, self.params, self.end_id, self.on_event = prompt_ids, params, end_id, on_event
+        self.prompt_ids, self.params, self.end_ids, self.on_event = prompt_ids, params, end_ids, on_event
         self.output_ids: list[int] = []
         self.text = StopStringStreamer(tokenizer, prompt_ids[-1], params.stop)
         self.generator: torch.Generator | None = None  # made on the engine's device by Engine.submit
@@ -137,7 +137,9 @@ class Engine:
         now = time.monotonic()
         while self.recent and self.recent[0][0] < now - 10:
             self.recent.popleft()
-        return sum(n for _, n in self.recent) / 10
+        # A copy first (list() of a deque runs without yielding to other threads): the engine's thread appends to it
+        # while /metrics reads it, and iterating it directly raised "deque mutated during iteration".
+        return sum(n for _, n in list(self.recent)) / 10
 
     def _loop(self) -> None:
         while True:
@@ -151,19 +153,18 @@ class Engine:
             except Exception as error:  # out of memory, NaN probabilities from a diverged model, a bug, ...
                 # The thread must live on: if it died, every request, running or still to come, would wait forever.
                 traceback.print_exc()
-                self._fail_running(error)
+                self._fail(self.running, error)
+                self.running.clear()  # their cache rows are free: the next prefill overwrites them
 
-    def _fail_running(self, error: Exception) -> None:
-        """End every running request (the failed step was theirs) with finish_reason ``error``; the waiting ones
-        go on."""
+    def _fail(self, requests: list[Request], error: Exception) -> None:
+        """End ``requests`` (the failed step was theirs) with finish_reason ``error``; the others go on."""
         reason = " ".join(str(error).split())[:200]
         what = reason if isinstance(error, ConfigError) else f"{type(error).__name__}: {reason}"  # ours say it all
-        self.failed_total += len(self.running)
-        for request in self.running:
+        self.failed_total += len(requests)
+        for request in requests:
             request.error = what
             request.finish_reason = "error"
             request.on_event("", "error")
-        self.running.clear()  # their cache rows are free: the next prefill overwrites them
 
     # ---------------------------------------------------------------------------------------------------------
     # One iteration (the engine thread)
@@ -197,10 +198,15 @@ class Engine:
     def _prefill(self, request: Request) -> None:
         """Run the prompt into the next free cache row and take the first token."""
         row = len(self.running)
-        self.running.append(request)  # before the forward pass: if it fails, the request is failed with the others
-        tokens = torch.tensor([request.prompt_ids], device=self.device)
-        logits = self.model(tokens, [_Row(layer, row) for layer in self.cache], 0)[:, -1]
-        check_finite(logits)  # NaN weights: a 500 saying so, rather than greedy requests answered with token 0
+        try:
+            tokens = torch.tensor([request.prompt_ids], device=self.device)
+            logits = self.model(tokens, [_Row(layer, row) for layer in self.cache], 0)[:, -1]
+            check_finite(logits)  # NaN weights: a 500 saying so, rather than greedy requests answered with token 0
+        except Exception as error:  # this prompt's pass alone (out of memory on a long one): it failed every request
+            traceback.print_exc()
+            self._fail([request], error)
+            return
+        self.running.append(request)
         self._accept(request, logits)
 
     def _accept(self, request: Request, logits: torch.Tensor) -> None:
@@ -208,7 +214,7 @@ class Engine:
         p = request.params
         token = int(sample_next(logits, request.generator, p.temperature, p.top_k, p.top_p, p.min_p)[0])
         self.tokens_total += 1
-        if token == request.end_id:
+        if token in request.end_ids:
             return self._finish(request, "stop")
         request.output_ids.append(token)
         if delta := request.text.push(token):
