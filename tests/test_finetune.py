@@ -157,6 +157,14 @@ def test_instruction_lines_become_conversations(tmp_path):
     assert first["messages"] == [{"role": "user", "content": "Name a play.\n\nA comedy."},
                                  {"role": "assistant", "content": "Twelfth Night"}]
     assert second["messages"] == CONVERSATION
+    without_input = write_jsonl(tmp_path / "n.jsonl", [{**instruction, "input": None}])
+    assert read_records(without_input, "sft", "fail")[0]["messages"][0]["content"] == "Name a play."
+    for not_text in (0, [], 5):  # 0 and [] were taken for no input
+        path = write_jsonl(tmp_path / "bad.jsonl", [{**instruction, "input": not_text}])
+        with pytest.raises(ConfigError, match="instruction, input and output must be strings"):
+            read_records(path, "sft", "fail")
+    with pytest.raises(ConfigError, match=f"data file {tmp_path} is a folder; give a .jsonl file in data.path"):
+        read_records(tmp_path, "sft", "fail")  # it said "does not exist"
 
 
 @pytest.mark.parametrize(("line", "reason"), [
@@ -277,6 +285,28 @@ def _chat_data(tmp_path: Path, tokenizer: Tokenizer, batch_size: int, pack: bool
     cfg = ChatDataConfig(path=str(tmp_path / "train.jsonl"), val_path=str(tmp_path / "train.jsonl"), seq_len=96,
                          batch_size=batch_size, pack=pack)
     return ChatDataModule(cfg, tokenizer)
+
+
+def test_a_resume_under_other_chat_data_is_refused(tokenizer, tmp_path):
+    """Packing, cutting or another file change which sample k is; a resume under them went on silently."""
+    counting = SimpleNamespace(accumulate_grad_batches=1, world_size=1)
+    dm = _chat_data(tmp_path, tokenizer, batch_size=2)
+    dm.prepare_data()
+    dm.trainer = counting
+    saved = dm.state_dict()
+    dm.load_state_dict(saved)  # the same data resumes
+    packed = _chat_data(tmp_path, tokenizer, batch_size=2, pack=True)
+    packed.prepare_data()
+    packed.trainer = counting
+    with pytest.raises(ConfigError, match=r"data.pack: False → True; training rows \(examples, or rows packed with "
+                                          r"them\): 12 → \d+\): resumed, it would train on other samples"):
+        packed.load_state_dict(saved)
+    _replies_of_many_lengths(tmp_path / "train.jsonl", 13)  # another file under the same name
+    grown = ChatDataModule(dm.cfg, tokenizer)
+    grown.prepare_data()
+    grown.trainer = counting
+    with pytest.raises(ConfigError, match=r"training rows \(examples, or rows packed with them\): 12 → 13"):
+        grown.load_state_dict(saved)
 
 
 def test_without_a_val_path_a_seeded_share_of_the_examples_is_held_out(tokenizer, tmp_path):
@@ -602,7 +632,9 @@ def test_lora_run_resumes_exactly_and_exports_merged(pretrained, tmp_path):
     proc = run_cli("train", *lora, "hydra.run.dir=full", cwd=tmp_path)
     assert "is an Enum subclass" not in proc.stderr  # torch's notices on importing torchao (peft's), left out
     run_cli("train", *lora, "trainer.max_steps=3", "hydra.run.dir=half", cwd=tmp_path)
-    run_cli("train", *lora, "ckpt_path=half/checkpoints/last.ckpt", "hydra.run.dir=resumed", cwd=tmp_path)
+    # ckpt_path alone, as docs/fine-tuning.md says: the base comes from the init_from the checkpoint recorded (it
+    # was "lora.enabled=true adapts a trained model: give it with init_from=")
+    run_cli("train", *settings, "ckpt_path=half/checkpoints/last.ckpt", "hydra.run.dir=resumed", cwd=tmp_path)
     full = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=False)["state_dict"]
     resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)["state_dict"]
     assert full and all(".lora_" in k for k in full)  # adapters only
@@ -629,6 +661,11 @@ def test_lora_run_resumes_exactly_and_exports_merged(pretrained, tmp_path):
     adapted, _, _ = load_model(str(tmp_path / "full/checkpoints/last.ckpt"))
     tokens = torch.randint(0, merged.config.vocab_size, (1, 16))
     torch.testing.assert_close(merged(tokens), adapted(tokens))
+    # the recorded base moved away: said as such, with the way out
+    (tmp_path / "base.ckpt").rename(tmp_path / "moved.ckpt")
+    refused = run_cli("train", *settings, "ckpt_path=half/checkpoints/last.ckpt", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and f"was fine-tuned from init_from={base}, which is not there now; put it back, " \
+        "or give where it is now with init_from=" in refused.stderr
 
 
 def test_dpo_run_logs_preference_metrics(pretrained, tmp_path):
@@ -656,6 +693,7 @@ def test_dpo_run_logs_preference_metrics(pretrained, tmp_path):
     (["lora.enabled=true"], "lora.enabled=true adapts a trained model"),
     (["experiment=sft", "init_from=PRETRAINED", "data.path=missing.jsonl"], "missing.jsonl does not exist"),
     (["experiment=sft", "init_from=nowhere.ckpt"], "init_from=nowhere.ckpt does not exist"),
+    (["experiment=dpo", "init_from=PRETRAINED", "dpo.beta=0"], "dpo.beta=0.0 must be positive"),
 ])
 def test_fine_tuning_mistakes_are_one_line(pretrained, tmp_path, overrides, message):
     overrides = [o.replace("PRETRAINED", str(pretrained)) for o in overrides]

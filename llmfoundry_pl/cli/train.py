@@ -36,6 +36,7 @@ from llmfoundry_pl.cli.common import (
     compile_training_step,
     fail_sweep_job_alone,
     instantiate_group,
+    pick_device,
     prepare_data_and_model,
     read_checkpoint,
     resolve_ckpt_path,
@@ -54,6 +55,7 @@ from llmfoundry_pl.inference import generate_text
 from llmfoundry_pl.inference.text import encode_prompt
 from llmfoundry_pl.lit_module import LitDPO, LitLlama, check_adamw_eps
 from llmfoundry_pl.model import Transformer
+from llmfoundry_pl.precision import check_fp16_on_cpu
 from llmfoundry_pl.tokenizer import Tokenizer
 
 
@@ -63,7 +65,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         keep_freed_memory()
     seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
-    start_step = _checkpoint_step(ckpt_path)
+    start_step, fine_tuned_from = _resume_point(ckpt_path)
     max_steps = cfg.trainer.max_steps  # an int (the schema's)
     if max_steps <= 0:  # Lightning's -1, "no limit", included (the data modules refuse it too, but only in fit)
         raise ConfigError(f"trainer.max_steps={max_steps} must be a positive number of optimizer steps: the data and "
@@ -74,12 +76,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
                           "rate stays at its minimum), or measure the model with lfpl-eval")
 
     # Settings are checked before the tokenizer and token files are built (which can take a while).
-    lora = to_dataclass(cfg.lora, LoraConfig)
+    lora, dpo = to_dataclass(cfg.lora, LoraConfig), to_dataclass(cfg.dpo, DPOConfig)
     optim, scheduler = to_dataclass(cfg.optim, OptimConfig), to_dataclass(cfg.scheduler, SchedulerConfig)
-    check_adamw_eps(optim.eps, str(cfg.trainer.precision))
-    if lora.enabled and not cfg.init_from:
-        raise ConfigError("lora.enabled=true adapts a trained model: give it with init_from=")
+    precision, accelerator = str(cfg.trainer.precision), str(cfg.trainer.accelerator)
+    if accelerator in ("cpu", "auto"):  # first: fp16 that cannot run here at all, then the eps it would need
+        check_fp16_on_cpu(pick_device(accelerator).type, precision, "trainer.precision")  # (build_trainer: others)
+    check_adamw_eps(optim.eps, precision)
     with open_dict(cfg):  # the run's config, in its checkpoints, records what this run used, found from anywhere
+        if fine_tuned_from and not cfg.init_from:  # resuming a fine-tune: its base, as a fresh start would give it
+            if not Path(fine_tuned_from).exists():  # it was "init_from=... does not exist": a setting not given
+                raise ConfigError(f"ckpt_path={ckpt_path} was fine-tuned from init_from={fine_tuned_from}, which is "
+                                  "not there now; put it back, or give where it is now with init_from=")
+            cfg.init_from = fine_tuned_from
+        if lora.enabled and not cfg.init_from:
+            raise ConfigError("lora.enabled=true adapts a trained model: give it with init_from=")
         if cfg.init_from:  # LoRA adapters find their base there, a resumed DPO its reference
             cfg.init_from = absolute_model_path(cfg.init_from, cfg.paths.runs_dir)
         cfg.ckpt_path = ckpt_path and str(Path(ckpt_path).resolve())  # where the curve before this run is
@@ -87,8 +97,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, model_cfg, network = prepare_data_and_model(cfg)
 
     # Preference pairs train with DPO; text and conversations with next-token prediction.
-    objective = {"dpo": to_dataclass(cfg.dpo, DPOConfig)} if isinstance(datamodule, ChatDataModule) and \
-        datamodule.cfg.format == "preference" else {}
+    objective = {"dpo": dpo} if isinstance(datamodule, ChatDataModule) and datamodule.cfg.format == "preference" \
+        else {}
     run_config = OmegaConf.to_container(cfg, resolve=True)
     if isinstance(datamodule, TextDataModule):  # for lfpl-eval to tell whether the text is still what it validated on
         run_config["data_split"] = split_counts(datamodule.token_files.meta)
@@ -244,16 +254,19 @@ def _keep_the_curve_before(step: int, loggers: list) -> None:
         logger.experiment.metrics[:0] = rows  # (creating the writer deletes the file); written with the next save
 
 
-def _checkpoint_step(ckpt_path: str | None) -> int:
-    """The optimizer step a checkpoint was saved at (0 for a new run), to count this run's own steps. Read before
-    anything is built, so a file that cannot be resumed from is a one-line error at once."""
+def _resume_point(ckpt_path: str | None) -> tuple[int, str | None]:
+    """The optimizer step a checkpoint was saved at (0 for a new run), to count this run's own steps, and the model
+    it was fine-tuned from (its recorded ``init_from``), which a resumed fine-tune starts from again: the tokenizer,
+    LoRA's frozen base and DPO's reference come from there. Read before anything is built, so a file that cannot be
+    resumed from is a one-line error at once."""
     if ckpt_path is None:
-        return 0
-    step = read_checkpoint(ckpt_path).get("global_step")
+        return 0, None
+    checkpoint = read_checkpoint(ckpt_path)
+    step = checkpoint.get("global_step")
     if not isinstance(step, int):
         raise ConfigError(f"ckpt_path={ckpt_path} holds no training state (global_step) to resume from; give a "
                           "checkpoint lfpl-train wrote (outputs/.../checkpoints/*.ckpt), or init_from= for weights")
-    return step
+    return step, (checkpoint.get("hyper_parameters") or {}).get("init_from")
 
 
 def _resume_hint(trainer: L.Trainer, resumed_from: str | None) -> str:

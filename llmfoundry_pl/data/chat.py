@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,8 @@ def read_records(path: Path, fmt: str, bad_lines: str) -> list[dict]:
     """The examples of a JSONL file in one shape: ``{"messages"}`` (sft) or ``{"prompt", "chosen", "rejected"}``
     with prompt as messages (preference). A malformed line stops with its line number (``bad_lines=fail``) or
     is skipped and counted (``skip``)."""
+    if path.is_dir():
+        raise ConfigError(f"data file {path} is a folder; give a .jsonl file in data.path / data.val_path")
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist; fix data.path / data.val_path")
     records, skipped = [], []
@@ -94,7 +97,8 @@ def _parse_line(line: str, fmt: str, where: str) -> dict:
     if "messages" in obj:
         messages = check_messages(obj["messages"], where)
     elif "instruction" in obj and "output" in obj:
-        fields = [obj["instruction"], obj.get("input") or "", obj["output"]]
+        # a missing or null input is none; any other non-string (0, []) is a mistake, which `or ""` hid
+        fields = [obj["instruction"], "" if obj.get("input") is None else obj["input"], obj["output"]]
         if not all(isinstance(v, str) for v in fields):
             raise ConfigError(f"{where}: instruction, input and output must be strings")
         user = fields[0] + (f"\n\n{fields[1]}" if fields[1] else "")
@@ -302,6 +306,13 @@ class ChatDataModule(StepDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()  # every rank holds the encoded examples (small next to the model)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Beyond the counting settings, what decides sample k here: whether rows are packed, and which examples
+        there are (the file, its held-out share, lines skipped, overlong ones cut or dropped), told by their count.
+        A resume under others went on silently, on other samples than the run's next ones."""
+        return {**super().state_dict(), "data.pack": self.cfg.pack, "data.overlong": self.cfg.overlong,
+                "training rows (examples, or rows packed with them)": len(self.train_items)}
 
     def _paths(self) -> tuple[Path, Path | None]:
         """The training file and the held-out one (None: split off the training file). data.path=null is the demo
