@@ -541,6 +541,18 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, tokenize
     assert "OutOfMemoryError" in capsys.readouterr().err  # the traceback, for whoever runs the server
 
 
+def test_a_cancelled_waiting_request_gives_up_its_place_in_the_queue(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, queue_limit=2)  # not started: every request waits
+    first, second = make_request(tokenizer, "A", max_tokens=2), make_request(tokenizer, "B", max_tokens=2)
+    engine.submit(first)
+    engine.submit(second)
+    with pytest.raises(QueueFull):
+        engine.submit(make_request(tokenizer, "C", max_tokens=2))
+    engine.cancel(first)  # its client hung up while it waited: it was 429 for others until a slot came
+    engine.submit(make_request(tokenizer, "C", max_tokens=2))
+    assert len(engine.waiting) == 2 and first not in engine.waiting
+
+
 def test_a_prompt_whose_prefill_fails_fails_alone(model, tokenizer, capsys):
     """Out of memory on one long prompt's pass ended every running request with it; their cache rows are intact."""
     engine = Engine(model, tokenizer, max_batch=2)

@@ -115,9 +115,12 @@ class Engine:
             self.wakeup.notify()
 
     def cancel(self, request: Request) -> None:
-        """Stop a request (its client went away); its slot is freed at the next step."""
+        """Stop a request (its client went away): a running one's slot is freed at the next step; a waiting one
+        leaves the queue at once (it held a place of queue_limit until a slot came, and others were answered 429)."""
         request.cancelled = True
         with self.wakeup:
+            if request in self.waiting:
+                self.waiting.remove(request)
             self.wakeup.notify()
 
     def start(self) -> None:
