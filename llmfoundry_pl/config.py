@@ -728,7 +728,11 @@ class GenerateConfig:
     repetition_penalty: float = field(default=1.0, metadata=_help("Above 1 makes tokens already present less likely."))
     stop: list[str] = field(default_factory=list, metadata=_help("Stop before the first of these strings."))
     stream: bool = field(default=False, metadata=_help("Print the text as it is generated."))
-    seed: int = field(default=1337, metadata=_help("Seed of the sampler, for reproducible samples."))
+    seed: int | None = field(
+        default=1337,
+        metadata=_help("Seed of the sampler, for reproducible samples (interactive: prompt n samples with seed + n, "
+                       "so a prompt typed again gets another sample); null: fresh samples on every run."),
+    )
     draft_ckpt_path: str | None = field(
         default=None, metadata=_help("Speculative decoding: a smaller model (any form ckpt_path takes) with the same "
                                      "tokenizer drafts tokens; greedy output stays the model's own (not with "
@@ -745,6 +749,9 @@ class GenerateConfig:
         check_quantize(self.quantize)
         check_stop_strings(self.stop)
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # torch's seeds: an overflow traceback
+            raise ConfigError(f"seed={self.seed} is not a seed torch takes: give one from -2**63 to 2**64 - 1, or "
+                              "null")
         for name, least in (("max_new_tokens", 0), ("batch_size", 1), ("draft_tokens", 1)):
             if getattr(self, name) < least:
                 raise ConfigError(f"{name}={getattr(self, name)} must be {least} or more")

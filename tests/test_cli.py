@@ -117,6 +117,15 @@ def test_generate_batch_mode_interactive_mode_and_speculative_decoding(trained_r
     assert "draft tokens accepted (100%)" in spec.stderr
 
 
+def test_generate_interactive_samples_a_prompt_typed_again_anew(trained_run, tmp_path):
+    # One seed for every prompt gave a prompt typed again the same sample; each prompt now has its own (seed + n),
+    # so a session still repeats as a whole
+    args = [f"ckpt_path={trained_run}/checkpoints/last.ckpt", "max_new_tokens=12", "temperature=1", "interactive=true"]
+    once = run_cli("generate", *args, cwd=tmp_path, input="ROMEO:\n").stdout
+    twice = run_cli("generate", *args, cwd=tmp_path, input="ROMEO:\nROMEO:\n").stdout
+    assert once.startswith("ROMEO:") and twice.startswith(once) and twice != once + once
+
+
 def test_generate_refuses_a_draft_with_another_tokenizer(trained_run, tmp_path):
     checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     play = sorted(bundled_corpus_dir().glob("*.txt"))[0]

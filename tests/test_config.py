@@ -128,6 +128,8 @@ def test_quantize_typo_fails_when_the_config_is_read(compose_train, name, schema
      ("generate", GenerateConfig, ["top_p=0"], "top_p=0.0 must be in (0, 1] (or null for no limit)"),
      ("generate", GenerateConfig, ["max_new_tokens=-1"], "max_new_tokens=-1 must be 0 or more"),
      ("generate", GenerateConfig, ["draft_tokens=0"], "draft_tokens=0 must be 1 or more"),
+     ("generate", GenerateConfig, [f"seed={2**64}"],
+      f"seed={2**64} is not a seed torch takes: give one from -2**63 to 2**64 - 1, or null"),
      ("eval", EvalConfig, ["data.batch_size=0"], "data.batch_size=0 must be positive"),
      ("eval", EvalConfig, ["data.stride=0"], "data.stride=0 must be positive (or null)"),
      ("eval", EvalConfig, ["task=nope"], "task=nope is not a known task; use one of demo, or task=null for loss / "

@@ -133,7 +133,9 @@ def generate(node: DictConfig) -> list[str]:
     if draft is not None:
         options.update(draft_model=draft, draft_tokens=cfg.draft_tokens, stats=stats)
     history = system
-    for prompt in read_stdin_prompts() if cfg.interactive else [cfg.prompt]:
+    for number, prompt in enumerate(read_stdin_prompts() if cfg.interactive else [cfg.prompt]):
+        # A seed of each prompt's own: with one for all, a prompt typed again got the same sample, every time.
+        options["seed"] = None if cfg.seed is None else cfg.seed + number
         try:  # a prompt the model cannot take fails here, before anything is printed
             check_encodable(prompt, "the prompt")  # a line typed in another encoding than UTF-8 (GBK), say
             # chat: the conversation so far, oldest turns dropped if it outgrows the context; kept as it was if
