@@ -735,8 +735,8 @@ class GenerateConfig:
     )
     draft_ckpt_path: str | None = field(
         default=None, metadata=_help("Speculative decoding: a smaller model (any form ckpt_path takes) with the same "
-                                     "tokenizer drafts tokens; greedy output stays the model's own (not with "
-                                     "quantize=int8, refused).")
+                                     "tokenizer drafts tokens; greedy output stays the model's own (in fp32; "
+                                     "not with quantize=int8, refused).")
     )
     draft_tokens: int = field(default=4, metadata=_help("Tokens the draft model guesses per target pass."))
     compile: bool = field(default=False, metadata=_help("torch.compile the model: faster decoding after a slow start."))
