@@ -172,10 +172,14 @@ def server(tmp_path_factory, model, tokenizer):
         try:
             urllib.request.urlopen(f"{base}/health", timeout=1)
             break
-        except (urllib.error.URLError, ConnectionError):
+        # OSError: a timeout too. The port is bound before the model loads, so a check that connects meanwhile
+        # waits for its answer, and under load (other tests beside) it timed out: TimeoutError failed the fixture.
+        except OSError:
             if proc.poll() is not None:
                 raise AssertionError(proc.stdout.read()) from None
             time.sleep(0.2)
+    else:
+        raise AssertionError("lfpl-serve did not answer /health within the minute and more it was given")
     yield base, folder.name
     proc.terminate()
     proc.wait(timeout=30)
