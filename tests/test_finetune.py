@@ -693,7 +693,8 @@ def test_dpo_run_logs_preference_metrics(pretrained, tmp_path):
     (["lora.enabled=true"], "lora.enabled=true adapts a trained model"),
     (["experiment=sft", "init_from=PRETRAINED", "data.path=missing.jsonl"], "missing.jsonl does not exist"),
     (["experiment=sft", "init_from=nowhere.ckpt"], "init_from=nowhere.ckpt does not exist"),
-    (["experiment=dpo", "init_from=PRETRAINED", "dpo.beta=0"], "dpo.beta=0.0 must be positive"),
+    # before the data is read (a missing file would be named first otherwise)
+    (["experiment=dpo", "init_from=PRETRAINED", "dpo.beta=0", "data.path=missing.jsonl"], "dpo.beta=0.0 must be"),
 ])
 def test_fine_tuning_mistakes_are_one_line(pretrained, tmp_path, overrides, message):
     overrides = [o.replace("PRETRAINED", str(pretrained)) for o in overrides]

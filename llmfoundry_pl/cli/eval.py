@@ -85,8 +85,6 @@ def evaluation_data(cfg: EvalConfig, source: ModelSource, model_cfg: ModelConfig
     return DataConfig(path=cfg.data.path, text_field=cfg.data.text_field, val_fraction=1.0, **common)
 
 
-
-
 def _warn_if_the_split_changed(source: ModelSource, datamodule: TextDataModule) -> None:
     """The run's own split is rebuilt from the text it names: if that text was edited since, the figures are not
     comparable with the run's val/ metrics, which the user would otherwise take them to be."""

@@ -135,7 +135,8 @@ def generate(node: DictConfig) -> list[str]:
     history = system
     for number, prompt in enumerate(read_stdin_prompts() if cfg.interactive else [cfg.prompt]):
         # A seed of each prompt's own: with one for all, a prompt typed again got the same sample, every time.
-        options["seed"] = None if cfg.seed is None else cfg.seed + number
+        # (modulo 2**64, torch's seeds, where a negative seed is the same as seed + 2**64)
+        options["seed"] = None if cfg.seed is None else (cfg.seed + number) % 2**64
         try:  # a prompt the model cannot take fails here, before anything is printed
             check_encodable(prompt, "the prompt")  # a line typed in another encoding than UTF-8 (GBK), say
             # chat: the conversation so far, oldest turns dropped if it outgrows the context; kept as it was if

@@ -101,10 +101,9 @@ def speculative_stream(
         row_seen = seen.clone().index_fill_(0, torch.tensor(guesses, device=device), True) if guesses else seen
         return next_token_probs(logits, seen=row_seen if repetition_penalty != 1.0 else None, **sampling)
 
-    tokens = list(prompt)
+    tokens, ends = list(prompt), end_ids(eos_id)
     # The caches lag behind the text (the target has not seen the token it emitted last, the draft maybe not its
     # own last guess); each round feeds what is missing together with the new work, so nothing is recomputed.
-    ends = end_ids(eos_id)
     target_cached = draft_cached = 0
     target_cache, draft_cache = new_kv_cache(model, 1), new_kv_cache(draft_model, 1)
     with eval_mode(model, draft_model):

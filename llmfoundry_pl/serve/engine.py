@@ -23,12 +23,13 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from llmfoundry_pl.config import ConfigError, check_sampling
+from llmfoundry_pl.inference.generate import EndIds, end_ids
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
 from llmfoundry_pl.inference.sampling import check_finite, sample_next, seeded_generator
 from llmfoundry_pl.inference.text import StopStringStreamer
@@ -60,9 +61,9 @@ class Request:
     or length (max_tokens, the context, or the request's timeout); or ``error`` (not OpenAI's) when its step
     failed, with what went wrong in ``error``."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, end_ids: Collection[int], tokenizer: Tokenizer,
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, ends: EndIds, tokenizer: Tokenizer,
                  on_event: Callable[[str, str | None], None]) -> None:
-        self.prompt_ids, self.params, self.end_ids, self.on_event = prompt_ids, params, end_ids, on_event
+        self.prompt_ids, self.params, self.end_ids, self.on_event = prompt_ids, params, end_ids(ends), on_event
         self.output_ids: list[int] = []
         self.text = StopStringStreamer(tokenizer, prompt_ids[-1], params.stop)
         self.generator: torch.Generator | None = None  # made on the engine's device by Engine.submit
