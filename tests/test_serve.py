@@ -519,24 +519,27 @@ def failing_model(model, fail_calls: set[int]):
     return forward
 
 
+def wait_for(*requests: Request, deadline: float) -> None:
+    """Until each of ``requests`` has finished (or ``deadline`` has passed)."""
+    while any(r.finish_reason is None for r in requests) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, tokenizer, capsys):
     engine = Engine(model, tokenizer, max_batch=2)
     engine.model = failing_model(model, {3})  # 1, 2: the prefills of a and b; 3: their first decode step
     events = {name: [] for name in "abc"}
-    a, b = (make_request(tokenizer, p, events[n], max_tokens=8, temperature=0) for n, p in (("a", "ROMEO:"),
-                                                                                              ("b", "A")))
+    a, b, c = (make_request(tokenizer, p, events[n], max_tokens=8, temperature=0)
+               for n, p in (("a", "ROMEO:"), ("b", "A"), ("c", "ROMEO:")))
     engine.submit(a)
-    engine.submit(b)
+    engine.submit(b)  # both before the engine starts: forward passes 1 and 2 are their prefills
     engine.start()
     try:
         deadline = time.monotonic() + 30
-        while (a.finish_reason is None or b.finish_reason is None) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(a, b, deadline=deadline)
         # before, the engine thread died here, and every request, these and later ones, waited forever
-        c = make_request(tokenizer, "ROMEO:", events["c"], max_tokens=8, temperature=0)
         engine.submit(c)
-        while c.finish_reason is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(c, deadline=deadline)
     finally:
         engine.stop()
     assert (a.finish_reason, b.finish_reason) == ("error", "error") and events["a"][-1] == ("", "error")
@@ -561,16 +564,12 @@ def test_a_prompt_whose_prefill_fails_fails_alone(model, tokenizer, capsys):
     """Out of memory on one long prompt's pass ended every running request with it; their cache rows are intact."""
     engine = Engine(model, tokenizer, max_batch=2)
     engine.model = failing_model(model, {2})  # 1: a's prefill; 2: b's prefill
-    events = {name: [] for name in "ab"}
-    a, b = (make_request(tokenizer, p, events[n], max_tokens=8, temperature=0) for n, p in (("a", "ROMEO:"),
-                                                                                              ("b", "A")))
+    a, b = (make_request(tokenizer, prompt, max_tokens=8, temperature=0) for prompt in ("ROMEO:", "A"))
     engine.submit(a)
-    engine.submit(b)
+    engine.submit(b)  # both before the engine starts: forward passes 1 and 2 are their prefills
     engine.start()
     try:
-        deadline = time.monotonic() + 30
-        while (a.finish_reason is None or b.finish_reason is None) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(a, b, deadline=time.monotonic() + 30)
     finally:
         engine.stop()
     assert b.finish_reason == "error" and b.error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
