@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_only
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -542,6 +542,13 @@ class LitDPO(LitLlama):
         # The starting weights, frozen; with LoRA the policy's own frozen base weights serve (_reference_logits)
         self.reference = None if self.lora_cfg.enabled else copy.deepcopy(self.model).requires_grad_(False).eval()
         self.val_metrics = PreferenceMetrics()
+        dropout = {k: v for k, v in (("model.dropout", self.model.config.dropout),
+                                     ("lora.dropout", self.lora_cfg.dropout if self.lora_cfg.enabled else 0.0)) if v}
+        if dropout and rank_zero_only.rank == 0:  # a warning, not a refusal: TRL leaves it to a flag as well
+            settings = ", ".join(f"{k}={v}" for k, v in dropout.items())
+            print(f"warning: DPO with dropout ({settings}) compares a policy with dropout to a reference without, so "
+                  "the rewards start away from 0 and stay noisy; TRL turns dropout off for DPO: set it to 0",
+                  file=sys.stderr, flush=True)
 
     def _saved(self, key: str) -> bool:
         return not key.startswith("reference.") and super()._saved(key)

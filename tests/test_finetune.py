@@ -475,6 +475,15 @@ def _preference_pairs(chat: ChatFormat) -> list[tuple[Example, Example]]:
             for c, r in [("The Tempest", "Othello"), ("Twelfth Night", "Hamlet")]]
 
 
+def test_dpo_with_dropout_is_warned_about(chat, capsys):
+    # the policy trains with dropout and the reference scores without: rewards start away from 0 (TRL turns it off)
+    LitDPO(tiny_model(chat.tokenizer.vocab_size).config, network=tiny_model(chat.tokenizer.vocab_size))
+    assert capsys.readouterr().err == ""
+    with_dropout = tiny_model(chat.tokenizer.vocab_size, dropout=0.1)
+    LitDPO(with_dropout.config, network=with_dropout)
+    assert capsys.readouterr().err.startswith("warning: DPO with dropout (model.dropout=0.1) compares a policy")
+
+
 def test_dpo_rewards_start_at_zero_and_accuracy_at_a_coin_toss(chat):
     pairs = _preference_pairs(chat)
     x, y = collate_examples(pairs, chat.tokenizer.pad_id)
