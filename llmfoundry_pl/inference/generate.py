@@ -57,6 +57,7 @@ def generate_batch(
     several; not included) or after ``max_new_tokens``. With greedy decoding, row i is exactly ``generate(model,
     prompts[i], ...)``. Takes the sampling options of :func:`generate_steps`."""
     ends = end_ids(eos_id)
+    end_tensor = torch.tensor(sorted(ends), dtype=torch.long)  # the ids generate_steps yields are longs
     outputs: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)
     steps = generate_steps(model, prompts, max_new_tokens, **kwargs)
@@ -65,7 +66,7 @@ def generate_batch(
         for row in (~done).nonzero().flatten().tolist():
             if int(step[row]) not in ends:
                 outputs[row].append(int(step[row]))
-        done |= torch.isin(step, torch.tensor(sorted(ends), dtype=step.dtype))
+        done |= torch.isin(step, end_tensor)
         if done.all():
             steps.close()
             break

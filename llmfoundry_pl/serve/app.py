@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmfoundry_pl.chat import ChatFormat, Message
 from llmfoundry_pl.config import ConfigError, ServeConfig, check_stop_strings
+from llmfoundry_pl.inference.text import encode_prompt
 from llmfoundry_pl.serve.engine import Engine, QueueFull, SamplingParams
 from llmfoundry_pl.serve.engine import Request as EngineRequest
 from llmfoundry_pl.tokenizer import check_encodable
@@ -261,15 +262,14 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt if isinstance(body.prompt, str) else _single(body.prompt)
-        ids = engine.tokenizer.encode(prompt, bos=True)
-        return await _generate(body, request, ids, (engine.tokenizer.eos_id,), chat=False)
+        return await _generate(body, request, *encode_prompt(engine.tokenizer, prompt, None), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         if chat is None:
             raise APIError(400, "this model's tokenizer has no chat tokens; use /v1/completions", "messages")
-        ids = chat.prompt_ids([m.as_message() for m in body.messages])
-        return await _generate(body, request, ids, chat.stop_ids, chat=True)
+        messages = [m.as_message() for m in body.messages]
+        return await _generate(body, request, *encode_prompt(engine.tokenizer, messages, chat), chat=True)
 
     async def _generate(body: _Sampling, http: Request, prompt_ids: list[int], end_ids: tuple[int, ...], chat: bool):
         if body.model != model_name:

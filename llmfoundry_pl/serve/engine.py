@@ -156,12 +156,13 @@ class Engine:
                 self.step()
             except Exception as error:  # out of memory, NaN probabilities from a diverged model, a bug, ...
                 # The thread must live on: if it died, every request, running or still to come, would wait forever.
-                traceback.print_exc()
                 self._fail(self.running, error)
                 self.running.clear()  # their cache rows are free: the next prefill overwrites them
 
     def _fail(self, requests: list[Request], error: Exception) -> None:
-        """End ``requests`` (the failed step was theirs) with finish_reason ``error``; the others go on."""
+        """End ``requests`` (the failed step was theirs) with finish_reason ``error``; the others go on. Called while
+        handling ``error``, whose traceback it prints for whoever runs the server."""
+        traceback.print_exc()
         reason = " ".join(str(error).split())[:200]
         what = reason if isinstance(error, ConfigError) else f"{type(error).__name__}: {reason}"  # ours say it all
         self.failed_total += len(requests)
@@ -207,7 +208,6 @@ class Engine:
             logits = self.model(tokens, [_Row(layer, row) for layer in self.cache], 0)[:, -1]
             check_finite(logits)  # NaN weights: a 500 saying so, rather than greedy requests answered with token 0
         except Exception as error:  # this prompt's pass alone (out of memory on a long one): it failed every request
-            traceback.print_exc()
             self._fail([request], error)
             return
         self.running.append(request)
