@@ -177,6 +177,13 @@ def test_stop_strings_cut_at_the_first_and_never_leak_a_partial_one():
         assert "".join(deltas) + streamer.finish() == text[:cut]
     assert len(tokenizer.encode("\nJULIET:")) > 1  # the stop string spans tokens
 
+    # A stop string that only the flushed end completes (a character cut short decodes to U+FFFD) stops too, so the
+    # server answers finish_reason "stop", not "length".
+    cut_short = tokenizer.encode("A 表")[:-1]  # the last of its three byte tokens missing
+    streamer = StopStringStreamer(tokenizer, tokenizer.bos_id, ["\ufffd"])
+    assert "".join(streamer.push(i) for i in cut_short) == "A " and not streamer.stopped
+    assert streamer.finish() == "" and streamer.stopped
+
     # A long stop string costs work per token for the text held back only, not for each of its lengths: a server
     # request with a 300,000-character one took 2.4 s per token, on the thread that serves every request.
     class CountedPrefixes(str):

@@ -305,6 +305,8 @@ def test_concurrent_greedy_requests_get_their_solo_outputs(server, model, tokeni
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "temperature": "0.5"}, 400, "temperature"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "n": True}, 400, "n"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
     # Starlette's own refusals, which answered {"detail": ...}: a body that is not UTF-8, a path that is not there

@@ -84,7 +84,8 @@ def stream_text(
 class StopStringStreamer:
     """A :class:`TextStreamer` that also ends just before the first of the ``stop`` strings: it holds back a tail
     of text that may be the start of a stop string until the next tokens tell. ``push`` returns the next delta
-    (possibly empty) and sets ``stopped`` once a stop string is complete; ``finish`` returns what is left."""
+    (possibly empty) and sets ``stopped`` once a stop string is complete; ``finish`` returns what is left (and sets
+    ``stopped`` if the flushed end completed one)."""
 
     def __init__(self, tokenizer: Tokenizer, previous: int, stop: Sequence[str] = ()) -> None:
         check_stop_strings(stop)
@@ -110,6 +111,7 @@ class StopStringStreamer:
             return ""
         self.text += self.streamer.flush()
         cut = _first_stop(self.text, self.stop)
+        self.stopped = cut is not None  # the flushed tail (a character cut short) completed a stop string
         return self._emit(len(self.text) if cut is None else cut)
 
     def _emit(self, upto: int) -> str:

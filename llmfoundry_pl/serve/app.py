@@ -81,7 +81,8 @@ class _Sampling(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1  # one choice per request
+    # one choice per request; an int, not Literal[1], which took `"n": true` (True == 1) even in strict mode
+    n: int = Field(default=1, ge=1, le=1)
 
     @model_validator(mode="before")
     @classmethod

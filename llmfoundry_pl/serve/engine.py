@@ -234,7 +234,7 @@ class Engine:
     def _finish(self, request: Request, reason: str) -> None:
         if tail := request.text.finish():
             request.on_event(tail, None)
-        request.finish_reason = reason
+        request.finish_reason = "stop" if request.text.stopped else reason  # the tail may complete a stop string
         request.on_event("", reason)
 
     def _release_finished(self) -> None:
