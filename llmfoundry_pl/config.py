@@ -304,8 +304,9 @@ class ChatDataConfig:
     batch_size: int = field(default=16, metadata=_help("Examples (or packed rows) per micro-batch on each device."))
     overlong: str = field(
         default="truncate",
-        metadata=_help("An example longer than seq_len: truncate (keep its start; dropped if no reply token is left) "
-                       "or drop. How many were affected is logged."),
+        metadata=_help("An example longer than seq_len: truncate (keep its start; dropped if no reply token is left; "
+                       "a preference pair keeps its replies and the end of its prompt) or drop. How many were "
+                       "affected is logged."),
     )
     bad_lines: str = field(
         default="fail", metadata=_help("A malformed JSONL line: fail (stop, naming the line) or skip (count, warn).")

@@ -239,6 +239,26 @@ def test_long_examples_are_truncated_or_dropped_and_counted(chat, caplog):
     assert len(encode_all(chat, records, ChatDataConfig(seq_len=48, overlong="drop"), "test")) == 1
 
 
+def test_a_long_preference_prompt_is_cut_from_its_start_and_the_replies_kept(chat, caplog):
+    # Cut at the end, as SFT examples are, such a pair lost both replies and was dropped: DPO never saw it.
+    prompt = [{"role": "user", "content": "Which play? " * 40 + "Name the play."}]
+    pair = {"prompt": prompt, "chosen": "The Tempest", "rejected": "Othello, the Moor of Venice"}
+    cfg = ChatDataConfig(format="preference", seq_len=48, overlong="truncate")
+    ((chosen, rejected),) = encode_all(chat, [pair], cfg, "test")
+    assert "1 of 1 examples are longer" in caplog.text
+    prompt_ids = chat.encode(prompt)[0]
+    replies = [chat.encode([{"role": "assistant", "content": pair[k]}])[0] for k in ("chosen", "rejected")]
+    keep = 49 - max(len(r) for r in replies)  # the prompt's last tokens, as many as leave room for the longer reply
+    assert chosen.x == (prompt_ids[-keep:] + replies[0])[:-1]  # the same prompt end, each whole reply after it
+    assert rejected.x == (prompt_ids[-keep:] + replies[1])[:-1] and len(rejected.x) == 48
+    # A reply longer than the room left is cut at its end; the prompt keeps at least half of seq_len+1 tokens.
+    ((chosen, rejected),) = encode_all(chat, [{**pair, "chosen": "The Tempest " * 40}], cfg, "test")
+    assert len(chosen.x) == 48 and chosen.x[:24] == rejected.x[:24] == prompt_ids[-24:]
+    cfg = ChatDataConfig(format="preference", seq_len=48, overlong="drop")
+    with pytest.raises(ConfigError, match="no example fits"):
+        encode_all(chat, [pair], cfg, "test")
+
+
 def test_packing_fills_rows_in_order_up_to_seq_len_and_never_past_it():
     examples = [Example([n] * n, [n] * n) for n in (3, 4, 5, 2, 7, 1, 6, 8)]
     rows = pack_examples(examples, seq_len=8)

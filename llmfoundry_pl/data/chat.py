@@ -148,14 +148,42 @@ def encode_example(
     is None when ``overlong`` drops it: too long under ``drop``, or truncated until no reply token was left."""
     ids, trained = chat.encode(messages)
     too_long = len(ids) > seq_len + 1
+    if too_long and overlong == "drop":
+        return None, True
+    return _example(ids, trained, seq_len + 1), too_long
+
+
+def encode_pair(
+    chat: ChatFormat, record: dict, seq_len: int, overlong: str
+) -> tuple[tuple[Example, Example] | None, bool]:
+    """A preference record as (chosen, rejected) examples of at most ``seq_len`` each, and whether it was too long.
+
+    Truncating a pair cuts its prompt from the start, by the same tokens for both replies, to make room for the
+    longer one: the end of the prompt is what the replies answer, and the replies are what DPO scores (TRL's
+    ``keep_end``). Cutting the end instead, as for SFT, lost the replies, and the pair with them. The prompt keeps at
+    least half of the ``seq_len + 1`` tokens (or all of its own, if fewer); a reply longer than the room left is cut at
+    its end. The pair is None when ``overlong`` drops it."""
+    limit = seq_len + 1
+    prompt, prompt_trained = chat.encode(record["prompt"])
+    replies = [chat.encode([{"role": "assistant", "content": record[key]}]) for key in ("chosen", "rejected")]
+    longest = max(len(ids) for ids, _ in replies)
+    too_long = len(prompt) + longest > limit
     if too_long:
         if overlong == "drop":
             return None, True
-        ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
+        cut = len(prompt) - max(limit - longest, min(len(prompt), limit // 2))
+        prompt, prompt_trained = prompt[cut:], prompt_trained[cut:]
+    chosen, rejected = (_example(prompt + ids, prompt_trained + trained, limit) for ids, trained in replies)
+    return (None if chosen is None or rejected is None else (chosen, rejected)), too_long
+
+
+def _example(ids: list[int], trained: list[bool], limit: int) -> Example | None:
+    """(inputs, targets) of the first ``limit`` ids; None if no trained token is left among the targets."""
+    ids, trained = ids[:limit], trained[:limit]
     y = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], trained[1:], strict=True)]
     if all(t == IGNORE_INDEX for t in y):
-        return None, too_long
-    return Example(ids[:-1], y), too_long
+        return None
+    return Example(ids[:-1], y)
 
 
 def encode_all(chat: ChatFormat, records: list[dict], cfg: ChatDataConfig, what: str) -> list:
@@ -164,14 +192,12 @@ def encode_all(chat: ChatFormat, records: list[dict], cfg: ChatDataConfig, what:
     items, too_long = [], 0
     for r in records:
         if cfg.format == "sft":
-            conversations = [r["messages"]]
+            item, long = encode_example(chat, r["messages"], cfg.seq_len, cfg.overlong)
         else:
-            conversations = [[*r["prompt"], {"role": "assistant", "content": r[k]}] for k in ("chosen", "rejected")]
-        encoded = [encode_example(chat, m, cfg.seq_len, cfg.overlong) for m in conversations]
-        too_long += any(long for _, long in encoded)
-        examples = [ex for ex, _ in encoded]
-        if None not in examples:
-            items.append(examples[0] if cfg.format == "sft" else tuple(examples))
+            item, long = encode_pair(chat, r, cfg.seq_len, cfg.overlong)
+        too_long += long
+        if item is not None:
+            items.append(item)
     if too_long:
         lost = len(records) - len(items)
         action = "dropped" if cfg.overlong == "drop" else f"truncated, {lost} of them dropped: no reply token left"
