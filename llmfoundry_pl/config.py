@@ -714,7 +714,9 @@ class GenerateConfig:
         default=None, metadata=_help("Batch mode: a file of prompts, one per line; prints one JSON line per prompt.")
     )
     batch_size: int = field(default=8, metadata=_help("Prompts of prompt_file generated together."))
-    interactive: bool = field(default=False, metadata=_help("Read prompts from stdin, one per line, until EOF."))
+    interactive: bool = field(default=False, metadata=_help("Read prompts from stdin, one per line, until EOF "
+                                                            "(Ctrl-D). Ctrl-C stops a reply; at the prompt, it "
+                                                            "ends the session."))
     chat: bool = field(
         default=False,
         metadata=_help("Each prompt is a user message in the chat template and the output is the assistant's reply; "

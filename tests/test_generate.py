@@ -424,3 +424,33 @@ def test_generate_chat_keeps_the_conversation_and_the_system_message(compose_tra
     with pytest.raises(ConfigError, match=r"prompt 2 of prompt_file=p.txt \('JULIET JULIET .*\.\.\.'\) is \d+ tokens, "
                                           "more than the model's context of 64"):
         cli.generate(compose_train(["ckpt_path=x", "prompt_file=p.txt", *common], name="generate"))
+
+
+def test_ctrl_c_during_an_interactive_reply_stops_it_and_the_session_goes_on(compose_train, monkeypatch, capsys):
+    # It ended the whole session (and a chat's history with it); at the prompt, Ctrl-C still ends it (test_cli.py).
+    from llmfoundry_pl.cli import generate as cli
+
+    lines = [line for line in (bundled_corpus_dir() / "tempest_gut.txt").read_text().splitlines() if line]
+    tokenizer = train_tokenizer(lines, vocab_size=400)
+    torch.manual_seed(0)
+    tiny = Transformer(ModelConfig(vocab_size=400, dim=32, n_layers=1, n_heads=2, max_seq_len=64)).eval()
+    monkeypatch.setattr(cli, "load_models", lambda cfg: (tiny, tokenizer, None))
+    asked, stream_text = [], cli.stream_text
+
+    def interrupted(model, tok, prompt, *args, **kwargs):  # Ctrl-C after the first delta of replies 1 and 3
+        asked.append([m["content"] for m in prompt])
+        deltas = stream_text(model, tok, prompt, *args, **kwargs)
+        yield next(deltas)
+        if len(asked) in (1, 3):
+            raise KeyboardInterrupt
+        yield from deltas
+
+    monkeypatch.setattr(cli, "stream_text", interrupted)
+    monkeypatch.setattr(cli, "read_stdin_prompts", lambda: iter(["hi", "yo"]))
+    common = ["ckpt_path=x", "chat=true", "max_new_tokens=4", "temperature=0", "stream=true"]
+    replies = cli.generate(compose_train([*common, "interactive=true"], name="generate"))
+    assert len(replies) == 1 and asked == [["hi"], ["yo"]]  # the stopped reply is left out of the conversation
+    out, err = capsys.readouterr()
+    assert out.endswith(f"\n{replies[0]}\n") and "stopped (left out of the conversation)" in err
+    with pytest.raises(KeyboardInterrupt):  # one prompt on the command line: Ctrl-C ends the run, as before
+        cli.generate(compose_train([*common, "prompt=hi"], name="generate"))
