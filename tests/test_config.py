@@ -13,18 +13,15 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from llmfoundry_pl.cli.app import check_nothing_deleted, quote_non_ascii_values, run_hydra_app, user_errors
 from llmfoundry_pl.cli.common import (
     build_trainer,
     check_compiled_attention,
-    check_nothing_deleted,
     instantiate_group,
     pick_device,
-    quote_non_ascii_values,
     require_compiler,
-    run_hydra_app,
     seed_everything,
     to_dataclass,
-    user_errors,
 )
 from llmfoundry_pl.cli.ddp import HydraDDPStrategy, HydraFSDPStrategy, build_strategy
 from llmfoundry_pl.config import (

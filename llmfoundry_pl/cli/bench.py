@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from functools import partial
 
-import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -39,15 +38,12 @@ from llmfoundry_pl import memory_meter
 from llmfoundry_pl.allocator import keep_freed_memory
 from llmfoundry_pl.callbacks import HALF_PRECISION, peak_matmul_flops, synchronize
 from llmfoundry_pl.cli.common import (
-    CONFIG_PATH,
     build_trainer,
     compile_training_step,
     fail_sweep_job_alone,
     prepare_data_and_model,
-    run_hydra_app,
     seed_everything,
     to_dataclass,
-    user_errors,
 )
 from llmfoundry_pl.cli.ddp import end_distributed_job
 from llmfoundry_pl.cli.sweep_summary import write_final_metrics
@@ -313,23 +309,15 @@ def _report(rows: dict[str, dict[str, float]], setup: dict[str, float | str | bo
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
-def _hydra_main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
+    """lfpl-bench's task (see :func:`~llmfoundry_pl.cli.app.hydra_command`): :func:`bench`; in a sweep, a job that
+    cannot run (a batch too large) fails alone, and each job's figures go to the sweep's table."""
     output_dir = HydraConfig.get().runtime.output_dir
-    with user_errors(cfg):
-        try:
-            result = bench(cfg)
-        except (ConfigError, RuntimeError) as e:  # one job of a sweep (a batch too large) fails alone
-            if not fail_sweep_job_alone(e, output_dir, {}):
-                raise
-            return
-        if result and HydraConfig.get().mode == RunMode.MULTIRUN:  # rank 0 of a sweep's job: figures for its table
-            write_final_metrics(output_dir, result)
-
-
-def main() -> None:
-    run_hydra_app(_hydra_main)
-
-
-if __name__ == "__main__":
-    main()
+    try:
+        result = bench(cfg)
+    except (ConfigError, RuntimeError) as e:
+        if not fail_sweep_job_alone(e, output_dir, {}):
+            raise
+        return
+    if result and HydraConfig.get().mode == RunMode.MULTIRUN:  # rank 0 of a sweep's job: figures for its table
+        write_final_metrics(output_dir, result)

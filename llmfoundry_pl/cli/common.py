@@ -1,16 +1,12 @@
-"""What the entry points share: config conversion, model and checkpoint lookup, and errors printed as one line."""
+"""What the commands share once their config is composed: config conversion, data, model and checkpoint lookup,
+the trainer, and a sweep job that fails alone (how a command starts and ends is in :mod:`llmfoundry_pl.cli.app`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import glob
-import logging
 import os
-import re
 import sys
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,10 +18,10 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_pl.checkpoint_io import AtomicCheckpointIO
+from llmfoundry_pl.cli.app import out_of_memory
 from llmfoundry_pl.cli.ddp import build_strategy, running_sweep_dir
 from llmfoundry_pl.cli.sweep_summary import STARTED as SWEEP_STARTED
 from llmfoundry_pl.cli.sweep_summary import write_final_metrics
@@ -34,7 +30,6 @@ from llmfoundry_pl.config import (
     ConfigError,
     ModelConfig,
     StreamingDataConfig,
-    register_configs,
 )
 from llmfoundry_pl.data import ChatDataModule, StreamingDataModule, TextDataModule
 from llmfoundry_pl.interop import ModelSource, load_folder
@@ -44,68 +39,7 @@ from llmfoundry_pl.model import Transformer, TransformerBlock
 from llmfoundry_pl.precision import check_fp16_on_cpu
 from llmfoundry_pl.tokenizer import Tokenizer
 
-CONFIG_PATH = "pkg://llmfoundry_pl.conf"  # conf/ ships inside the package (see pyproject.toml)
 T = TypeVar("T")
-
-
-@contextmanager
-def user_errors(cfg: DictConfig | None = None) -> Iterator[None]:
-    """Turn a :class:`ConfigError` (a mistake in the user's settings or data) into one line on stderr and exit
-    status 2, instead of a traceback; running out of memory into one line and status 1; Ctrl-C into "interrupted"
-    and status 130, as a shell reports it. Anything else is a bug and keeps its traceback. Given the command's
-    ``cfg``, first checks that Hydra's ``~key`` deleted nothing it needs (:func:`check_nothing_deleted`)."""
-    try:
-        if cfg is not None:
-            check_nothing_deleted(cfg)
-        if HydraConfig.initialized() and HydraConfig.get().job.chdir:
-            # Relative paths (data.path, ckpt_path, init_from, the cache) mean the folder the command started in; in
-            # the run's folder they named nothing ("does not exist"), or put the token cache inside each run.
-            raise ConfigError("hydra.job.chdir=true is not supported: relative paths are read from the folder the "
-                              "command starts in, and outputs go to the run's folder (paths.output_dir) anyway; "
-                              "drop it")
-        yield
-    except ConfigError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the whole traceback, as for its errors
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except MissingMandatoryValue as e:
-        print(f"error: {e.full_key} is required; give it on the command line ({e.full_key}=...)", file=sys.stderr)
-        raise SystemExit(2) from None
-    except InterpolationToMissingValueError as e:  # ${paths.output_dir} after ~paths, say
-        needed = re.search(r"Missing mandatory value: (\S+)", str(e))
-        what = needed[1] if needed else "a value it refers to"
-        print(f"error: {e.full_key} needs {what}, which is missing; give it on the command line ({what}=...)",
-              file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:  # Ctrl-C outside fit (which Lightning ends itself): preparing data, a prompt, ...
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    except RuntimeError as e:  # torch.OutOfMemoryError is one
-        what = out_of_memory(e)
-        if what is None or os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the whole traceback
-            raise
-        print(f"error: out of memory: {what} — the 'Out of memory' section of docs/troubleshooting.md lists what to "
-              "lower; for training, lfpl-plan shows the largest micro-batch that fits", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def check_nothing_deleted(cfg: DictConfig) -> None:
-    """Refuse a config that Hydra's ``~key`` override left without a setting of its schema. Hydra deletes the key
-    (``~lora``) or the group's option (``~trainer``), and the command failed later, deep in its code, with
-    OmegaConf's traceback ("Key 'lora' not in 'TrainConfig'"). Settings are turned off by value here
-    (``lora.enabled=false``, ``callbacks.sample_text=null``), so a deletion is never what the user meant."""
-    schema = OmegaConf.get_type(cfg)
-    if not dataclasses.is_dataclass(schema):
-        return
-    deleted = {o[1:].partition("=")[0] for o in HydraConfig.get().overrides.task if o.startswith("~")} \
-        if HydraConfig.initialized() else set()
-    for f in dataclasses.fields(schema):
-        # ~trainer: the group's option deleted, and only what other groups (hardware=) set in it is left
-        gone = f.name not in cfg.keys() or (f.default == MISSING and f.name in deleted)
-        if gone:
-            raise ConfigError(f"~{f.name} deleted {f.name}, which this command needs; set its value instead "
-                              f"(--help lists the settings): features turn off by value, e.g. lora.enabled=false")
 
 
 def fail_sweep_job_alone(error: BaseException, output_dir: str | os.PathLike, metrics: dict[str, float]) -> bool:
@@ -120,69 +54,6 @@ def fail_sweep_job_alone(error: BaseException, output_dir: str | os.PathLike, me
     key = "diverged" if isinstance(error, TrainingDiverged) else "error"
     write_final_metrics(Path(output_dir), metrics, **{key: what})
     return True
-
-
-def out_of_memory(error: BaseException) -> str | None:
-    """What ran out, in torch's words, if ``error`` is an allocation failure (CUDA's OutOfMemoryError, or the
-    RuntimeError of the CPU and MPS allocators); else None. The most common way a run on an 8 GB GPU ends, and
-    torch's own message is the useful part of its traceback."""
-    text = " ".join(str(error).split())
-    if isinstance(error, torch.OutOfMemoryError) or "MPS backend out of memory" in text:
-        return ". ".join(text.split(". ")[:3]).rstrip(".")  # what was asked for, and what the device has free
-    cpu = re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", text)
-    return f"the CPU could not allocate {int(cpu[1]) / 1e9:.1f} GB more" if cpu else None
-
-
-def run_hydra_app(app: Callable[[], Any]) -> None:
-    """Start a Hydra command (``app``, its ``@hydra.main`` function): register the schemas, quiet the libraries'
-    noise, and quote the values Hydra's command-line grammar cannot read unquoted (:func:`quote_non_ascii_values`);
-    output piped into a reader that stops early (``| head``) ends quietly, as for other commands."""
-    register_configs()
-    quiet_library_noise()
-    sys.argv[1:] = quote_non_ascii_values(sys.argv[1:])
-    try:
-        app()
-    except BrokenPipeError:  # `lfpl-train --help | head`: the reader left early, and Python's traceback said so
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe: no second error at exit
-        raise SystemExit(1) from None
-
-
-# Characters with a meaning in Hydra's override grammar (sweeps, lists, dicts, interpolations, quotes): a value that
-# holds one is left as typed, for Hydra to read.
-_GRAMMAR_CHARACTERS = set("'\"\\[]{}(),$=")
-
-
-def quote_non_ascii_values(args: list[str]) -> list[str]:
-    """``args`` with each override's value that holds non-ASCII text quoted (``prompt=你好`` as ``prompt='你好'``).
-    Hydra reads unquoted values in ASCII only: ``prompt=你好``, ``data.path=/data/语料.txt``, even ``prompt=é``
-    ended in its lexer's error, and its docs say to quote them, which only a shell's quotes around Hydra's own do
-    (``'prompt="你好"'``). Values Hydra would read otherwise (a sweep ``a,b``, a list, ``${...}``) are left as typed."""
-    quoted = []
-    for arg in args:
-        override = re.fullmatch(r"([~+]{0,2}[A-Za-z_][\w.@/-]*)=(.*)", arg, flags=re.DOTALL)
-        if override and not override[2].isascii() and not _GRAMMAR_CHARACTERS & set(override[2]):
-            arg = f"{override[1]}='{override[2]}'"
-        quoted.append(arg)
-    return quoted
-
-
-def quiet_library_noise() -> None:
-    """Leave out lines libraries print in every run that say nothing about it: three of Lightning's (an
-    advertisement for its cloud logger, a model-summary caveat under mixed precision — the summary counts
-    parameters, not bytes, here — and the FutureWarning its own pytree helper raises under recent torch, LeafSpec)
-    and torch's notice, once per enum, that torchao registers enums it no longer needs to (torchao comes with peft:
-    every LoRA run printed two). No setting of ours can act on them; a learner's first run should show the run.
-    Each filter matches one message exactly. One more of Lightning's is untrue here: every resume warned that the
-    dataloader "is not resumable" and results may be unreliable, where the data modules restart at the resumed
-    step's samples by construction (data/datamodule.py) and resumed losses equal the uninterrupted run's."""
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-    leaf_spec = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
-    warnings.filterwarnings("ignore", message=leaf_spec, category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(  # where rank_zero_info writes
-        lambda record: not record.getMessage().startswith("💡 Tip: For seamless cloud logging"))
-    logging.getLogger("torch.utils._pytree").addFilter(
-        lambda record: "is an Enum subclass and is now natively supported by torch.compile" not in record.getMessage())
 
 
 def seed_everything(seed: int, workers: bool = False) -> None:

@@ -19,18 +19,14 @@ import json
 import os
 import sys
 
-import hydra
 import lightning as L
 from omegaconf import DictConfig
 
 from llmfoundry_pl.chat import ChatFormat
 from llmfoundry_pl.cli.common import (
-    CONFIG_PATH,
     load_model,
     pick_device,
-    run_hydra_app,
     to_dataclass,
-    user_errors,
 )
 from llmfoundry_pl.config import (
     INFERENCE_PRECISIONS,
@@ -159,17 +155,3 @@ def evaluate_task(cfg: EvalConfig) -> dict[str, float]:
           f"accuracy {result['accuracy']:.4f} | chance {result['chance']:.4f}")
     print(json.dumps({"ckpt_path": source.path, "quantize": cfg.quantize, "task": cfg.task, **result}), flush=True)
     return result
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
-def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors(cfg):
-        evaluate(cfg)
-
-
-def main() -> None:
-    run_hydra_app(_hydra_main)
-
-
-if __name__ == "__main__":
-    main()

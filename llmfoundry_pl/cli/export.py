@@ -13,17 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from llmfoundry_pl.cli.common import (
-    CONFIG_PATH,
     load_model,
     read_checkpoint,
     resolve_ckpt_path,
-    run_hydra_app,
     to_dataclass,
-    user_errors,
 )
 from llmfoundry_pl.config import ConfigError, ExportConfig
 from llmfoundry_pl.interop import FORMAT_NAMES, save_hf, save_safetensors
@@ -64,17 +60,3 @@ def _sources(ckpt_path: str) -> list[Path]:
     hparams = read_checkpoint(str(source)).get("hyper_parameters", {})
     base = hparams.get("init_from") if (hparams.get("lora") or {}).get("enabled") else None
     return [source] + ([Path(base)] if base else [])
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
-def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors(cfg):
-        export(cfg)
-
-
-def main() -> None:
-    run_hydra_app(_hydra_main)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,19 +15,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from llmfoundry_pl.chat import ChatFormat, Message
 from llmfoundry_pl.cli.common import (
-    CONFIG_PATH,
     load_model,
     pick_device,
     require_compiler,
-    run_hydra_app,
     to_dataclass,
-    user_errors,
 )
 from llmfoundry_pl.config import ConfigError, GenerateConfig
 from llmfoundry_pl.inference import SpeculativeStats, generate_text_batch, stream_text
@@ -182,17 +178,3 @@ def _answer(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat | None, h
             print(delta, end="", flush=True)
     print("" if cfg.stream else text, flush=True)
     return asked, text
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
-def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors(cfg):
-        generate(cfg)
-
-
-def main() -> None:
-    run_hydra_app(_hydra_main)
-
-
-if __name__ == "__main__":
-    main()

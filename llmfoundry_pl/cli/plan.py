@@ -16,12 +16,11 @@ import dataclasses
 import json
 import os
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_pl.callbacks import HALF_PRECISION, peak_matmul_flops
-from llmfoundry_pl.cli.common import CONFIG_PATH, check_seq_len, pick_device, run_hydra_app, to_dataclass, user_errors
+from llmfoundry_pl.cli.common import check_seq_len, pick_device, to_dataclass
 from llmfoundry_pl.cli.ddp import device_count
 from llmfoundry_pl.config import ConfigError, MachineConfig, ModelConfig, PlanSettings
 from llmfoundry_pl.data.datamodule import check_accumulate
@@ -185,17 +184,3 @@ def _duration(hours: float) -> str:
     if hours < 1 / 60:
         return f"{hours * 3600:.0f} s"
     return f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="plan")
-def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors(cfg):
-        plan(cfg)
-
-
-def main() -> None:
-    run_hydra_app(_hydra_main)
-
-
-if __name__ == "__main__":
-    main()

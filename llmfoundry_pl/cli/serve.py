@@ -13,16 +13,12 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from llmfoundry_pl.cli.common import (
-    CONFIG_PATH,
     load_model,
     pick_device,
-    run_hydra_app,
     to_dataclass,
-    user_errors,
 )
 from llmfoundry_pl.config import ConfigError, ServeConfig
 from llmfoundry_pl.inference.quantize import for_inference
@@ -71,17 +67,3 @@ def _default_name(path: str) -> str:
         return p.name
     run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
     return f"{run.name}-{p.stem}"
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="serve")
-def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors(cfg):
-        serve(cfg)
-
-
-def main() -> None:
-    run_hydra_app(_hydra_main)
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
@@ -29,7 +28,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from llmfoundry_pl.allocator import keep_freed_memory
 from llmfoundry_pl.callbacks import LastAndBestCheckpoint, SampleTextCallback
 from llmfoundry_pl.cli.common import (
-    CONFIG_PATH,
     absolute_data_paths,
     absolute_model_path,
     build_trainer,
@@ -40,10 +38,8 @@ from llmfoundry_pl.cli.common import (
     prepare_data_and_model,
     read_checkpoint,
     resolve_ckpt_path,
-    run_hydra_app,
     seed_everything,
     to_dataclass,
-    user_errors,
 )
 from llmfoundry_pl.cli.ddp import end_distributed_job
 from llmfoundry_pl.cli.sweep_summary import write_final_metrics
@@ -311,22 +307,13 @@ def _held_out(metrics: dict[str, float]) -> str:
     return " | ".join(shown) or "not measured (trainer.limit_val_batches=0)"
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def _hydra_main(cfg: DictConfig) -> float:
-    with user_errors(cfg):
-        try:
-            # The value Hydra's sweepers (hparams_search=optuna) minimise. A trial without one (no validation, or
-            # failed below) is +inf, the worst: told a NaN, Optuna raised, and the whole search ended there.
-            return train(cfg).get("val/loss", math.inf)
-        except (ConfigError, RuntimeError) as e:
-            if not fail_sweep_job_alone(e, cfg.paths.output_dir, {"val/loss": float("nan")}):
-                raise
-            return math.inf  # Optuna ranks it last
-
-
-def main() -> None:
-    run_hydra_app(_hydra_main)
-
-
-if __name__ == "__main__":
-    main()
+def run(cfg: DictConfig) -> float:
+    """lfpl-train's task (see :func:`~llmfoundry_pl.cli.app.hydra_command`): :func:`train`, returning the value
+    Hydra's sweepers (hparams_search=optuna) minimise. A trial without one (no validation, or failed below) is
+    +inf, the worst: told a NaN, Optuna raised, and the whole search ended there."""
+    try:
+        return train(cfg).get("val/loss", math.inf)
+    except (ConfigError, RuntimeError) as e:
+        if not fail_sweep_job_alone(e, cfg.paths.output_dir, {"val/loss": float("nan")}):
+            raise
+        return math.inf  # Optuna ranks it last
