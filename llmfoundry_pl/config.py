@@ -653,7 +653,8 @@ class EvalDataConfig:
     stride: int | None = field(
         default=None,
         metadata=_help("Sliding window: windows start every stride tokens and score only the tokens the previous one "
-                       "did not, so each has at least seq_len-stride tokens of context; null: seq_len (no overlap)."),
+                       "did not, so each has at least seq_len-stride tokens of context; null: seq_len (no overlap), "
+                       "or for the checkpoint's own split in its own windows, the run's data.val_stride."),
     )
     batch_size: int = field(default=16, metadata=_help("Windows per batch."))
     cache_dir: str = field(default_factory=default_cache_dir, metadata=_help("Token-file cache."))

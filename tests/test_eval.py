@@ -110,12 +110,18 @@ def test_eval_takes_the_runs_own_split_or_all_of_the_text_given(compose_train, t
     tokenizer = type("Tok", (), {"vocab_size": 50})()
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    run = {"data": {"path": str(corpus), "val_fraction": 0.2, "text_field": "body", "seq_len": 16}}
+    run = {"data": {"path": str(corpus), "val_fraction": 0.2, "text_field": "body", "seq_len": 16, "val_stride": 4}}
     data = evaluation_data(cfg, ModelSource("some.ckpt", "ckpt", run_config=run), model_cfg, tokenizer)
-    assert (data.path, data.val_fraction, data.text_field, data.seq_len) == (str(corpus), 0.2, "body", 16)
+    # ... in the run's own windows too: its val_stride was left out, so the figures were not the run's val/ ones
+    assert (data.path, data.val_fraction, data.text_field, data.seq_len, data.val_stride) == \
+        (str(corpus), 0.2, "body", 16, 4)
+    for other_windows in (["data.stride=8"], ["data.seq_len=8"]):  # windows asked for are the ones given
+        asked = compose_train(["ckpt_path=some.ckpt", *other_windows], name="eval")
+        data = evaluation_data(asked, ModelSource("some.ckpt", "ckpt", run_config=run), model_cfg, tokenizer)
+        assert data.val_stride == (8 if other_windows == ["data.stride=8"] else None)
     given = compose_train(["ckpt_path=some.ckpt", f"data.path={tmp_path}"], name="eval")
     data = evaluation_data(given, ModelSource("some.ckpt", "ckpt", run_config=run), model_cfg, tokenizer)
-    assert (data.path, data.val_fraction) == (str(tmp_path), 1.0)
+    assert (data.path, data.val_fraction, data.val_stride) == (str(tmp_path), 1.0, None)
     # the run's text moved away: said as such, not as a data.path the user had not given
     corpus.rmdir()
     with pytest.raises(ConfigError, match=f"ckpt_path=some.ckpt was trained on {corpus}, which is not there now"):

@@ -67,7 +67,10 @@ def evaluation_data(cfg: EvalConfig, source: ModelSource, model_cfg: ModelConfig
         raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context max_seq_len={model_cfg.max_seq_len}")
     if cfg.data.stride is not None and not 0 < cfg.data.stride <= seq_len:
         raise ConfigError(f"data.stride={cfg.data.stride} must be between 1 and the window length {seq_len}")
-    common = {"seq_len": seq_len, "val_stride": cfg.data.stride, "batch_size": cfg.data.batch_size,
+    stride = cfg.data.stride
+    if stride is None and cfg.data.path is None and cfg.data.seq_len is None:
+        stride = run_data.get("val_stride")  # the run's split in the run's windows: figures comparable with its val/
+    common = {"seq_len": seq_len, "val_stride": stride, "batch_size": cfg.data.batch_size,
               "cache_dir": cfg.data.cache_dir, "vocab_size": tokenizer.vocab_size}
     if cfg.data.path is None:
         trained_on = run_data.get("path")  # null: the bundled plays
