@@ -118,6 +118,10 @@ def test_against_hf_tokenizer_ids_and_decoding(tokenizer, tmp_path):
     # whole paragraphs of a play the tokenizer was not trained on
     paragraphs = sorted(bundled_corpus_dir().glob("*.txt"))[5].read_text().split("\n\n")[:400]
     assert hf(paragraphs, add_special_tokens=False)["input_ids"] == tokenizer.encode_batch(paragraphs)
+    # merges as "left right": the pair form (["left", "right"]) needs tokenizers >= 0.20, which transformers 4.44
+    # (pyproject's lowest) cannot install, and its AutoTokenizer failed on the file ("did not match any variant")
+    merges = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())["model"]["merges"]
+    assert merges and all(isinstance(m, str) and len(m.split(" ")) == 2 for m in merges)
 
 
 def test_hf_tokenizer_reads_the_sentencepiece_proto_as_protobuf_does(tokenizer):

@@ -166,9 +166,12 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict:
     }
 
 
-def bpe_merges(spec: SentencePieceSpec) -> list[list[str]]:
+def bpe_merges(spec: SentencePieceSpec) -> list[str]:
     """Every (left, right) pair of normal pieces whose concatenation is a normal piece, ordered by that piece's
-    score (best first): the order in which SentencePiece's BPE would join them."""
+    score (best first): the order in which SentencePiece's BPE would join them. Written ``"left right"``, the form
+    every tokenizers release reads: the pair form ``["left", "right"]`` needs tokenizers 0.20, and transformers
+    4.44, which pyproject.toml allows, pins tokenizers below it (its AutoTokenizer failed on our tokenizer.json). A
+    piece holds no space (check_convertible requires escaped whitespace: "▁"), so the split is never ambiguous."""
     normal = {piece: (score, i) for i, (piece, score, kind) in enumerate(spec.pieces) if kind == NORMAL}
     merges = []
     for piece, (score, i) in normal.items():
@@ -177,7 +180,7 @@ def bpe_merges(spec: SentencePieceSpec) -> list[list[str]]:
             if left in normal and right in normal:
                 merges.append((-score, i, normal[left][1], normal[right][1], left, right))
     merges.sort()
-    return [[left, right] for *_, left, right in merges]
+    return [f"{left} {right}" for *_, left, right in merges]
 
 
 def _prepend_bos(bos: str | None, bos_id: int) -> dict | None:
