@@ -145,6 +145,16 @@ class Tokenizer:
                     lengths[i] -= 1
         return lengths
 
+    def text_bytes(self, tokens: np.ndarray) -> int:
+        """The bytes of text that a token stream (documents as ``<s> ... </s>``, as the token files hold them)
+        stands for, counted as val/bpb counts them (:attr:`token_bytes`, :attr:`first_token_bytes` after ``<s>``).
+        The text's own UTF-8 length with this project's tokenizers; fewer with one that normalizes text (NFKC),
+        squeezes whitespace or maps characters to ``<unk>``."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        first = np.flatnonzero(tokens[:-1] == self.bos_id) + 1
+        return int(self.token_bytes[tokens].sum() - self.token_bytes[tokens[first]].sum()
+                   + self.first_token_bytes[tokens[first]].sum())
+
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_bytes(Path(path), self.model_proto)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from llmfoundry_pl.cli.eval import _warn_if_the_split_changed, evaluation_data
+from llmfoundry_pl.cli.eval import _warn_if_the_split_changed, _warn_if_tokens_drop_text, evaluation_data
 from llmfoundry_pl.config import ConfigError, DataConfig, ModelConfig
 from llmfoundry_pl.data import TextDataModule
 from llmfoundry_pl.data.corpus import split_counts
@@ -147,3 +147,31 @@ def test_eval_warns_when_the_runs_text_changed_since(tmp_path, capsys):
     _warn_if_the_split_changed(ModelSource("old.ckpt", "ckpt", run_config={}),  # a run from before runs recorded it
                                TextDataModule(cfg, tokenizer=trained.tokenizer))
     assert capsys.readouterr().err == ""
+
+
+def test_eval_warns_when_the_tokenizer_drops_bytes_of_the_text(tmp_path, capsys):
+    # An imported tokenizer that normalizes (NFKC) and squeezes whitespace counted a full-width line as a third of
+    # its bytes, and bits per byte read high with no word; this project's tokenizers keep every byte.
+    import io
+
+    import sentencepiece as spm
+
+    from llmfoundry_pl.tokenizer import Tokenizer
+
+    text = tmp_path / "book.txt"
+    text.write_text("ＲＯＭＥＯ:  what   light through yonder window breaks?\n" * 100)
+    cfg = DataConfig(path=str(text), vocab_size=320, seq_len=16, val_fraction=1.0, cache_dir=str(tmp_path / "cache"))
+    ours = TextDataModule(cfg)
+    ours.prepare_data()
+    assert ours.tokenizer.text_bytes(np.fromfile(ours.token_files.val_path, ours.token_files.dtype)) == \
+        len(text.read_bytes())
+    _warn_if_tokens_drop_text(TextDataModule(cfg, tokenizer=ours.tokenizer), ours.tokenizer)
+    assert capsys.readouterr().err == ""
+    buffer = io.BytesIO()  # SentencePiece's defaults: nmt_nfkc, remove_extra_whitespaces
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.read_text().splitlines()), model_writer=buffer,
+                                   model_type="bpe", vocab_size=60, minloglevel=2)
+    normalizing = Tokenizer(buffer.getvalue())
+    _warn_if_tokens_drop_text(TextDataModule(cfg, tokenizer=normalizing), normalizing)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the tokenizer keeps ") and f"of the text's {len(text.read_bytes()):,} bytes" in err
+
