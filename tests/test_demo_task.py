@@ -258,10 +258,11 @@ def test_choice_accuracy_of_a_real_model_fits_long_questions_into_its_context(to
 # ---------------------------------------------------------------------------------------------------------------
 def test_eval_task_demo_prints_accuracy_as_json(tokenizer, tmp_path):
     save_safetensors(tiny_model(tokenizer.vocab_size, 256), tokenizer, tmp_path / "model")
-    proc = run_cli("eval", "ckpt_path=model", "task=demo", "task_limit=5", cwd=tmp_path)
+    proc = run_cli("eval", "ckpt_path=model", "task=demo", "task_limit=5", "precision=bf16-mixed", cwd=tmp_path)
     assert "task demo: which play is this passage from? 5 held-out questions, 13 choices each" in proc.stdout
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["ckpt_path"] == "model" and record["task"] == "demo" and record["questions"] == 5
+    assert record["precision"] == "bf16-mixed"  # as it ran (the text evaluation's record had it; this one did not)
     assert 0 <= record["accuracy"] <= 1 and record["chance"] == pytest.approx(1 / 13)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # writes no files
 

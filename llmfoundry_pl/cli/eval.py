@@ -175,5 +175,7 @@ def evaluate_task(cfg: EvalConfig) -> dict[str, float]:
     print(f"\nmodel: {source}\ntask {cfg.task}: which play is this passage from? {result['questions']} held-out "
           f"questions, {len(questions[0].choices)} choices each{cut}\n"
           f"accuracy {result['accuracy']:.4f} | chance {result['chance']:.4f}")
-    print(json.dumps({"ckpt_path": source.path, "quantize": cfg.quantize, "task": cfg.task, **result}), flush=True)
+    print(json.dumps({"ckpt_path": source.path, "quantize": cfg.quantize, "task": cfg.task,
+                      "precision": fabric.strategy.precision.precision,  # as it ran, as the text evaluation's record
+                      **result}), flush=True)
     return result
