@@ -544,6 +544,9 @@ def test_help_and_cfg_job(tmp_path):
     assert "== Configuration groups ==" in help_text and "hardware: auto, cpu, m4pro, rtx5060" in help_text
     cfg = run_cli("eval", "--cfg", "job", "ckpt_path=x.ckpt", cwd=tmp_path).stdout
     assert "ckpt_path: x.ckpt" in cfg
+    # the commands that take settings only listed lfpl-train's config groups, which fail there (model=small)
+    eval_help = run_cli("eval", "--help", cwd=tmp_path).stdout
+    assert "== Settings ==" in eval_help and "ckpt_path: ???" in eval_help and "Configuration groups" not in eval_help
     resolved = run_cli("train", "--cfg", "job", "--resolve", cwd=tmp_path).stdout  # was a traceback
     assert "output_dir: null" in resolved and "runs_dir: outputs" in resolved
 
