@@ -13,6 +13,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from llmfoundry_pl.cli import app as app_module
 from llmfoundry_pl.cli.app import check_nothing_deleted, quote_non_ascii_values, run_hydra_app, user_errors
 from llmfoundry_pl.cli.common import (
     build_trainer,
@@ -333,6 +334,22 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capfd)
     with pytest.raises(SystemExit) as exit_:
         run_hydra_app(app)
     assert exit_.value.code == 1 and seen == ["prompt='你好'"] and capfd.readouterr().err == ""
+
+
+def test_ctrl_c_while_a_command_starts_is_one_word(monkeypatch, capfd):
+    # A console script imports its main's module first: the commands' main lived beside torch and Lightning, and
+    # Ctrl-C in the ~5 s of their imports printed a traceback. Their module imports neither now, and Ctrl-C before
+    # the task (importing Lightning's schemas, composing) is "interrupted" as during it.
+    code = "import sys, llmfoundry_pl.cli.commands; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app_module, "register_configs", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        run_hydra_app(lambda: None)
+    assert exit_.value.code == 130 and capfd.readouterr().err == "interrupted\n"
 
 
 def test_schema_from_signature_keeps_names_defaults_and_plain_types():
