@@ -196,6 +196,26 @@ def test_streaming_mistakes_fail_with_one_line(datamodule, corpus, tmp_path, mon
         prepare_chunks(data_cfg(corpus, tmp_path))
 
 
+def test_given_chunks_of_a_folder_that_changed_since_are_refused(corpus, tmp_path):
+    # Only the first files were compared: a file added since (sorted last) or an edited one passed, and the run
+    # trained on the old chunks while its config recorded data.path.
+    folder = tmp_path / "text"
+    folder.mkdir()
+    shutil.copy(corpus, folder / "a.txt")
+    chunks = tmp_path / "chunks"
+    prepare_chunks(data_cfg(folder, tmp_path / "cache", chunks_dir=str(chunks)))
+    prepare_chunks(data_cfg(folder, tmp_path / "cache", chunks_dir=str(chunks)))  # unchanged: taken
+    (folder / "b.txt").write_text("A new scene.\n")
+    with pytest.raises(ConfigError, match="were made from other text than data.path=.* files added, removed or edited"):
+        prepare_chunks(data_cfg(folder, tmp_path / "cache", chunks_dir=str(chunks)))
+    (folder / "b.txt").unlink()
+    with open(folder / "a.txt", "a") as f:
+        f.write("Exeunt.\n")
+    with pytest.raises(ConfigError, match="were made from other text than data.path"):
+        prepare_chunks(data_cfg(folder, tmp_path / "cache", chunks_dir=str(chunks)))
+    prepare_chunks(data_cfg(None, tmp_path / "cache", chunks_dir=str(chunks)))  # data.path unset: the chunks' text
+
+
 def test_streaming_is_what_lfpl_train_builds_for_data_streaming(compose_train, datamodule):
     from llmfoundry_pl.cli.common import prepare_data_and_model
 

@@ -227,6 +227,7 @@ def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer,
             # absolute: data=streaming compares them with data.path from any folder
             "sources": [str(f.resolve()) for f in files[:100]] + ([f"... {len(files) - 100} more"] if len(files) > 100
                                                                   else []),
+            "source_bytes": sum(f.stat().st_size for f in files),  # with sources, what data=streaming compares
             **counts,
         }
         atomic_write_bytes(tmp_dir / "meta.json", json.dumps(meta, indent=2).encode())

@@ -111,16 +111,23 @@ def _check_chunks(cfg: StreamingDataConfig, meta: dict, chunks_tokenizer: Tokeni
     # run's config recorded them. (data.path=null, the default, takes the chunks as they are: built elsewhere. The
     # chunks built in the cache are named after the text already.) Sources recorded before they were absolute
     # paths cannot be compared from another folder: those chunks are taken as they are.
-    built = [Path(s) for s in meta.get("sources", []) if not s.startswith("... ")]
+    # The whole file list and the files' total size: the first files alone passed a file added since (sorted
+    # last) and an edited one, and the run trained on the old text while its config recorded data.path.
+    sources = meta.get("sources", [])
+    built = [Path(s) for s in sources if not s.startswith("... ")]
     if cfg.chunks_dir is not None and cfg.path is not None and built and all(p.is_absolute() for p in built):
         try:
-            same = [f.resolve() for f in resolve_sources(cfg.path)][: len(built)] == built
+            files = [f.resolve() for f in resolve_sources(cfg.path)]
         except ConfigError:  # data.path is not on this machine
-            same = False
+            files = []
+        listed = files[: len(built)] if len(built) < len(sources) else files  # over 100 files: the first 100 listed
+        size = sum(f.stat().st_size for f in files)
+        same = listed == built and meta.get("source_bytes", size) == size  # chunks from before sizes: the list
         if not same:
             raise ConfigError(f"the chunks at data.chunks_dir={where} were made from other text than data.path="
-                              f"{cfg.path} ({built[0]}{' ...' if len(built) > 1 else ''}); drop data.path (the chunks "
-                              "hold their text), or give a new data.chunks_dir folder to build chunks of this text")
+                              f"{cfg.path} now holds ({built[0]}{' ...' if len(built) > 1 else ''}; files added, "
+                              "removed or edited since); drop data.path (the chunks hold their text), or give a new "
+                              "data.chunks_dir folder to build chunks of this text")
     if meta.get("val_fraction", cfg.val_fraction) != cfg.val_fraction:
         raise ConfigError(f"the chunks at data.chunks_dir={where} hold out val_fraction={meta['val_fraction']}, not "
                           f"data.val_fraction={cfg.val_fraction}; set data.val_fraction={meta['val_fraction']}, or "
