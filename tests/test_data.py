@@ -101,6 +101,9 @@ def test_corpus_cache_is_rebuilt_when_inputs_or_tokenizer_change(text_dir, tmp_p
     _, other_vocab = prepare_corpus(data_cfg(text_dir, tmp_path / "cache", vocab_size=320))
     assert other_vocab.directory != changed.directory
     assert other_vocab.meta["tokenizer_sha256"] != tok2.sha256
+    # a val_fraction that 6 significant digits cannot tell apart from 0.3 named the same folder, and reused its split
+    splits = [prepare_corpus(data_cfg(text_dir, tmp_path / "cache", val_fraction=v))[1] for v in (0.3, 0.3000004)]
+    assert splits[0].directory != splits[1].directory and splits[1].meta["val_fraction"] == 0.3000004
 
 
 def test_corpus_interrupted_build_leaves_nothing_trusted(text_dir, tmp_path, monkeypatch):

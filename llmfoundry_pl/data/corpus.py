@@ -167,7 +167,8 @@ def prepare_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple
                           "it (lfpl-train: paths.cache_dir; any command: $LFPL_CACHE_DIR) at a folder you can write"
                           ) from None
     tokenizer = _resolve_tokenizer(cfg, files, corpus_dir, tokenizer)
-    token_dir = corpus_dir / f"tokens-{tokenizer.sha256[:12]}-val{cfg.val_fraction:g}"
+    # repr, not :g, whose 6 digits named 0.3 and 0.3000004 alike, and the second reused the first's split
+    token_dir = corpus_dir / f"tokens-{tokenizer.sha256[:12]}-val{cfg.val_fraction!r}"
     meta = _read_meta(token_dir, tokenizer)
     if meta is None:
         meta = _build_token_files(files, cfg, tokenizer, token_dir)
