@@ -161,3 +161,17 @@ def test_ctrl_c_while_the_corpus_is_read_stays_an_interruption():
 
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer(lines(), vocab_size=300)
+
+
+def test_the_same_text_trains_the_same_tokenizer_on_machines_with_other_core_counts(monkeypatch):
+    # SentencePiece's BPE result depends on its thread count, which was the machine's core count: a resume on
+    # another machine was refused ("trained with another tokenizer") though the text and settings were the same.
+    import os
+
+    lines = [line for line in (bundled_corpus_dir() / "tempest_gut.txt").read_text().splitlines() if line]
+    trained = {}
+    for cores in (2, 8):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        trained[cores] = train_tokenizer(lines, vocab_size=600).sha256
+    assert trained[2] == trained[8]
+    assert train_tokenizer(lines, vocab_size=600, num_threads=8).sha256 != trained[2]  # what the count changes
