@@ -7,7 +7,7 @@ import pytest
 
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, DataConfig
 from llmfoundry_pl.data import corpus
-from llmfoundry_pl.data.corpus import prepare_corpus
+from llmfoundry_pl.data.corpus import prepare_corpus, resolve_sources
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX, RandomWindows, StepBatchSampler, SweepWindows, _TokenFile
 from llmfoundry_pl.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
@@ -133,6 +133,21 @@ def test_corpus_reads_jsonl_text_field(tmp_path):
 def test_corpus_glob_selects_files(text_dir, tmp_path):
     _, files = prepare_corpus(data_cfg(f"{text_dir}/doc[01].txt", tmp_path / "cache"))
     assert files.meta["documents"] == 2
+
+
+def test_a_folder_is_read_as_a_glob_reads_it_without_hidden_files_and_through_links(tmp_path):
+    # The walk read .git, .venv and Jupyter's .ipynb_checkpoints copies (the text twice) and skipped linked folders
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    for folder in (corpus / ".ipynb_checkpoints", corpus / ".git", elsewhere):
+        folder.mkdir(parents=True)
+    for file in (corpus / "a.txt", corpus / ".ipynb_checkpoints" / "a-checkpoint.txt", corpus / ".git" / "MSG.md",
+                 corpus / ".notes.txt", elsewhere / "b.txt"):
+        file.write_text(TEXT)
+    (corpus / "linked").symlink_to(elsewhere)
+    (elsewhere / "back").symlink_to(corpus)  # a loop: each real folder is read once
+    assert resolve_sources(str(corpus)) == [corpus / "a.txt", corpus / "linked" / "b.txt"]
+    (elsewhere / "back").unlink()  # (a glob would follow the loop, dozens of levels deep)
+    assert resolve_sources(f"{corpus}/**/*.txt") == resolve_sources(str(corpus))
 
 
 def test_corpus_path_with_brackets_in_its_name_is_that_path_not_a_glob(tmp_path):

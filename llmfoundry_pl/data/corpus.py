@@ -56,7 +56,7 @@ def resolve_sources(path: str | None) -> list[Path]:
         return sorted(bundled_corpus_dir().glob("*.txt"))
     expanded = os.path.expanduser(path)
     if Path(expanded).is_dir():
-        files = sorted(p for p in Path(expanded).rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        files = sorted(p for p in _folder_files(Path(expanded)) if p.suffix.lower() in TEXT_SUFFIXES)
     elif Path(expanded).is_file():
         files = [Path(expanded)]
     elif any(ch in expanded for ch in "*?["):  # a glob only if no such path exists: exp[1]/ may be a folder's name
@@ -66,6 +66,21 @@ def resolve_sources(path: str | None) -> list[Path]:
     if not files:
         raise ConfigError(f"data.path={path} matched no {', '.join(TEXT_SUFFIXES)} files; point it at your text")
     return files
+
+
+def _folder_files(folder: Path) -> Iterator[Path]:
+    """The files under ``folder``, as a glob ``folder/**`` finds them: hidden files and folders left out (.git,
+    .venv, .ipynb_checkpoints: Jupyter's copies of every notebook's text doubled it), linked folders followed
+    (``Path.rglob`` skipped them on Python 3.11), each real folder once (a link back up would loop)."""
+    seen = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield from (Path(root, n) for n in names if not n.startswith(".") and Path(root, n).is_file())
 
 
 def is_json_lines(file: Path) -> bool:
