@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -128,6 +129,13 @@ def test_corpus_reads_jsonl_text_field(tmp_path):
     path.write_text("\n".join(json.dumps({"body": f"{i} " + TEXT}) for i in range(4)))
     _, files = prepare_corpus(data_cfg(path, tmp_path / "cache", text_field="body"))
     assert files.meta["documents"] == 4
+    # Hugging Face's Dataset.to_json writes JSON Lines to a .json file: read as one text, its markup was trained on
+    shutil.copy(path, tmp_path / "docs.json")
+    _, files = prepare_corpus(data_cfg(tmp_path / "docs.json", tmp_path / "cache", text_field="body"))
+    assert files.meta["documents"] == 4 and files.meta["bytes"] == 4 * len(TEXT) + 8  # the texts, not the JSON
+    (tmp_path / "array.json").write_text(json.dumps([{"body": TEXT}], indent=2))
+    with pytest.raises(ConfigError, match="array.json is JSON, but not JSON Lines"):
+        prepare_corpus(data_cfg(tmp_path / "array.json", tmp_path / "cache", text_field="body"))
 
 
 def test_corpus_glob_selects_files(text_dir, tmp_path):

@@ -84,7 +84,18 @@ def _folder_files(folder: Path) -> Iterator[Path]:
 
 
 def is_json_lines(file: Path) -> bool:
-    return file.suffix.lower() in JSON_LINES_SUFFIXES
+    """Whether ``file`` holds JSON Lines: by its suffix, or a ``.json`` file whose first character (after blanks
+    and a byte-order mark) opens an object, as Hugging Face's ``Dataset.to_json`` writes them (read as text, each
+    line's ``{"text": ...}`` markup was trained on). A ``.json`` file of one JSON value is refused in one line."""
+    suffix = file.suffix.lower()
+    if suffix != ".json":
+        return suffix in JSON_LINES_SUFFIXES
+    with open(file, encoding="utf-8-sig", errors="replace") as f:
+        start = f.read(4096).lstrip()[:1]
+    if start != "{":
+        raise ConfigError(f"{file} is JSON, but not JSON Lines (one object per line, its data.text_field the text); "
+                          "write it as JSON Lines (jq -c '.[]' for an array), or give a .txt file of the text")
+    return True
 
 
 def read_documents(file: Path, text_field: str = "text") -> list[str]:
