@@ -42,7 +42,10 @@ JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")  # one document per line: the string
 TEXT_SUFFIXES = (".txt", ".md", *JSON_LINES_SUFFIXES)  # compared in lower case: DOCS.JSONL is JSON Lines too
 CACHE_FORMAT = 2  # bump when the layout or the tokenization rules change, to invalidate old caches (2: short docs)
 MIN_HELD_OUT_TAIL = 64  # tokens: a document whose val_fraction is fewer is held out whole, or not at all
-_ENCODE_CHUNK = 64  # documents per progress-bar step
+# Text goes to SentencePiece in batches of about this many characters (its threads share a batch), a longer document
+# cut into pieces after newlines: a token's id in a Python list takes ~36 bytes, and a 45 MB file encoded whole
+# (one document) held 1.9 GB of them, where its token file is 33 MB.
+_BATCH_CHARS = 1 << 20
 
 
 def bundled_corpus_dir() -> Path:
@@ -262,32 +265,71 @@ def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer,
     return meta
 
 
+def _document_tokens(tokenizer: Tokenizer, docs: list[str], dtype: type, bar: tqdm) -> Iterator[np.ndarray]:
+    """``<s> ids </s>`` of each document, in order, as ``dtype`` arrays, encoded in batches of pieces (see
+    :data:`_BATCH_CHARS`). Cut after a newline, a document's pieces give the ids of the whole: no piece of these
+    tokenizers holds a newline (they train on lines), so no token spans one, and the text after it is encoded as
+    it would be there."""
+    pieces = ((piece, piece_end == len(doc)) for doc in docs for piece, piece_end in _pieces(doc))
+    bos, eos = np.array([tokenizer.bos_id], dtype=dtype), np.array([tokenizer.eos_id], dtype=dtype)
+    current: list[np.ndarray] = []  # the pieces of the document being put together
+    while batch := _take_chars(pieces, _BATCH_CHARS):
+        for (piece, last), ids in zip(batch, tokenizer.encode_batch([p for p, _ in batch]), strict=True):
+            current.append(np.asarray(ids, dtype=dtype))
+            bar.update(len(piece))
+            if last:
+                yield np.concatenate([bos, *current, eos])
+                current = []
+
+
+def _pieces(doc: str) -> Iterator[tuple[str, int]]:
+    """``doc`` in pieces of at most :data:`_BATCH_CHARS` characters, each cut after a newline (a longer line is a
+    piece of its own), with the offset each piece ends at; a short document is one piece."""
+    start = 0
+    while True:
+        end = len(doc) if len(doc) - start <= _BATCH_CHARS else doc.rfind("\n", start, start + _BATCH_CHARS) + 1
+        if end <= start:  # no newline in reach: the line runs on, and is one piece
+            end = doc.find("\n", start + _BATCH_CHARS) + 1 or len(doc)
+        yield doc[start:end], end
+        if end == len(doc):
+            return
+        start = end
+
+
+def _take_chars(items: Iterator[tuple[str, bool]], budget: int) -> list[tuple[str, bool]]:
+    """The next items of ``items`` up to about ``budget`` characters (at least one item, if any is left)."""
+    batch, chars = [], 0
+    for item in items:
+        batch.append(item)
+        chars += len(item[0])
+        if chars >= budget:
+            break
+    return batch
+
+
 def _write_token_streams(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer, dtype: type, folder: Path) -> dict:
     """Write train.bin and val.bin of every document into ``folder``; their token, document and byte counts."""
     counts = {"train_tokens": 0, "val_tokens": 0, "documents": 0, "bytes": 0}
     longest = 0  # tokens of the longest document
     short_docs = 0  # seen so far: whole ones are held out at an even val_fraction of them, the first included
     docs = list(iter_documents(files, cfg.text_field))
-    with open(folder / "train.bin", "wb") as train_f, open(folder / "val.bin", "wb") as val_f:
-        bar = tqdm(total=len(docs), desc="tokenizing", unit="doc", disable=len(docs) < _ENCODE_CHUNK * 4)
-        for start in range(0, len(docs), _ENCODE_CHUNK):
-            chunk = docs[start : start + _ENCODE_CHUNK]
-            for doc, ids in zip(chunk, tokenizer.encode_batch(chunk), strict=True):
-                tokens = np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype)
-                longest = max(longest, len(tokens))
-                n_val = math.ceil(len(tokens) * cfg.val_fraction)
-                if n_val < MIN_HELD_OUT_TAIL and n_val < len(tokens):
-                    short_docs += 1
-                    held_out = math.ceil(short_docs * cfg.val_fraction) > math.ceil((short_docs - 1) * cfg.val_fraction)
-                    n_val = len(tokens) if held_out else 0
-                tokens[: len(tokens) - n_val].tofile(train_f)
-                tokens[len(tokens) - n_val :].tofile(val_f)
-                counts["train_tokens"] += len(tokens) - n_val
-                counts["val_tokens"] += n_val
-                counts["documents"] += 1
-                counts["bytes"] += len(doc.encode("utf-8"))
-            bar.update(len(chunk))
-        bar.close()
+    total_chars = sum(len(doc) for doc in docs)
+    with open(folder / "train.bin", "wb") as train_f, open(folder / "val.bin", "wb") as val_f, \
+            tqdm(total=total_chars, desc="tokenizing", unit="char", unit_scale=True,
+                 disable=total_chars < 16 * _BATCH_CHARS) as bar:
+        for doc, tokens in zip(docs, _document_tokens(tokenizer, docs, dtype, bar), strict=True):
+            longest = max(longest, len(tokens))
+            n_val = math.ceil(len(tokens) * cfg.val_fraction)
+            if n_val < MIN_HELD_OUT_TAIL and n_val < len(tokens):
+                short_docs += 1
+                held_out = math.ceil(short_docs * cfg.val_fraction) > math.ceil((short_docs - 1) * cfg.val_fraction)
+                n_val = len(tokens) if held_out else 0
+            tokens[: len(tokens) - n_val].tofile(train_f)
+            tokens[len(tokens) - n_val :].tofile(val_f)
+            counts["train_tokens"] += len(tokens) - n_val
+            counts["val_tokens"] += n_val
+            counts["documents"] += 1
+            counts["bytes"] += len(doc.encode("utf-8"))
     if counts["bytes"] == 0:
         raise ConfigError(f"the corpus at data.path={cfg.path} is empty; add some text")
     # One file and a tiny val_fraction: "lower data.seq_len" came next, which cannot help. (1: lfpl-eval on a text,
