@@ -216,6 +216,17 @@ def test_given_chunks_of_a_folder_that_changed_since_are_refused(corpus, tmp_pat
     prepare_chunks(data_cfg(None, tmp_path / "cache", chunks_dir=str(chunks)))  # data.path unset: the chunks' text
 
 
+def test_a_given_chunks_dir_without_chunks_says_it_builds_the_bundled_plays(tmp_path, caplog, monkeypatch):
+    # Documented (build them in a folder), but a mistyped data.chunks_dir trained on Shakespeare without a word
+    def stop_before_building(cfg, tokenizer):  # (the message is what is checked, not the build)
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(streaming, "prepare_corpus", stop_before_building)
+    with pytest.raises(RuntimeError, match="stopped"):
+        prepare_chunks(data_cfg(None, tmp_path / "cache", chunks_dir=str(tmp_path / "chunk")))
+    assert f"data.chunks_dir={tmp_path / 'chunk'} holds no chunks: building them there from the bundled" in caplog.text
+
+
 def test_streaming_is_what_lfpl_train_builds_for_data_streaming(compose_train, datamodule):
     from llmfoundry_pl.cli.common import prepare_data_and_model
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +42,8 @@ from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus, resolve_source
 from llmfoundry_pl.data.datamodule import TextDataModule
 from llmfoundry_pl.files import atomic_write_bytes, publish_folder, temporary_folder
 from llmfoundry_pl.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 _PROGRESS_FROM = 100_000  # windows: smaller corpora are written without a progress bar
 
@@ -75,6 +78,9 @@ def prepare_chunks(cfg: StreamingDataConfig, tokenizer: Tokenizer | None = None)
             if folder is not None and folder.exists() and any(folder.iterdir()):
                 raise ConfigError(f"data.chunks_dir={cfg.chunks_dir} is a folder without chunks written by "
                                   "llmfoundry-pl (no chunks.json); point it at a new or empty folder to build them")
+            if folder is not None and cfg.path is None:  # documented (docs/concepts.md), but also what a typo does
+                log.warning(f"data.chunks_dir={cfg.chunks_dir} holds no chunks: building them there from the bundled "
+                            "plays (data.path is unset); if you meant chunks built before, check the folder's name")
             corpus_tokenizer, token_files = prepare_corpus(cfg, tokenizer)
             folder = folder or token_files.directory / f"chunks-seq{cfg.seq_len}-{cfg.chunk_bytes}"
             if _read_meta(folder) is None:
