@@ -388,9 +388,9 @@ def test_prompts_read_from_files_and_stdin_are_the_text_typed(tmp_path, monkeypa
     assert list(cli.read_stdin_prompts()) == ["ROMEO:", "JULIET:"]
 
 
-def test_generate_chat_keeps_the_conversation_and_the_system_message(compose_train, monkeypatch, capsys):
-    # lfpl-generate chat=true: a message too long for the context alone used to clear the whole conversation
-    # before it, and prompt_file left the system message out of every prompt. The spies record what is asked.
+@pytest.fixture
+def tiny_generate_cli(monkeypatch):
+    """lfpl-generate's module, its models replaced by a tiny one over a tokenizer with the chat tokens."""
     from llmfoundry_pl.cli import generate as cli
 
     lines = [line for line in (bundled_corpus_dir() / "tempest_gut.txt").read_text().splitlines() if line]
@@ -398,6 +398,14 @@ def test_generate_chat_keeps_the_conversation_and_the_system_message(compose_tra
     torch.manual_seed(0)
     tiny = Transformer(ModelConfig(vocab_size=400, dim=32, n_layers=1, n_heads=2, max_seq_len=64)).eval()
     monkeypatch.setattr(cli, "load_models", lambda cfg: (tiny, tokenizer, None))
+    return cli
+
+
+def test_generate_chat_keeps_the_conversation_and_the_system_message(compose_train, tiny_generate_cli, monkeypatch,
+                                                                      capsys):
+    # lfpl-generate chat=true: a message too long for the context alone used to clear the whole conversation
+    # before it, and prompt_file left the system message out of every prompt. The spies record what is asked.
+    cli = tiny_generate_cli
     asked, stream_text = [], cli.stream_text
 
     def stream_spy(model, tok, prompt, *args, **kwargs):
@@ -426,15 +434,10 @@ def test_generate_chat_keeps_the_conversation_and_the_system_message(compose_tra
         cli.generate(compose_train(["ckpt_path=x", "prompt_file=p.txt", *common], name="generate"))
 
 
-def test_ctrl_c_during_an_interactive_reply_stops_it_and_the_session_goes_on(compose_train, monkeypatch, capsys):
+def test_ctrl_c_during_an_interactive_reply_stops_it_and_the_session_goes_on(compose_train, tiny_generate_cli,
+                                                                             monkeypatch, capsys):
     # It ended the whole session (and a chat's history with it); at the prompt, Ctrl-C still ends it (test_cli.py).
-    from llmfoundry_pl.cli import generate as cli
-
-    lines = [line for line in (bundled_corpus_dir() / "tempest_gut.txt").read_text().splitlines() if line]
-    tokenizer = train_tokenizer(lines, vocab_size=400)
-    torch.manual_seed(0)
-    tiny = Transformer(ModelConfig(vocab_size=400, dim=32, n_layers=1, n_heads=2, max_seq_len=64)).eval()
-    monkeypatch.setattr(cli, "load_models", lambda cfg: (tiny, tokenizer, None))
+    cli = tiny_generate_cli
     asked, stream_text = [], cli.stream_text
 
     def interrupted(model, tok, prompt, *args, **kwargs):  # Ctrl-C after the first delta of replies 1 and 3
