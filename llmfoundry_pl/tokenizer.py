@@ -133,13 +133,27 @@ class Tokenizer:
         return lengths
 
     @cached_property
+    def adds_dummy_prefix(self) -> bool:
+        """Whether encoding puts a "▁" before every text (SentencePiece's add_dummy_prefix, as Llama 2's tokenizer
+        does; this project's do not)."""
+        return self.sp.encode("a", out_type=str)[0].startswith("\u2581")  # "▁a", or "▁" then "a"
+
+    @cached_property
+    def encodes_lines_apart(self) -> bool:
+        """Whether a text cut after a newline encodes, piece by piece, to the ids of the whole: no piece of the
+        vocabulary holds a newline (so no token spans one) and no dummy prefix is put before each piece. True of
+        this project's tokenizers, which train on lines."""
+        return not self.adds_dummy_prefix and not any(
+            "\n" in self.sp.id_to_piece(i) for i in range(self.vocab_size) if not self.sp.is_byte(i))
+
+    @cached_property
     def first_token_bytes(self) -> np.ndarray:
         """:attr:`token_bytes` for the first token of a text (the one after ``<s>``). A tokenizer that puts a "▁"
         before every text (SentencePiece's add_dummy_prefix, as Llama 2's does; ours do not) starts it with a
         space the text does not have: counted, it added a byte per document (300 short documents: bits per byte
         3% low)."""
         lengths = self.token_bytes.copy()
-        if self.sp.encode("a", out_type=str)[0].startswith("\u2581"):  # "▁a", or "▁" then "a": a prefix added
+        if self.adds_dummy_prefix:
             for i in np.flatnonzero(lengths):
                 if not self.sp.is_byte(int(i)) and self.sp.id_to_piece(int(i)).startswith("\u2581"):
                     lengths[i] -= 1

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import shutil
@@ -5,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, DataConfig
 from llmfoundry_pl.data import corpus
@@ -126,8 +128,6 @@ def test_corpus_interrupted_build_leaves_nothing_trusted(text_dir, tmp_path, mon
 
 def test_long_documents_are_encoded_in_pieces_that_give_the_ids_of_the_whole(tmp_path, monkeypatch):
     # Encoded whole, a 45 MB file held 1.9 GB of Python ints; in pieces cut after newlines, the same token files.
-    from llmfoundry_pl.data import corpus
-
     text = tmp_path / "book.txt"
     text.write_text(TEXT + "  双倍 spaces,\n\n\n" + "a line longer than a piece, 长行 " * 12 + "\nend 🙂")
     tokenizer, whole = prepare_corpus(data_cfg(text, tmp_path / "cache", val_fraction=0.05))
@@ -138,6 +138,16 @@ def test_long_documents_are_encoded_in_pieces_that_give_the_ids_of_the_whole(tmp
         ids = [*np.fromfile(files.train_path, files.dtype), *np.fromfile(files.val_path, files.dtype)]
         assert ids == expected
     assert [len(p) for p, _ in corpus._pieces("ab\n" * 30)][:2] == [48, 42]  # cut after the last newline in reach
+    assert tokenizer.encodes_lines_apart
+    # A tokenizer that puts "▁" before every text (Llama 2's) would put one before every piece: whole documents
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines()), model_writer=buffer, model_type="bpe",
+                                   vocab_size=80, minloglevel=2)
+    prefixed = Tokenizer(buffer.getvalue())
+    assert prefixed.adds_dummy_prefix and not prefixed.encodes_lines_apart
+    _, files = prepare_corpus(data_cfg(text, tmp_path / "cache_prefixed", vocab_size=80), tokenizer=prefixed)
+    ids = [*np.fromfile(files.train_path, files.dtype), *np.fromfile(files.val_path, files.dtype)]
+    assert ids == [prefixed.bos_id, *prefixed.encode(text.read_text()), prefixed.eos_id]
 
 
 def test_corpus_reads_jsonl_text_field(tmp_path):

@@ -267,10 +267,10 @@ def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer,
 
 def _document_tokens(tokenizer: Tokenizer, docs: list[str], dtype: type, bar: tqdm) -> Iterator[np.ndarray]:
     """``<s> ids </s>`` of each document, in order, as ``dtype`` arrays, encoded in batches of pieces (see
-    :data:`_BATCH_CHARS`). Cut after a newline, a document's pieces give the ids of the whole: no piece of these
-    tokenizers holds a newline (they train on lines), so no token spans one, and the text after it is encoded as
-    it would be there."""
-    pieces = ((piece, piece_end == len(doc)) for doc in docs for piece, piece_end in _pieces(doc))
+    :data:`_BATCH_CHARS`): cut after newlines where that gives the ids of the whole (``encodes_lines_apart``: this
+    project's tokenizers), else whole (an imported one with a dummy prefix, say)."""
+    cut = tokenizer.encodes_lines_apart
+    pieces = ((piece, end == len(doc)) for doc in docs for piece, end in (_pieces(doc) if cut else [(doc, len(doc))]))
     bos, eos = np.array([tokenizer.bos_id], dtype=dtype), np.array([tokenizer.eos_id], dtype=dtype)
     current: list[np.ndarray] = []  # the pieces of the document being put together
     while batch := _take_chars(pieces, _BATCH_CHARS):
