@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, DataConfig
-from llmfoundry_pl.data import corpus
+from llmfoundry_pl.data import TextDataModule, corpus
 from llmfoundry_pl.data.corpus import prepare_corpus, resolve_sources
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX, RandomWindows, StepBatchSampler, SweepWindows, _TokenFile
 from llmfoundry_pl.tokenizer import BOS_ID, EOS_ID, Tokenizer
@@ -380,13 +380,28 @@ def step_samples(step: int, batch_size: int, accumulate: int, world_size: int) -
 
 
 def test_a_step_trains_on_the_same_samples_however_its_batch_is_split():
-    # What a resume checks (StepDataModule): the samples per step, not how they are split. 2 devices × 4
-    # resumed on 1 device × 4 with 2 micro-batches per step, or 1 × 8, trains on the same samples as it would have.
+    # What a resume checks (StepDataModule): the samples per step, not how they are split among processes. 2
+    # devices × 4, or 1 × 8, trains on the same samples as it would have (so would 1 × 4 with 2 micro-batches, but
+    # Lightning's place in the epoch counts micro-batches: a resume keeps trainer.accumulate_grad_batches, below).
     for step in (0, 3, 10):
         split = [step_samples(step, *shape) for shape in [(4, 1, 2), (4, 2, 1), (8, 1, 1), (2, 2, 2)]]
         assert all(samples == split[0] for samples in split) and len(split[0]) == 8
     # a run of 8 per step resumed at step 10 with 4 per step: samples its step 5 trained on already
     assert step_samples(10, 4, 1, 1) < step_samples(5, 8, 1, 1)
+
+
+def test_a_resume_keeps_the_micro_batches_per_step_and_may_move_the_rest(text_dir, tmp_path):
+    # Resumed at step 3 from 1 micro-batch of 4 to 2 of 2, the first step took half a batch and every later one
+    # straddled two of the run's: Lightning's restored place in the epoch counts the old micro-batches.
+    def data(batch_size: int, accumulate: int, world_size: int) -> TextDataModule:
+        dm = TextDataModule(data_cfg(text_dir, tmp_path / "cache", batch_size=batch_size))
+        dm.trainer = SimpleNamespace(accumulate_grad_batches=accumulate, world_size=world_size)
+        return dm
+
+    saved = data(4, 1, 2).state_dict()
+    data(8, 1, 1).load_state_dict(saved)  # half the devices, twice the micro-batch: the same run
+    with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches: 1 → 2\): resumed, it would train on"):
+        data(4, 2, 1).load_state_dict(saved)
 
 
 def test_validation_sweep_predicts_every_token_once(token_file):

@@ -111,7 +111,10 @@ class StepDataModule(L.LightningDataModule):
     split among the micro-batches and ranks), drawn with ``data.seed``. The checkpoint records those settings
     (Lightning saves a data module's ``state_dict``), and a resume under others is refused: it went on silently on
     other samples than the interrupted run's next ones (half the batch at step 10: steps 5 to 9's samples again),
-    with ``train/tokens`` counted wrong. A resume on half the devices with twice the accumulation is the same run.
+    with ``train/tokens`` counted wrong. A resume on half the devices with twice the micro-batch is the same run.
+    ``trainer.accumulate_grad_batches`` itself must stay: Lightning restores its place in the epoch as micro-batches
+    counted under the old setting, and decides from it where steps end (resumed at step 3 with 2 micro-batches of 2
+    where there had been 1 of 4, its first step took half a batch, and every later one straddled two).
     Also builds their DataLoaders, one way for all (memory pinned on CUDA: the chat data's loader had left it out)."""
 
     cfg: Any  # the data config: batch_size, seq_len, seed, num_workers
@@ -119,7 +122,8 @@ class StepDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         samples = self.cfg.batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
         return {"data.seq_len": self.cfg.seq_len, "data.seed": self.cfg.seed,
-                "samples per step (data.batch_size × trainer.accumulate_grad_batches × processes)": samples}
+                "samples per step (data.batch_size × trainer.accumulate_grad_batches × processes)": samples,
+                "trainer.accumulate_grad_batches": self.trainer.accumulate_grad_batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         now = self.state_dict()
