@@ -45,6 +45,8 @@ class LanguageModelMetrics(Metric):
         self.tokens = self.tokens + tokens
         self.bytes = self.bytes + n_bytes
 
+    NAMES = ("loss", "ppl", "bpb")  # what compute returns (logged as val/<name>), for settings that name one
+
     def compute(self) -> dict[str, torch.Tensor]:
         loss = self.nats / self.tokens.clamp(min=1)
         return {
@@ -74,6 +76,8 @@ class PreferenceMetrics(Metric):
         self.margin = _add(self.margin, margins.sum())
         self.preferred = _add(self.preferred, (margins > 0).sum() + 0.5 * (margins == 0).sum())
         self.pairs = self.pairs + margins.numel()  # not +=: see LanguageModelMetrics.update
+
+    NAMES = ("loss", "reward_margin", "pref_acc")  # what compute returns (logged as val/<name>)
 
     def compute(self) -> dict[str, torch.Tensor]:
         pairs = self.pairs.clamp(min=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from importlib import resources
@@ -405,3 +406,22 @@ def test_the_schemas_import_without_torch():
     code = "import sys, llmfoundry_pl.config; print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["callbacks.model_checkpoint.monitor=val/los"], "callbacks.model_checkpoint.monitor=val/los is not a metric "
+                                                     "this run validates; use one of val/loss, val/ppl, val/bpb"),
+    (["callbacks=early_stopping", "callbacks.early_stopping.monitor=val/acc"], "callbacks.early_stopping.monitor="),
+])
+def test_a_monitor_naming_no_validated_metric_is_refused_before_training(compose_train, overrides, message):
+    # Lightning said so at the first validation, hours in, in a 47-line traceback, and nothing was saved
+    from llmfoundry_pl.cli.train import check_monitors
+    from llmfoundry_pl.metrics import LanguageModelMetrics, PreferenceMetrics
+
+    validated = [f"val/{name}" for name in LanguageModelMetrics.NAMES]
+    check_monitors(compose_train(["callbacks=early_stopping"]).callbacks, validated)  # val/loss: the defaults pass
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_monitors(compose_train(overrides).callbacks, validated)
+    for metrics in (LanguageModelMetrics(), PreferenceMetrics()):  # the names are what is logged
+        assert tuple(metrics.compute()) == metrics.NAMES
+

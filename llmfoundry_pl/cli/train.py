@@ -114,6 +114,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # logger=none or every logger set to null: the rate has nowhere to go (Lightning raises)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     _check_sample_prompts(cfg, callbacks, datamodule.tokenizer, model_cfg.max_seq_len)
+    check_monitors(cfg.callbacks, [f"val/{name}" for name in lit.val_metrics.NAMES])
     trainer = build_trainer(cfg.trainer, callbacks, loggers)
     _check_step_settings(trainer)
     if start_step and trainer.is_global_zero:
@@ -248,6 +249,17 @@ def _keep_the_curve_before(step: int, loggers: list) -> None:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) < step or
                     (int(r["step"]) == step and any(v for k, v in r.items() if k.startswith("val/")))]
         logger.experiment.metrics[:0] = rows  # (creating the writer deletes the file); written with the next save
+
+
+def check_monitors(callbacks: DictConfig, validated: list[str]) -> None:
+    """Refuse a checkpoint or early-stopping ``monitor`` that names a ``val/`` metric the run does not log
+    (``validated``): Lightning said so at the first validation, hours into a run, in a 47-line traceback, with
+    nothing saved. (Other names, a ``train/`` metric say, are left to Lightning.)"""
+    for key, node in callbacks.items():
+        monitor = node.get("monitor") if isinstance(node, DictConfig) else None
+        if isinstance(monitor, str) and monitor.startswith("val/") and monitor not in validated:
+            raise ConfigError(f"callbacks.{key}.monitor={monitor} is not a metric this run validates; use one of "
+                              f"{', '.join(validated)}")
 
 
 def _resume_point(ckpt_path: str | None) -> tuple[int, str | None]:
