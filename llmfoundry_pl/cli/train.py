@@ -284,7 +284,7 @@ def _resume_hint(trainer: L.Trainer, resumed_from: str | None) -> str:
     last = last or resumed_from
     if not last:
         return (f"interrupted at step {trainer.global_step}, before any checkpoint was saved (one is written at each "
-                "validation, every trainer.val_check_interval steps)")
+                "validation, every trainer.val_check_interval micro-batches)")
     return (f"interrupted at step {trainer.global_step}; to go on from the last validation's checkpoint, run "
             f"lfpl-train ckpt_path={last} with this run's settings")
 
