@@ -163,15 +163,22 @@ class Tokenizer:
         """The bytes of text that a token stream (documents as ``<s> ... </s>``, as the token files hold them)
         stands for, counted as val/bpb counts them (:attr:`token_bytes`, :attr:`first_token_bytes` after ``<s>``).
         The text's own UTF-8 length with this project's tokenizers; fewer with one that normalizes text (NFKC),
-        squeezes whitespace or maps characters to ``<unk>``."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        first = np.flatnonzero(tokens[:-1] == self.bos_id) + 1
-        return int(self.token_bytes[tokens].sum() - self.token_bytes[tokens[first]].sum()
-                   + self.first_token_bytes[tokens[first]].sum())
+        squeezes whitespace or maps characters to ``<unk>``. Read in slices: ``tokens`` may be a memory-mapped token
+        file of any size (as int64 in one piece, a 250M-token file took 2 GB, twice)."""
+        first_extra = self.first_token_bytes - self.token_bytes  # what a document's first token counts otherwise
+        total, previous = 0, -1  # the token before the slice: a <s> there makes the slice's first a first token
+        for start in range(0, len(tokens), _TEXT_BYTES_SLICE):
+            piece = np.asarray(tokens[start : start + _TEXT_BYTES_SLICE], dtype=np.int64)
+            after_bos = np.concatenate(([previous], piece[:-1])) == self.bos_id
+            total += int(self.token_bytes[piece].sum() + first_extra[piece[after_bos]].sum())
+            previous = piece[-1]
+        return total
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_bytes(Path(path), self.model_proto)
 
+
+_TEXT_BYTES_SLICE = 1 << 22  # tokens per slice in Tokenizer.text_bytes (32 MiB as int64)
 
 # SentencePiece's trainer skips, silently, every line longer than max_sentence_length bytes: a text without line
 # breaks (a scraped page, a long paragraph of Chinese) would train the tokenizer on none of its text. Long lines are

@@ -149,13 +149,14 @@ def test_eval_warns_when_the_runs_text_changed_since(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_eval_warns_when_the_tokenizer_drops_bytes_of_the_text(tmp_path, capsys):
+def test_eval_warns_when_the_tokenizer_drops_bytes_of_the_text(tmp_path, capsys, monkeypatch):
     # An imported tokenizer that normalizes (NFKC) and squeezes whitespace counted a full-width line as a third of
     # its bytes, and bits per byte read high with no word; this project's tokenizers keep every byte.
     import io
 
     import sentencepiece as spm
 
+    from llmfoundry_pl import tokenizer as tokenizer_module
     from llmfoundry_pl.tokenizer import Tokenizer
 
     text = tmp_path / "book.txt"
@@ -171,7 +172,14 @@ def test_eval_warns_when_the_tokenizer_drops_bytes_of_the_text(tmp_path, capsys)
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text.read_text().splitlines()), model_writer=buffer,
                                    model_type="bpe", vocab_size=60, minloglevel=2)
     normalizing = Tokenizer(buffer.getvalue())
-    _warn_if_tokens_drop_text(TextDataModule(cfg, tokenizer=normalizing), normalizing)
+    theirs = TextDataModule(cfg, tokenizer=normalizing)
+    _warn_if_tokens_drop_text(theirs, normalizing)
     err = capsys.readouterr().err
     assert err.startswith("warning: the tokenizer keeps ") and f"of the text's {len(text.read_bytes()):,} bytes" in err
+    # Counted in slices of a token file of any size, a <s> ending one: its next token is still a document's first
+    # (which counts a byte less with this tokenizer's dummy prefix)
+    one = np.fromfile(theirs.token_files.val_path, theirs.token_files.dtype)
+    assert normalizing.adds_dummy_prefix
+    monkeypatch.setattr(tokenizer_module, "_TEXT_BYTES_SLICE", len(one) + 1)  # slice 1: the document and the next <s>
+    assert normalizing.text_bytes(np.concatenate([one, one])) == 2 * normalizing.text_bytes(one)
 

@@ -106,7 +106,7 @@ def _warn_if_tokens_drop_text(datamodule: TextDataModule, tokenizer: Tokenizer) 
     read as 2 of its 33 bytes: 8.77 bits per byte.) Said when it happens; data.path is all held out here."""
     datamodule.prepare_data()  # builds (or finds) the token files; the Trainer's prepare_data then reads the cache
     files = datamodule.token_files
-    counted = tokenizer.text_bytes(np.fromfile(files.val_path, dtype=files.dtype))
+    counted = tokenizer.text_bytes(np.memmap(files.val_path, dtype=files.dtype, mode="r"))
     if counted != files.meta["bytes"]:
         print(f"warning: the tokenizer keeps {counted:,} of the text's {files.meta['bytes']:,} bytes (it normalizes "
               "text, squeezes whitespace or has no byte fallback), so bits per byte counts the kept bytes only and "
