@@ -134,21 +134,15 @@ def generate(node: DictConfig) -> list[str]:
         # (modulo 2**64, torch's seeds, where a negative seed is the same as seed + 2**64)
         options["seed"] = None if cfg.seed is None else (cfg.seed + number) % 2**64
         try:
-            asked, text = _answer(model, tokenizer, chat, history, prompt, cfg, options)
+            answer = _answer(model, tokenizer, chat, history, prompt, cfg, options)
         except ConfigError as e:
             if not cfg.interactive:
                 raise
             print(f"error: {e}", file=sys.stderr, flush=True)  # interactive: say so, and wait for the next prompt
             continue
-        except KeyboardInterrupt:
-            # Interactive: Ctrl-C stops the reply and waits for the next prompt, as chat programs do (a long reply
-            # used to end the whole session, and a chat's history with it). At the prompt, it ends the session.
-            if not cfg.interactive:
-                raise
-            print(flush=True)
-            print("stopped (left out of the conversation); Ctrl-C at the prompt, or Ctrl-D, ends the session",
-                  file=sys.stderr, flush=True)
+        if answer is None:  # stopped with Ctrl-C
             continue
+        asked, text = answer
         texts.append(text)
         if chat is not None:
             history = [*asked, {"role": "assistant", "content": text}]
@@ -159,22 +153,35 @@ def generate(node: DictConfig) -> list[str]:
 
 
 def _answer(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat | None, history: list[Message], prompt: str,
-            cfg: GenerateConfig, options: dict) -> tuple[Prompt, str]:
+            cfg: GenerateConfig, options: dict) -> tuple[Prompt, str] | None:
     """Print the answer to ``prompt`` (with ``chat``, the reply to it after ``history``); return what the model was
-    asked and the answer. A prompt the model cannot take raises :class:`ConfigError` before anything is printed."""
+    asked and the answer. A prompt the model cannot take raises :class:`ConfigError` before anything is printed.
+
+    Interactive, Ctrl-C while the answer is generated stops it and returns None (the session waits for the next
+    prompt, as chat programs do; it used to end, and a chat's history with it). Once the answer is printed whole,
+    Ctrl-C ends the session, as at the prompt."""
     check_encodable(prompt, "the prompt")  # a line typed in another encoding than UTF-8 (GBK), say
     # chat: the conversation so far, oldest turns dropped if it outgrows the context; kept as it was if this prompt
     # cannot be answered (a message too long for the context alone would have cleared it)
     asked = fit_context(chat, [*history, {"role": "user", "content": prompt}], model.config.max_seq_len) \
         if chat is not None else prompt
     deltas = stream_text(model, tokenizer, asked, cfg.max_new_tokens, **options)
-    text = next(deltas, "")  # the prompt's checks run here
-    # One path for both modes: with stream=true each delta is printed as it comes, else the whole text at the end.
-    # A chat shows the reply alone; plain text shows the prompt it continues.
-    print(("" if chat else prompt) + (text if cfg.stream else ""), end="", flush=True)
-    for delta in deltas:
-        text += delta
-        if cfg.stream:
-            print(delta, end="", flush=True)
+    try:
+        text = next(deltas, "")  # the prompt's checks run here
+        # One path for both modes: with stream=true each delta is printed as it comes, else the whole text at the
+        # end. A chat shows the reply alone; plain text shows the prompt it continues.
+        print(("" if chat else prompt) + (text if cfg.stream else ""), end="", flush=True)
+        for delta in deltas:
+            text += delta
+            if cfg.stream:
+                print(delta, end="", flush=True)
+    except KeyboardInterrupt:
+        if not cfg.interactive:
+            raise
+        deltas.close()
+        print(flush=True)
+        print("stopped (left out of the conversation); Ctrl-C at the prompt, or Ctrl-D, ends the session",
+              file=sys.stderr, flush=True)
+        return None
     print("" if cfg.stream else text, flush=True)
     return asked, text
