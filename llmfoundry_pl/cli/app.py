@@ -85,7 +85,6 @@ def user_errors(cfg: DictConfig | None = None) -> Iterator[None]:
         raise SystemExit(1) from None
 
 
-
 def check_nothing_deleted(cfg: DictConfig) -> None:
     """Refuse a config that Hydra's ``~key`` override left without a setting of its schema. Hydra deletes the key
     (``~lora``) or the group's option (``~trainer``), and the command failed later, deep in its code, with
@@ -104,7 +103,6 @@ def check_nothing_deleted(cfg: DictConfig) -> None:
                               f"(--help lists the settings): features turn off by value, e.g. lora.enabled=false")
 
 
-
 def out_of_memory(error: BaseException) -> str | None:
     """What ran out, in torch's words, if ``error`` is an allocation failure (CUDA's OutOfMemoryError, or the
     RuntimeError of the CPU and MPS allocators); else None. The most common way a run on an 8 GB GPU ends, and
@@ -118,24 +116,20 @@ def out_of_memory(error: BaseException) -> str | None:
     return f"the CPU could not allocate {int(cpu[1]) / 1e9:.1f} GB more" if cpu else None
 
 
-
 def run_hydra_app(app: Callable[[], Any]) -> None:
     """Start a Hydra command (``app``, its ``@hydra.main`` function): register the schemas, quiet the libraries'
     noise, and quote the values Hydra's command-line grammar cannot read unquoted (:func:`quote_non_ascii_values`);
     output piped into a reader that stops early (``| head``) ends quietly, as for other commands, and Ctrl-C before
     the command's task starts (the imports, composing the config) is "interrupted", as during it."""
     try:
-        register_configs()  # imports Lightning: the schemas of trainer, callbacks and logger are its signatures
-        quiet_library_noise()
-        sys.argv[1:] = quote_non_ascii_values(sys.argv[1:])
-        app()
+        with user_errors():  # (the task's own user_errors, inside app, has already ended what happened there)
+            register_configs()  # imports Lightning: the schemas of trainer, callbacks and logger are its signatures
+            quiet_library_noise()
+            sys.argv[1:] = quote_non_ascii_values(sys.argv[1:])
+            app()
     except BrokenPipeError:  # `lfpl-train --help | head`: the reader left early, and Python's traceback said so
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe: no second error at exit
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-
 
 
 # Characters with a meaning in Hydra's override grammar (sweeps, lists, dicts, interpolations, quotes): a value that
@@ -155,7 +149,6 @@ def quote_non_ascii_values(args: list[str]) -> list[str]:
             arg = f"{override[1]}='{override[2]}'"
         quoted.append(arg)
     return quoted
-
 
 
 def quiet_library_noise() -> None:
