@@ -137,14 +137,29 @@ def test_long_documents_are_encoded_in_pieces_that_give_the_ids_of_the_whole(tmp
     for files in (whole, pieces):
         ids = [*np.fromfile(files.train_path, files.dtype), *np.fromfile(files.val_path, files.dtype)]
         assert ids == expected
-    assert [len(p) for p, _ in corpus._pieces("ab\n" * 30)][:2] == [48, 42]  # cut after the last newline in reach
-    assert tokenizer.encodes_lines_apart
+    assert [len(p) for p, _ in corpus._pieces("ab\n" * 30, True, True)][:2] == [48, 42]  # after the last newline
+    assert tokenizer.encodes_lines_apart and tokenizer.encodes_words_apart
+    # A text of few newlines (text8 is one 100 MB line) is cut before words: before a space after another character
+    one_line = tmp_path / "one_line.txt"
+    one_line.write_text(" ".join(TEXT.split()) + "  two  spaces  " * 9 + "长" * 60 + " end")
+    _, files = prepare_corpus(data_cfg(one_line, tmp_path / "cache_one_line", val_fraction=0.05), tokenizer=tokenizer)
+    ids = [*np.fromfile(files.train_path, files.dtype), *np.fromfile(files.val_path, files.dtype)]
+    assert ids == [tokenizer.bos_id, *tokenizer.encode(one_line.read_text()), tokenizer.eos_id]
+    pieces = [p for p, _ in corpus._pieces(one_line.read_text(), True, True)]
+    assert "".join(pieces) == one_line.read_text() and len(pieces) > 5
+    assert all(p[-1] != " " and n[0] == " " for p, n in zip(pieces, pieces[1:]))
+    assert pieces[-2].endswith("  " + "长" * 60) and len(pieces[-2]) > 50  # no cut in reach: the piece ran on
     # A tokenizer that puts "▁" before every text (Llama 2's) would put one before every piece: whole documents
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines()), model_writer=buffer, model_type="bpe",
                                    vocab_size=80, minloglevel=2)
     prefixed = Tokenizer(buffer.getvalue())
-    assert prefixed.adds_dummy_prefix and not prefixed.encodes_lines_apart
+    assert prefixed.adds_dummy_prefix and not prefixed.encodes_lines_apart and not prefixed.encodes_words_apart
+    # One that squeezes spaces (remove_extra_whitespaces, SentencePiece's default) would drop a piece's first space
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines()), model_writer=buffer, model_type="bpe",
+                                   vocab_size=80, add_dummy_prefix=False, minloglevel=2)
+    assert not Tokenizer(buffer.getvalue()).encodes_words_apart
     _, files = prepare_corpus(data_cfg(text, tmp_path / "cache_prefixed", vocab_size=80), tokenizer=prefixed)
     ids = [*np.fromfile(files.train_path, files.dtype), *np.fromfile(files.val_path, files.dtype)]
     assert ids == [prefixed.bos_id, *prefixed.encode(text.read_text()), prefixed.eos_id]

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -43,9 +44,11 @@ TEXT_SUFFIXES = (".txt", ".md", *JSON_LINES_SUFFIXES)  # compared in lower case:
 CACHE_FORMAT = 2  # bump when the layout or the tokenization rules change, to invalidate old caches (2: short docs)
 MIN_HELD_OUT_TAIL = 64  # tokens: a document whose val_fraction is fewer is held out whole, or not at all
 # Text goes to SentencePiece in batches of about this many characters (its threads share a batch), a longer document
-# cut into pieces after newlines: a token's id in a Python list takes ~36 bytes, and a 45 MB file encoded whole
-# (one document) held 1.9 GB of them, where its token file is 33 MB.
+# cut into pieces after newlines or before words: a token's id in a Python list takes ~36 bytes, and a 45 MB file
+# encoded whole (one document) held 1.9 GB of them, where its token file is 33 MB.
 _BATCH_CHARS = 1 << 20
+_LAST_WORD_END = re.compile(r"(?s).*[^ ](?= )")  # matched from a start: up to the last character a space follows
+_WORD_END = re.compile(r"[^ ](?= )")  # searched: the next character a space follows
 
 
 def bundled_corpus_dir() -> Path:
@@ -267,10 +270,11 @@ def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer,
 
 def _document_tokens(tokenizer: Tokenizer, docs: list[str], dtype: type, bar: tqdm) -> Iterator[np.ndarray]:
     """``<s> ids </s>`` of each document, in order, as ``dtype`` arrays, encoded in batches of pieces (see
-    :data:`_BATCH_CHARS`): cut after newlines where that gives the ids of the whole (``encodes_lines_apart``: this
-    project's tokenizers), else whole (an imported one with a dummy prefix, say)."""
-    cut = tokenizer.encodes_lines_apart
-    pieces = ((piece, end == len(doc)) for doc in docs for piece, end in (_pieces(doc) if cut else [(doc, len(doc))]))
+    :data:`_BATCH_CHARS`) cut where that gives the ids of the whole: after newlines (``encodes_lines_apart``), or
+    before a word (``encodes_words_apart``), as this project's tokenizers allow; else whole (an imported tokenizer
+    with a dummy prefix, say)."""
+    lines, words = tokenizer.encodes_lines_apart, tokenizer.encodes_words_apart
+    pieces = ((piece, end == len(doc)) for doc in docs for piece, end in _pieces(doc, lines, words))
     bos, eos = np.array([tokenizer.bos_id], dtype=dtype), np.array([tokenizer.eos_id], dtype=dtype)
     current: list[np.ndarray] = []  # the pieces of the document being put together
     while batch := _take_chars(pieces, _BATCH_CHARS):
@@ -282,18 +286,39 @@ def _document_tokens(tokenizer: Tokenizer, docs: list[str], dtype: type, bar: tq
                 current = []
 
 
-def _pieces(doc: str) -> Iterator[tuple[str, int]]:
-    """``doc`` in pieces of at most :data:`_BATCH_CHARS` characters, each cut after a newline (a longer line is a
-    piece of its own), with the offset each piece ends at; a short document is one piece."""
+def _pieces(doc: str, lines: bool, words: bool) -> Iterator[tuple[str, int]]:
+    """``doc`` in pieces of at most :data:`_BATCH_CHARS` characters with the offset each ends at, each cut after
+    the last newline in reach (``lines``), else before the last word in reach (``words``: before a space that
+    follows another character); where neither is in reach, the piece runs on to the next cut. A short document, or
+    one that may not be cut, is one piece."""
     start = 0
-    while True:
-        end = len(doc) if len(doc) - start <= _BATCH_CHARS else doc.rfind("\n", start, start + _BATCH_CHARS) + 1
-        if end <= start:  # no newline in reach: the line runs on, and is one piece
-            end = doc.find("\n", start + _BATCH_CHARS) + 1 or len(doc)
+    while len(doc) - start > _BATCH_CHARS:
+        stop = start + _BATCH_CHARS
+        end = _last_cut(doc, start, stop, lines, words) or _next_cut(doc, stop, lines, words) or len(doc)
         yield doc[start:end], end
         if end == len(doc):
             return
         start = end
+    yield doc[start:], len(doc)
+
+
+def _last_cut(doc: str, start: int, stop: int, lines: bool, words: bool) -> int:
+    """The last offset in (start, stop] where ``doc`` may be cut (see :func:`_pieces`), or 0 if none."""
+    if lines and (end := doc.rfind("\n", start, stop) + 1) > start:
+        return end
+    if words and (match := _LAST_WORD_END.match(doc, start, stop)):
+        return match.end()
+    return 0
+
+
+def _next_cut(doc: str, stop: int, lines: bool, words: bool) -> int:
+    """The first offset past ``stop`` where ``doc`` may be cut (see :func:`_pieces`), or 0 if none."""
+    ends = []
+    if lines and (newline := doc.find("\n", stop)) >= 0:
+        ends.append(newline + 1)
+    if words and (match := _WORD_END.search(doc, stop)):
+        ends.append(match.end())
+    return min(ends, default=0)
 
 
 def _take_chars(items: Iterator[tuple[str, bool]], budget: int) -> list[tuple[str, bool]]:
