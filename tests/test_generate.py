@@ -457,3 +457,36 @@ def test_ctrl_c_during_an_interactive_reply_stops_it_and_the_session_goes_on(com
     assert out.endswith(f"\n{replies[0]}\n") and "stopped (left out of the conversation)" in err
     with pytest.raises(KeyboardInterrupt):  # one prompt on the command line: Ctrl-C ends the run, as before
         cli.generate(compose_train([*common, "prompt=hi"], name="generate"))
+
+
+def test_out_of_memory_during_an_interactive_reply_drops_it_and_the_session_goes_on(compose_train,
+                                                                                     tiny_generate_cli, monkeypatch,
+                                                                                     capsys):
+    # A long chat on an 8 GB GPU ran out of memory mid-reply, and the session (its conversation too) ended
+    cli = tiny_generate_cli
+    asked, stream_text = [], cli.stream_text
+
+    def out_of_memory_once(model, tok, prompt, *args, **kwargs):
+        asked.append([m["content"] for m in prompt])
+        deltas = stream_text(model, tok, prompt, *args, **kwargs)
+        yield next(deltas)
+        if len(asked) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                         "of 7.6 GiB of which 1.2 GiB is free. Including non-PyTorch memory.")
+        yield from deltas
+
+    monkeypatch.setattr(cli, "stream_text", out_of_memory_once)
+    monkeypatch.setattr(cli, "read_stdin_prompts", lambda: iter(["hi", "yo", "ok"]))
+    common = ["ckpt_path=x", "chat=true", "max_new_tokens=4", "temperature=0", "stream=true"]
+    replies = cli.generate(compose_train([*common, "interactive=true"], name="generate"))
+    assert len(replies) == 2 and asked[2] == ["hi", replies[0], "ok"]  # the conversation before it is kept
+    assert ("error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+            "7.6 GiB of which 1.2 GiB is free; the answer is left out") in capsys.readouterr().err
+
+    def broken(model, tok, prompt, *args, **kwargs):
+        yield "a"
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "stream_text", broken)
+    with pytest.raises(RuntimeError, match="boom"):  # another error is not taken for one
+        cli.generate(compose_train([*common, "interactive=true"], name="generate"))

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from llmfoundry_pl.chat import ChatFormat, Message
+from llmfoundry_pl.cli.app import out_of_memory
 from llmfoundry_pl.cli.common import (
     load_model,
     pick_device,
@@ -158,8 +159,8 @@ def _answer(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat | None, h
     asked and the answer. A prompt the model cannot take raises :class:`ConfigError` before anything is printed.
 
     Interactive, Ctrl-C while the answer is generated stops it and returns None (the session waits for the next
-    prompt, as chat programs do; it used to end, and a chat's history with it). Once the answer is printed whole,
-    Ctrl-C ends the session, as at the prompt."""
+    prompt, as chat programs do; it used to end, and a chat's history with it); so does the device running out of
+    memory. Once the answer is printed whole, Ctrl-C ends the session, as at the prompt."""
     check_encodable(prompt, "the prompt")  # a line typed in another encoding than UTF-8 (GBK), say
     # chat: the conversation so far, oldest turns dropped if it outgrows the context; kept as it was if this prompt
     # cannot be answered (a message too long for the context alone would have cleared it)
@@ -178,10 +179,21 @@ def _answer(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat | None, h
     except KeyboardInterrupt:
         if not cfg.interactive:
             raise
-        deltas.close()
-        print(flush=True)
-        print("stopped (left out of the conversation); Ctrl-C at the prompt, or Ctrl-D, ends the session",
-              file=sys.stderr, flush=True)
-        return None
+        return _drop_answer(deltas, "stopped (left out of the conversation); Ctrl-C at the prompt, or Ctrl-D, ends "
+                                    "the session")
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not cfg.interactive or (what := out_of_memory(e)) is None:
+            raise
+        return _drop_answer(deltas, f"error: out of memory: {what}; the answer is left out (the conversation before "
+                                    "it is kept); a shorter prompt or conversation, or a lower max_new_tokens, "
+                                    "needs less")
     print("" if cfg.stream else text, flush=True)
     return asked, text
+
+
+def _drop_answer(deltas: Generator[str, None, None], message: str) -> None:
+    """End an interactive answer cut short (Ctrl-C, or the device out of memory, as a long chat on an 8 GB GPU may
+    run into): the generation is closed, the line ended and ``message`` said; the session goes on."""
+    deltas.close()
+    print(flush=True)
+    print(message, file=sys.stderr, flush=True)
