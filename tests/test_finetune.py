@@ -444,6 +444,34 @@ def test_lora_trains_only_adapters_and_merges_into_the_same_function(tokenizer):
     torch.testing.assert_close(merged(tokens), with_adapters, atol=1e-5, rtol=1e-5)
 
 
+def test_a_lora_model_of_the_python_api_is_saved_merged_only(tokenizer, tmp_path, compose_train):
+    # save_hf met its adapters as a KeyError and save_safetensors wrote a folder no load could read; lfpl-export took
+    # a LoRA checkpoint saved from the Python API (no run config) for a plain one: merged without merge_lora=true
+    from llmfoundry_pl.cli.common import load_model
+    from llmfoundry_pl.cli.export import export
+    from llmfoundry_pl.interop import save_hf, save_safetensors
+
+    base = tiny_model(tokenizer.vocab_size)
+    save_safetensors(base, tokenizer, tmp_path / "base")
+    lit = LitLlama(base.config, network=base, lora=LoraConfig(enabled=True, r=4), init_from=str(tmp_path / "base"))
+    lit.set_tokenizer(tokenizer)
+    for save in (save_hf, save_safetensors):
+        with pytest.raises(ConfigError, match=r"the model holds LoRA adapters; merge them into its weights first"):
+            save(lit.model, tokenizer, tmp_path / save.__name__)
+        assert not (tmp_path / save.__name__).exists()
+    tokens = torch.randint(0, tokenizer.vocab_size, (4, 17))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(lit, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])))
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    assert lit.hparams.run_config is None and load_model(str(tmp_path / "lora.ckpt"))[2].merged_lora
+    with pytest.raises(ConfigError, match="holds LoRA adapters; merge_lora=true writes them merged"):
+        export(compose_train([f"ckpt_path={tmp_path / 'lora.ckpt'}", f"out={tmp_path / 'out'}"], name="export"))
+    export(compose_train([f"ckpt_path={tmp_path / 'lora.ckpt'}", f"out={tmp_path / 'out'}", "merge_lora=true"],
+                         name="export"))
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_a_lora_resume_on_a_moved_base_is_taken_with_a_warning(tmp_path, capsys):
     # The base was refused by path: a project folder moved (or copied to another machine) could not resume.
     base = tmp_path / "base.ckpt"

@@ -286,8 +286,9 @@ def load_model(ckpt_path: str | None, key: str = "ckpt_path") -> tuple[Transform
                               "by lfpl-export, or a Hugging Face Llama folder")
     path, lit = load_checkpoint(ckpt_path, key)
     # Adapters folded into the weights: the same function as base + adapters, at the plain model's speed.
-    model = merge_lora(lit.model) if has_lora(lit.model) else lit.model
-    return model, lit.tokenizer, ModelSource(path, "ckpt", lit.hparams.run_config)
+    lora = has_lora(lit.model)
+    model = merge_lora(lit.model) if lora else lit.model
+    return model, lit.tokenizer, ModelSource(path, "ckpt", lit.hparams.run_config, merged_lora=lora)
 
 
 def load_checkpoint(ckpt_path: str | None, key: str = "ckpt_path") -> tuple[str, LitLlama]:

@@ -35,10 +35,9 @@ def export(node: DictConfig) -> Path:
             raise ConfigError(f"out={cfg.out} holds the model being exported ({needed}); give the path of a new "
                               "folder, such as out=my-model")
     model, tokenizer, source = load_model(cfg.ckpt_path)  # a LoRA checkpoint comes back merged
-    trained_lora = source.format == "ckpt" and ((source.run_config or {}).get("lora") or {}).get("enabled", False)
-    if trained_lora != cfg.merge_lora:
+    if source.merged_lora != cfg.merge_lora:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} holds LoRA adapters; merge_lora=true writes them merged into "
-                          "the base weights" if trained_lora else
+                          "the base weights" if source.merged_lora else
                           f"merge_lora=true, but ckpt_path={cfg.ckpt_path} has no LoRA adapters; drop merge_lora")
     if cfg.format == "hf":
         out = save_hf(model, tokenizer, cfg.out, overwrite=cfg.overwrite)

@@ -36,12 +36,13 @@ FORMAT_NAMES = {
 
 @dataclass
 class ModelSource:
-    """Where a loaded model came from: its path, its format (a key of FORMAT_NAMES) and, when known, the config
-    of the run that trained it."""
+    """Where a loaded model came from: its path, its format (a key of FORMAT_NAMES), when known the config of the
+    run that trained it, and whether LoRA adapters it held were merged into the weights as it loaded."""
 
     path: str
     format: str
     run_config: dict | None = None
+    merged_lora: bool = False
 
     def __str__(self) -> str:
         return f"{self.path} ({FORMAT_NAMES[self.format]})"

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from llmfoundry_pl.config import ConfigError
 from llmfoundry_pl.files import temp_sibling
+from llmfoundry_pl.lora import has_lora
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.tokenizer import Tokenizer
 
@@ -68,6 +69,16 @@ def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
         raise ConfigError(f"out={out} is not a model folder (it has no config.json), and overwrite=true replaces only "
                           "those; give the path of a new folder, such as out=my-model")
     return out
+
+
+def check_no_adapters(model: Transformer) -> None:
+    """Refuse to save a model that still holds LoRA adapters (as ``lit.model`` does after a LoRA run): its weights
+    carry peft's names, which ``save_hf`` met as a KeyError and ``save_safetensors`` wrote into a folder that no
+    load could read."""
+    if has_lora(model):
+        raise ConfigError("the model holds LoRA adapters; merge them into its weights first (model = "
+                          "llmfoundry_pl.lora.merge_lora(model)), or export its checkpoint with lfpl-export "
+                          "merge_lora=true")
 
 
 def write_json(path: Path, data: dict) -> None:

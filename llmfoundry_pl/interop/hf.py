@@ -20,6 +20,7 @@ from llmfoundry_pl.chat import END
 from llmfoundry_pl.config import ConfigError, ModelConfig
 from llmfoundry_pl.interop.folder import (
     assign_weights,
+    check_no_adapters,
     load_weights,
     read_json,
     read_tokenizer,
@@ -176,6 +177,7 @@ def model_config_from_hf(hf: dict, where: Path) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------------------------
 def save_hf(model: Transformer, tokenizer: Tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a folder that ``transformers`` loads as ``LlamaForCausalLM`` with a tokenizer equal to ours."""
+    check_no_adapters(model)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                           f"{model.config.vocab_size}; they must match to export")

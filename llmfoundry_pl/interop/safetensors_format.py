@@ -20,6 +20,7 @@ from llmfoundry_pl.config import ConfigError, ModelConfig
 from llmfoundry_pl.interop.folder import (
     WEIGHTS,
     assign_weights,
+    check_no_adapters,
     load_weights,
     read_json,
     read_tokenizer,
@@ -39,6 +40,7 @@ def save_safetensors(
 ) -> Path:
     """Write ``model`` and ``tokenizer`` to the folder ``out`` (``run_config``: the training run's, for the record
     and for ``lfpl-eval`` to find the run's validation split)."""
+    check_no_adapters(model)
     state = model.state_dict()
     if model.config.tie_embeddings:
         del state["output.weight"]  # the same tensor as tok_embeddings.weight; safetensors refuses to store it twice
