@@ -60,8 +60,6 @@ def check_messages(messages: object, where: str = "the conversation") -> list[Me
         if not isinstance(m.get("content"), str):
             raise ConfigError(f"{where}: message {i} ({m['role']}) has no text content")
         check_encodable(m["content"], f"{where}: message {i}")
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise ConfigError(f"{where}: message {i} is an empty assistant turn; there is nothing to learn from it")
     return messages
 
 

@@ -1,4 +1,5 @@
 import io
+import itertools
 import json
 import os
 import shutil
@@ -147,7 +148,7 @@ def test_long_documents_are_encoded_in_pieces_that_give_the_ids_of_the_whole(tmp
     assert ids == [tokenizer.bos_id, *tokenizer.encode(one_line.read_text()), tokenizer.eos_id]
     pieces = [p for p, _ in corpus._pieces(one_line.read_text(), True, True)]
     assert "".join(pieces) == one_line.read_text() and len(pieces) > 5
-    assert all(p[-1] != " " and n[0] == " " for p, n in zip(pieces, pieces[1:]))
+    assert all(p[-1] != " " and n[0] == " " for p, n in itertools.pairwise(pieces))
     assert pieces[-2].endswith("  " + "长" * 60) and len(pieces[-2]) > 50  # no cut in reach: the piece ran on
     # A tokenizer that puts "▁" before every text (Llama 2's) would put one before every piece: whole documents
     buffer = io.BytesIO()

@@ -31,6 +31,7 @@ from llmfoundry_pl.data.chat import (
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
 from llmfoundry_pl.data.datamodule import IGNORE_INDEX
 from llmfoundry_pl.inference.scoring import sequence_log_probs
+from llmfoundry_pl.inference.text import encode_prompt
 from llmfoundry_pl.lit_module import LitDPO, LitLlama
 from llmfoundry_pl.lora import merge_lora
 from llmfoundry_pl.metrics import PreferenceMetrics
@@ -75,6 +76,16 @@ def test_chat_template_encodes_as_its_rendered_text(tokenizer, chat):
     assert ids == tokenizer.encode(render(CONVERSATION))  # piecewise encoding == encoding the whole text
     assert len(trained) == len(ids)
     assert chat.prompt_ids(CONVERSATION[:2]) == tokenizer.encode(render(CONVERSATION[:2], add_generation_prompt=True))
+
+
+def test_a_prompt_conversation_is_checked_as_chat_data_is(tokenizer, chat):
+    # A role the template lacks (OpenAI's "developer", from Python; lfpl-serve maps it to system) was a bare KeyError
+    with pytest.raises(ConfigError, match="the prompt: message 0 has role 'developer'; use one of system, user, "):
+        encode_prompt(tokenizer, [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                      chat)
+    # An empty earlier reply is a conversation to continue (a chat whose model answered nothing), not training data
+    asked = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "?"}]
+    assert encode_prompt(tokenizer, tuple(asked), chat)[0] == chat.prompt_ids(asked)
 
 
 def test_loss_masking_trains_on_replies_and_their_end_token_only(tokenizer, chat):

@@ -108,6 +108,9 @@ def _parse_line(line: str, fmt: str, where: str) -> dict:
         raise ConfigError(f'{where}: expected {{"messages": [...]}} or {{"instruction", "input", "output"}}')
     if not any(m["role"] == "assistant" for m in messages):
         raise ConfigError(f"{where}: the conversation has no assistant turn, so nothing to learn")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise ConfigError(f"{where}: message {i} is an empty assistant turn; there is nothing to learn from it")
     return {"messages": messages}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from llmfoundry_pl.chat import ChatFormat, Message
+from llmfoundry_pl.chat import ChatFormat, Message, check_messages
 from llmfoundry_pl.config import check_stop_strings
 from llmfoundry_pl.inference.generate import generate_batch, generate_stream
 from llmfoundry_pl.inference.speculative import speculative_stream
@@ -50,9 +50,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: ChatFormat | None)
             raise TypeError("a conversation (list of messages) needs chat=ChatFormat(tokenizer)")
         check_encodable(prompt, "the prompt")
         return tokenizer.encode(prompt, bos=True), (tokenizer.eos_id,)
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    for m in messages:
-        check_encodable(m["content"], "the prompt")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    check_messages(messages, "the prompt")  # a role the template lacks (OpenAI's "developer") was a bare KeyError
     return chat.prompt_ids(messages), chat.stop_ids
 
 
