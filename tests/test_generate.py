@@ -142,6 +142,18 @@ def test_a_model_with_nan_weights_is_an_error_not_garbage(model):
                 list(speculative_stream(target, draft, [1, 2, 3], 4, temperature=temperature))
 
 
+def test_a_float16_overflow_is_not_blamed_on_the_weights(model):
+    # precision=16-true: activations past 65504 were reported as NaN weights, and an older checkpoint advised
+    overflowing = Transformer(model.config).eval()
+    overflowing.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        overflowing.norm.weight.mul_(1e5)  # logits of ~1e5: finite in fp32
+    assert len(generate(overflowing, [1, 2, 3], 2, temperature=0)) == 2
+    with pytest.raises(ConfigError, match="in float16 its activations outgrew the format's range, or its weights "
+                                          "hold NaN or inf; use precision=bf16-true or 32-true"):
+        generate(overflowing.half(), [1, 2, 3], 2, temperature=0)
+
+
 def test_prompt_longer_than_the_context_is_an_error(model):
     with pytest.raises(ConfigError, match="the prompt is 25 tokens; it must be 1 to 24"):
         generate(model, [1] * 25, 3)

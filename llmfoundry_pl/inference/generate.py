@@ -54,8 +54,10 @@ def generate_batch(
     model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: EndIds = None, **kwargs
 ) -> list[list[int]]:
     """Continue each prompt of a batch (different lengths welcome); each row ends at an ``eos_id`` (one id or
-    several; not included) or after ``max_new_tokens``. With greedy decoding, row i is exactly ``generate(model,
-    prompts[i], ...)``. Takes the sampling options of :func:`generate_steps`."""
+    several; not included) or after ``max_new_tokens``. With greedy decoding in fp32, row i is exactly
+    ``generate(model, prompts[i], ...)``; in half precision the padded batch rounds otherwise (another attention
+    kernel, other matmul shapes), and a near tie may go the other way. Takes the sampling options of
+    :func:`generate_steps`."""
     ends = end_ids(eos_id)
     end_tensor = torch.tensor(sorted(ends), dtype=torch.long)  # the ids generate_steps yields are longs
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -110,7 +112,7 @@ def generate_steps(
         tokens, left_pad = _left_padded(seqs, context, device)
         cache = new_kv_cache(model, batch_size=len(seqs)) if use_cache else None
         logits = model(tokens, cache, 0, left_pad)[:, -1]  # prefill: every prompt at once, (B, V)
-        check_finite(logits)  # once: a model with NaN weights shows it at the first token
+        check_finite(logits, model)  # once: a model with NaN weights shows it at the first token
         cached = tokens.size(1)  # slots filled in the cache (the same for every row)
         for step in range(max_new_tokens):
             next_ids = sample_next(logits, generator, temperature, top_k, top_p, min_p, repetition_penalty, seen)

@@ -8,9 +8,9 @@
     int4_weight  4-bit weights in groups of 32 sharing a scale and zero point (torchao's CPU int4 kernel); CPU
 
 What is quantized: every ``nn.Linear`` — the seven matrices of each block and the output head, which holds
-vocab_size·dim weights, a quarter of the tiny model's. Not the token embedding: it is a table lookup, not a
-matmul, so it would save memory but no time (and a head tied to it stays fp32 too, see :func:`quantize`). Norms
-are vectors. The KV cache and the activations between layers stay in the model's dtype: fp32, or bf16/fp16 when
+vocab_size·dim weights, a quarter of the tiny model's. Not the token embedding: it is a table lookup, not a matmul,
+so it would save memory but no time (and a head tied to it stays unquantized too, see :func:`quantize`). Norms are
+vectors. The KV cache and the activations between layers stay in the model's dtype: fp32, or bf16/fp16 when
 :func:`for_inference` casts the model first (``precision=bf16-true``/``16-true``), which is also what torchao's
 weight-only modes then compute in (their int4 CPU kernel is several times faster on bf16 than on fp32).
 
@@ -63,8 +63,8 @@ def quantize(model: Transformer, mode: str) -> Transformer:
     place, on the device it is on; ``none`` returns it unchanged. Quantize after moving the model to its device,
     and before ``torch.compile``. The result is for inference only: its quantized weights have no gradients.
 
-    A head tied to the embedding (``tie_embeddings``) stays fp32: quantizing it would add an int8 copy beside the
-    fp32 table the lookup still needs."""
+    A head tied to the embedding (``tie_embeddings``) stays unquantized, in the model's dtype: quantizing it would
+    add an int8 copy beside the table the lookup still needs."""
     check_quantize(mode)  # the CLIs' schemas already checked; this is for callers from Python
     if mode == "none":
         return model

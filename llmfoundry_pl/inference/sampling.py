@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.model import Transformer
 
 # A temperature under this samples greedily, as vLLM does: dividing the logits by one much smaller overflows fp32
 # (from ~1e-38 on, the softmax holds inf and NaN and the draw fails), and near it the draw is the argmax anyway.
@@ -89,12 +90,18 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise
 
 
-def check_finite(scores: torch.Tensor) -> None:
-    """A one-line error if the model's ``scores`` (logits or probabilities) hold NaN or inf: its weights do, and
-    whatever it generates is garbage (greedy decoding would pick token 0 every time)."""
-    if not torch.isfinite(scores).all():
-        raise ConfigError("the model's next-token scores are NaN or infinite: its weights hold NaN or inf (saved by "
-                          "a run that diverged?); use a checkpoint saved before that")
+def check_finite(scores: torch.Tensor, model: Transformer | None = None) -> None:
+    """A one-line error if the ``scores`` (logits or probabilities) of ``model`` hold NaN or inf: its weights do, or,
+    in float16, its activations outgrew the format's range (65504; bfloat16 has float32's), and whatever it generates
+    is garbage (greedy decoding would pick token 0 every time)."""
+    if torch.isfinite(scores).all():
+        return
+    if model is not None and model.tok_embeddings.weight.dtype == torch.float16:  # logits come out in fp32
+        raise ConfigError("the model's next-token scores are NaN or infinite: in float16 its activations outgrew "
+                          "the format's range, or its weights hold NaN or inf; use precision=bf16-true or 32-true, and "
+                          "if that fails too, a checkpoint saved before the run diverged")
+    raise ConfigError("the model's next-token scores are NaN or infinite: its weights hold NaN or inf (saved by "
+                      "a run that diverged?); use a checkpoint saved before that")
 
 
 def sample_next(

@@ -76,7 +76,9 @@ def speculative_stream(
     with ``model`` alone, guessing ``draft_tokens`` at a time with ``draft_model`` (which must share the
     tokenizer). ``stats`` (optional) is filled in as it goes. The context is the target's: once the text fills the
     draft's shorter one, the target decodes alone (with its cache), and once it fills the target's, the rest is
-    plain decoding with a sliding window (its repetition penalty seeing the whole text), as without a draft."""
+    plain decoding with a sliding window (its repetition penalty seeing the whole text), as without a draft.
+    Greedy output equals plain decoding's in fp32 and unquantized; a model quantized to ``int8`` scores the k + 1
+    tokens of a pass with one activation scale, so it may not (``lfpl-generate`` refuses that pair)."""
     check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     if draft_tokens < 1:
         raise ConfigError(f"draft_tokens={draft_tokens} must be 1 or more")
@@ -122,7 +124,7 @@ def speculative_stream(
             feed = tokens[draft_cached:]
             for _ in range(k):
                 logits = draft_model(torch.tensor([feed], device=device), draft_cache, draft_cached)[0, -1]
-                check_finite(logits)
+                check_finite(logits, draft_model)
                 draft_cached += len(feed)
                 q.append(probs(logits, guesses))
                 guesses.append(int(draw(q[-1], generator)))
@@ -130,7 +132,7 @@ def speculative_stream(
             # 2. The target scores the last token and all k guesses in one pass: k + 1 distributions.
             feed = tokens[target_cached:] + guesses
             logits = model(torch.tensor([feed], device=device), target_cache, target_cached)[0, -(k + 1) :]
-            check_finite(logits)  # NaN weights: greedy took token 0 every time, as plain decoding does not
+            check_finite(logits, model)  # NaN weights: greedy took token 0 every time, as plain decoding does not
             p = torch.stack([probs(logits[j], guesses[:j]) for j in range(k + 1)])
             # 3. Keep the guesses the target agrees with, plus one token of its own.
             new = accept_draft(p, torch.stack(q) if q else p[:0], guesses, generator)

@@ -206,7 +206,7 @@ class Engine:
         try:
             tokens = torch.tensor([request.prompt_ids], device=self.device)
             logits = self.model(tokens, [_Row(layer, row) for layer in self.cache], 0)[:, -1]
-            check_finite(logits)  # NaN weights: a 500 saying so, rather than greedy requests answered with token 0
+            check_finite(logits, self.model)  # NaN weights: a 500 saying so, not greedy answers of token 0s
         except Exception as error:  # this prompt's pass alone (out of memory on a long one): it failed every request
             self._fail([request], error)
             return
