@@ -414,10 +414,16 @@ class LitLlama(L.LightningModule):
             # 4 it wrote 3): in a run of 10 validated at 4 and 8, the curve's last point sat 3 steps on, not 2.
             # (Taken out of the callback metrics again in on_validation_end.)
             self.log("step", float(self.global_step))
-        if fitting and not torch.isfinite(metrics["loss"]):
+        if fitting:
+            self.check_not_diverged(float(metrics["loss"]))
+
+    def check_not_diverged(self, loss: float) -> None:
+        """Raise :class:`TrainingDiverged` if the held-out ``loss`` of the weights trained so far is no longer a
+        number: while fitting (at each validation), and in ``lfpl-train``'s validation after fit's last step."""
+        if not math.isfinite(loss):
             raise TrainingDiverged(
-                f"training diverged: val/loss is {float(metrics['loss'])} at step {self.global_step}; lower optim.lr "
-                f"(it is {self.optim_cfg.lr:g}) or keep gradient clipping on (trainer.gradient_clip_val=1.0). The "
+                f"training diverged: val/loss is {loss} at step {self.global_step}; lower optim.lr (it is "
+                f"{self.optim_cfg.lr:g}) or keep gradient clipping on (trainer.gradient_clip_val=1.0). The "
                 "checkpoints saved before this step are kept"
             )
 

@@ -23,6 +23,7 @@ from llmfoundry_pl.lit_module import (
     FP16_ADAMW_MIN_EPS,
     LitDPO,
     LitLlama,
+    TrainingDiverged,
     WarmupDecay,
     adamw_param_groups,
     check_adamw_eps,
@@ -239,6 +240,22 @@ def test_a_diverged_run_stops_at_its_next_validation_and_validate_alone_reports_
         trainer.fit(lit, datamodule=datamodule)
     # lfpl-eval measures what there is, NaN included
     assert math.isnan(trainer.validate(lit, datamodule=datamodule, verbose=False)[0]["val/loss"])
+
+
+def test_a_run_that_diverges_after_its_last_validation_stops_before_saving(datamodule):
+    # lfpl-train validates the final weights when fit's last validation came before the last step: NaN there was
+    # saved as last.ckpt and the best checkpoint, then the final sample crashed (a sweep's "failed", not "diverged")
+    from llmfoundry_pl.cli.train import _final_metrics
+
+    torch.manual_seed(0)
+    lit = LitLlama(tiny_model(), optim=OptimConfig(lr=1e4))
+    lit.set_tokenizer(datamodule.tokenizer)
+    trainer = L.Trainer(max_steps=12, val_check_interval=1000, check_val_every_n_epoch=None, limit_val_batches=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        use_distributed_sampler=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(lit, datamodule=datamodule)  # no validation while fitting
+    with pytest.raises(TrainingDiverged, match="training diverged: val/loss is nan at step 12"):
+        _final_metrics(trainer, lit, datamodule)  # (before it saves the checkpoints again)
 
 
 def test_validation_bits_per_byte_use_the_tokenizer_bytes(datamodule):

@@ -181,6 +181,8 @@ def _final_metrics(trainer: L.Trainer, lit: LitLlama, datamodule: L.LightningDat
     if step == trainer.global_step:
         return metrics
     metrics = _validate(trainer, lit, datamodule)
+    if "val/loss" in metrics:  # diverged after fit's last validation: no NaN checkpoints (and no NaN sample)
+        lit.check_not_diverged(metrics["val/loss"])
     checkpoint = trainer.checkpoint_callback
     if isinstance(checkpoint, LastAndBestCheckpoint):
         checkpoint.save_after_validation(trainer)  # on every rank: under FSDP a collective
