@@ -239,6 +239,26 @@ def test_ctrl_c_says_which_checkpoint_to_resume_from(tmp_path, cache_dir, sent, 
     assert f"to go on from the last validation's checkpoint, run lfpl-train ckpt_path={last.resolve()}" in stderr
 
 
+def test_the_resume_hint_names_only_a_checkpoint_that_is_there(tmp_path):
+    # Lightning names a checkpoint before writing it: an interrupt in between named a last.ckpt that did not exist,
+    # and with save_last=false "before any checkpoint was saved" hid the best one
+    from types import SimpleNamespace
+
+    from llmfoundry_pl.cli.train import _resume_hint
+
+    best, resumed = tmp_path / "step000040.ckpt", tmp_path / "resumed.ckpt"
+    best.touch()
+    resumed.touch()
+    saved = SimpleNamespace(last_model_path=str(tmp_path / "last.ckpt"), best_model_path=str(best))
+    trainer = SimpleNamespace(global_step=50, checkpoint_callback=saved)
+    assert f"to go on from the best checkpoint, run lfpl-train ckpt_path={best} " in _resume_hint(trainer, None)
+    best.unlink()
+    assert f"from the checkpoint it resumed from, run lfpl-train ckpt_path={resumed} " in \
+        _resume_hint(trainer, str(resumed))
+    assert "before any checkpoint was saved" in _resume_hint(SimpleNamespace(global_step=5, checkpoint_callback=None),
+                                                             None)
+
+
 def test_ctrl_c_at_an_interactive_prompt_ends_without_a_traceback(trained_run, tmp_path):
     # The usual way to leave lfpl-generate interactive=true printed a KeyboardInterrupt traceback
     proc = subprocess.Popen([sys.executable, "-m", "llmfoundry_pl.generate", f"ckpt_path={trained_run}/checkpoints/"

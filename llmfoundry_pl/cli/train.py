@@ -280,15 +280,20 @@ def _resume_point(ckpt_path: str | None) -> tuple[int, str | None]:
 
 
 def _resume_hint(trainer: L.Trainer, resumed_from: str | None) -> str:
-    """After Ctrl-C or SIGTERM: where the run stopped, and the checkpoint to go on from (the last validation's, or
-    before this run saved one, the one it resumed from)."""
-    last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback is not None else ""
-    last = last or resumed_from
-    if not last:
+    """After Ctrl-C or SIGTERM: where the run stopped, and the checkpoint to go on from: the last validation's, the
+    best one where last.ckpt is off (save_last=false), or before this run saved one, the one it resumed from. Each
+    only if its file is there: Lightning names a checkpoint before writing it, and an interrupt in between named
+    a last.ckpt that did not exist."""
+    saved = trainer.checkpoint_callback
+    candidates = [(saved.last_model_path, "the last validation's checkpoint"),
+                  (saved.best_model_path, "the best checkpoint")] if saved is not None else []
+    candidates.append((resumed_from, "the checkpoint it resumed from"))
+    found = next(((path, what) for path, what in candidates if path and Path(path).is_file()), None)
+    if found is None:
         return (f"interrupted at step {trainer.global_step}, before any checkpoint was saved (one is written at each "
                 "validation, every trainer.val_check_interval micro-batches)")
-    return (f"interrupted at step {trainer.global_step}; to go on from the last validation's checkpoint, run "
-            f"lfpl-train ckpt_path={last} with this run's settings")
+    return (f"interrupted at step {trainer.global_step}; to go on from {found[1]}, run lfpl-train "
+            f"ckpt_path={found[0]} with this run's settings")
 
 
 def _report(
