@@ -171,6 +171,8 @@ def test_resume_continues_exactly(tmp_path, cache_dir, placement, tolerance):
     # Resumed into its own folder (as after an interruption with a fixed hydra.run.dir), the curve before the
     # checkpoint stays and the steps logged after it are not doubled: Lightning's CSV logger deleted metrics.csv
     shutil.copytree(tmp_path / "full", tmp_path / "same")
+    with open(tmp_path / "same" / "csv" / "metrics.csv", "a") as f:
+        f.write("0,0.00")  # a row a killed run cut short: the resume ended in a TypeError
     run_cli("train", *run, f"ckpt_path={tmp_path}/same/checkpoints/step4.ckpt", "hydra.run.dir=same", cwd=tmp_path)
     with open(tmp_path / "same" / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

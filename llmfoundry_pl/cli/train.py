@@ -248,9 +248,22 @@ def _keep_the_curve_before(step: int, loggers: list) -> None:
         if path is None or not path.is_file():
             continue
         with open(path, newline="") as f:  # a validation logs at the step it follows, the training steps after it
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) < step or
-                    (int(r["step"]) == step and any(v for k, v in r.items() if k.startswith("val/")))]
+            rows = [r for r in csv.DictReader(f) if _whole_row(r) and (int(r["step"]) < step or (
+                int(r["step"]) == step and any(v for k, v in r.items() if k.startswith("val/"))))]
         logger.experiment.metrics[:0] = rows  # (creating the writer deletes the file); written with the next save
+
+
+def _whole_row(row: dict) -> bool:
+    """Whether a metrics.csv row holds a step and numbers only: the run a resume follows may have been killed while
+    writing its last row, which was then cut short (kept, it ended the resume in a TypeError)."""
+    try:
+        int(row["step"])
+        for value in row.values():
+            if value:
+                float(value)
+    except (TypeError, ValueError):  # no step (too few cells), a number cut short, or extra cells (a list)
+        return False
+    return True
 
 
 def check_monitors(callbacks: DictConfig, validated: list[str]) -> None:
