@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import shutil
@@ -411,6 +412,18 @@ def _first_step_gradients(dm: ChatDataModule, accumulate: int, tokenizer: Tokeni
                         enable_model_summary=False, callbacks=[Keep()])
     trainer.fit(lit, datamodule=dm)
     return grads
+
+
+def test_a_fine_tuning_run_logs_no_token_count_read_off_one_batch(tokenizer, tmp_path):
+    # Counted as steps × one batch's width, as pretraining's windows are, train/tokens went down between steps
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv")
+    lit = LitLlama(tiny_model(tokenizer.vocab_size).config, network=tiny_model(tokenizer.vocab_size))
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, log_every_n_steps=1, limit_val_batches=0, logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(lit, datamodule=_chat_data(tmp_path, tokenizer, batch_size=2))
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        columns = next(csv.reader(f))
+    assert "train/loss" in columns and "train/tokens" not in columns
 
 
 def test_accumulated_fine_tuning_step_has_the_gradient_of_the_whole_batch(tokenizer, tmp_path):

@@ -291,6 +291,8 @@ def _counted_targets(item: Example | list[Example]) -> int:
 class ChatDataModule(StepDataModule):
     """SFT conversations or DPO preference pairs from ``cfg``, encoded with ``tokenizer`` (the model's own)."""
 
+    same_tokens_every_step = False  # counted from one batch's width, train/tokens went down between steps
+
     def __init__(self, cfg: ChatDataConfig, tokenizer: Tokenizer) -> None:
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer

@@ -118,6 +118,9 @@ class StepDataModule(L.LightningDataModule):
     Also builds their DataLoaders, one way for all (memory pinned on CUDA: the chat data's loader had left it out)."""
 
     cfg: Any  # the data config: batch_size, seq_len, seed, num_workers
+    # Whether every step holds the same tokens (pretraining's windows of data.seq_len), which the training step then
+    # counts from one batch's shape as train/tokens; chat examples are padded to each batch's longest
+    same_tokens_every_step = True
 
     def state_dict(self) -> dict[str, Any]:
         samples = self.cfg.batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
