@@ -15,7 +15,13 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from llmfoundry_pl.cli import app as app_module
-from llmfoundry_pl.cli.app import check_nothing_deleted, quote_non_ascii_values, run_hydra_app, user_errors
+from llmfoundry_pl.cli.app import (
+    check_members_that_are_off,
+    check_nothing_deleted,
+    quote_non_ascii_values,
+    run_hydra_app,
+    user_errors,
+)
 from llmfoundry_pl.cli.common import (
     build_trainer,
     check_compiled_attention,
@@ -333,7 +339,7 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capfd)
         raise BrokenPipeError(32, "Broken pipe")
 
     with pytest.raises(SystemExit) as exit_:
-        run_hydra_app(app)
+        run_hydra_app(app, "train")
     assert exit_.value.code == 1 and seen == ["prompt='你好'"] and capfd.readouterr().err == ""
 
 
@@ -349,8 +355,24 @@ def test_ctrl_c_while_a_command_starts_is_one_word(monkeypatch, capfd):
 
     monkeypatch.setattr(app_module, "register_configs", interrupted)
     with pytest.raises(SystemExit) as exit_:
-        run_hydra_app(lambda: None)
+        run_hydra_app(lambda: None, "train")
     assert exit_.value.code == 130 and capfd.readouterr().err == "interrupted\n"
+
+
+def test_a_setting_inside_a_callback_that_is_off_is_one_line(compose_train):
+    # OmegaConf cannot fill a member that is null: callbacks.early_stopping.patience=5 (off by default) was a 23-line
+    # traceback, "AssertionError: Unexpected type for root: NoneType"
+    with pytest.raises(ConfigError, match=r"callbacks.early_stopping.patience: callbacks.early_stopping is off \(null"
+                                          r"\) in this config, .*; callbacks=early_stopping turns it on"):
+        check_members_that_are_off("train", ["model=tiny", "callbacks.early_stopping.patience=5"])
+    with pytest.raises(ConfigError, match=r"callbacks.sample_text: .* \(an experiment= may turn it off\)"):
+        check_members_that_are_off("train", ["experiment=sft", "callbacks.sample_text={prompt: hi}"])
+    with pytest.raises(ConfigError, match="logger.tensorboard.name: .*; logger=tensorboard turns it on"):
+        check_members_that_are_off("train", ["logger.tensorboard.name=x"])
+    # on: taken, a sweep over it too
+    check_members_that_are_off("train", ["callbacks=early_stopping", "callbacks.early_stopping.patience=5,9"])
+    check_members_that_are_off("train", ["optim.lr=1e-3,3e-3", "callbacks.sample_text.prompt=ROMEO:"])
+    compose_train(["callbacks=early_stopping", "callbacks.early_stopping.patience=5"])  # the global state is kept
 
 
 def test_schema_from_signature_keeps_names_defaults_and_plain_types():

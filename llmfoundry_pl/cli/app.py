@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib import resources
 from typing import Any
 
 import hydra
@@ -40,7 +41,7 @@ def hydra_command(config_name: str, task: str) -> Callable[[], Any]:
             module, _, function = task.partition(":")
             return getattr(importlib.import_module(module), function)(cfg)
 
-    return lambda: run_hydra_app(app)
+    return lambda: run_hydra_app(app, config_name)
 
 
 @contextmanager
@@ -116,20 +117,58 @@ def out_of_memory(error: BaseException) -> str | None:
     return f"the CPU could not allocate {int(cpu[1]) / 1e9:.1f} GB more" if cpu else None
 
 
-def run_hydra_app(app: Callable[[], Any]) -> None:
-    """Start a Hydra command (``app``, its ``@hydra.main`` function): register the schemas, quiet the libraries'
-    noise, and quote the values Hydra's command-line grammar cannot read unquoted (:func:`quote_non_ascii_values`);
-    output piped into a reader that stops early (``| head``) ends quietly, as for other commands, and Ctrl-C before
-    the command's task starts (the imports, composing the config) is "interrupted", as during it."""
+def run_hydra_app(app: Callable[[], Any], config_name: str) -> None:
+    """Start a Hydra command (``app``, its ``@hydra.main`` function, of ``conf/<config_name>.yaml``): register the
+    schemas, quiet the libraries' noise, quote the values Hydra's command-line grammar cannot read unquoted
+    (:func:`quote_non_ascii_values`) and refuse overrides inside a callback or logger that is off
+    (:func:`check_members_that_are_off`); output piped into a reader that stops early (``| head``) ends quietly, as
+    for other commands, and Ctrl-C before the command's task starts (the imports, composing the config) is
+    "interrupted", as during it."""
     try:
         with user_errors():  # (the task's own user_errors, inside app, has already ended what happened there)
             register_configs()  # imports Lightning: the schemas of trainer, callbacks and logger are its signatures
             quiet_library_noise()
             sys.argv[1:] = quote_non_ascii_values(sys.argv[1:])
+            check_members_that_are_off(config_name, sys.argv[1:])
             app()
     except BrokenPipeError:  # `lfpl-train --help | head`: the reader left early, and Python's traceback said so
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe: no second error at exit
         raise SystemExit(1) from None
+
+
+# The key of an override of a callback or logger, or of a setting inside one: callbacks.early_stopping.patience
+_MEMBER_KEY = re.compile(r"\+{0,2}(callbacks|logger)\.(\w+)(\.[\w.]+)?")
+# An override that can choose which members are on: a config group's option (experiment=sft, callbacks=none) or a
+# top-level setting; not a sweep (a,b), which a single composition cannot take
+_CHOICE_OVERRIDE = re.compile(r"\+{0,2}(?!hydra)[\w/]+(@[\w.]+)?=[^,]*")
+
+
+def check_members_that_are_off(config_name: str, args: list[str]) -> None:
+    """Refuse, in one line, a command-line override inside a callback or logger that the config leaves off (null):
+    ``callbacks.early_stopping.patience=5`` under ``callbacks=default``, or ``callbacks.sample_text={...}`` under
+    ``experiment=sft``. OmegaConf cannot fill a member that is null (see ``config._optional_members``), and failed in
+    a 23-line traceback ("Unexpected type for root: NoneType"). Only when such an override is typed, the config is
+    composed once more from the group choices alone, to see which members are off; a composition that fails is
+    left to Hydra, which reports it."""
+    members = [(m[1], m[2], m[0].lstrip("+")) for arg in args if (m := _MEMBER_KEY.fullmatch(arg.partition("=")[0]))]
+    if not members:
+        return
+    from hydra import compose, initialize_config_module
+
+    choices = [arg for arg in args if _CHOICE_OVERRIDE.fullmatch(arg)]
+    try:
+        with initialize_config_module(config_module="llmfoundry_pl.conf", version_base="1.3"):
+            cfg = compose(config_name, overrides=choices)
+    except Exception:  # noqa: BLE001 - Hydra reports a bad command line itself, in its words
+        return
+    for group, member, key in members:
+        if group in cfg and member in cfg[group] and cfg[group][member] is None:
+            own_option = resources.files("llmfoundry_pl.conf").joinpath(group, f"{member}.yaml").is_file()
+            fix = f"{group}={member} turns it on" if own_option else (
+                "choose configs that leave it on (an experiment= may turn it off), or turn it on in a config file "
+                "of your own")
+            raise ConfigError(f"{key}: {group}.{member} is off (null) in this config, and a setting that is off "
+                              f"cannot be filled in from the command line; {fix}")
 
 
 # Characters with a meaning in Hydra's override grammar (sweeps, lists, dicts, interpolations, quotes): a value that
