@@ -146,6 +146,16 @@ def test_plot_errors_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "field larger than field limit" in err
 
+    # a sweep that logged to TensorBoard only: "has logged nothing yet", where it had, elsewhere
+    for job in "01":
+        (tmp_path / "tb_sweep" / job / ".hydra").mkdir(parents=True)
+        (tmp_path / "tb_sweep" / job / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={job}e-3\n")
+        (tmp_path / "tb_sweep" / job / "tensorboard").mkdir()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "tb_sweep")])
+    assert f"(trained with logger=tensorboard? then: tensorboard --logdir {tmp_path / 'tb_sweep'})" in \
+        capsys.readouterr().err
+
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
     with pytest.raises(SystemExit):
         main([str(fake_run(tmp_path / "other"))])

@@ -147,7 +147,10 @@ def plot_sweep(sweep_dir: Path, figure: type) -> list[Path]:
             for r, label in zip(rows, labels, strict=True) if (sweep_dir / r["job"] / "csv" / "metrics.csv").is_file()]
     metrics = [m for m in SWEEP_METRICS if any(m in series for _, series in jobs)]
     if not metrics:
-        raise PlotError(f"no job under {sweep_dir} has logged {' or '.join(SWEEP_METRICS)} yet")
+        tensorboard = any((sweep_dir / r["job"] / "tensorboard").is_dir() for r in rows)
+        hint = f" (trained with logger=tensorboard? then: tensorboard --logdir {sweep_dir})" if tensorboard and \
+            not jobs else " yet"
+        raise PlotError(f"no job under {sweep_dir} has logged {' or '.join(SWEEP_METRICS)} to csv/metrics.csv{hint}")
     fig = figure(figsize=(6.5 * len(metrics), 4.5), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics, strict=True):
