@@ -101,6 +101,7 @@ def test_next_token_probs_apply_each_setting():
     assert kept(next_token_probs(logits, min_p=0.4).log()) == [1, 3]
     assert kept(next_token_probs(logits, top_k=2).log()) == [1, 3]
     assert kept(next_token_probs(logits, top_p=0.6).log()) == [1, 3]
+    assert kept(next_token_probs(logits, top_p=1e-300).log()) == [1]  # 0 in fp32: every token was dropped
 
 
 def test_greedy_and_filters_in_sample_next():

@@ -164,7 +164,8 @@ def server(tmp_path_factory, model, tokenizer):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmfoundry_pl.serve", f"ckpt_path={folder}", f"port={port}", f"api_key={API_KEY}",
-         "max_batch=4", "queue_limit=16", "max_body_bytes=4000", "device=cpu"],
+         "max_batch=4", "queue_limit=16", "max_body_bytes=4000", "device=cpu",
+         "cors_origins=['http://localhost:3000']"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     base = f"http://127.0.0.1:{port}"
@@ -296,6 +297,8 @@ def test_concurrent_greedy_requests_get_their_solo_outputs(server, model, tokeni
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "表情\ud83d"}]}, 400,
      "messages.0.content"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 4, "stop": ["A", ""]}, 400, "stop"),
+    # each token is checked against each stop string on the engine's one thread: 50,000 slowed every stream 25-fold
+    ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 4, "stop": list("ABCDE")}, 400, "stop"),
     # OpenAI features this server lacks are refused, not ignored
     ("/v1/completions", {"model": "M", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "echo": True}, 400, "echo"),
@@ -369,6 +372,16 @@ def test_api_key_body_limit_metrics_and_playground(server):
                     encode_chunked=True)
     response = chunked.getresponse()
     assert response.status == 413 and json.loads(response.read())["error"]["message"].startswith("request body")
+    # a browser's pre-flight carries no key: it got the key's 401 without CORS headers, and no page could call
+    origin = {"Origin": "http://localhost:3000"}
+    preflight = urllib.request.Request(f"{base}/v1/chat/completions", method="OPTIONS", headers={
+        **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    answer = urllib.request.urlopen(preflight, timeout=30)
+    assert answer.status == 200 and answer.headers["access-control-allow-origin"] == origin["Origin"]
+    refused = urllib.request.Request(f"{base}/v1/completions", data=b"{}", headers=origin)
+    with pytest.raises(urllib.error.HTTPError) as answer:  # and a page can read why it was refused
+        urllib.request.urlopen(refused, timeout=30)
+    assert answer.value.code == 401 and answer.value.headers["access-control-allow-origin"] == origin["Origin"]
     metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
     for metric in ("lfpl_requests_total", "lfpl_generated_tokens_total", "lfpl_failed_requests_total",
                    "lfpl_tokens_per_second", "lfpl_queue_depth", "lfpl_running_batch_size"):
@@ -548,6 +561,32 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, tokenize
     assert a.error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert c.output_ids == solo(model, tokenizer, "ROMEO:", 8) and not engine.running
     assert "OutOfMemoryError" in capsys.readouterr().err  # the traceback, for whoever runs the server
+
+
+def test_a_request_whose_sampling_fails_fails_alone(model, tokenizer, capsys):
+    # Raised out of the step, one request's failure (a top_p of 1e-300 dropped every token) failed every request
+    # beside it, and those that had finished in that step got a second, final event of error
+    engine = Engine(model, tokenizer, max_batch=3)
+    events = []
+    broken = make_request(tokenizer, "A", max_tokens=8, temperature=0)
+    broken.on_event = lambda delta, reason: (_ for _ in ()).throw(RuntimeError("boom")) if delta else None
+    short = make_request(tokenizer, "ROMEO:", events, max_tokens=3, temperature=0)
+    tiny_p = make_request(tokenizer, "ROMEO:", max_tokens=8, temperature=1.0, top_p=1e-300)  # the most likely kept
+    run_engine(engine, {0: [short, broken, tiny_p]}, steps=10)
+    assert broken.finish_reason == "error" and broken.error == "RuntimeError: boom" and engine.failed_total == 1
+    assert short.output_ids == solo(model, tokenizer, "ROMEO:", 3) and [r for _, r in events if r] == ["length"]
+    assert tiny_p.finish_reason == "length" and tiny_p.output_ids == solo(model, tokenizer, "ROMEO:", 8)
+    assert not engine.running and "RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_a_stop_string_the_flushed_end_completes_is_the_final_events_reason(model, tokenizer):
+    # finish_reason said "stop", the client's last event (and the HTTP answer) "length"
+    engine, events = Engine(model, tokenizer), []
+    request = make_request(tokenizer, "A", events, max_tokens=2, stop=["\ufffd"])
+    for token in tokenizer.encode("A 表")[:-1]:  # the last of its three byte tokens missing: flushed as U+FFFD
+        request.text.push(token)
+    engine._finish(request, "length")
+    assert request.finish_reason == "stop" and events[-1] == ("", "stop")
 
 
 def test_a_cancelled_waiting_request_gives_up_its_place_in_the_queue(model, tokenizer):

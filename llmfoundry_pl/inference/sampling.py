@@ -47,10 +47,12 @@ def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus sampling (Holtzman et al., 2020): keep the smallest set of most likely tokens whose probability
-    mass reaches ``p``."""
+    mass reaches ``p``; at least the most likely one (as Hugging Face's min_tokens_to_keep=1): a ``p`` that rounds
+    to 0 in fp32 (1e-300) dropped every token, and the draw failed on NaN."""
     probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
     mass_before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
     drop_sorted = mass_before >= p  # the set already reached p without these
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 

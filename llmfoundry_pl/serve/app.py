@@ -60,6 +60,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False  # a last chunk with the usage and no choices, before [DONE]
 
 
+MAX_STOP_STRINGS = 4  # OpenAI's limit: fifty thousand in one request slowed every stream beside it 25-fold
+
 # Fields whose null OpenAI's API reads as "the default" (its SDKs and LangChain send them so): they were a 400.
 _NULL_IS_DEFAULT = ("temperature", "top_p", "n", "stream", "stream_options")
 
@@ -181,11 +183,6 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
         engine.stop()
 
     app = FastAPI(title="llmfoundry-pl", docs_url=None, redoc_url=None, lifespan=lifespan)
-    if cfg.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"])
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -197,6 +194,13 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
                               "authentication_error")
         return await call_next(request)
 
+    # A middleware added later runs first. CORS outside the key check: a browser's pre-flight (OPTIONS) carries no
+    # key, and was refused with a 401 without CORS headers, so a web page could not call a server with an api_key.
+    if cfg.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)  # added last: the outermost, before the key check
 
     @app.exception_handler(APIError)
@@ -288,6 +292,8 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
             raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus {asked} ({max_tokens}) exceed the "
                                 f"model's context of {context} tokens", asked)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > MAX_STOP_STRINGS:  # each token is checked against each, on the thread every request shares
+            raise APIError(400, f"stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS} (OpenAI's limit)", "stop")
         try:
             check_stop_strings(stop)
         except ConfigError as e:

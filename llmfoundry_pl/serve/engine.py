@@ -165,6 +165,8 @@ class Engine:
         traceback.print_exc()
         reason = " ".join(str(error).split())[:200]
         what = reason if isinstance(error, ConfigError) else f"{type(error).__name__}: {reason}"  # ours say it all
+        # one that finished in the step that failed has had its answer: a second, final event of error miscounted it
+        requests = [r for r in requests if r.finish_reason is None]
         self.failed_total += len(requests)
         for request in requests:
             request.error = what
@@ -196,7 +198,7 @@ class Engine:
         start_pos = torch.tensor([r.length for r in self.running], device=self.device)  # (B,)
         logits = self.model(tokens, self.cache, start_pos)[:, -1]  # (B, V)
         for row, request in enumerate(self.running):
-            self._accept(request, logits[row : row + 1])
+            self._accept_or_fail(request, logits[row : row + 1])
         self.recent.append((time.monotonic(), len(self.running)))
         self._release_finished()
 
@@ -211,7 +213,15 @@ class Engine:
             self._fail([request], error)
             return
         self.running.append(request)
-        self._accept(request, logits)
+        self._accept_or_fail(request, logits)
+
+    def _accept_or_fail(self, request: Request, logits: torch.Tensor) -> None:
+        """:meth:`_accept`, a failure of which (its own sampling settings) fails this request alone: raised out of
+        the step, it failed every request running beside it."""
+        try:
+            self._accept(request, logits)
+        except Exception as error:  # noqa: BLE001 - reported to the request's client and printed, as in _loop
+            self._fail([request], error)  # its row is let go with the finished ones
 
     def _accept(self, request: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from its (1, V) logits and report it, or finish the request."""
@@ -235,7 +245,7 @@ class Engine:
         if tail := request.text.finish():
             request.on_event(tail, None)
         request.finish_reason = "stop" if request.text.stopped else reason  # the tail may complete a stop string
-        request.on_event("", reason)
+        request.on_event("", request.finish_reason)
 
     def _release_finished(self) -> None:
         """Drop finished and cancelled requests; the last running row moves into each freed row."""
