@@ -91,7 +91,7 @@ class MemoryPlan:
     attention: str  # what computes attention: "flash_attn", "math" or "sdpa" (model.attention, see attention_kernel)
     logits: str  # how the loss meets the output head: "full" or "chunked" (model.logits, see uses_chunked_loss)
     weights: int  # parameters, plus autocast's half-precision copies of the matmul weights
-    gradients: int  # all of them: alive at the peak when micro-batches accumulate
+    gradients: int  # all of them: alive at the peak when micro-batches accumulate, or when they outweigh activations
     optimizer: int  # AdamW's two moments
     saved: int  # what autograd keeps for the backward pass
     saved_checkpointed: int  # the same with model.activation_checkpointing=true, one block re-run at a time
@@ -115,10 +115,15 @@ class MemoryPlan:
 
     def peak(self, checkpointing: bool) -> int:
         """Estimated peak bytes of a training step's tensors: at the start of the backward pass, when every saved tensor
-        and the loss's gradients are alive — plus all gradients when they accumulate over micro-batches (without
-        accumulation they are freed after each step and only appear as the activations go)."""
+        and the loss's gradients are alive — plus all gradients when they accumulate over micro-batches. Without
+        accumulation they are freed after each step and appear as the activations go, so the peak is the larger of
+        the activations and the gradients, which are all there once the pass ends (and for the optimizer's step):
+        counted without them, a small micro-batch (or checkpointed blocks) planned below weights, gradients and
+        AdamW's state alone (model=base in fp32, micro-batch 1: 1.55 GB where those take 1.99)."""
         act = self.activations_checkpointed if checkpointing else self.activations
-        return self.weights + self.optimizer + (self.gradients if self.accumulate > 1 else 0) + act
+        if self.accumulate > 1:
+            return self.weights + self.optimizer + self.gradients + act
+        return self.weights + self.optimizer + max(act, self.gradients)
 
 
 def plan_memory(

@@ -154,7 +154,7 @@ def _print(cfg: DictConfig, machine: MachineConfig, network: Transformer, memory
           f"accumulate {trainer.accumulate_grad_batches}, {devices} device(s){sharding}")
     weights = "weights" + (" (+ half copies)" if memory.weights > memory.gradients else "")
     rows = [(weights, memory.weights, memory.weights),
-            ("gradients" + (" (after the peak)" if memory.accumulate == 1 else ""), memory.gradients,
+            ("gradients" + (" (as activations go)" if memory.accumulate == 1 else ""), memory.gradients,
              memory.gradients),
             ("optimizer (AdamW)", memory.optimizer, memory.optimizer),
             ("activations", memory.activations, memory.activations_checkpointed),
