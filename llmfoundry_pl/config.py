@@ -625,8 +625,8 @@ class PlanSettings:
     )
     tokens_per_s: float | None = field(
         default=None,
-        metadata=_help("Training throughput measured by lfpl-bench (its tokens_per_s); null: estimated from "
-                       "machine.peak_tflops × machine.mfu."),
+        metadata=_help("Training throughput per device measured by lfpl-bench (its tokens_per_s, divided by its "
+                       "devices: it counts every rank's); null: estimated from machine.peak_tflops × machine.mfu."),
     )
 
     def __post_init__(self) -> None:

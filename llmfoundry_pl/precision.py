@@ -44,6 +44,13 @@ def cpu_has_native_fp16() -> bool:
     return bool(probe is not None and probe())
 
 
+def precision_run_on(device_type: str, precision: str) -> str:
+    """The precision Lightning trains ``precision`` in on a device of ``device_type``: 16-mixed on a CPU as
+    bf16-mixed (torch's CPU autocast in fp16 is not what Lightning runs; it warns and switches), else as given. What
+    lfpl-plan must time and count for a plan of a run on that device."""
+    return "bf16-mixed" if device_type == "cpu" and precision == "16-mixed" else precision
+
+
 def check_fp16_on_cpu(device_type: str, precision: str | None, key: str) -> None:
     """A one-line error for ``precision=16-true`` on a CPU without fp16 instructions; ``key`` names the setting.
     Called by the training and inference entry points before a step runs. (Lightning itself runs 16-mixed on a CPU

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-from llmfoundry_pl.cli.bench import _combine
+from llmfoundry_pl.cli.bench import _combine, _plain_loop
+from llmfoundry_pl.config import ModelConfig
+from llmfoundry_pl.model import Transformer
 from tests.conftest import run_cli
 
 TINY_BENCH = [
@@ -34,6 +40,7 @@ def test_bench_times_the_lightning_step_and_the_plain_loop(tmp_path, cache_dir):
     assert abs(result["lightning_overhead"] - (1 - result["tokens_per_s"] / result["plain_tokens_per_s"])) < 1e-3
     assert "litgpt is not installed" in out or "litgpt_tokens_per_s" in result
     assert result["weights_finite"] is True and "warning" not in out
+    assert f"precision {result['precision']}," in out and result["precision"] in ("32-true", "bf16-mixed")  # as run
     table = out[out.index("tokens/s  spread") :].splitlines()
     assert [line.split()[0] for line in table[1:3]] == ["lightning", "plain"]
     assert list(tmp_path.iterdir()) == []  # bench writes no files
@@ -59,6 +66,30 @@ def test_bench_under_ddp_counts_the_tokens_of_every_rank(tmp_path, cache_dir):
     assert [line.split()[0] for line in out.splitlines() if line.startswith(("lightning ", "plain "))] == ["lightning"]
     assert sum(line.startswith("{") for line in out.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("precision", "weights", "autocast"), [("bf16-true", torch.bfloat16, None),
+                                                                ("bf16-mixed", torch.float32, torch.bfloat16),
+                                                                ("32-true", torch.float32, None)])
+def test_the_plain_loop_runs_the_precision_the_trainer_runs(precision, weights, autocast):
+    # It read the setting: bf16-true trained in fp32 (a -20% "overhead"), 16-mixed autocast to fp16 on a CPU where
+    # Lightning runs bf16, and the aliases bf16 and 16 ran without autocast
+    seen = []
+
+    def loss_fn(model, x, y):
+        seen.append((next(model.parameters()).dtype, torch.is_autocast_enabled("cpu") and
+                     torch.get_autocast_dtype("cpu")))
+        return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=16))
+    tokens = torch.randint(0, 64, (2, 17))
+    data = SimpleNamespace(train_batches=lambda start, n: [(tokens[:, :-1], tokens[:, 1:])] * n)
+    cfg = OmegaConf.create({"trainer": {"accumulate_grad_batches": 1, "gradient_clip_val": 1.0},
+                            "optim": {"fused": None, "weight_decay": 0.1, "lr": 1e-3, "betas": [0.9, 0.95],
+                                      "eps": 1e-8}})
+    _plain_loop(model, loss_fn, data, cfg, precision, torch.device("cpu"), 2, 1, lambda *figures: figures)
+    assert seen == [(weights, autocast or False)] * 2
 
 
 def test_bench_combines_rounds_into_medians_and_a_spread():

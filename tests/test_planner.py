@@ -344,6 +344,16 @@ def test_a_peak_for_another_precision_gives_no_time_rather_than_a_wrong_one(comp
     assert given["tokens_per_s"] == pytest.approx(bf16["tokens_per_s"] / 2)  # 19.2 against 38.4, same MFU
 
 
+def test_16_mixed_on_a_cpu_is_planned_as_the_bf16_lightning_runs(compose_train, capsys):
+    # Timed at the CPU's fp16 peak, the plan was 6.8x slower than the run (60-400x where fp16 is emulated)
+    on_cpu = ["hardware=cpu", "trainer.precision=16-mixed", "machine.peak_tflops=1", "machine.peak_dtype=bf16"]
+    result = plan(compose_train(on_cpu, name="plan"))
+    assert result["precision"] == "bf16-mixed" and result["tokens_per_s"] is not None
+    assert "per device; bf16-mixed" in capsys.readouterr().out
+    assert plan(compose_train(["hardware=rtx5060", "trainer.precision=16-mixed"], name="plan"))["precision"] == \
+        "16-mixed"  # a GPU runs it in fp16
+
+
 def test_plan_says_when_a_run_does_not_fit(compose_train, capsys):
     cfg = compose_train(["model=base", "hardware=rtx5060", "data.batch_size=64", "data.seq_len=2048"], name="plan")
     assert plan(cfg)["fits"] is False and "does NOT fit" in capsys.readouterr().out

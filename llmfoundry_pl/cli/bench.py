@@ -157,7 +157,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
             for name, build in contenders.items():
                 torch.manual_seed(cfg.seed)
                 before = memory_meter.start(device)  # the Lightning model is still there: count what comes on top
-                row = _plain_loop(build().to(device), loss_fns[name], datamodule, cfg, device, total,
+                row = _plain_loop(build().to(device), loss_fns[name], datamodule, cfg, precision, device, total,
                                   settings.warmup, figures)
                 rounds[name].append(_own_memory(row, before))
         failed = False
@@ -170,8 +170,9 @@ def bench(cfg: DictConfig) -> dict[str, float]:
 
     if not trainer.is_global_zero:
         return {}
-    setup = {"params": params, "devices": devices, "tokens_per_step": tokens_per_call * accumulate,
-             "peak_flops": peak_flops, "attention": planned.attention, "logits": planned.logits,
+    setup = {"params": params, "devices": devices, "precision": precision,
+             "tokens_per_step": tokens_per_call * accumulate, "peak_flops": peak_flops,
+             "attention": planned.attention, "logits": planned.logits,
              "planned_mem_bytes": planned.resident(model_cfg.activation_checkpointing, device.type),
              "weights_finite": weights_finite}
     return _report(rows, setup, cfg, device)
@@ -215,16 +216,22 @@ def _combine(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _plain_loop(model: torch.nn.Module, loss_fn: Callable, datamodule: TextDataModule, cfg: DictConfig,
-                device: torch.device, total: int, warmup: int, figures: Callable[..., dict[str, float]]
-                ) -> dict[str, float]:
-    """The same work as the Lightning step, written out: what a hand-rolled PyTorch script would do."""
-    precision, accumulate = str(cfg.trainer.precision), cfg.trainer.accumulate_grad_batches or 1
+                precision: str, device: torch.device, total: int, warmup: int,
+                figures: Callable[..., dict[str, float]]) -> dict[str, float]:
+    """The same work as the Lightning step, written out: what a hand-rolled PyTorch script would do. ``precision``
+    is the one the Trainer runs (``trainer.precision``, not the setting: Lightning reads 16-mixed on a CPU as
+    bf16-mixed, and the aliases bf16 and 16 as -mixed), in the same way: autocast for -mixed (with a gradient
+    scaler for fp16), the weights cast for -true. Taken from the setting, bf16-true ran the plain loop in fp32."""
+    accumulate = cfg.trainer.accumulate_grad_batches or 1
+    if precision.endswith("-true") and precision in HALF_PRECISION:
+        model = model.to(HALF_PRECISION[precision])
     optim = cfg.optim
     fused = use_fused_adamw(optim.fused, device.type, precision, cfg.trainer.gradient_clip_val)  # as LitLlama does
     optimizer = torch.optim.AdamW(adamw_param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
                                   eps=optim.eps, fused=fused)
     autocast = (torch.autocast(device.type, dtype=HALF_PRECISION[precision]) if precision.endswith("-mixed")
                 else nullcontext())
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")  # off: each call passes through
     batches: Iterator = iter(datamodule.train_batches(0, total * accumulate))
     wait = first_step = 0.0
     for step in range(total):
@@ -238,10 +245,12 @@ def _plain_loop(model: torch.nn.Module, loss_fn: Callable, datamodule: TextDataM
             wait += time.perf_counter() - fetch_start
             with autocast:
                 loss = loss_fn(model, x, y) / accumulate
-            loss.backward()
+            scaler.scale(loss).backward()
         if cfg.trainer.gradient_clip_val:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if step == 0:
             synchronize(device)
@@ -273,7 +282,7 @@ def _report(rows: dict[str, dict[str, float]], setup: dict[str, float | str | bo
     devices = setup["devices"]
     on = f"{devices} × {device.type}" if devices > 1 else str(device)
     print(f"\n{setup['params'] / 1e6:.1f}M parameters, batch {cfg.data.batch_size} × {cfg.data.seq_len} tokens "
-          f"per device, precision {cfg.trainer.precision}, {on}, compile={cfg.compile}, "
+          f"per device, precision {setup['precision']}, {on}, compile={cfg.compile}, "
           f"attention={setup['attention']}, logits={setup['logits']}; peak "
           f"{setup['peak_flops'] / 1e12:.3f} TFLOP/s")
     n_rounds = cfg.bench.rounds
