@@ -126,6 +126,12 @@ class MemoryPlan:
         return self.weights + self.optimizer + max(act, self.gradients)
 
 
+def fsdp_shards(strategy: str, devices: int) -> int:
+    """How many slices weights, gradients and optimizer state are cut into under ``trainer.strategy``: the devices
+    under FSDP, else 1 (each DDP rank holds them whole)."""
+    return devices if strategy == "fsdp" else 1
+
+
 def plan_memory(
     cfg: ModelConfig, batch_size: int, seq_len: int, precision: str, accumulate: int = 1, shards: int = 1,
     compiled: bool = False, *, device_type: str,

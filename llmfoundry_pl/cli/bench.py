@@ -53,7 +53,7 @@ from llmfoundry_pl.data.datamodule import IGNORE_INDEX
 from llmfoundry_pl.lit_module import LitLlama, adamw_param_groups, check_adamw_eps, use_fused_adamw
 from llmfoundry_pl.loss import next_token_loss, uses_chunked_loss
 from llmfoundry_pl.model import Transformer
-from llmfoundry_pl.planner import plan_memory
+from llmfoundry_pl.planner import fsdp_shards, plan_memory
 
 
 class StepTimer(L.Callback):
@@ -110,7 +110,8 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     # The planner's estimate, reported beside the measured memory; first, so a precision it cannot model (64-true)
     # is refused before the minutes of timing, not after them.
     precision, accumulate = str(trainer.precision), cfg.trainer.accumulate_grad_batches or 1
-    planned = plan_memory(model_cfg, cfg.data.batch_size, cfg.data.seq_len, precision, accumulate,
+    shards = fsdp_shards(str(cfg.trainer.strategy), devices)
+    planned = plan_memory(model_cfg, cfg.data.batch_size, cfg.data.seq_len, precision, accumulate, shards,
                           compiled=cfg.compile, device_type=device.type)
     launching = trainer.strategy  # the first fit's strategy starts the other ranks, so it reaps them at the end
     floor = memory_meter.start(device)  # before the model exists: the training step's own memory is above it

@@ -25,7 +25,7 @@ from llmfoundry_pl.cli.ddp import device_count
 from llmfoundry_pl.config import ConfigError, MachineConfig, ModelConfig, PlanSettings
 from llmfoundry_pl.data.datamodule import check_accumulate
 from llmfoundry_pl.model import Transformer
-from llmfoundry_pl.planner import CPU_RESIDENT_FACTOR, MemoryPlan, largest_batch, plan_memory
+from llmfoundry_pl.planner import CPU_RESIDENT_FACTOR, MemoryPlan, fsdp_shards, largest_batch, plan_memory
 from llmfoundry_pl.precision import precision_run_on
 
 HEADROOM = 0.9  # a plan "fits" in 90% of the memory: allocator caching and fragmentation take the rest
@@ -54,7 +54,7 @@ def plan(cfg: DictConfig) -> dict[str, float]:
     if trainer.num_nodes < 1:
         raise ConfigError(f"trainer.num_nodes={trainer.num_nodes} must be 1 or more")
     devices = (device_count(trainer.devices) or 1) * trainer.num_nodes  # [0,1,2,3] is 4, as 4 is
-    shards = devices if trainer.strategy == "fsdp" else 1
+    shards = fsdp_shards(str(trainer.strategy), devices)
     memory = plan_memory(model_cfg, batch, seq_len, precision, accumulate, shards, cfg.compile, device_type=device_type)
     budget = _memory_bytes(machine) * HEADROOM
     fits = {ckpt: largest_batch(model_cfg, seq_len, precision, budget, ckpt, device_type, accumulate, shards,
