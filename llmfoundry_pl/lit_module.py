@@ -333,9 +333,10 @@ class LitLlama(L.LightningModule):
         outputs = self.train_forward(batch)
         loss = outputs["loss"] * self._share_of_step(batch)
         self._log_step_means({**outputs, "loss": loss}, batch_idx)
-        # (a data module of another kind, or none: the Python API's loaders, is taken at its batches' word)
-        same_tokens = getattr(self.trainer.datamodule, "same_tokens_every_step", True)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0 and same_tokens:
+        # Where every step holds the same tokens (a data module of another kind, or none: the Python API's loaders,
+        # is taken at its batches' word)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0 and \
+                getattr(self.trainer.datamodule, "same_tokens_every_step", True):
             # Only on the steps Lightning writes logs: logging a Python number copies it to the GPU, which waits
             # for the GPU to finish (torch.cuda.set_sync_debug_mode flagged it once per step on an H100).
             tokens_per_step = batch[0].numel() * self.trainer.accumulate_grad_batches * self.trainer.world_size
