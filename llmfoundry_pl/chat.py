@@ -101,6 +101,14 @@ class ChatFormat:
             trained.append(False)
         return ids, trained
 
+    def encode_to_last_reply(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
+        """:meth:`encode` cut after its last trained token. What follows it (the separator after the last
+        ``<|end|>``, a closing user turn) is no target, and no later target sees it: fed, it would only take places
+        of the context, and an example whose replies fit would count as too long."""
+        ids, trained = self.encode(messages)
+        last = max((i for i, t in enumerate(trained) if t), default=-1)
+        return ids[: last + 1], trained[: last + 1]
+
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         """What the model continues to write the assistant's next turn."""
         return self.encode(messages, add_generation_prompt=True)[0]

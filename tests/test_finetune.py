@@ -93,14 +93,15 @@ def test_loss_masking_trains_on_replies_and_their_end_token_only(tokenizer, chat
     messages = [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Ariel"}]
     example, too_long = encode_example(chat, messages, seq_len=64, overlong="truncate")
     assert not too_long
-    # By hand: <|user|> Who? <|end|> \n <|assistant|> Ariel <|end|> \n
+    # By hand: <|user|> Who? <|end|> \n <|assistant|> Ariel <|end|>, and not the \n after it: no target, it only
+    # took a place of the context (and made an example whose replies fit count as too long)
     role = tokenizer.sp.piece_to_id
     ids = [role("<|user|>"), *tokenizer.encode("Who?"), chat.end_id, *tokenizer.encode("\n"),
-           role("<|assistant|>"), *tokenizer.encode("Ariel"), chat.end_id, *tokenizer.encode("\n")]
+           role("<|assistant|>"), *tokenizer.encode("Ariel"), chat.end_id]
     reply = tokenizer.encode("Ariel") + [chat.end_id]
     first = ids.index(role("<|assistant|>"))  # that position predicts the reply's first token
-    expected_y = [IGNORE_INDEX] * first + reply + [IGNORE_INDEX] * (len(ids) - 1 - first - len(reply))
-    assert example.x == ids[:-1] and example.y == expected_y
+    assert example.x == ids[:-1] and example.y == [IGNORE_INDEX] * first + reply
+    assert encode_example(chat, messages, seq_len=len(ids) - 1, overlong="drop") == (example, False)
 
 
 def test_training_loss_is_the_mean_over_reply_tokens(tokenizer, chat):
@@ -181,6 +182,7 @@ def test_instruction_lines_become_conversations(tmp_path):
 
 @pytest.mark.parametrize(("line", "reason"), [
     ("{not json", "not valid JSON"),
+    ('{"messages": ' + "[" * 5000 + "]" * 5000 + "}", "JSON nested too deeply"),  # was a RecursionError, not skipped
     ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]}, "message 0 has no role"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "empty assistant turn"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
@@ -259,7 +261,8 @@ def test_a_long_preference_prompt_is_cut_from_its_start_and_the_replies_kept(cha
     ((chosen, rejected),) = encode_all(chat, [pair], cfg, "test")
     assert "1 of 1 examples are longer" in caplog.text
     prompt_ids = chat.encode(prompt)[0]
-    replies = [chat.encode([{"role": "assistant", "content": pair[k]}])[0] for k in ("chosen", "rejected")]
+    replies = [chat.encode_to_last_reply([{"role": "assistant", "content": pair[k]}])[0]
+               for k in ("chosen", "rejected")]
     keep = 49 - max(len(r) for r in replies)  # the prompt's last tokens, as many as leave room for the longer reply
     assert chosen.x == (prompt_ids[-keep:] + replies[0])[:-1]  # the same prompt end, each whole reply after it
     assert rejected.x == (prompt_ids[-keep:] + replies[1])[:-1] and len(rejected.x) == 48

@@ -90,6 +90,8 @@ def _parse_line(line: str, fmt: str, where: str) -> dict:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:  # json's decoder recurses once per nested [ or {
+        raise ConfigError(f"{where}: not valid chat data (JSON nested too deeply)") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if fmt == "preference":
@@ -149,7 +151,7 @@ def encode_example(
 ) -> tuple[Example | None, bool]:
     """A conversation as (inputs, targets) of at most ``seq_len`` each, and whether it was too long. The example
     is None when ``overlong`` drops it: too long under ``drop``, or truncated until no reply token was left."""
-    ids, trained = chat.encode(messages)
+    ids, trained = chat.encode_to_last_reply(messages)
     too_long = len(ids) > seq_len + 1
     if too_long and overlong == "drop":
         return None, True
@@ -168,7 +170,8 @@ def encode_pair(
     its end. The pair is None when ``overlong`` drops it."""
     limit = seq_len + 1
     prompt, prompt_trained = chat.encode(record["prompt"])
-    replies = [chat.encode([{"role": "assistant", "content": record[key]}]) for key in ("chosen", "rejected")]
+    replies = [chat.encode_to_last_reply([{"role": "assistant", "content": record[key]}])
+               for key in ("chosen", "rejected")]
     longest = max(len(ids) for ids, _ in replies)
     too_long = len(prompt) + longest > limit
     if too_long:

@@ -52,9 +52,7 @@ def choice_accuracy(model: nn.Module, chat: ChatFormat, questions: Sequence[Ques
     for question in questions:
         cut = False
         for choice in question.choices:
-            ids, trained = chat.encode([*question.messages, {"role": "assistant", "content": choice}])
-            while not trained[-1]:  # the newline after <|end|> is not scored: no need to feed it
-                ids, trained = ids[:-1], trained[:-1]
+            ids, trained = chat.encode_to_last_reply([*question.messages, {"role": "assistant", "content": choice}])
             if sum(trained) >= limit:
                 raise ConfigError(f"the reply {choice!r} alone is longer than the model's context "
                                   f"(max_seq_len={model.config.max_seq_len})")
