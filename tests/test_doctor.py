@@ -3,6 +3,7 @@ and MPS branches, on simulated GPUs."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import sys
@@ -47,7 +48,9 @@ def test_doctor_names_the_fix_for_a_broken_dependency(tmp_path: Path, monkeypatc
     proc = run_cli("doctor", cwd=tmp_path, timeout=120, check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert "FAIL sentencepiece: pip install --force-reinstall 'sentencepiece" in proc.stdout
+    # --no-deps: a forced reinstall of its dependencies put PyPI's CUDA torch in place of a CPU build
+    version = importlib.metadata.version("sentencepiece")
+    assert f"FAIL sentencepiece: pip install --force-reinstall --no-deps 'sentencepiece=={version}'" in proc.stdout
 
     report = json.loads(run_cli("doctor", "--json", cwd=tmp_path, timeout=120, check=False).stdout)
     assert report["ok"] is False and "sentencepiece" in report["failed"]
@@ -79,15 +82,15 @@ MIB = 2**20
 
 
 @pytest.fixture
-def smoke_tests(monkeypatch, tmp_path) -> list[tuple[str, bool]]:
+def smoke_tests(monkeypatch, tmp_path) -> list[tuple[str, str]]:
     """Keep the report to its device logic. The smoke test cannot run on a simulated GPU, so it records the device
     and precision it was given; versions and configs (seconds of imports and composing) are tested above."""
     from llmfoundry_pl.cli import doctor
 
     given = []
 
-    def smoke_test(torch, device: str, bf16: bool = False) -> doctor.Check:
-        given.append((device, bf16))
+    def smoke_test(torch, device: str, precision: str = "32-true") -> doctor.Check:
+        given.append((device, precision))
         return doctor.Check("smoke test", "forward+backward", "ok", f"on {device} (simulated)", data={"device": device})
 
     monkeypatch.setattr(doctor, "check_smoke_test", smoke_test)
@@ -144,7 +147,8 @@ def test_doctor_on_a_cuda_machine(monkeypatch, capsys, smoke_tests, name, memory
     assert checks["cuda:0"]["detail"] == (f"{name}, {gpu['memory_gib']} GiB, compute {gpu['compute_capability']}, "
                                           f"bf16 {bf16} (CUDA 12.8)")
     assert checks["mps"]["data"] is False
-    assert smoke_tests == [("cuda", gpu["bf16"])]  # on the GPU, in the precision hardware=auto picks there
+    # on the GPU, in the precision hardware=auto picks there (it was fp32 where that is 16-mixed)
+    assert smoke_tests == [("cuda", "bf16-mixed" if gpu["bf16"] else "16-mixed")]
     assert report["recommended_hardware"] == profile and checks["recommended"]["data"] == profile
     assert checks["recommended"]["detail"].startswith(f"lfpl-train hardware={profile}  ({why}")
     assert report["ok"] is True and report["failed"] == []
@@ -164,7 +168,7 @@ def test_doctor_on_an_apple_machine(monkeypatch, capsys, smoke_tests):
     assert (checks["cuda"]["status"], checks["cuda"]["detail"]) == ("info", "no CUDA GPU (CPU-only build)")
     assert (checks["mps"]["status"], checks["mps"]["detail"], checks["mps"]["data"]) == (
         "ok", "available (Apple GPU)", True)
-    assert smoke_tests == [("mps", False)]  # fp32: hardware=auto and m4pro train 32-true on MPS
+    assert smoke_tests == [("mps", "32-true")]  # hardware=auto and m4pro train 32-true on MPS
     assert report["recommended_hardware"] == "m4pro"
     assert checks["recommended"]["detail"] == "lfpl-train hardware=m4pro  (an Apple GPU through MPS)"
     assert report["ok"] is True
@@ -214,3 +218,23 @@ def test_doctor_recommends_compile_false_on_a_cpu_without_a_compiler(monkeypatch
     monkeypatch.setattr(doctor, "_cpp_compiler_found", lambda: False)
     check = doctor.recommend_hardware(torch, "32-true")
     assert check.data == "cpu" and check.detail.startswith("lfpl-train hardware=cpu compile=false  (")
+
+
+def test_doctor_reinstalls_a_broken_package_without_replacing_its_dependencies(monkeypatch) -> None:
+    import torch
+
+    from llmfoundry_pl.cli.doctor import check_smoke_test, check_versions, reinstall_fix
+
+    # An optional package installed but broken (flash-attn after a torch upgrade, say): the extra's install command
+    # was the fix, and pip answers it "Requirement already satisfied".
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    peft = next(c for c in check_versions() if c.name == "peft")
+    version = importlib.metadata.version("peft")
+    assert peft.status == "info" and peft.fix == f"pip install --force-reinstall --no-deps 'peft=={version}'"
+    # A CPU build of torch comes back from the CPU index: PyPI's Linux torch is the multi-GB CUDA build
+    torch_fix = reinstall_fix("torch")
+    assert torch_fix.startswith(f"pip install --force-reinstall --no-deps 'torch=={torch.__version__}'")
+    assert torch_fix.endswith("--index-url https://download.pytorch.org/whl/cpu") == torch.__version__.endswith("+cpu")
+    # The smoke test runs in the precision it is given: fp16 autocast where hardware=auto picks 16-mixed (a T4)
+    smoke = check_smoke_test(torch, "cpu", "16-mixed")
+    assert smoke.status == "ok" and smoke.data["precision"] == "16-mixed", smoke.detail

@@ -65,8 +65,8 @@ SMOKE_TEST_FIX = {
 }
 GIB = 1024**3
 # An installed user has no repository to `pip install -e .` in
-REINSTALL = ("reinstall llmfoundry-pl as you installed it (pip install --force-reinstall llmfoundry-pl; in a clone: "
-             "pip install -e .)")
+REINSTALL = ("reinstall llmfoundry-pl as you installed it (pip install --force-reinstall --no-deps llmfoundry-pl; "
+             "in a clone: pip install -e .)")
 
 
 @dataclass
@@ -110,7 +110,7 @@ def run_checks() -> list[Check]:
     checks += check_devices(torch)
     checks.append(check_cache_disk())
     precision = _auto_precision()
-    checks.append(check_smoke_test(torch, training_device(torch), bf16=precision == "bf16-mixed"))
+    checks.append(check_smoke_test(torch, training_device(torch), precision))
     checks += check_configs()
     checks.append(recommend_hardware(torch, precision))
     return checks
@@ -150,6 +150,8 @@ def check_versions() -> list[Check]:
     for dist, (use, fix) in OPTIONAL.items():
         check = _check_distribution(dist, "")
         if check.status == "FAIL":  # optional: missing or broken is worth knowing, not a failure
+            # installed but broken: the reinstall; the extra's install would answer "Requirement already satisfied"
+            fix = fix if check.data is None else check.fix
             check.status, check.fix, check.detail = "info", fix, f"{check.detail} — only for {use}: {fix}"
         checks.append(check)
     return checks
@@ -186,14 +188,31 @@ def _check_distribution(dist: str, specifier: str) -> Check:
         if version is None:
             return Check("versions", dist, "FAIL", "not installed", f"pip install '{dist}{specifier}'")
         return Check("versions", dist, "FAIL", f"{version} installed, but import {module} fails: {_one_line(e)}"
-                     + (f" (from {origin})" if origin else ""), f"pip install --force-reinstall '{dist}{specifier}'",
-                     version)
+                     + (f" (from {origin})" if origin else ""), reinstall_fix(dist), version)
     if version is None:  # importable without metadata: a source checkout on sys.path, say
         version = getattr(sys.modules[module], "__version__", "unknown")
     if specifier and not _satisfies(version, specifier):
         return Check("versions", dist, "FAIL", f"{version}, but {DIST_NAME} needs {specifier}",
                      f"pip install '{dist}{specifier}'", version)
     return Check("versions", dist, "ok", version + (f" (needs {specifier})" if specifier else ""), data=version)
+
+
+def reinstall_fix(dist: str) -> str:
+    """The pip command that puts an installed distribution back as it is, for one that does not import.
+
+    ``--no-deps``: a forced reinstall also reinstalls every dependency from PyPI, torch included, whose Linux wheel
+    there is the multi-GB CUDA build, in place of a CPU one. A CPU build of torch comes from PyTorch's CPU index, for
+    the same reason; flash-attn compiles against the installed torch (``--no-build-isolation``, as its README says)."""
+    try:
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return f"pip install '{dist}'"
+    command = f"pip install --force-reinstall --no-deps '{dist}=={version}'"
+    if dist == "torch" and version.endswith("+cpu"):
+        command += " --index-url https://download.pytorch.org/whl/cpu"
+    if dist == "flash-attn":
+        command += " --no-build-isolation"
+    return command
 
 
 def _satisfies(version: str, specifier: str) -> bool:
@@ -326,11 +345,14 @@ def _unwritable(folder: Path) -> str | None:
 # ------------------------------------------------------------------------------------------------------------------
 # Smoke test, configs, recommendation
 # ------------------------------------------------------------------------------------------------------------------
-def check_smoke_test(torch: Any, device: str, bf16: bool = False, steps: int = 3) -> Check:
+def check_smoke_test(torch: Any, device: str, precision: str = "32-true", steps: int = 3) -> Check:
     """Forward, backward and a few AdamW steps of a tiny Transformer on ``device`` (the one training would pick,
-    :func:`training_device`), in bf16 autocast or fp32 as hardware=auto would pick: the loss must be finite, every
-    weight must get a finite gradient, and the loss must fall on a repeated batch. Detection stays outside so that
-    the report's logic can be tested on a machine without the device."""
+    :func:`training_device`), in the ``precision`` hardware=auto picks there (bf16-mixed, 16-mixed or 32-true): the
+    loss must be finite, every weight must get a finite gradient, and the loss must fall on a repeated batch.
+    Detection stays outside so that the report's logic can be tested on a machine without the device.
+
+    16-mixed runs fp16 autocast without Lightning's loss scaling: the scaler skips the steps whose gradients
+    overflow, which would hide the broken fp16 kernels this looks for (a tiny model's gradients fit fp16 unscaled)."""
     try:
         from llmfoundry_pl.config import ModelConfig
         from llmfoundry_pl.model import Transformer
@@ -342,10 +364,11 @@ def check_smoke_test(torch: Any, device: str, bf16: bool = False, steps: int = 3
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         tokens = torch.randint(0, 256, (4, 33), device=device)
         losses = []
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         for _ in range(steps):
             # No autocast object at all in fp32: a torch without MPS autocast raises on torch.autocast("mps") even
             # with enabled=False.
-            with torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            with torch.autocast(device_type=device, dtype=dtype) if dtype else contextlib.nullcontext():
                 logits = model(tokens[:, :-1])  # (B, T, V)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
             optimizer.zero_grad()
@@ -357,14 +380,14 @@ def check_smoke_test(torch: Any, device: str, bf16: bool = False, steps: int = 3
             optimizer.step()
         seconds = time.perf_counter() - start
     except Exception as e:
-        fix = _import_fix(e) or SMOKE_TEST_FIX.get(device, "reinstall torch: pip install --force-reinstall torch")
+        fix = _import_fix(e) or SMOKE_TEST_FIX.get(device, f"reinstall torch: {reinstall_fix('torch')}")
         return Check("smoke test", "forward+backward", "FAIL", f"on {device}: {_one_line(e)}", fix, {"device": device})
-    data = {"device": device, "precision": "bf16-mixed" if bf16 else "32-true", "losses": losses, "seconds": seconds}
+    data = {"device": device, "precision": precision, "losses": losses, "seconds": seconds}
     detail = (f"{device} {data['precision']}: tiny Transformer, {steps} AdamW steps, loss {losses[0]:.3f} → "
               f"{losses[-1]:.3f}, gradients finite, {seconds:.2f} s")
     if losses[-1] >= losses[0]:
         return Check("smoke test", "forward+backward", "FAIL", detail + ": the loss did not fall",
-                     "reinstall torch: pip install --force-reinstall torch", data)
+                     f"reinstall torch: {reinstall_fix('torch')}", data)
     return Check("smoke test", "forward+backward", "ok", detail, data=data)
 
 
