@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -161,16 +162,33 @@ def test_streaming_mistakes_fail_with_one_line(datamodule, corpus, tmp_path, mon
         (data_cfg(corpus, tmp_path, chunks_dir=str(folder), val_fraction=0.2), "set data.val_fraction=0.05"),
     ]
     # chunk folders that are not what llmfoundry-pl writes: tracebacks, or errors naming the wrong cause
-    broken = {name: Path(shutil.copytree(folder, tmp_path / name)) for name in ("cut", "list", "no_tokenizer")}
+    names = ("cut", "list", "no_tokenizer", "no_val", "no_index", "chunk_cut")
+    broken = {name: Path(shutil.copytree(folder, tmp_path / name)) for name in names}
     (broken["cut"] / "chunks.json").write_text((folder / "chunks.json").read_text()[:20])
     (broken["list"] / "chunks.json").write_text("[1]")
     (broken["no_tokenizer"] / "tokenizer.model").unlink()
+    # copies and uploads cut short: tracebacks at the first read, or hours into training at the first missing chunk
+    (broken["no_val"] / "val.bin").unlink()
+    (broken["no_index"] / "train" / "index.json").unlink()
+    last_chunk = sorted((broken["chunk_cut"] / "train").glob("chunk-*.bin"))[-1]
+    last_chunk.write_bytes(last_chunk.read_bytes()[:100])
     cases += [
         (data_cfg(corpus, tmp_path, chunks_dir=str(folder / "chunks.json")), "is a file, not a folder"),
         (data_cfg(corpus, tmp_path, chunks_dir=str(broken["cut"])), "chunks.json is not a chunk index .*cut short"),
         (data_cfg(corpus, tmp_path, chunks_dir=str(broken["list"])), "chunks.json is not a chunk index"),
         (data_cfg(corpus, tmp_path, chunks_dir=str(broken["no_tokenizer"])), "have no tokenizer.model beside"),
+        (data_cfg(corpus, tmp_path, chunks_dir=str(broken["no_val"])), "lack val.bin .*copy the whole chunk folder"),
+        (data_cfg(corpus, tmp_path, chunks_dir=str(broken["no_index"])), "train/index.json is missing or is not"),
+        (data_cfg(corpus, tmp_path, chunks_dir=str(broken["chunk_cut"])), f"lack train/{last_chunk.name} "),
+        (data_cfg(None, tmp_path, chunks_dir=f"local:{broken['no_val']}"), "cannot read local:.*/val.bin .* chunks"
+                                                                          ".json last"),
+        (data_cfg(None, tmp_path, chunks_dir=f"local:{broken['no_index']}"), "cannot read local:.*/train/index.json"),
     ]
+    try:
+        import google.cloud.storage  # noqa: F401
+    except ImportError:  # litdata's own message named the module to install "google.cloud.storage", after a traceback
+        cases.append((data_cfg(None, tmp_path, chunks_dir="gs://bucket/chunks"),
+                      "data.chunks_dir=gs://bucket/chunks needs google-cloud-storage: pip install google-cloud"))
     (tmp_path / "other.txt").write_text("Other text.\n")
     for cfg, message in cases:
         with pytest.raises(ConfigError, match=message) as err:
@@ -214,6 +232,19 @@ def test_given_chunks_of_a_folder_that_changed_since_are_refused(corpus, tmp_pat
     with pytest.raises(ConfigError, match="were made from other text than data.path"):
         prepare_chunks(data_cfg(folder, tmp_path / "cache", chunks_dir=str(chunks)))
     prepare_chunks(data_cfg(None, tmp_path / "cache", chunks_dir=str(chunks)))  # data.path unset: the chunks' text
+
+
+def test_given_chunks_of_another_json_lines_field_are_refused(corpus, tmp_path):
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    records = [{"text": "\n".join(lines[i : i + 20]), "title": f"scene {i}"} for i in range(0, len(lines), 20)]
+    jsonl = tmp_path / "play.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    chunks = tmp_path / "chunks"
+    prepare_chunks(data_cfg(jsonl, tmp_path / "cache", chunks_dir=str(chunks)))
+    # The field was not compared: a run of text_field=title trained on the text field's chunks
+    with pytest.raises(ConfigError, match="hold the 'text' field of data.path's JSON Lines, not data.text_field="
+                                          "title; set data.text_field=text"):
+        prepare_chunks(data_cfg(jsonl, tmp_path / "cache", chunks_dir=str(chunks), text_field="title"))
 
 
 def test_a_given_chunks_dir_without_chunks_says_it_builds_the_bundled_plays(tmp_path, caplog, monkeypatch):

@@ -261,6 +261,7 @@ def _build_token_files(files: list[Path], cfg: DataConfig, tokenizer: Tokenizer,
             "sources": [str(f.resolve()) for f in files[:100]] + ([f"... {len(files) - 100} more"] if len(files) > 100
                                                                   else []),
             "source_bytes": sum(f.stat().st_size for f in files),  # with sources, what data=streaming compares
+            **({"text_field": cfg.text_field} if any(is_json_lines(f) for f in files) else {}),  # and this
             **counts,
         }
         atomic_write_bytes(tmp_dir / "meta.json", json.dumps(meta, indent=2).encode())

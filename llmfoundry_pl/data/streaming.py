@@ -46,6 +46,8 @@ from llmfoundry_pl.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 _PROGRESS_FROM = 100_000  # windows: smaller corpora are written without a progress bar
+# The client libraries litdata reads these stores with; they are not among its dependencies (boto3, for s3://, is).
+_STORE_CLIENTS = {"gs": "google-cloud-storage", "azure": "azure-storage-blob"}
 
 
 def _litdata():
@@ -90,6 +92,8 @@ def prepare_chunks(cfg: StreamingDataConfig, tokenizer: Tokenizer | None = None)
     if not (folder / "tokenizer.model").is_file():  # the tokenizer's own error named data.tokenizer_path
         raise ConfigError(f"the chunks at {folder} have no tokenizer.model beside their chunks.json, so they were not "
                           "written whole by llmfoundry-pl; give a new or empty data.chunks_dir to build them again")
+    if cfg.chunks_dir is not None and not train.startswith(CHUNK_URI_PREFIXES):  # a mirror's: as it is downloaded
+        _check_whole(folder, cfg.chunks_dir)
     chunks_tokenizer = Tokenizer.from_file(folder / "tokenizer.model", key=None)
     _check_chunks(cfg, meta, chunks_tokenizer, tokenizer)
     return chunks_tokenizer, TokenFiles(folder, meta), train
@@ -107,6 +111,31 @@ def _read_meta(folder: Path) -> dict | None:
         raise ConfigError(f"{folder / 'chunks.json'} is not a chunk index llmfoundry-pl wrote (cut short or edited); "
                           "give a new or empty data.chunks_dir to build the chunks again")
     return meta
+
+
+def _chunk_files(index_path: Path, where: str) -> list[dict]:
+    """The chunks that litdata's ``index.json`` at ``index_path`` (read from ``where``) lists ({"filename",
+    "chunk_bytes", ...} each)."""
+    try:
+        chunks = json.loads(index_path.read_text())["chunks"]
+        return [c for c in chunks if isinstance(c["filename"], str) and isinstance(c["chunk_bytes"], int)]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{where} is missing or is not litdata's index of the chunks: a copy or upload cut short; "
+                          "copy the whole chunk folder again, chunks.json last") from None
+
+
+def _check_whole(folder: Path, chunks_dir: str | None) -> None:
+    """A given chunk folder holds every file its chunks.json stands for: a copy cut short (``cp -r`` stopped, a
+    sync that failed half-way) failed later with a traceback, or hours into training at the first missing chunk."""
+    missing = [] if (folder / "val.bin").is_file() else ["val.bin"]
+    for chunk in _chunk_files(folder / "train" / "index.json", f"{chunks_dir}/train/index.json"):
+        path = folder / "train" / chunk["filename"]
+        if not path.is_file() or path.stat().st_size < chunk["chunk_bytes"]:
+            missing.append(f"train/{chunk['filename']}")
+    if missing:
+        raise ConfigError(f"the chunks at data.chunks_dir={chunks_dir} lack {', '.join(missing[:3])}"
+                          f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} (missing or cut short): a "
+                          "copy cut short; copy the whole chunk folder again")
 
 
 def _check_chunks(cfg: StreamingDataConfig, meta: dict, chunks_tokenizer: Tokenizer, given: Tokenizer | None) -> None:
@@ -129,11 +158,18 @@ def _check_chunks(cfg: StreamingDataConfig, meta: dict, chunks_tokenizer: Tokeni
         listed = files[: len(built)] if len(built) < len(sources) else files  # over 100 files: the first 100 listed
         size = sum(f.stat().st_size for f in files)
         same = listed == built and meta.get("source_bytes", size) == size  # chunks from before sizes: the list
+        # (A same-size edit passes: comparing the content means reading the corpus, and the files' times differ on
+        # every machine the text was copied to.)
         if not same:
             raise ConfigError(f"the chunks at data.chunks_dir={where} were made from other text than data.path="
                               f"{cfg.path} now holds ({built[0]}{' ...' if len(built) > 1 else ''}; files added, "
                               "removed or edited since); drop data.path (the chunks hold their text), or give a new "
                               "data.chunks_dir folder to build chunks of this text")
+        field = meta.get("text_field", cfg.text_field)  # recorded for JSON Lines since it is compared
+        if field != cfg.text_field:
+            raise ConfigError(f"the chunks at data.chunks_dir={where} hold the '{field}' field of data.path's JSON "
+                              f"Lines, not data.text_field={cfg.text_field}; set data.text_field={field}, or give a "
+                              "new data.chunks_dir folder to build chunks of that field")
     if meta.get("val_fraction", cfg.val_fraction) != cfg.val_fraction:
         raise ConfigError(f"the chunks at data.chunks_dir={where} hold out val_fraction={meta['val_fraction']}, not "
                           f"data.val_fraction={cfg.val_fraction}; set data.val_fraction={meta['val_fraction']}, or "
@@ -189,7 +225,11 @@ def _mirror(uri: str, cache_dir: Path) -> Path:
 
     local = cache_dir / f"streaming-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
     with temporary_folder(local) as tmp:
-        downloader = get_downloader(uri, str(tmp), [])
+        try:
+            downloader = get_downloader(uri, str(tmp), [])
+        except ModuleNotFoundError:  # litdata's hint names a module, not what to pip install
+            package = _STORE_CLIENTS.get(uri.split("://")[0], "the store's client library")
+            raise ConfigError(f"data.chunks_dir={uri} needs {package}: pip install {package}") from None
         try:
             downloader.download_file(f"{uri}/chunks.json", str(tmp / "chunks.json"))
         except Exception as e:  # missing file, no credentials, no network: each library says it its own way
@@ -199,8 +239,18 @@ def _mirror(uri: str, cache_dir: Path) -> Path:
                               "data=streaming data.chunks_dir=LOCAL_FOLDER and upload LOCAL_FOLDER there") from None
         if _read_meta(local) == _read_meta(tmp):  # the mirror is current (the temporary folder goes)
             return local
-        for name in ("tokenizer.model", "val.bin"):
-            downloader.download_file(f"{uri}/{name}", str(tmp / name))
+        # chunks.json is uploaded last (docs/concepts.md), so that its presence means the rest is there; the chunks
+        # themselves are checked as far as a download can: that the index which lists them is there.
+        for name in ("tokenizer.model", "val.bin", "train/index.json"):
+            try:
+                downloader.download_file(f"{uri}/{name}", str(tmp / name.replace("/", "-")))
+            except Exception as e:
+                reason = " ".join(str(e).split())[:160]
+                raise ConfigError(f"cannot read {uri}/{name} ({type(e).__name__}: {reason}), though its chunks.json "
+                                  "is there: an upload cut short, or chunks.json sent first; upload the whole chunk "
+                                  "folder again, chunks.json last") from None
+        _chunk_files(tmp / "train-index.json", f"{uri}/train/index.json")
+        (tmp / "train-index.json").unlink()  # litdata keeps its own copy, in its download cache under train/
         # from an older upload (its files and the chunks cached from it) a mirror differs in chunks.json: replaced
         remote_meta = _read_meta(tmp)
         publish_folder(tmp, local, lambda published: _read_meta(published) == remote_meta)
