@@ -466,7 +466,7 @@ class LitLlama(L.LightningModule):
         the batch's own shape: fine-tuning rows are padded to the micro-batch's longest example, not to
         data.seq_len (the demo task's: ~70 of 256), and the model computes every padded position."""
         rows, width = batch[0].shape
-        return self.model.flops_per_token(width) * rows * width
+        return self.model.flops_per_token(width, weights_trained=not self.lora_cfg.enabled) * rows * width
 
     # ---------------------------------------------------------------------------------------------------------
     # Optimizer and schedule
@@ -579,8 +579,9 @@ class LitDPO(LitLlama):
         return self.reference(x)
 
     def flops_per_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-        """The policy's forward and backward (3 forward passes' worth) plus the reference's forward (1 more)."""
-        return super().flops_per_batch(batch) * 4 // 3
+        """The policy's forward and backward plus the reference's forward."""
+        rows, width = batch[0].shape
+        return super().flops_per_batch(batch) + self.model.forward_flops_per_token(width) * rows * width
 
     def train_forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         chosen, rejected = self._rewards(batch)

@@ -471,6 +471,16 @@ def test_flops_per_batch_count_the_batch_as_it_came():
     assert dpo.flops_per_batch(batch) == lit.flops_per_batch(batch) + lit.flops_per_batch(batch) // 3
 
 
+def test_flops_per_batch_of_lora_count_no_gradients_of_the_frozen_weights():
+    pytest.importorskip("peft")
+    lit, rows, width = LitLlama(tiny_model()), 6, 24
+    batch = (torch.zeros(rows, width, dtype=torch.long), torch.zeros(rows, width, dtype=torch.long))
+    weight_grads = 2 * lit.model.matmul_params() * rows * width  # a third of 6 FLOPs per weight and token
+    for lora_lit in (LitLlama(tiny_model(), lora={"enabled": True}), LitDPO(tiny_model(), lora={"enabled": True})):
+        reference = lit.flops_per_batch(batch) // 3 if isinstance(lora_lit, LitDPO) else 0  # a forward pass
+        assert lora_lit.flops_per_batch(batch) == lit.flops_per_batch(batch) - weight_grads + reference
+
+
 def test_token_bytes_are_made_on_the_modules_device(datamodule):
     # Resuming under FSDP restores the checkpoint (and so set_tokenizer) after the module moved to the GPU: a buffer
     # made on the CPU then failed validation ("indices should be either on cpu or on the same device").
