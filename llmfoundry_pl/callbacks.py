@@ -61,6 +61,17 @@ class LossProgressBar(TQDMProgressBar):
         loss = trainer.callback_metrics.get("train/loss")  # the tensor logged by the last training step
         return items if loss is None else {"train/loss": loss.item(), **items}
 
+    @property
+    def total_train_batches(self) -> int | float:
+        """The micro-batches left to train. Lightning 2.6 counts the optimizer steps left as batches: under gradient
+        accumulation (hardware=rtx5060: 4 micro-batches a step) the bar read 100% a quarter of the way in, then
+        counted on without a total."""
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:  # as Lightning's
+            left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            return min(trainer.num_training_batches, left)
+        return super().total_train_batches
+
 
 class LastAndBestCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, with ``save_last=True`` writing last.ckpt at every validation again.
@@ -104,11 +115,15 @@ class TokenThroughputMonitor(L.Callback):
 
     Lightning knows the peak FLOP/s of GPUs from their spec sheets but not of CPUs; there we measure the peak once
     (a large matmul on this machine, in the dtype the precision multiplies in), so a CPU run reports MFU too.
+
+    The totals (``train/time``, ``train/batches``, ``train/samples``, ``train/lengths``) are saved in checkpoints, so
+    that a resumed run counts on from them, as ``train/tokens`` does.
     """
 
     def __init__(self, window_size: int = 20, measure_cpu_peak: bool = True) -> None:
         self.window_size, self.measure_cpu_peak = window_size, measure_cpu_peak
         self.throughput: Throughput | None = None
+        self._totals = {"time": 0.0, "batches": 0, "samples": 0, "tokens": 0}  # before this fit: a checkpoint's
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -126,9 +141,23 @@ class TokenThroughputMonitor(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.throughput.reset()
-        self._start, self._paused_at = self._read_clock(pl_module), None
-        self._batches = self._samples = self._tokens = self._flops = 0
+        self._start, self._paused_at = self._read_clock(pl_module) - self._totals["time"], None
+        self._batches, self._samples, self._tokens = (self._totals[k] for k in ("batches", "samples", "tokens"))
+        self._flops = 0
         self._last_read_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._paused_at = self._read_clock(pl_module)  # what comes after (a final validation, its checkpoint) is not
+
+    def state_dict(self) -> dict[str, float]:
+        if not hasattr(self, "_start"):  # saved before training started
+            return dict(self._totals)
+        # Checkpoints are saved in pauses (after a validation, after training); the clock stopped at the pause's start
+        now = self._paused_at if self._paused_at is not None else time.perf_counter()
+        return {"time": now - self._start, "batches": self._batches, "samples": self._samples, "tokens": self._tokens}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self._totals = dict(state_dict)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         self._batches += 1
@@ -192,11 +221,14 @@ def measure_matmul_flops(device: torch.device, n: int = 2048, dtype: torch.dtype
 
 
 # Dense tensor-core FLOP/s where Lightning 2.6's table is wrong, first match wins. The SXM H200 names itself plainly
-# "NVIDIA H200", which the table misses, and its H200 entries are the datasheets' with-sparsity figures (2x). The SXM
-# H200 computes as the H100 SXM does (only its memory is larger and faster): the H100 SXM's dense figures. The NVL
-# part: half its datasheet's with-sparsity figures.
+# "NVIDIA H200", which the table misses, and its H200 entries (and the H100 NVL's, 1978.8 TFLOP/s in bf16) are
+# with-sparsity figures or another part's. The SXM H200 computes as the H100 SXM does (only its memory is larger and
+# faster): the H100 SXM's dense figures. The NVL parts, H100 and H200 alike: half their datasheets' with-sparsity
+# figures (1,671 TFLOP/s bf16 and fp16, 835 tf32), and fp32 as printed (60).
+_NVL_DENSE = {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, "tf32": 417.5e12, torch.float32: 60e12}
 _DENSE_SPEC_FLOPS = {
-    "h200 nvl": {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, "tf32": 417.5e12, torch.float32: 60e12},
+    "h100 nvl": _NVL_DENSE,
+    "h200 nvl": _NVL_DENSE,
     "h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tf32": 494.7e12, torch.float32: 66.9e12},
 }
 
