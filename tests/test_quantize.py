@@ -17,7 +17,7 @@ from llmfoundry_pl.cli.serve import serve
 from llmfoundry_pl.config import ConfigError, ModelConfig
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
 from llmfoundry_pl.inference import generate_stream
-from llmfoundry_pl.inference.quantize import for_inference, quantize, weight_bytes
+from llmfoundry_pl.inference.quantize import check_quantize_device, for_inference, quantize, weight_bytes
 from llmfoundry_pl.interop import save_safetensors
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.serve.engine import Engine, Request, SamplingParams
@@ -64,8 +64,12 @@ def test_quantize_keeps_logits_close_and_shrinks_the_linear_weights(model, mode)
 def test_quantize_refusals_are_one_line(model, monkeypatch):
     with pytest.raises(ConfigError, match="quantize=int3 is not one of none, int8, int8_weight, int4_weight"):
         quantize(model, "int3")
-    with pytest.raises(ConfigError, match="quantize=int8 does not run on meta: .*; use int8_weight, or run on the CPU"):
-        quantize(copy.deepcopy(model).to("meta"), "int8")
+    for mode in ("int8", "int8_weight", "int4_weight"):  # int8_weight's refusal (on MPS, say) was a KeyError
+        with pytest.raises(ConfigError, match=f"quantize={mode} does not run on meta: .*kernels.*; run on the CPU"):
+            quantize(copy.deepcopy(model).to("meta"), mode)
+    # a mode that runs on that device is named (on MPS, none does)
+    with pytest.raises(ConfigError, match="quantize=int8 does not run on cuda: .*; use quantize=int8_weight, or run "):
+        check_quantize_device("int8", "cuda")
     narrow = Transformer(ModelConfig(vocab_size=50, dim=48, n_layers=1, n_heads=4, max_seq_len=8))
     with pytest.raises(ConfigError, match="input width is a multiple of 32 and output width a multiple of 16; "
                                           "layers.0.attention.wq maps 48 to 48"):

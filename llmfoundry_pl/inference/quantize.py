@@ -42,9 +42,9 @@ INT4_GROUP_SIZE = 32  # weights sharing one scale and zero point; of the kernel'
 INT4_ROWS = 16  # output rows the int4 weight packing takes at a time
 _DEVICES = {"int8": ("cpu",), "int8_weight": ("cpu", "cuda"), "int4_weight": ("cpu",)}
 _WHY = {
-    "int8": "its integer matmul kernels are PyTorch's CPU ones (fbgemm / oneDNN); use int8_weight",
-    "int4_weight": "torchao's int4 kernel for fp32 models is a CPU one (its CUDA kernels need bf16 weights); "
-                   "use int8_weight",
+    "int8": "its integer matmul kernels are PyTorch's CPU ones (fbgemm / oneDNN)",
+    "int8_weight": "torchao's int8 weight-only kernels are CPU and CUDA ones",
+    "int4_weight": "torchao's int4 kernel for fp32 models is a CPU one (its CUDA kernels need bf16 weights)",
 }
 
 
@@ -58,6 +58,15 @@ def for_inference(model: Transformer, device: torch.device, precision: str = "32
     return quantize(model.to(device=device, dtype=HALF_PRECISION.get(precision, torch.float32)), mode)
 
 
+def check_quantize_device(mode: str, device: str) -> None:
+    """Refuse, in one line, a quantization ``mode`` whose kernels ``device`` lacks, naming a mode that it has."""
+    if device in _DEVICES[mode]:
+        return
+    instead = next((f"use quantize={other}, or " for other, devices in _DEVICES.items() if device in devices), "")
+    raise ConfigError(f"quantize={mode} does not run on {device}: {_WHY[mode]}; {instead}run on the CPU (device=cpu; "
+                      "lfpl-eval: accelerator=cpu)")
+
+
 def quantize(model: Transformer, mode: str) -> Transformer:
     """``model`` with its linear layers quantized for inference by ``mode`` (one of ``config.QUANTIZE_MODES``), in
     place, on the device it is on; ``none`` returns it unchanged. Quantize after moving the model to its device,
@@ -68,10 +77,7 @@ def quantize(model: Transformer, mode: str) -> Transformer:
     check_quantize(mode)  # the CLIs' schemas already checked; this is for callers from Python
     if mode == "none":
         return model
-    device = model.tok_embeddings.weight.device
-    if device.type not in _DEVICES[mode]:
-        raise ConfigError(f"quantize={mode} does not run on {device.type}: {_WHY[mode]}, or run on the CPU "
-                          "(device=cpu; lfpl-eval: accelerator=cpu)")
+    check_quantize_device(mode, model.tok_embeddings.weight.device.type)
     if mode == "int8" and model.tok_embeddings.weight.dtype != torch.float32:
         raise ConfigError("quantize=int8 runs PyTorch's integer kernels between fp32 activations: use "
                           "precision=32-true with it, or quantize=int8_weight")
