@@ -32,6 +32,7 @@ from llmfoundry_pl.cli.common import (
     to_dataclass,
 )
 from llmfoundry_pl.cli.ddp import HydraDDPStrategy, HydraFSDPStrategy, build_strategy
+from llmfoundry_pl.cli.train import check_monitors
 from llmfoundry_pl.config import (
     DEFAULT_CACHE_DIR,
     ChatDataConfig,
@@ -237,9 +238,11 @@ def test_runs_started_in_the_same_second_get_their_own_folders(compose_train):
     (["callbacks=none"], False, False),  # not Lightning's own checkpoint callback and progress bar in their place
     (["callbacks.progress_bar=null"], True, False),
     (["callbacks.model_checkpoint=null", "trainer.enable_checkpointing=true"], True, True),  # as asked
+    (["~callbacks"], False, False),  # deleted: as callbacks=none (lfpl-train's monitor check was a traceback)
 ])
 def test_a_callback_set_to_null_is_off(compose_train, tmp_path, overrides, checkpoints, bar):
     cfg = compose_train(["hardware=cpu", f"paths.output_dir={tmp_path}", *overrides])
+    check_monitors(cfg.callbacks, ["val/loss"])
     trainer = build_trainer(cfg.trainer, instantiate_group(cfg.callbacks, "callbacks"), [])
     assert (trainer.checkpoint_callback is not None) == checkpoints
     assert (trainer.progress_bar_callback is not None) == bar
@@ -437,7 +440,6 @@ def test_the_schemas_import_without_torch():
 ])
 def test_a_monitor_naming_no_validated_metric_is_refused_before_training(compose_train, overrides, message):
     # Lightning said so at the first validation, hours in, in a 47-line traceback, and nothing was saved
-    from llmfoundry_pl.cli.train import check_monitors
     from llmfoundry_pl.metrics import LanguageModelMetrics, PreferenceMetrics
 
     validated = [f"val/{name}" for name in LanguageModelMetrics.NAMES]

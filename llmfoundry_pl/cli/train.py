@@ -266,11 +266,11 @@ def _whole_row(row: dict) -> bool:
     return True
 
 
-def check_monitors(callbacks: DictConfig, validated: list[str]) -> None:
+def check_monitors(callbacks: DictConfig | None, validated: list[str]) -> None:
     """Refuse a checkpoint or early-stopping ``monitor`` that names a ``val/`` metric the run does not log
     (``validated``): Lightning said so at the first validation, hours into a run, in a 47-line traceback, with
-    nothing saved. (Other names, a ``train/`` metric say, are left to Lightning.)"""
-    for key, node in callbacks.items():
+    nothing saved. (Other names, a ``train/`` metric say, are left to Lightning.) ``None``: ``~callbacks``, none."""
+    for key, node in (callbacks or {}).items():
         monitor = node.get("monitor") if isinstance(node, DictConfig) else None
         if isinstance(monitor, str) and monitor.startswith("val/") and monitor not in validated:
             raise ConfigError(f"callbacks.{key}.monitor={monitor} is not a metric this run validates; use one of "
