@@ -286,6 +286,32 @@ def test_running_out_of_memory_is_one_line_naming_what_to_lower(capsys, monkeypa
         raise error
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_write_that_runs_out_of_disk_is_one_line(tmp_path, capsys):
+    # A full disk (here: a file-size limit, as `ulimit -f` sets, which fails writes the same way) ended lfpl-train's
+    # checkpoint, the token cache and lfpl-export in a traceback; each writer says it its own way.
+    import resource
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    writes = {"torch.save": lambda path: torch.save(torch.zeros(100_000), path),
+              "numpy": lambda path: np.zeros(100_000, np.uint16).tofile(path),
+              "safetensors": lambda path: save_file({"w": torch.zeros(100_000)}, str(path)),
+              "open": lambda path: path.write_bytes(bytes(200_000))}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    for name, write in writes.items():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))  # Python ignores SIGXFSZ: the write fails
+        try:
+            with pytest.raises(SystemExit) as exit_, user_errors():
+                write(tmp_path / name)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.startswith("error: out of disk space: ") and err.count("\n") == 1, name
+        assert "free some, or write elsewhere" in err
+
+
 def test_hydra_full_error_shows_the_traceback_behind_a_one_line_error(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_, user_errors():
         raise ConfigError("data.path=x does not exist")

@@ -74,6 +74,12 @@ def test_a_val_fraction_that_holds_out_the_only_document_names_one_that_would_no
     tok, files = prepare_corpus(data_cfg(one, tmp_path / "cache", val_fraction=enough))  # as it says
     assert files.meta["train_tokens"] > 0 and files.meta["val_tokens"] >= corpus.MIN_HELD_OUT_TAIL
     assert not list((tmp_path / "cache").rglob("*.tmp*"))  # nothing written half
+    # A corpus shorter than the tail a split needs: no val_fraction helps (it said "raise data.val_fraction to 16")
+    short = tmp_path / "short.txt"
+    short.write_text("A short line.\n")
+    with pytest.raises(ConfigError, match=r"data.path=.*short.txt is \d+ tokens long, too short to hold out a "
+                                          r"validation tail of 64 tokens and train on the rest; add text"):
+        prepare_corpus(data_cfg(short, tmp_path / "cache"), tok)
 
 
 def test_corpus_cache_is_reused_when_nothing_changed(text_dir, tmp_path, monkeypatch):

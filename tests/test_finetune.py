@@ -163,6 +163,19 @@ def write_jsonl(path: Path, lines: list) -> Path:
     return path
 
 
+def test_adapters_whose_base_was_replaced_say_so(tokenizer, tmp_path):
+    # The error was init_network's, for lfpl-train: "or override: model.dim=..." (lfpl-generate has no model.*)
+    pytest.importorskip("transformers")
+    from llmfoundry_pl.cli.common import _adapter_base
+    from llmfoundry_pl.interop import save_hf
+
+    save_hf(tiny_model(tokenizer.vocab_size, dim=64), tokenizer, tmp_path / "base")
+    trained_on = dataclasses.asdict(tiny_model(tokenizer.vocab_size).config)
+    with pytest.raises(ConfigError, match=r"ckpt_path=lora.ckpt holds LoRA adapters of another base model than "
+                                          r"init_from=.*base holds now .*; put their base back at that path"):
+        _adapter_base({"init_from": str(tmp_path / "base"), "model": trained_on}, "lora.ckpt", "ckpt_path")
+
+
 def test_instruction_lines_become_conversations(tmp_path):
     instruction = {"instruction": "Name a play.", "input": "A comedy.", "output": "Twelfth Night"}
     path = write_jsonl(tmp_path / "d.jsonl", [instruction, {"messages": CONVERSATION}])

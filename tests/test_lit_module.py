@@ -471,6 +471,14 @@ def test_flops_per_batch_count_the_batch_as_it_came():
     assert dpo.flops_per_batch(batch) == lit.flops_per_batch(batch) + lit.flops_per_batch(batch) // 3
 
 
+def test_resuming_another_vocabulary_names_the_setting_that_sets_it():
+    # It said "resume with the same model settings", and model.vocab_size=512 was refused: the tokenizer sets it
+    lit = LitLlama(tiny_model())
+    saved = {"hyper_parameters": {"model": {**dataclasses.asdict(tiny_model()), "vocab_size": 256}}}
+    with pytest.raises(ConfigError, match=r"model.vocab_size: 256 → 512 \(the tokenizer's: set data.vocab_size\)"):
+        lit.on_load_checkpoint(saved)
+
+
 def test_flops_per_batch_of_lora_count_no_gradients_of_the_frozen_weights():
     pytest.importorskip("peft")
     lit, rows, width = LitLlama(tiny_model()), 6, 24

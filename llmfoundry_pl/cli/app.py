@@ -8,6 +8,7 @@ imports load is the one word "interrupted" (exit status 130), as anywhere else i
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import logging
 import os
@@ -77,13 +78,18 @@ def user_errors(cfg: DictConfig | None = None) -> Iterator[None]:
     except KeyboardInterrupt:  # Ctrl-C outside fit (which Lightning ends itself): preparing data, a prompt, ...
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except RuntimeError as e:  # torch.OutOfMemoryError is one
-        what = out_of_memory(e)
-        if what is None or os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the whole traceback
+    except Exception as e:  # running out of memory (torch.OutOfMemoryError is a RuntimeError) or of disk space
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the whole traceback
             raise
-        print(f"error: out of memory: {what} — the 'Out of memory' section of docs/troubleshooting.md lists what to "
-              "lower; for training, lfpl-plan shows the largest micro-batch that fits", file=sys.stderr)
-        raise SystemExit(1) from None
+        if (what := out_of_memory(e)) is not None:
+            print(f"error: out of memory: {what} — the 'Out of memory' section of docs/troubleshooting.md lists what "
+                  "to lower; for training, lfpl-plan shows the largest micro-batch that fits", file=sys.stderr)
+            raise SystemExit(1) from None
+        if (what := out_of_disk(e)) is not None:
+            print(f"error: out of disk space: {what}; free some, or write elsewhere (lfpl-train: paths.output_dir=, "
+                  "the token cache: LFPL_CACHE_DIR=, lfpl-export: out=)", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise
 
 
 def check_nothing_deleted(cfg: DictConfig) -> None:
@@ -102,6 +108,26 @@ def check_nothing_deleted(cfg: DictConfig) -> None:
         if gone:
             raise ConfigError(f"~{f.name} deleted {f.name}, which this command needs; set its value instead "
                               f"(--help lists the settings): features turn off by value, e.g. lora.enabled=false")
+
+
+# What each writer says when a write comes up short: the OS (no space, a file-size or quota limit), numpy's tofile,
+# torch.save's zip writer (inline_container.cc) and safetensors (its Rust I/O error, with the OS's number).
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|inline_container\.cc.*(unexpected pos|failed writing)|"
+                          rf"os error ({'|'.join(map(str, _DISK_FULL_ERRNOS))})\b")
+
+
+def out_of_disk(error: BaseException) -> str | None:
+    """What could not be written, if ``error`` (or what caused it) is a write that ran out of disk space or hit a
+    file-size limit; else None. Each library says it its own way, and a run that fills its disk said it in a
+    traceback, after hours of training."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return f"{error.strerror}" + (f" ({error.filename})" if error.filename else "")
+        if _SHORT_WRITE.search(str(error)):
+            return " ".join(str(error).split())[:160]
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def out_of_memory(error: BaseException) -> str | None:

@@ -360,6 +360,9 @@ def _write_token_streams(files: list[Path], cfg: DataConfig, tokenizer: Tokenize
         raise ConfigError(f"the corpus at data.path={cfg.path} is empty; add some text")
     # One file and a tiny val_fraction: "lower data.seq_len" came next, which cannot help. (1: lfpl-eval on a text,
     # all of it held out, as asked.)
+    if counts["train_tokens"] == 0 and cfg.val_fraction < 1 and longest <= MIN_HELD_OUT_TAIL:  # no fraction can help
+        raise ConfigError(f"the corpus at data.path={cfg.path} is {longest} tokens long, too short to hold out a "
+                          f"validation tail of {MIN_HELD_OUT_TAIL} tokens and train on the rest; add text")
     if counts["train_tokens"] == 0 and cfg.val_fraction < 1:
         raise ConfigError(
             f"data.val_fraction={cfg.val_fraction} leaves nothing to train on: a document whose share is under "
