@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from llmfoundry_pl.cli import app as app_module
 from llmfoundry_pl.cli.app import (
     check_members_that_are_off,
+    check_nothing_added,
     check_nothing_deleted,
     quote_non_ascii_values,
     run_hydra_app,
@@ -343,6 +344,28 @@ def test_deleting_a_setting_with_a_tilde_is_one_line_naming_it(compose_train, mo
     assert exit_.value.code == 2 and capsys.readouterr().err == (
         "error: trainer.default_root_dir needs paths.output_dir, which is missing; give it on the command line "
         "(paths.output_dir=...)\n")
+
+
+def test_adding_a_key_the_schema_lacks_is_one_line_naming_the_setting(compose_train, monkeypatch, capsys):
+    # Hydra answers a misspelt key "to append to your config use +key=value"; appended, it was ignored without a
+    # word (+model.n_layer=1 trained the preset's layers)
+    from hydra.core.hydra_config import HydraConfig
+
+    for override, line in [("+model.n_layer=1", "+model.n_layer: n_layer is not a setting of model, so it would be "
+                                                "ignored; did you mean n_layers?"),
+                           ("+sample_token=5", "+sample_token: sample_token is not a setting of the config"),
+                           ("+callbacks.model_checkpoint.monitr=x", "+callbacks.model_checkpoint.monitr: monitr is "
+                                                                     "not a setting of callbacks.model_checkpoint")]:
+        cfg = compose_train([override], return_hydra_config=True)
+        monkeypatch.setattr(HydraConfig.instance(), "cfg", cfg)
+        with pytest.raises(SystemExit) as exit_, user_errors(cfg):
+            raise AssertionError("the check runs first")
+        assert exit_.value.code == 2 and capsys.readouterr().err.startswith(f"error: {line}")
+    # a new callback (or logger) is built from its _target_: adding one is what + is for
+    cfg = compose_train(["+callbacks.my_monitor._target_=lightning.pytorch.callbacks.LearningRateMonitor"],
+                        return_hydra_config=True)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", cfg)
+    check_nothing_added(cfg)
 
 
 def test_non_ascii_values_are_quoted_for_hydras_grammar(compose_train):

@@ -8,6 +8,7 @@ imports load is the one word "interrupted" (exit status 130), as anywhere else i
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import errno
 import importlib
 import logging
@@ -54,6 +55,7 @@ def user_errors(cfg: DictConfig | None = None) -> Iterator[None]:
     try:
         if cfg is not None:
             check_nothing_deleted(cfg)
+            check_nothing_added(cfg)
         if HydraConfig.initialized() and HydraConfig.get().job.chdir:
             # Relative paths (data.path, ckpt_path, init_from, the cache) mean the folder the command started in; in
             # the run's folder they named nothing ("does not exist"), or put the token cache inside each run.
@@ -128,6 +130,33 @@ def out_of_disk(error: BaseException) -> str | None:
             return " ".join(str(error).split())[:160]
         error = error.__cause__ or error.__context__
     return None
+
+
+# The groups whose members are objects built from their _target_: +callbacks.lr_monitor._target_=... adds one.
+ADDABLE_GROUPS = ("callbacks", "logger")
+
+
+def check_nothing_added(cfg: DictConfig) -> None:
+    """Refuse a ``+key=value`` override that adds a key the schema does not have. Hydra answers a misspelt key
+    with "to append to your config use +key=value", and the appended key was then ignored without a word
+    (``+model.n_layer=1`` trained the preset's 4 layers)."""
+    added = [o.lstrip("+").partition("=")[0] for o in HydraConfig.get().overrides.task if o.startswith("+")] \
+        if HydraConfig.initialized() else []
+    for key in added:
+        node = cfg
+        for depth, part in enumerate(key.split(".")):
+            schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+            if not dataclasses.is_dataclass(schema):  # a free-form mapping (a callback's arguments, say): anything
+                break
+            names = [f.name for f in dataclasses.fields(schema)]
+            if depth == 1 and key.split(".")[0] in ADDABLE_GROUPS and part not in names:
+                break  # a new member, built from its _target_
+            if part not in names:
+                where = ".".join(key.split(".")[:depth]) or "the config"
+                close = difflib.get_close_matches(part, names, n=1)
+                raise ConfigError(f"+{key}: {part} is not a setting of {where}, so it would be ignored"
+                                  + (f"; did you mean {close[0]}?" if close else "; --help lists the settings"))
+            node = node._get_node(part)  # the node itself: its value may be an interpolation not resolvable yet
 
 
 def out_of_memory(error: BaseException) -> str | None:
