@@ -379,6 +379,10 @@ def test_non_ascii_values_are_quoted_for_hydras_grammar(compose_train):
     assert (cfg.sample_prompt, cfg.data.path, cfg.optim.lr) == ("你好", "/tmp/语料 a/a.txt", 3e-4)
     with pytest.raises(Exception, match="LexerNoViableAltException"):  # as typed, without the quotes
         compose_train(typed[:1])
+    # A prompt is free text: "don't" was Hydra's lexer error, "Hello, world" its "Ambiguous value" (outside a sweep)
+    prompts = ["don't", "ROMEO: what, ho! (enter)", "a=b", 'both \' and " and \\', "你好,再见"]
+    for prompt in prompts:
+        assert compose_train(quote_non_ascii_values([f"sample_prompt={prompt}"])).sample_prompt == prompt
 
 
 def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capfd):

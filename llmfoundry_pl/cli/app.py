@@ -235,14 +235,35 @@ def quote_non_ascii_values(args: list[str]) -> list[str]:
     """``args`` with each override's value that holds non-ASCII text quoted (``prompt=你好`` as ``prompt='你好'``).
     Hydra reads unquoted values in ASCII only: ``prompt=你好``, ``data.path=/data/语料.txt``, even ``prompt=é``
     ended in its lexer's error, and its docs say to quote them, which only a shell's quotes around Hydra's own do
-    (``'prompt="你好"'``). Values Hydra would read otherwise (a sweep ``a,b``, a list, ``${...}``) are left as typed."""
-    quoted = []
+    (``'prompt="你好"'``). Values Hydra would read otherwise (a sweep ``a,b``, a list, ``${...}``) are left as typed,
+    but for the prompts' free text outside a sweep (:data:`TEXT_KEYS`), quoted whatever it holds."""
+    quoted, sweep = [], "-m" in args or "--multirun" in args
     for arg in args:
         override = re.fullmatch(r"([~+]{0,2}[A-Za-z_][\w.@/-]*)=(.*)", arg, flags=re.DOTALL)
-        if override and not override[2].isascii() and not _GRAMMAR_CHARACTERS & set(override[2]):
+        text = override and not sweep and override[1].lstrip("+").endswith(TEXT_KEYS)
+        if text and _needs_quotes(override[2]):
+            arg = f"{override[1]}={_quoted(override[2])}"
+        elif override and not override[2].isascii() and not _GRAMMAR_CHARACTERS & set(override[2]):
             arg = f"{override[1]}='{override[2]}'"
         quoted.append(arg)
     return quoted
+
+
+# Settings whose values are free text, never a list: outside a sweep (-m), their grammar characters are the text's
+# own (prompt="don't" ended in Hydra's lexer error, prompt="Hello, world" in "Ambiguous value ... add --multirun").
+TEXT_KEYS = ("prompt",)
+
+
+def _needs_quotes(value: str) -> bool:
+    already = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+    return not already and "${" not in value and (not value.isascii() or bool(_GRAMMAR_CHARACTERS & set(value)))
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a quoted value of Hydra's grammar, which escapes only quotes (and backslashes before them)."""
+    quote = "'" if "'" not in text else '"' if '"' not in text else "'"
+    escaped = re.sub(r"(\\*)(" + quote + r"|$)", lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), text)
+    return quote + escaped + quote
 
 
 def quiet_library_noise() -> None:
