@@ -8,6 +8,7 @@ import os
 import unicodedata
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from llmfoundry_pl.cli.sweep_summary import RESULTS, STARTED, UNFINISHED, SweepSummary, collect_rows, split_overrides
@@ -63,6 +64,22 @@ def test_jobs_are_found_wherever_the_sweep_subdir_puts_them(tmp_path, capsys):
     assert [r["job"] for r in rows] == ["plain", "lr0.001/s1", "lr0.001/s2"]
     summary.on_multirun_end(config)
     assert "| lr0.001/s2 |" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(("file", "text"), [(RESULTS, "{cut"), (RESULTS, '{"a": 1}'),
+                                          (".hydra/overrides.yaml", "- [unclosed")])
+def test_a_job_record_that_is_not_one_is_one_line_naming_it(tmp_path, capsys, file, text):
+    # lfpl-plot on a sweep whose job folder held an edited or cut record: JSON's, YAML's or a KeyError's traceback
+    from llmfoundry_pl.cli.plot import main as plot_main
+
+    _job(tmp_path, "0", ["optim.lr=0.001"], {"val/loss": 5.0})
+    (tmp_path / "1" / file).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "1" / file).write_text(text)
+    with pytest.raises(SystemExit) as exit_:
+        plot_main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {tmp_path / '1' / file} is not a record a sweep's job wrote (")
 
 
 def test_values_with_spaces_and_wide_characters_stay_whole_and_aligned(tmp_path):

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from llmfoundry_pl.cli.sweep_summary import collect_rows, split_overrides
+from llmfoundry_pl.config import ConfigError
 from llmfoundry_pl.files import atomic_write_bytes
 
 # One PNG per entry: file name, y-axis label, the columns drawn on it (those present). Lightning's
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         written = plot(args.path)
-    except PlotError as e:
+    except (PlotError, ConfigError) as e:  # ConfigError: a sweep's job record that is not one (collect_rows)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     for path in written:

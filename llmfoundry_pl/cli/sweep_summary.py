@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from llmfoundry_pl.config import ConfigError
 from llmfoundry_pl.files import atomic_write_bytes
 
 RESULTS = "final_metrics.json"
@@ -57,14 +58,18 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     job_dirs.discard(sweep_dir)  # a single run's folder is not a sweep of itself
     for job_dir in sorted(job_dirs, key=lambda d: (len(str(d)), str(d))):
         name = job_dir.relative_to(sweep_dir).as_posix()
-        if fresh(job_dir / RESULTS):
-            record = json.loads((job_dir / RESULTS).read_text())
-            failed = [text for key, text in FAILED.items() if key in record]
-            rows.append({"job": name, "overrides": list(record["overrides"]), **record["metrics"],
-                         **({"status": failed[0]} if failed else {})})
-        else:
-            overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
-            rows.append({"job": name, "overrides": list(overrides), "status": UNFINISHED})
+        read = job_dir / RESULTS if fresh(job_dir / RESULTS) else job_dir / ".hydra" / "overrides.yaml"
+        try:
+            if read.name == RESULTS:
+                record = json.loads(read.read_text())
+                failed = [text for key, text in FAILED.items() if key in record]
+                rows.append({"job": name, "overrides": list(record["overrides"]), **dict(record["metrics"]),
+                             **({"status": failed[0]} if failed else {})})
+            else:
+                rows.append({"job": name, "overrides": list(OmegaConf.load(read)), "status": UNFINISHED})
+        except Exception as e:  # cut short, edited, another program's: JSON's, YAML's or a KeyError's traceback
+            raise ConfigError(f"{read} is not a record a sweep's job wrote ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:120]}); remove that job's folder, or fix the file") from None
     return rows
 
 
@@ -134,7 +139,11 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        rows = collect_rows(sweep_dir)
+        try:
+            rows = collect_rows(sweep_dir)
+        except ConfigError as e:  # Hydra's callbacks run outside the commands' one-line errors
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         if not rows:
             print(f"\nsweep summary: no job of this sweep left results under {sweep_dir}", flush=True)
             return
