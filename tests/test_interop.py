@@ -255,9 +255,13 @@ def replace_tokenizer(folder: Path, model_proto: bytes) -> Path:
          r"lacks tensors for its config.json: model.layers.2.input_layernorm.weight, .* and 6 more"),
         (lambda d: rewrite_json(d / "config.json", intermediate_size=96) or d,
          r"tensors of the wrong shape .*mlp.gate_proj.weight \[80, 48\] instead of \[96, 48\]"),
+        # model.py's TypeError, and "'float' object cannot be interpreted as an integer"
+        (lambda d: rewrite_json(d / "config.json", num_hidden_layers="2", rope_theta=None, rms_norm_eps=True) or d,
+         r"sets num_hidden_layers='2', rms_norm_eps=True: a Llama config.json holds integer sizes"),
+        (lambda d: rewrite_json(d / "config.json", num_hidden_layers=2.5) or d, "sets num_hidden_layers=2.5: "),
     ],
     ids=["not-a-folder", "no-config", "not-llama", "rope-scaling", "no-tokenizer", "no-bos", "missing-tensors",
-         "wrong-shape"],
+         "wrong-shape", "text-size", "fractional-size"],
 )
 def test_load_hf_refuses_with_one_line(tokenizer, tmp_path, spoil, message):
     save_hf(tiny_model(tokenizer), tokenizer, tmp_path / "hf")

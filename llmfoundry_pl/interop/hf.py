@@ -150,6 +150,15 @@ def model_config_from_hf(hf: dict, where: Path) -> ModelConfig:
                            "num_attention_heads") if k not in hf]
     if missing:
         raise ConfigError(f"{where} lacks {', '.join(missing)}; it is not a complete Llama config.json")
+    # Sizes are integers and the rest numbers (JSON's true is Python's 1): a "4" or 4.5 was model.py's TypeError
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings")
+    numbers = ("rms_norm_eps", "rope_theta", "initializer_range")
+    wrong = [f"{key}={hf[key]!r}" for key in (*sizes, *numbers) if hf.get(key) is not None and (
+        isinstance(hf[key], bool) or not isinstance(hf[key], int if key in sizes else (int, float)))]
+    if wrong:
+        raise ConfigError(f"{where} sets {', '.join(wrong)}: a Llama config.json holds integer sizes and numeric "
+                          "settings; fix the file, or export the model again")
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, head_dim):
         raise ConfigError(f"{where} sets head_dim={hf['head_dim']}, not hidden_size/num_attention_heads={head_dim}; "
