@@ -368,6 +368,13 @@ def test_adding_a_key_the_schema_lacks_is_one_line_naming_the_setting(compose_tr
     check_nothing_added(cfg)
 
 
+def test_a_negative_sample_length_is_refused(compose_train):
+    from llmfoundry_pl.cli.train import _check_sample_prompts
+
+    with pytest.raises(ConfigError, match=r"sample_tokens=-7 must be 0 \(no sample\) or more"):
+        _check_sample_prompts(compose_train(["sample_tokens=-7"]), [], None, 64)
+
+
 def test_non_ascii_values_are_quoted_for_hydras_grammar(compose_train):
     # Hydra reads unquoted values in ASCII only: prompt=你好, data.path=/data/语料.txt, even sample_prompt=é ended
     # in its lexer's error (LexerNoViableAltException), for a project whose first audience writes Chinese

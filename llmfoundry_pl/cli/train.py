@@ -229,6 +229,8 @@ def _validate(trainer: L.Trainer, lit: LitLlama, datamodule: L.LightningDataModu
 def _check_sample_prompts(cfg: DictConfig, callbacks: list, tokenizer: Tokenizer, context: int) -> None:
     """The prompts sampled after each validation and at the end fit the model's context. Checked only when sampled,
     the end's failed after the whole run (no summary, no final_metrics.json), a validation's before any checkpoint."""
+    if cfg.sample_tokens < 0:  # taken as 0 without a word, where lfpl-generate refuses max_new_tokens=-3
+        raise ConfigError(f"sample_tokens={cfg.sample_tokens} must be 0 (no sample) or more")
     prompts = [("sample_prompt", cfg.sample_prompt)] if cfg.sample_tokens > 0 else []
     prompts += [("callbacks.sample_text.prompt", c.prompt) for c in callbacks if isinstance(c, SampleTextCallback)]
     for setting, prompt in prompts:
