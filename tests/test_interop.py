@@ -224,6 +224,10 @@ def test_safetensors_round_trip_keeps_config_weights_and_run(tokenizer, tmp_path
     assert back.config == ours.config and same_weights(back, ours) and back_tokenizer.sha256 == tokenizer.sha256
     _, _, source = load_folder(tmp_path / "st")
     assert source.format == "safetensors" and source.run_config == {"data": {"seq_len": 32}}
+    for edited in ("x", {"data": "x"}):  # lfpl-eval read it: AttributeError: 'str' object has no attribute 'get'
+        rewrite_json(tmp_path / "st" / "config.json", run_config=edited)
+        with pytest.raises(ConfigError, match="has a \"run_config\" that is not a run's settings .*set it to null"):
+            load_folder(tmp_path / "st")
     tied = tiny_model(tokenizer)
     save_safetensors(tied, tokenizer, tmp_path / "tied")
     back, _ = load_safetensors(tmp_path / "tied")

@@ -88,4 +88,9 @@ def read_own_config(folder: Path) -> dict:
                           f"llmfoundry_pl (this one reads up to {FORMAT_VERSION}); upgrade llmfoundry_pl")
     if not isinstance(config.get("model"), dict):
         raise ConfigError(f"{folder}/config.json has no \"model\" section; it is incomplete")
+    run = config.get("run_config")  # read by lfpl-eval (the run's split) and lfpl-export: an edited one was a traceback
+    groups = ("data", "model")  # the parts of it that are read
+    if run is not None and not (isinstance(run, dict) and all(isinstance(run.get(g) or {}, dict) for g in groups)):
+        raise ConfigError(f"{folder}/config.json has a \"run_config\" that is not a run's settings (edited?); restore "
+                          "it, or set it to null")
     return config
