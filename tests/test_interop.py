@@ -283,6 +283,9 @@ def test_write_folder_into_the_current_folder_is_refused_in_one_line(tmp_path, m
             write_folder(here, lambda d: (d / "a").write_text("x"))
     assert write_folder("sub", lambda d: (d / "a").write_text("x")) == Path("sub")
     assert (tmp_path / "sub" / "a").read_text() == "x"
+    (tmp_path / "model.ckpt").write_text("a checkpoint")  # out=model.ckpt/hf said "File exists (model.ckpt)"
+    with pytest.raises(ConfigError, match="out=model.ckpt/hf is inside model.ckpt, which is a file, not a folder"):
+        write_folder("model.ckpt/hf", lambda d: (d / "a").write_text("x"))
 
 
 def model_files(text: str, name: str = "a"):

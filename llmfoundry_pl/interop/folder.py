@@ -61,6 +61,10 @@ def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
                           "the path of a new folder, such as out=my-model")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file, not a folder; give the path of a folder to create")
+    inside_a_file = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if inside_a_file is not None:  # was "cannot write out=...: File exists (model.ckpt)"
+        raise ConfigError(f"out={out} is inside {inside_a_file}, which is a file, not a folder; give the path of a "
+                          "folder to create")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"out={out} exists and is not empty; choose another folder, or pass overwrite=true to "
                           "replace it")
