@@ -114,7 +114,7 @@ def check_nothing_deleted(cfg: DictConfig) -> None:
 
 # What each writer says when a write comes up short: the OS (no space, a file-size or quota limit), numpy's tofile,
 # torch.save's zip writer (inline_container.cc) and safetensors (its Rust I/O error, with the OS's number).
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # Windows has no EDQUOT
 _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|inline_container\.cc.*(unexpected pos|failed writing)|"
                           rf"os error ({'|'.join(map(str, _DISK_FULL_ERRNOS))})\b")
 
@@ -123,7 +123,9 @@ def out_of_disk(error: BaseException) -> str | None:
     """What could not be written, if ``error`` (or what caused it) is a write that ran out of disk space or hit a
     file-size limit; else None. Each library says it its own way, and a run that fills its disk said it in a
     traceback, after hours of training."""
-    while error is not None:
+    seen = set()  # a chain of causes can loop back
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
         if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
             return f"{error.strerror}" + (f" ({error.filename})" if error.filename else "")
         if _SHORT_WRITE.search(str(error)):
