@@ -341,11 +341,11 @@ def _adapter_base(hparams: dict, path: str, key: str) -> Transformer:
         raise ConfigError(f"{key}={path} holds LoRA adapters whose base model init_from={init_from} is missing; "
                           "put the base back at that path")
     base, model_cfg = load_model(init_from, key="init_from")[0], ModelConfig(**hparams["model"])
-    # init_network would name model.* overrides, which lfpl-train has and the commands that load adapters do not
-    if any(getattr(base.config, f) != getattr(model_cfg, f) for f in ARCHITECTURE):
+    try:
+        return init_network(base, model_cfg, init_from)
+    except ConfigError:  # of another shape: its fix names model.* overrides, which lfpl-train has and these lack
         raise ConfigError(f"{key}={path} holds LoRA adapters of another base model than init_from={init_from} holds "
-                          "now (replaced since they were trained); put their base back at that path")
-    return init_network(base, model_cfg, init_from)
+                          "now (replaced since they were trained); put their base back at that path") from None
 
 
 def absolute_data_paths(data: DictConfig) -> None:

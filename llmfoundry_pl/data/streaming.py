@@ -118,7 +118,9 @@ def _chunk_files(index_path: Path, where: str) -> list[dict]:
     "chunk_bytes", ...} each)."""
     try:
         chunks = json.loads(index_path.read_text())["chunks"]
-        return [c for c in chunks if isinstance(c["filename"], str) and isinstance(c["chunk_bytes"], int)]
+        if not all(isinstance(c["filename"], str) and isinstance(c["chunk_bytes"], int) for c in chunks):
+            raise TypeError
+        return chunks
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{where} is missing or is not litdata's index of the chunks: a copy or upload cut short; "
                           "copy the whole chunk folder again, chunks.json last") from None
