@@ -34,6 +34,12 @@ class ConfigError(ValueError):
     """A setting that cannot work. Its message is one line that names the value and the fix."""
 
 
+def one_line(error: object, limit: int = 160) -> str:
+    """``error``'s message (often several lines, from a library) on one line of at most ``limit`` characters: the
+    part of it quoted inside a ConfigError or a report line."""
+    return " ".join(str(error).split())[:limit]
+
+
 def _help(text: str) -> dict[str, str]:
     """Field metadata carrying the one-line help shown in the docs."""
     return {"help": text}

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.config import ConfigError, one_line
 from llmfoundry_pl.files import atomic_write_bytes
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -71,7 +71,7 @@ class Tokenizer:
             return cls(model_proto)
         except RuntimeError as e:
             fix = f"; point {key} at a .model file" if key else ""
-            raise ConfigError(f"{path} is not a SentencePiece model ({' '.join(str(e).split())[:120]}){fix}") from None
+            raise ConfigError(f"{path} is not a SentencePiece model ({one_line(e, 120)}){fix}") from None
 
     @property
     def vocab_size(self) -> int:

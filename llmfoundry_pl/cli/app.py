@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
-from llmfoundry_pl.config import ConfigError, register_configs
+from llmfoundry_pl.config import ConfigError, one_line, register_configs
 
 CONFIG_PATH = "pkg://llmfoundry_pl.conf"  # conf/ ships inside the package (see pyproject.toml)
 
@@ -129,7 +129,7 @@ def out_of_disk(error: BaseException) -> str | None:
         if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
             return f"{error.strerror}" + (f" ({error.filename})" if error.filename else "")
         if _SHORT_WRITE.search(str(error)):
-            return " ".join(str(error).split())[:160]
+            return one_line(error)
         error = error.__cause__ or error.__context__
     return None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ from llmfoundry_pl.config import (
     ConfigError,
     ModelConfig,
     StreamingDataConfig,
+    one_line,
 )
 from llmfoundry_pl.data import ChatDataModule, StreamingDataModule, TextDataModule
 from llmfoundry_pl.interop import ModelSource, load_folder
@@ -163,7 +165,7 @@ def instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
 
 def _reason(error: InstantiationException) -> str:
     """What the class said (the exception Hydra wraps), on one line."""
-    return " ".join(str(error.__cause__ or error).split())
+    return one_line(error.__cause__ or error, 300)
 
 
 def require_compiler(device: torch.device) -> None:
@@ -327,7 +329,7 @@ def read_checkpoint(path: str, key: str = "ckpt_path") -> dict:
 
 
 def _not_a_checkpoint(path: str, key: str, error: Exception) -> ConfigError:
-    reason = " ".join(str(error).split()).split(". ")[0][:160]  # the first sentence is the useful one
+    reason = one_line(re.split(r"\.\s", str(error))[0])  # the first sentence is the useful one
     reason = f"{type(error).__name__}: {reason}"
     if "_use_new_zipfile_serialization" in reason:  # torch.load(mmap=True) of any file that is no zip: "re-save it"
         reason = "the file is empty" if os.path.getsize(path) == 0 else "not the zip archive torch.save writes"

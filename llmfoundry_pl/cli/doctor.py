@@ -502,6 +502,7 @@ def _canonical(name: str) -> str:
 
 
 def _one_line(e: BaseException) -> str:
+    """Like config.one_line, with the error's type: the doctor cannot import the package it checks (module doc)."""
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
 
 

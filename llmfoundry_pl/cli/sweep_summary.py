@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.config import ConfigError, one_line
 from llmfoundry_pl.files import atomic_write_bytes
 
 RESULTS = "final_metrics.json"
@@ -69,7 +69,7 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 rows.append({"job": name, "overrides": list(OmegaConf.load(read)), "status": UNFINISHED})
         except Exception as e:  # cut short, edited, another program's: JSON's, YAML's or a KeyError's traceback
             raise ConfigError(f"{read} is not a record a sweep's job wrote ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:120]}); remove that job's folder, or fix the file") from None
+                              f"{one_line(e, 120)}); remove that job's folder, or fix the file") from None
     return rows
 
 

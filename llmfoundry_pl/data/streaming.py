@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmfoundry_pl.config import CHUNK_URI_PREFIXES, ConfigError, StreamingDataConfig
+from llmfoundry_pl.config import CHUNK_URI_PREFIXES, ConfigError, StreamingDataConfig, one_line
 from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus, resolve_sources
 from llmfoundry_pl.data.datamodule import TextDataModule
 from llmfoundry_pl.files import atomic_write_bytes, publish_folder, temporary_folder
@@ -235,7 +235,7 @@ def _mirror(uri: str, cache_dir: Path) -> Path:
         try:
             downloader.download_file(f"{uri}/chunks.json", str(tmp / "chunks.json"))
         except Exception as e:  # missing file, no credentials, no network: each library says it its own way
-            reason = " ".join(str(e).split())[:160]
+            reason = one_line(e)
             raise ConfigError(f"cannot read {uri}/chunks.json ({type(e).__name__}: {reason}); check data.chunks_dir "
                               "and its credentials, or, if nothing is there yet, build the chunks with lfpl-train "
                               "data=streaming data.chunks_dir=LOCAL_FOLDER and upload LOCAL_FOLDER there") from None
@@ -247,7 +247,7 @@ def _mirror(uri: str, cache_dir: Path) -> Path:
             try:
                 downloader.download_file(f"{uri}/{name}", str(tmp / name.replace("/", "-")))
             except Exception as e:
-                reason = " ".join(str(e).split())[:160]
+                reason = one_line(e)
                 raise ConfigError(f"cannot read {uri}/{name} ({type(e).__name__}: {reason}), though its chunks.json "
                                   "is there: an upload cut short, or chunks.json sent first; upload the whole chunk "
                                   "folder again, chunks.json last") from None

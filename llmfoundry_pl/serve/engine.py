@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmfoundry_pl.config import ConfigError, check_sampling
+from llmfoundry_pl.config import ConfigError, check_sampling, one_line
 from llmfoundry_pl.inference.generate import EndIds, end_ids
 from llmfoundry_pl.inference.kv_cache import new_kv_cache
 from llmfoundry_pl.inference.sampling import check_finite, sample_next, seeded_generator
@@ -163,7 +163,7 @@ class Engine:
         """End ``requests`` (the failed step was theirs) with finish_reason ``error``; the others go on. Called while
         handling ``error``, whose traceback it prints for whoever runs the server."""
         traceback.print_exc()
-        reason = " ".join(str(error).split())[:200]
+        reason = one_line(error, 200)
         what = reason if isinstance(error, ConfigError) else f"{type(error).__name__}: {reason}"  # ours say it all
         # one that finished in the step that failed has had its answer: a second, final event of error miscounted it
         requests = [r for r in requests if r.finish_reason is None]
