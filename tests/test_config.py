@@ -375,6 +375,19 @@ def test_a_negative_sample_length_is_refused(compose_train):
         _check_sample_prompts(compose_train(["sample_tokens=-7"]), [], None, 64)
 
 
+def test_a_sample_prompt_that_is_not_text_is_named_as_set(compose_train):
+    from llmfoundry_pl.callbacks import SampleTextCallback
+    from llmfoundry_pl.cli.train import _check_sample_prompts
+
+    cfg = compose_train(["sample_tokens=4"])
+    cfg.sample_prompt = "ROMEO\udcff"  # a Latin-1 byte typed in a UTF-8 terminal, in Python's stand-in
+    with pytest.raises(ConfigError, match=r"^sample_prompt: character 6 is byte 0xff, which is not UTF-8 text"):
+        _check_sample_prompts(cfg, [], None, 64)
+    cfg.sample_tokens = 0  # no sample at the end: the callback's prompt is the one checked
+    with pytest.raises(ConfigError, match=r"^callbacks.sample_text.prompt: character 1 is U\+D83D"):
+        _check_sample_prompts(cfg, [SampleTextCallback(prompt="\ud83d", max_new_tokens=4)], None, 64)
+
+
 def test_non_ascii_values_are_quoted_for_hydras_grammar(compose_train):
     # Hydra reads unquoted values in ASCII only: prompt=你好, data.path=/data/语料.txt, even sample_prompt=é ended
     # in its lexer's error (LexerNoViableAltException), for a project whose first audience writes Chinese

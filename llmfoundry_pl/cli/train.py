@@ -52,7 +52,7 @@ from llmfoundry_pl.inference.text import encode_prompt
 from llmfoundry_pl.lit_module import LitDPO, LitLlama, check_adamw_eps
 from llmfoundry_pl.model import Transformer
 from llmfoundry_pl.precision import check_fp16_on_cpu
-from llmfoundry_pl.tokenizer import Tokenizer
+from llmfoundry_pl.tokenizer import Tokenizer, check_encodable
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -234,6 +234,7 @@ def _check_sample_prompts(cfg: DictConfig, callbacks: list, tokenizer: Tokenizer
     prompts = [("sample_prompt", cfg.sample_prompt)] if cfg.sample_tokens > 0 else []
     prompts += [("callbacks.sample_text.prompt", c.prompt) for c in callbacks if isinstance(c, SampleTextCallback)]
     for setting, prompt in prompts:
+        check_encodable(prompt, setting)  # named as set: encode_prompt's own check calls it "the prompt"
         n = len(encode_prompt(tokenizer, prompt, chat=None)[0])  # <s> included, as generation feeds it
         if n > context:
             raise ConfigError(f"{setting} is {n} tokens, more than the model's context (model.max_seq_len={context}): "
