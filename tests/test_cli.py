@@ -411,7 +411,8 @@ def test_slurm_batch_recipe_on_one_node(tmp_path, cache_dir):
         (["hydra.job.chdir=true"], "error: hydra.job.chdir=true is not supported"),  # relative paths broke
         (["data.path=blank.txt"], "error: the corpus has no text to train a tokenizer on, only whitespace"),
         (["data.tokenizer_path=folder"], "/folder is a folder, not a SentencePiece .model file"),
-        (["trainer.max_step=3"], "Key 'max_step' not in 'TrainerConf'"),
+        (["trainer.max_step=3"], "error: trainer.max_step: max_step is not a setting of trainer; did you mean "
+                                 "max_steps?"),  # Hydra's 7 lines said to add the key with +, which is refused
         (["model.n_layers=two"], "Value 'two' of type 'str' could not be converted to Integer"),
         (["hardware=m4pro"], "error: the trainer settings cannot run here: `MPSAccelerator` can not run"),
         (["trainer.precision=bf17"], "error: the trainer settings cannot run here: Precision 'bf17' is invalid"),

@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 
 from llmfoundry_pl.cli import app as app_module
 from llmfoundry_pl.cli.app import (
-    check_members_that_are_off,
     check_nothing_added,
     check_nothing_deleted,
+    check_overrides,
     quote_non_ascii_values,
     run_hydra_app,
     user_errors,
@@ -440,15 +440,34 @@ def test_a_setting_inside_a_callback_that_is_off_is_one_line(compose_train):
     # traceback, "AssertionError: Unexpected type for root: NoneType"
     with pytest.raises(ConfigError, match=r"callbacks.early_stopping.patience: callbacks.early_stopping is off \(null"
                                           r"\) in this config, .*; callbacks=early_stopping turns it on"):
-        check_members_that_are_off("train", ["model=tiny", "callbacks.early_stopping.patience=5"])
+        check_overrides("train", ["model=tiny", "callbacks.early_stopping.patience=5"])
     with pytest.raises(ConfigError, match=r"callbacks.sample_text: .* \(an experiment= may turn it off\)"):
-        check_members_that_are_off("train", ["experiment=sft", "callbacks.sample_text={prompt: hi}"])
+        check_overrides("train", ["experiment=sft", "callbacks.sample_text={prompt: hi}"])
     with pytest.raises(ConfigError, match="logger.tensorboard.name: .*; logger=tensorboard turns it on"):
-        check_members_that_are_off("train", ["logger.tensorboard.name=x"])
+        check_overrides("train", ["logger.tensorboard.name=x"])
     # on: taken, a sweep over it too
-    check_members_that_are_off("train", ["callbacks=early_stopping", "callbacks.early_stopping.patience=5,9"])
-    check_members_that_are_off("train", ["optim.lr=1e-3,3e-3", "callbacks.sample_text.prompt=ROMEO:"])
+    check_overrides("train", ["callbacks=early_stopping", "callbacks.early_stopping.patience=5,9"])
+    check_overrides("train", ["optim.lr=1e-3,3e-3", "callbacks.sample_text.prompt=ROMEO:"])
     compose_train(["callbacks=early_stopping", "callbacks.early_stopping.patience=5"])  # the global state is kept
+
+
+def test_a_misspelt_setting_is_one_line_naming_the_likely_one(compose_train):
+    # Hydra's 7-line answer told to add the key with +, which check_nothing_added refuses in turn
+    with pytest.raises(ConfigError, match=r"^model.n_layer: n_layer is not a setting of model; did you mean "
+                                          r"n_layers\?$"):
+        check_overrides("train", ["model=tiny", "model.n_layer=2"])
+    with pytest.raises(ConfigError, match=r"^trainer.max_step: .* of trainer; did you mean max_steps\?"):
+        check_overrides("train", ["trainer.max_step=10,20", "-m"])
+    with pytest.raises(ConfigError, match=r"^data.overlng: .* of data; did you mean overlong\?"):
+        check_overrides("train", ["data=sft", "data.overlng=drop"])  # a key of the chosen data config only
+    with pytest.raises(ConfigError, match=r"^optim.zzz: zzz is not a setting of optim; --help lists the settings"):
+        check_overrides("train", ["optim.zzz=1"])
+    # left to Hydra: a setting of one of the swept choices, the user's own config, a new callback's argument
+    check_overrides("train", ["-m", "data=text,sft", "data.overlng=drop"])
+    check_overrides("train", ["--config-dir", "mine", "model.n_layer=2"])
+    check_overrides("train", ["+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+                              "callbacks.lr.logging_interval=step"])
+    check_overrides("train", ["model.n_layers=2", "hydra.run.dir=out", "data=sft", "data.overlong=drop"])
 
 
 def test_schema_from_signature_keeps_names_defaults_and_plain_types():

@@ -145,20 +145,29 @@ def check_nothing_added(cfg: DictConfig) -> None:
     added = [o.lstrip("+").partition("=")[0] for o in HydraConfig.get().overrides.task if o.startswith("+")] \
         if HydraConfig.initialized() else []
     for key in added:
-        node = cfg
-        for depth, part in enumerate(key.split(".")):
-            schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
-            if not dataclasses.is_dataclass(schema):  # a free-form mapping (a callback's arguments, say): anything
-                break
-            names = [f.name for f in dataclasses.fields(schema)]
-            if depth == 1 and key.split(".")[0] in ADDABLE_GROUPS and part not in names:
-                break  # a new member, built from its _target_
-            if part not in names:
-                where = ".".join(key.split(".")[:depth]) or "the config"
-                close = difflib.get_close_matches(part, names, n=1)
-                raise ConfigError(f"+{key}: {part} is not a setting of {where}, so it would be ignored"
-                                  + (f"; did you mean {close[0]}?" if close else "; --help lists the settings"))
-            node = node._get_node(part)  # the node itself: its value may be an interpolation not resolvable yet
+        if unknown := _unknown_setting(cfg, key):
+            raise ConfigError(f"+{key}: {unknown}, so it would be ignored")
+
+
+def _unknown_setting(cfg: DictConfig, key: str) -> str | None:
+    """Why the dotted ``key`` is not a setting of ``cfg``'s schema ("n_layer is not a setting of model; did you
+    mean n_layers?"), or None where it is one, or lies in a free-form mapping (a callback's arguments), or names a
+    new callback or logger (built from its ``_target_``)."""
+    node = cfg
+    for depth, part in enumerate(key.split(".")):
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if not dataclasses.is_dataclass(schema):  # a free-form mapping (a callback's arguments, say): anything
+            return None
+        names = [f.name for f in dataclasses.fields(schema)]
+        if depth == 1 and key.split(".")[0] in ADDABLE_GROUPS and part not in names:
+            return None  # a new member, built from its _target_
+        if part not in names:
+            where = ".".join(key.split(".")[:depth]) or "the config"
+            close = difflib.get_close_matches(part, names, n=1)
+            return f"{part} is not a setting of {where}" + (
+                f"; did you mean {close[0]}?" if close else "; --help lists the settings")
+        node = node._get_node(part)  # the node itself: its value may be an interpolation not resolvable yet
+    return None
 
 
 def out_of_memory(error: BaseException) -> str | None:
@@ -177,8 +186,8 @@ def out_of_memory(error: BaseException) -> str | None:
 def run_hydra_app(app: Callable[[], Any], config_name: str) -> None:
     """Start a Hydra command (``app``, its ``@hydra.main`` function, of ``conf/<config_name>.yaml``): register the
     schemas, quiet the libraries' noise, quote the values Hydra's command-line grammar cannot read unquoted
-    (:func:`quote_non_ascii_values`) and refuse overrides inside a callback or logger that is off
-    (:func:`check_members_that_are_off`); output piped into a reader that stops early (``| head``) ends quietly, as
+    (:func:`quote_non_ascii_values`) and refuse overrides of settings that are not there, or off
+    (:func:`check_overrides`); output piped into a reader that stops early (``| head``) ends quietly, as
     for other commands, and Ctrl-C before the command's task starts (the imports, composing the config) is
     "interrupted", as during it."""
     try:
@@ -186,7 +195,7 @@ def run_hydra_app(app: Callable[[], Any], config_name: str) -> None:
             register_configs()  # imports Lightning: the schemas of trainer, callbacks and logger are its signatures
             quiet_library_noise()
             sys.argv[1:] = quote_non_ascii_values(sys.argv[1:])
-            check_members_that_are_off(config_name, sys.argv[1:])
+            check_overrides(config_name, sys.argv[1:])
             app()
     except BrokenPipeError:  # `lfpl-train --help | head`: the reader left early, and Python's traceback said so
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe: no second error at exit
@@ -198,26 +207,41 @@ _MEMBER_KEY = re.compile(r"\+{0,2}(callbacks|logger)\.(\w+)(\.[\w.]+)?")
 # An override that can choose which members are on: a config group's option (experiment=sft, callbacks=none) or a
 # top-level setting; not a sweep (a,b), which a single composition cannot take
 _CHOICE_OVERRIDE = re.compile(r"\+{0,2}(?!hydra)[\w/]+(@[\w.]+)?=[^,]*")
+# An override of a setting inside a group (model.n_layers=2), without Hydra's + or ~
+_SETTING_OVERRIDE = re.compile(r"(?!hydra\.)(\w+(\.\w+)+)=.*", flags=re.DOTALL)
+# Hydra's options that compose another config than the package's (the checks below compose the package's)
+_OWN_CONFIG_OPTIONS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
 
 
-def check_members_that_are_off(config_name: str, args: list[str]) -> None:
-    """Refuse, in one line, a command-line override inside a callback or logger that the config leaves off (null):
-    ``callbacks.early_stopping.patience=5`` under ``callbacks=default``, or ``callbacks.sample_text={...}`` under
-    ``experiment=sft``. OmegaConf cannot fill a member that is null (see ``config._optional_members``), and failed in
-    a 23-line traceback ("Unexpected type for root: NoneType"). Only when such an override is typed, the config is
-    composed once more from the group choices alone, to see which members are off; a composition that fails is
-    left to Hydra, which reports it."""
+def check_overrides(config_name: str, args: list[str]) -> None:
+    """Refuse, in one line, a command-line override Hydra would refuse in several, or take wrongly:
+
+    - of a key the schema lacks (``model.n_layer=2``): Hydra's message told to add it with ``+``, which
+      :func:`check_nothing_added` refuses in turn; named here with the likely setting.
+    - inside a callback or logger that the config leaves off (null): ``callbacks.early_stopping.patience=5``
+      under ``callbacks=default``, or ``callbacks.sample_text={...}`` under ``experiment=sft``. OmegaConf cannot
+      fill a member that is null (see ``config._optional_members``), and failed in a 23-line traceback
+      ("Unexpected type for root: NoneType").
+
+    Only when such overrides are typed, the config is composed once more from the group choices alone; a sweep
+    over a group's choice (``data=text,chat``) leaves the keys to Hydra, job by job, as does a config of the
+    user's own (``--config-dir``) and a composition that fails, which Hydra reports."""
     members = [(m[1], m[2], m[0].lstrip("+")) for arg in args if (m := _MEMBER_KEY.fullmatch(arg.partition("=")[0]))]
-    if not members:
+    settings = [m[1] for arg in args if (m := _SETTING_OVERRIDE.fullmatch(arg))]
+    if not (members or settings) or any(arg.partition("=")[0] in _OWN_CONFIG_OPTIONS for arg in args):
         return
     from hydra import compose, initialize_config_module
 
     choices = [arg for arg in args if _CHOICE_OVERRIDE.fullmatch(arg)]
+    swept_choice = any(re.fullmatch(r"\+{0,2}[\w/]+(@[\w.]+)?=.*", arg) for arg in args if arg not in choices)
     try:
         with initialize_config_module(config_module="llmfoundry_pl.conf", version_base="1.3"):
             cfg = compose(config_name, overrides=choices)
     except Exception:  # noqa: BLE001 - Hydra reports a bad command line itself, in its words
         return
+    for key in [] if swept_choice else settings:
+        if unknown := _unknown_setting(cfg, key):
+            raise ConfigError(f"{key}: {unknown}")
     for group, member, key in members:
         if group in cfg and member in cfg[group] and cfg[group][member] is None:
             own_option = resources.files("llmfoundry_pl.conf").joinpath(group, f"{member}.yaml").is_file()
