@@ -8,12 +8,17 @@ file that looks finished. Whatever temporary is left after a failure is removed,
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
 
 
 def temp_sibling(path: Path, suffix: str = "tmp") -> Path:
@@ -69,3 +74,29 @@ def publish_folder(tmp: Path, folder: Path, is_complete: Callable[[Path], bool])
             if last_try:
                 raise
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def build_lock(path: Path) -> Iterator[None]:
+    """Hold the lock on building ``path`` (a cache file or folder): one process builds it while the others wait,
+    then find it built. Every rank of a torchrun or SLURM job prepares the data before the Trainer (and its
+    process group) exists, since the model's vocabulary comes from it: on a cold cache, 8 GPUs a node could train 8
+    tokenizers and tokenize the corpus 8 times at once, on shared storage. Callers check again for ``path`` once
+    they hold the lock. filelock's lock (the one Hugging Face caches take) is the operating system's, released when
+    its holder dies; where none can be taken (a read-only cache), each process builds its own copy as before, and
+    :func:`publish_folder` keeps the first."""
+    lock = FileLock(path.with_name(f".{path.name}.lock"))
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info(f"waiting for another process to finish building {path}")
+            lock.acquire()
+        locked = True
+    except OSError:  # the lock file cannot be created (a read-only cache): no lock to take
+        locked = False
+    try:
+        yield
+    finally:
+        if locked:
+            lock.release()

@@ -1,13 +1,17 @@
 import io
 import itertools
 import json
+import logging
 import os
 import shutil
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import sentencepiece as spm
+from filelock import FileLock
 
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, DataConfig
 from llmfoundry_pl.data import TextDataModule, corpus
@@ -42,6 +46,42 @@ def test_corpus_tokens_cover_every_document_with_bos_and_eos(text_dir, tmp_path)
     assert 0.09 < len(val) / (len(train) + len(val)) < 0.12
     # the text comes back out of the token stream
     assert tok.decode(t for t in train if t not in (BOS_ID, EOS_ID)).startswith("Document 0.\nNow is the winter")
+
+
+def test_processes_starting_on_a_cold_cache_build_it_once(text_dir, tmp_path, monkeypatch, caplog):
+    # Every rank of a torchrun or SLURM job prepares the data before the Trainer exists: each trained a tokenizer
+    # and tokenized the corpus, all at once. Now one builds; the others wait for its lock, then read what it built.
+    _, built = prepare_corpus(data_cfg(text_dir, tmp_path / "built"))
+    (model,) = built.directory.parent.glob("tokenizer-*.model")
+    cold = tmp_path / "cold" / built.directory.parent.name
+    cold.mkdir(parents=True)
+    monkeypatch.setattr(corpus, "train_tokenizer", lambda *a, **k: pytest.fail("trained a tokenizer again"))
+    monkeypatch.setattr(corpus, "_build_token_files", lambda *a, **k: pytest.fail("tokenized the corpus again"))
+    caplog.set_level(logging.INFO, logger="llmfoundry_pl.files")
+    locks = [FileLock(cold / f".{name}.lock") for name in (model.name, built.directory.name)]
+    for lock in locks:  # this test is the process that builds
+        lock.acquire()
+    result = []
+    other = threading.Thread(target=lambda: result.append(prepare_corpus(data_cfg(text_dir, tmp_path / "cold"))))
+    other.start()
+
+    def wait_for(name: str) -> None:
+        for _ in range(600):
+            if any(f"finish building {cold / name}" in r.getMessage() for r in caplog.records):
+                return
+            time.sleep(0.05)
+        pytest.fail(f"the other process did not wait for {name}")
+
+    wait_for(model.name)
+    shutil.copyfile(model, cold / model.name)  # as the builder publishes them: whole, then the lock is released
+    locks[0].release()
+    wait_for(built.directory.name)
+    shutil.copytree(built.directory, cold / built.directory.name)
+    locks[1].release()
+    other.join(timeout=60)
+    tokenizer, files = result[0]
+    assert files.directory == cold / built.directory.name and files.meta == built.meta
+    assert tokenizer.sha256 == Tokenizer.from_file(model).sha256
 
 
 def test_corpus_holds_out_short_documents_whole(tmp_path):

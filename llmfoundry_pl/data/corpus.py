@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmfoundry_pl.config import ConfigError, DataConfig
-from llmfoundry_pl.files import atomic_write_bytes, publish_folder, temporary_folder
+from llmfoundry_pl.files import atomic_write_bytes, build_lock, publish_folder, temporary_folder
 from llmfoundry_pl.tokenizer import Tokenizer, check_encodable, train_tokenizer
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")  # one document per line: the string in its data.text_field
@@ -203,7 +203,8 @@ def prepare_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple
     token_dir = corpus_dir / f"tokens-{tokenizer.sha256[:12]}-val{cfg.val_fraction!r}"
     meta = _read_meta(token_dir, tokenizer)
     if meta is None:
-        meta = _build_token_files(files, cfg, tokenizer, token_dir)
+        with build_lock(token_dir):  # another process may have built them while this one waited
+            meta = _read_meta(token_dir, tokenizer) or _build_token_files(files, cfg, tokenizer, token_dir)
     return tokenizer, TokenFiles(token_dir, meta)
 
 
@@ -219,20 +220,28 @@ def _resolve_tokenizer(cfg: DataConfig, files: list[Path], corpus_dir: Path, giv
         tokenizer = Tokenizer.from_file(cfg.tokenizer_path)
     else:
         model_path = corpus_dir / f"tokenizer-v{cfg.vocab_size}-c{cfg.character_coverage:g}.model"
-        try:
-            tokenizer = Tokenizer.from_file(model_path, key=None) if model_path.is_file() else None
-        except ConfigError:  # damaged (not by us: it is written whole or not at all): rebuilt, as a cache is
-            tokenizer = None
+        tokenizer = _cached_tokenizer(model_path)
         if tokenizer is None:
-            lines = (line for doc in iter_documents(files, cfg.text_field) for line in doc.splitlines() if line)
-            tokenizer = train_tokenizer(lines, cfg.vocab_size, cfg.character_coverage)
-            tokenizer.save(model_path)
+            with build_lock(model_path):  # another process may have trained it while this one waited
+                tokenizer = _cached_tokenizer(model_path)
+                if tokenizer is None:
+                    lines = (line for doc in iter_documents(files, cfg.text_field) for line in doc.splitlines() if line)
+                    tokenizer = train_tokenizer(lines, cfg.vocab_size, cfg.character_coverage)
+                    tokenizer.save(model_path)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ConfigError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but data.vocab_size={cfg.vocab_size}; "
             f"set data.vocab_size={tokenizer.vocab_size}"
         )
     return tokenizer
+
+
+def _cached_tokenizer(model_path: Path) -> Tokenizer | None:
+    """The tokenizer trained for this corpus before, if there is one whole."""
+    try:
+        return Tokenizer.from_file(model_path, key=None) if model_path.is_file() else None
+    except ConfigError:  # damaged (not by us: it is written whole or not at all): rebuilt, as a cache is
+        return None
 
 
 def _read_meta(token_dir: Path, tokenizer: Tokenizer) -> dict | None:

@@ -237,7 +237,9 @@ class TextDataModule(StepDataModule):
         self.token_files: TokenFiles | None = None
 
     def prepare_data(self) -> None:
-        """Build the tokenizer and token files if they are not cached (Lightning calls this on one process)."""
+        """Build the tokenizer and token files if they are not cached. lfpl-train calls it in every process, before
+        the Trainer exists (the model's vocabulary comes from it); one process builds, the others wait for it
+        (:func:`~llmfoundry_pl.files.build_lock`)."""
         self.tokenizer, self.token_files = prepare_corpus(self.cfg, self._given_tokenizer)
 
     def setup(self, stage: str | None = None) -> None:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from llmfoundry_pl.config import CHUNK_URI_PREFIXES, ConfigError, StreamingDataConfig, one_line
 from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus, resolve_sources
 from llmfoundry_pl.data.datamodule import TextDataModule
-from llmfoundry_pl.files import atomic_write_bytes, publish_folder, temporary_folder
+from llmfoundry_pl.files import atomic_write_bytes, build_lock, publish_folder, temporary_folder
 from llmfoundry_pl.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,9 @@ def prepare_chunks(cfg: StreamingDataConfig, tokenizer: Tokenizer | None = None)
             corpus_tokenizer, token_files = prepare_corpus(cfg, tokenizer)
             folder = folder or token_files.directory / f"chunks-seq{cfg.seq_len}-{cfg.chunk_bytes}"
             if _read_meta(folder) is None:
-                _write_chunks(token_files, corpus_tokenizer, cfg, folder)
+                with build_lock(folder):  # another process may have written them while this one waited
+                    if _read_meta(folder) is None:
+                        _write_chunks(token_files, corpus_tokenizer, cfg, folder)
         train = str(folder / "train")
     meta = _read_meta(folder)
     if not (folder / "tokenizer.model").is_file():  # the tokenizer's own error named data.tokenizer_path
@@ -302,7 +304,7 @@ class StreamingDataModule(TextDataModule):
         self.train_input: str | None = None
 
     def prepare_data(self) -> None:
-        """Build (or fetch) the chunk folder if it is not there yet (Lightning calls this on one process)."""
+        """Build (or fetch) the chunk folder if it is not there yet; in every process, as ``TextDataModule``'s."""
         self.tokenizer, self.token_files, self.train_input = prepare_chunks(self.cfg, self._given_tokenizer)
 
     def state_dict(self) -> dict[str, Any]:
