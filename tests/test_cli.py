@@ -362,6 +362,17 @@ def test_torchrun_launch_recipe_on_one_node(tmp_path, cache_dir):
     assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["metrics"]["val/loss"] > 0
 
 
+def test_torchrun_recipe_on_several_nodes_needs_the_shared_address_and_folder(tmp_path):
+    # each node dated its own run folder, and waited for the others at its own 127.0.0.1 without end
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "multinode" / "torchrun.sh"
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "RUN_DIR")}
+    for given, missing in [({}, "MASTER_ADDR: set MASTER_ADDR to the address of node 0"),
+                           ({"MASTER_ADDR": "node0"}, "RUN_DIR: set RUN_DIR to one folder on a filesystem every node")]:
+        proc = subprocess.run(["bash", str(recipe)], cwd=tmp_path, env={**env, "NNODES": "2", **given},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and missing in proc.stderr
+
+
 # srun as far as recipes/multinode/slurm.sbatch needs it: start SLURM_NTASKS copies of the command, each with the
 # per-task variables the real srun sets, and fail if any task fails.
 FAKE_SRUN = """#!/usr/bin/env bash
