@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
@@ -214,6 +215,29 @@ def _pieces_that_fit(lines: Iterable[str], failures: list[BaseException], seen: 
         raise
 
 
+# SentencePiece trains on at most this many lines (pieces of lines, see _pieces_that_fit). Past it, its own sampling
+# drew them with a seed of its own choosing: a corpus of more lines gave another tokenizer in every run (three
+# processes, three tokenizers), hence other token files, and a resume after the cache was cleared was refused
+# ("trained with another tokenizer"). The sample is drawn here instead, with a fixed seed.
+TOKENIZER_TRAINING_LINES = 2_000_000
+
+
+def _seeded_sample(pieces: Iterable[str], size: int) -> Iterator[str]:
+    """At most ``size`` of ``pieces``, each as likely as another to be kept (reservoir sampling, with a generator
+    of fixed seed): all of them, in order, where there are no more. Each is dropped from here once handed on, as
+    SentencePiece keeps its own copy."""
+    kept: list[str | None] = []
+    draw = random.Random(0).randrange
+    for i, piece in enumerate(pieces):
+        if i < size:
+            kept.append(piece)
+        elif (j := draw(i + 1)) < size:
+            kept[j] = piece
+    for i, piece in enumerate(kept):
+        kept[i] = None
+        yield piece
+
+
 # SentencePiece's BPE model depends on the trainer's thread count (the bundled plays at 1, 2, 4 and 16 threads: four
 # different tokenizers, each the same run after run). With the machine's core count, the same text and settings gave
 # another tokenizer on another machine: another data, other losses, and a resume there refused ("trained with
@@ -228,7 +252,8 @@ def train_tokenizer(
     num_threads: int = TOKENIZER_TRAINING_THREADS,
 ) -> Tokenizer:
     """Train a SentencePiece BPE model on an iterable of text lines (see the module docstring for the options);
-    the same lines and settings give the same tokenizer on any machine (:data:`TOKENIZER_TRAINING_THREADS`)."""
+    the same lines and settings give the same tokenizer on any machine (:data:`TOKENIZER_TRAINING_THREADS`), and in
+    every run (:data:`TOKENIZER_TRAINING_LINES`)."""
     buffer = io.BytesIO()
     # SentencePiece pulls the lines from C++ and turns an exception raised while reading them (a ConfigError for a
     # bad file met halfway through a lazily read corpus) into "RuntimeError: INTERNAL: ...": the original is kept
@@ -237,7 +262,7 @@ def train_tokenizer(
     seen = {"text": False}
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_pieces_that_fit(lines, failures, seen),
+            sentence_iterator=_seeded_sample(_pieces_that_fit(lines, failures, seen), TOKENIZER_TRAINING_LINES),
             model_writer=buffer,
             model_type="bpe",
             vocab_size=vocab_size,
@@ -251,8 +276,8 @@ def train_tokenizer(
             allow_whitespace_only_pieces=True,
             split_digits=True,
             max_sentence_length=_MAX_SENTENCE_BYTES,
-            input_sentence_size=2_000_000,
-            shuffle_input_sentence=True,
+            input_sentence_size=TOKENIZER_TRAINING_LINES,  # never more: _seeded_sample drew them
+            shuffle_input_sentence=True,  # below the limit, a shuffle of fixed seed: kept, as are the tokenizers made
             num_threads=num_threads,
             minloglevel=2,
         )

@@ -1,8 +1,19 @@
+import os
+
 import pytest
 
 from llmfoundry_pl.config import ConfigError
 from llmfoundry_pl.data.corpus import bundled_corpus_dir
-from llmfoundry_pl.tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
+from llmfoundry_pl.tokenizer import (
+    BOS_ID,
+    CHAT_TOKENS,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    Tokenizer,
+    _seeded_sample,
+    train_tokenizer,
+)
 
 CHINESE = "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？人不知而不愠，不亦君子乎？"
 
@@ -175,3 +186,36 @@ def test_the_same_text_trains_the_same_tokenizer_on_machines_with_other_core_cou
         trained[cores] = train_tokenizer(lines, vocab_size=600).sha256
     assert trained[2] == trained[8]
     assert train_tokenizer(lines, vocab_size=600, num_threads=8).sha256 != trained[2]  # what the count changes
+
+
+# Trains with SentencePiece told to take at most 300 lines, as it is told 2,000,000: past that many, it drew them
+# with a seed of its own (three processes, three tokenizers); the sample is now drawn beforehand, with a fixed seed.
+_TRAIN_PAST_THE_LIMIT = """
+import sentencepiece as spm
+from llmfoundry_pl import tokenizer
+from llmfoundry_pl.data.corpus import bundled_corpus_dir
+
+train = spm.SentencePieceTrainer.train
+spm.SentencePieceTrainer.train = lambda **kw: train(**{**kw, "input_sentence_size": 300})
+tokenizer.TOKENIZER_TRAINING_LINES = 300
+lines = [line for path in sorted(bundled_corpus_dir().glob("*.txt"))[:2] for line in path.read_text().splitlines()]
+print(tokenizer.train_tokenizer(lines, vocab_size=400).sha256)
+"""
+
+
+def test_a_corpus_of_more_lines_than_the_trainer_takes_gives_one_tokenizer_in_every_run():
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-c", _TRAIN_PAST_THE_LIMIT], capture_output=True, text=True, check=True,
+                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout for _ in range(3)]
+    assert len(set(runs)) == 1 and len(runs[0].strip()) == 64
+
+
+def test_the_seeded_sample_keeps_all_lines_up_to_its_size_then_a_fixed_share():
+    lines = [f"line {i}" for i in range(1000)]
+    assert list(_seeded_sample(lines[:40], 50)) == lines[:40]  # all, in order: the tokenizers made before stay
+    sample = list(_seeded_sample(lines, 50))
+    assert len(sample) == len(set(sample)) == 50 and set(sample) <= set(lines)
+    assert sample == list(_seeded_sample(iter(lines), 50)) and sample != lines[:50]  # seeded, and drawn from all
+    assert max(int(line.split()[1]) for line in sample) > 500
