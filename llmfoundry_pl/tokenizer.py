@@ -69,10 +69,18 @@ class Tokenizer:
         try:
             if not model_proto:  # SentencePiece takes empty bytes for "no model": a tokenizer of 0 tokens
                 raise RuntimeError("the file is empty")
-            return cls(model_proto)
+            tokenizer = cls(model_proto)
         except RuntimeError as e:
             fix = f"; point {key} at a .model file" if key else ""
             raise ConfigError(f"{path} is not a SentencePiece model ({one_line(e, 120)}){fix}") from None
+        # Every document is <s> text </s> here (token files, evaluation, export): a tokenizer without one of them
+        # loaded, then crashed the first command that needed its id (-1), as an OverflowError tokenizing the corpus.
+        missing = [name for name, token_id in (("BOS", tokenizer.bos_id), ("EOS", tokenizer.eos_id)) if token_id < 0]
+        if missing:
+            fix = f"; point {key} at one" if key else ""
+            raise ConfigError(f"{path} has no {' and no '.join(missing)} token: llmfoundry_pl wraps every document in "
+                              f"<s> ... </s>, so it needs a tokenizer that has both{fix}")
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -142,9 +150,13 @@ class Tokenizer:
     @cached_property
     def encodes_lines_apart(self) -> bool:
         """Whether a text cut after a newline encodes, piece by piece, to the ids of the whole: no piece of the
-        vocabulary holds a newline (so no token spans one) and no dummy prefix is put before each piece. True of
-        this project's tokenizers, which train on lines."""
-        return not self.adds_dummy_prefix and not self._pieces_matching("\n")
+        vocabulary holds a newline (so no token spans one), no dummy prefix is put before each piece, and cut texts
+        encode as their whole does (a normalizer such as NFKC turns a newline into a space, which is squeezed away
+        at a piece's end: "Duke.\n|Good" lost the ▁ between them). True of this project's tokenizers, which train
+        on lines and leave text as it is."""
+        encode, cuts = self.sp.encode, (("a\n", "b"), ("a\n", " b"), ("a \n", "\nb"))
+        return (not self.adds_dummy_prefix and not self._pieces_matching("\n")
+                and all(encode(a) + encode(b) == encode(a + b) for a, b in cuts))
 
     @cached_property
     def encodes_words_apart(self) -> bool:
@@ -254,6 +266,10 @@ def train_tokenizer(
     """Train a SentencePiece BPE model on an iterable of text lines (see the module docstring for the options);
     the same lines and settings give the same tokenizer on any machine (:data:`TOKENIZER_TRAINING_THREADS`), and in
     every run (:data:`TOKENIZER_TRAINING_LINES`)."""
+    fixed = 4 + len(CHAT_TOKENS + RESERVED_TOKENS) + 256  # <unk> <s> </s> <pad>, the markup, the byte pieces
+    if vocab_size < fixed:  # 1 to 3 ended in SentencePiece's "INTERNAL: ... insert_id(pad_id)"
+        raise ConfigError(f"data.vocab_size={vocab_size} is too small: a tokenizer needs {fixed} tokens before any "
+                          "learned from the corpus (special tokens and the 256 bytes); raise data.vocab_size")
     buffer = io.BytesIO()
     # SentencePiece pulls the lines from C++ and turns an exception raised while reading them (a ConfigError for a
     # bad file met halfway through a lazily read corpus) into "RuntimeError: INTERNAL: ...": the original is kept

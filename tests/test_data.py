@@ -173,6 +173,13 @@ def test_corpus_interrupted_build_leaves_nothing_trusted(text_dir, tmp_path, mon
     assert files.meta["documents"] == 3
 
 
+def test_a_tokenizer_is_cached_under_its_exact_character_coverage(text_dir, tmp_path):
+    # 6 digits named 1.0 and 0.9999995 alike: the second reused the tokenizer trained for the first
+    for coverage in (1.0, 0.9999995):
+        prepare_corpus(data_cfg(text_dir, tmp_path / "cache", character_coverage=coverage))
+    assert len(list((tmp_path / "cache").glob("corpus-*/tokenizer-v300-c*.model"))) == 2
+
+
 def test_long_documents_are_encoded_in_pieces_that_give_the_ids_of_the_whole(tmp_path, monkeypatch):
     # Encoded whole, a 45 MB file held 1.9 GB of Python ints; in pieces cut after newlines, the same token files.
     text = tmp_path / "book.txt"
@@ -202,14 +209,17 @@ def test_long_documents_are_encoded_in_pieces_that_give_the_ids_of_the_whole(tmp
                                    vocab_size=80, minloglevel=2)
     prefixed = Tokenizer(buffer.getvalue())
     assert prefixed.adds_dummy_prefix and not prefixed.encodes_lines_apart and not prefixed.encodes_words_apart
-    # One that squeezes spaces (remove_extra_whitespaces, SentencePiece's default) would drop a piece's first space
+    # One that squeezes spaces (remove_extra_whitespaces, SentencePiece's default) would drop a piece's first space,
+    # and its NFKC normalizer makes a newline a space, squeezed at a piece's end ("Duke.\n|Good" lost a ▁)
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines()), model_writer=buffer, model_type="bpe",
                                    vocab_size=80, add_dummy_prefix=False, minloglevel=2)
-    assert not Tokenizer(buffer.getvalue()).encodes_words_apart
-    _, files = prepare_corpus(data_cfg(text, tmp_path / "cache_prefixed", vocab_size=80), tokenizer=prefixed)
-    ids = [*np.fromfile(files.train_path, files.dtype), *np.fromfile(files.val_path, files.dtype)]
-    assert ids == [prefixed.bos_id, *prefixed.encode(text.read_text()), prefixed.eos_id]
+    squeezing = Tokenizer(buffer.getvalue())
+    assert not squeezing.encodes_words_apart and not squeezing.encodes_lines_apart
+    for other in (prefixed, squeezing):
+        _, files = prepare_corpus(data_cfg(text, tmp_path / f"cache_{other.sha256[:8]}", vocab_size=80), other)
+        ids = [*np.fromfile(files.train_path, files.dtype), *np.fromfile(files.val_path, files.dtype)]
+        assert ids == [other.bos_id, *other.encode(text.read_text()), other.eos_id]
 
 
 def test_corpus_reads_jsonl_text_field(tmp_path):

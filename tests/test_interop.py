@@ -254,7 +254,7 @@ def replace_tokenizer(folder: Path, model_proto: bytes) -> Path:
          "uses rope scaling 'llama3'"),
         (lambda d: (d / "tokenizer.model").unlink() or d, re.escape("has no tokenizer.model (a tokenizer.json alone")),
         (lambda d: replace_tokenizer(d, sentencepiece_model(bos_id=-1)),
-         "tokenizer.model has no BOS token; .* import a model whose tokenizer has both <s> and </s>"),
+         "tokenizer.model has no BOS token: .* needs a tokenizer that has both$"),
         (lambda d: rewrite_json(d / "config.json", num_hidden_layers=3) or d,
          r"lacks tensors for its config.json: model.layers.2.input_layernorm.weight, .* and 6 more"),
         (lambda d: rewrite_json(d / "config.json", intermediate_size=96) or d,

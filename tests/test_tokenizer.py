@@ -117,6 +117,13 @@ def test_tokenizer_rejects_a_vocab_too_large_for_the_corpus():
         train_tokenizer(["tiny corpus"] * 10, vocab_size=5000)
 
 
+@pytest.mark.parametrize("vocab_size", [1, 3, 267])
+def test_tokenizer_rejects_a_vocab_smaller_than_its_fixed_tokens(vocab_size):
+    # 1 to 3 ended in SentencePiece's "RuntimeError: INTERNAL: ... insert_id(trainer_spec_.pad_id() ...)"
+    with pytest.raises(ConfigError, match=rf"^data.vocab_size={vocab_size} is too small: a tokenizer needs 268 tokens"):
+        train_tokenizer(["tiny corpus"] * 10, vocab_size=vocab_size)
+
+
 def test_tokenizer_from_missing_or_bad_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         Tokenizer.from_file(tmp_path / "nope.model")
@@ -219,3 +226,19 @@ def test_the_seeded_sample_keeps_all_lines_up_to_its_size_then_a_fixed_share():
     assert len(sample) == len(set(sample)) == 50 and set(sample) <= set(lines)
     assert sample == list(_seeded_sample(iter(lines), 50)) and sample != lines[:50]  # seeded, and drawn from all
     assert max(int(line.split()[1]) for line in sample) > 500
+
+
+def test_a_tokenizer_file_without_an_end_of_text_token_is_refused_when_read(tmp_path):
+    # every document is <s> text </s>: data.tokenizer_path of such a model was an OverflowError tokenizing the corpus
+    import io
+
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["some text to train on"] * 50), model_writer=buffer,
+                                   model_type="bpe", vocab_size=40, eos_id=-1, minloglevel=2)
+    (tmp_path / "no_eos.model").write_bytes(buffer.getvalue())
+    with pytest.raises(ConfigError, match=r"no_eos.model has no EOS token: llmfoundry_pl wraps every document in "
+                                          r"<s> \.\.\. </s>, so it needs a tokenizer that has both; point "
+                                          r"data.tokenizer_path at one$"):
+        Tokenizer.from_file(tmp_path / "no_eos.model")

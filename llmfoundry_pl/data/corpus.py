@@ -219,7 +219,8 @@ def _resolve_tokenizer(cfg: DataConfig, files: list[Path], corpus_dir: Path, giv
     if cfg.tokenizer_path is not None:
         tokenizer = Tokenizer.from_file(cfg.tokenizer_path)
     else:
-        model_path = corpus_dir / f"tokenizer-v{cfg.vocab_size}-c{cfg.character_coverage:g}.model"
+        # repr, as for val_fraction below: :g named 1.0 and 0.9999995 alike, and the second reused the first
+        model_path = corpus_dir / f"tokenizer-v{cfg.vocab_size}-c{cfg.character_coverage!r}.model"
         tokenizer = _cached_tokenizer(model_path)
         if tokenizer is None:
             with build_lock(model_path):  # another process may have trained it while this one waited

@@ -160,11 +160,4 @@ def read_tokenizer(folder: Path) -> Tokenizer:
     if not path.is_file():
         hint = " (a tokenizer.json alone is not supported: the tokenizer must be SentencePiece)"
         raise ConfigError(f"{folder} has no tokenizer.model{hint if (folder / 'tokenizer.json').is_file() else ''}")
-    tokenizer = Tokenizer.from_file(path, key=None)
-    # Every document is <s> text </s> here (token files, evaluation, the exported tokenizer): a tokenizer without
-    # one of them would load, then crash the first command that needs its id (-1).
-    missing = [name for name, token_id in (("BOS", tokenizer.bos_id), ("EOS", tokenizer.eos_id)) if token_id < 0]
-    if missing:
-        raise ConfigError(f"{path} has no {' and no '.join(missing)} token; llmfoundry_pl wraps every document in "
-                          "<s> ... </s>, so import a model whose tokenizer has both <s> and </s>")
-    return tokenizer
+    return Tokenizer.from_file(path, key=None)  # (which refuses one without <s> or </s>)
