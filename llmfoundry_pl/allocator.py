@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
+import os
 import sys
+
+log = logging.getLogger(__name__)
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _KEEP_UP_TO = 2**31 - 1  # free memory at the heap's top is returned to the OS past this much (C int: at most 2 GiB)
+_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's own (its threshold adapts no more once set)
+# The user's own malloc settings, which win over this module's (glibc reads them at start)
+_USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+_kept = False  # whether this process keeps freed memory now
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -35,16 +43,33 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS; True if it applied.
+def keep_freed_memory(keep: bool = True) -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS (``keep_freed_memory=true``,
+    the default of lfpl-train and lfpl-bench); True if it applied. Process-wide: call it at the start of each job.
 
-    Process-wide and not undone: call it at the start of a training process (``keep_freed_memory=true``, the
-    default of lfpl-train and lfpl-bench)."""
+    ``keep=False`` undoes what an earlier job of the same process set (Hydra runs a sweep's jobs in one process:
+    ``-m keep_freed_memory=true,false`` compared the same setting twice), returning what is kept; in a process that
+    never kept any, it leaves glibc as it starts. The user's own ``MALLOC_*_`` variables (or glibc tunables) are left
+    to rule, with a line to say so."""
+    global _kept
     mallopt = getattr(_glibc(), "mallopt", None)
     if mallopt is None:  # not Linux, or not glibc (e.g. musl without mallopt)
         return False
-    # mallopt returns 1 on success; a libc that rejects a parameter leaves that setting as it was.
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO))
+    users_own = any(name in os.environ for name in _USER_SETTINGS) or "glibc.malloc" in os.environ.get(
+        "GLIBC_TUNABLES", "")
+    if keep and users_own:
+        log.info("keep_freed_memory=true left to the MALLOC_*_ / GLIBC_TUNABLES settings in the environment")
+        return False
+    if keep:
+        # mallopt returns 1 on success; a libc that rejects a parameter leaves that setting as it was.
+        _kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO))
+        return _kept
+    if _kept:
+        mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        _kept = False
+        release_freed_memory()
+    return False
 
 
 def release_freed_memory() -> bool:

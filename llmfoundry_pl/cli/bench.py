@@ -94,8 +94,7 @@ class StepTimer(L.Callback):
 
 def bench(cfg: DictConfig) -> dict[str, float]:
     settings = to_dataclass(cfg.bench, BenchSettings)
-    if cfg.keep_freed_memory:
-        keep_freed_memory()
+    keep_freed_memory(cfg.keep_freed_memory)  # false undoes an earlier sweep job's true
     with open_dict(cfg):  # bench.batch_size / bench.seq_len override the data settings (and the model's context)
         cfg.data.batch_size = settings.batch_size or cfg.data.batch_size
         cfg.data.seq_len = settings.seq_len or cfg.data.seq_len

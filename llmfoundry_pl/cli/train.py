@@ -57,8 +57,7 @@ from llmfoundry_pl.tokenizer import Tokenizer, check_encodable
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job; returns the final held-out metrics (``val/loss``, ``val/ppl``, ``val/bpb``)."""
-    if cfg.keep_freed_memory:
-        keep_freed_memory()
+    keep_freed_memory(cfg.keep_freed_memory)  # false undoes an earlier sweep job's true
     seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_dir)
     start_step, fine_tuned_from = _resume_point(ckpt_path)
