@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import math
 import os
 import shutil
 import signal
@@ -289,7 +288,7 @@ def test_a_diverged_job_fails_alone_and_the_sweep_goes_on(tmp_path, cache_dir):
     assert "error: training diverged: val/loss is nan at step 4; lower optim.lr (it is 10000)" in proc.stderr
     assert "error: model.dim=32 is not divisible by model.n_heads=3" in proc.stderr
     rows = [json.loads((tmp_path / "s" / job / "final_metrics.json").read_text()) for job in "0123"]
-    assert [math.isnan(row["metrics"]["val/loss"]) for row in rows] == [True, False, True, True]
+    assert [row["metrics"]["val/loss"] is None for row in rows] == [True, False, True, True]  # strict JSON: null
     assert rows[1]["metrics"]["val/loss"] < 6.3 and "not divisible" in rows[2]["error"] + rows[3]["error"]
     assert "| 0   | model.n_heads=2 optim.lr=10000.0 (diverged) | nan" in proc.stdout  # the summary table
     assert "| 2   | model.n_heads=3 optim.lr=10000.0 (failed)   | nan" in proc.stdout

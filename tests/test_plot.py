@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmfoundry_pl.cli.plot import main, read_metrics
+from llmfoundry_pl.cli.sweep_summary import STARTED
 from tests.conftest import run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,6 +38,29 @@ def fake_run(run_dir: Path, lr: float = 1e-3, steps: int = 40, overrides: tuple[
     (run_dir / "final_metrics.json").write_text(json.dumps(
         {"overrides": list(overrides), "metrics": {"val/loss": 5.0, "val/bpb": 4.0}}))
     return run_dir
+
+
+def edit_csv(csv_file: Path, edit) -> None:
+    """Rewrite a metrics.csv with ``edit(row)`` for each row (a dict of the columns kept)."""
+    with open(csv_file) as f:
+        rows = [edit(row) for row in csv.DictReader(f)]
+    with open(csv_file, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def saved_figures(monkeypatch) -> list:
+    """The figures lfpl-plot goes on to save, as they are saved (laid out and drawn)."""
+    from llmfoundry_pl.cli import plot as plot_cli
+
+    figures, save = [], plot_cli._save
+    monkeypatch.setattr(plot_cli, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    return figures
+
+
+def legend(fig) -> list[str]:
+    return [t.get_text() for t in (fig.legends[0] if fig.legends else fig.axes[0].get_legend()).get_texts()]
 
 
 def assert_png(path: Path) -> None:
@@ -77,6 +103,107 @@ def test_plot_sweep_compares_the_jobs(tmp_path: Path) -> None:
     proc = run_cli("plot", str(sweep), cwd=tmp_path, timeout=120)  # as a user runs it
     assert proc.stdout.split() == [str(sweep / "plots" / "sweep.png")]
     assert_png(sweep / "plots" / "sweep.png")
+
+
+def test_plot_sweep_draws_only_this_sweeps_logs(tmp_path: Path, monkeypatch) -> None:
+    # A sweep into the folder of an earlier one (a fixed hydra.sweep.dir, as recipes/lr_sweep_cpu.sh has): job 1
+    # failed this time before logging, and the earlier sweep's job 1 curve was drawn as its own
+    sweep = tmp_path / "multirun"
+    for job, lr in enumerate((1e-3, 3e-3)):
+        fake_run(sweep / str(job), lr=lr, overrides=(f"optim.lr={lr}",))
+    for file in sweep.rglob("*"):
+        os.utime(file, (file.stat().st_mtime - 3600,) * 2)
+    (sweep / STARTED).touch()
+    for file in ("csv/metrics.csv", "final_metrics.json"):  # job 0 ran again; job 1 left only what Hydra saves
+        (sweep / "0" / file).touch()
+    (sweep / "1" / ".hydra" / "overrides.yaml").write_text("- optim.lr=0.003\n")
+    figures = saved_figures(monkeypatch)
+    main([str(sweep)])
+    assert legend(figures[0]) == ["0: optim.lr=0.001"]
+    assert all(len(ax.get_lines()) == 1 for ax in figures[0].axes)
+
+
+def test_plot_marks_where_a_curve_stops_being_finite(tmp_path: Path, capsys, monkeypatch) -> None:
+    # matplotlib leaves NaN and inf out without a word: a run that diverged looked like a short healthy one
+    def diverge(row: dict, column: str, step: int) -> dict:
+        if row[column] and int(row["step"]) >= step:
+            row[column] = "nan" if int(row["step"]) % 2 else "inf"
+        return row
+
+    csv_file = fake_run(tmp_path / "run") / "csv" / "metrics.csv"
+    edit_csv(csv_file, lambda row: diverge(diverge(row, "train/loss", 23), "val/loss", 29))
+    figures = saved_figures(monkeypatch)
+    main([str(csv_file.parents[1])])
+    loss = figures[0]
+    assert legend(loss) == ["train/loss (not finite from step 23)", "val/loss (not finite from step 29)"]
+    marks = [line for line in loss.axes[0].get_lines() if line.get_linestyle() == ":"]  # at the step, in its colour
+    assert [(list(m.get_xdata()), m.get_color()) for m in marks] == [
+        ([23, 23], loss.axes[0].get_lines()[0].get_color()), ([29, 29], loss.axes[0].get_lines()[2].get_color())]
+    assert legend(figures[1]) == ["val/bpb"]  # the others untouched
+    err = capsys.readouterr().err
+    assert err == f"warning: {csv_file}: NaN or inf in train/loss from step 23, val/loss from step 29, marked on " \
+        "the charts (diverged there?)\n"
+
+    # A sweep's job that diverged at its first validation has no finite point at all: it was not in the chart
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "0", overrides=("optim.lr=0.001",))
+    fake_run(sweep / "1", overrides=("optim.lr=10",), steps=10)
+    csv_file = sweep / "1" / "csv" / "metrics.csv"
+    edit_csv(csv_file, lambda row: diverge(diverge(row, "val/loss", 0), "val/bpb", 0))
+    assert math.isnan(read_metrics(csv_file)["val/loss"][0][1])
+    main([str(sweep)])
+    assert legend(figures[-1]) == ["0: optim.lr=0.001", "1: optim.lr=10 (not finite from step 9)"]
+    assert capsys.readouterr().err == f"warning: {sweep}: NaN or inf in job 1 from step 9, marked on the charts " \
+        "(diverged there?)\n"
+
+
+def test_plot_sweep_tells_more_than_ten_jobs_apart(tmp_path: Path, monkeypatch) -> None:
+    # matplotlib's ten colours drew job 10 as job 0, and the legend sat on the curves
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    sweep = tmp_path / "multirun"
+    for job in range(23):
+        fake_run(sweep / str(job), lr=1e-4 * (job + 1), steps=20, overrides=(f"optim.lr={job + 1}e-4",))
+    figures = saved_figures(monkeypatch)
+    main([str(sweep)])
+    (fig,) = figures
+    for ax in fig.axes:
+        looks = [(line.get_color(), line.get_linestyle(), line.get_marker()) for line in ax.get_lines()]
+        assert len(looks) == 23 and len(set(looks)) == 23
+    entries = fig.legends[0].get_lines()
+    assert [(e.get_color(), e.get_linestyle()) for e in entries] == [
+        (line.get_color(), line.get_linestyle()) for line in fig.axes[0].get_lines()]  # the legend matches
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    assert not any(fig.legends[0].get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+                   for ax in fig.axes)
+
+
+def test_plot_sweep_without_validation_draws_train_loss_or_says_what_is_missing(tmp_path, capsys, monkeypatch):
+    # trainer.limit_val_batches=0: "no job has logged val/loss or val/bpb yet", where train/loss was there to draw
+    sweep = tmp_path / "no_val"
+    for job in range(2):
+        edit_csv(fake_run(sweep / str(job), overrides=(f"seed={job}",)) / "csv" / "metrics.csv",
+                 lambda row: {k: v for k, v in row.items() if not k.startswith("val/")})
+    figures = saved_figures(monkeypatch)
+    main([str(sweep)])
+    assert [ax.get_title() for ax in figures[0].axes] == ["train/loss"]
+    # lfpl-bench's jobs log no curves: once the sweep has ended (its summary.md), nothing more is coming
+    bench = tmp_path / "bench"
+    for job in range(2):
+        (bench / str(job) / ".hydra").mkdir(parents=True)
+        (bench / str(job) / "final_metrics.json").write_text(json.dumps(
+            {"overrides": [f"bench.batch_size={job + 1}"], "metrics": {"tokens_per_s": 100.0}}))
+    for ended in (False, True):
+        if ended:
+            (bench / "summary.md").write_text("| job |\n")
+        with pytest.raises(SystemExit):
+            main([str(bench)])
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: no job under {bench} has logged val/loss, val/bpb, train/loss to "
+                              "csv/metrics.csv") and err.count("\n") == 1
+        assert err.endswith(f"; the sweep has ended, and its jobs' figures are in {bench / 'summary.md'}\n"
+                            if ended else " yet\n")
 
 
 def test_chinese_labels_use_an_installed_cjk_font_or_say_what_to_install(tmp_path: Path, capsys, monkeypatch):

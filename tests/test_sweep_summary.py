@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import unicodedata
 from pathlib import Path
@@ -11,7 +12,16 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from llmfoundry_pl.cli.sweep_summary import RESULTS, STARTED, UNFINISHED, SweepSummary, collect_rows, split_overrides
+from llmfoundry_pl.cli.sweep_summary import (
+    RESULTS,
+    STARTED,
+    UNFINISHED,
+    UNREADABLE,
+    SweepSummary,
+    collect_rows,
+    split_overrides,
+    write_final_metrics,
+)
 
 
 def _job(sweep: Path, job: str, overrides: list[str], metrics: dict | None, age_s: float = 0.0) -> None:
@@ -69,17 +79,54 @@ def test_jobs_are_found_wherever_the_sweep_subdir_puts_them(tmp_path, capsys):
 @pytest.mark.parametrize(("file", "text"), [(RESULTS, "{cut"), (RESULTS, '{"a": 1}'),
                                           (".hydra/overrides.yaml", "- [unclosed")])
 def test_a_job_record_that_is_not_one_is_one_line_naming_it(tmp_path, capsys, file, text):
-    # lfpl-plot on a sweep whose job folder held an edited or cut record: JSON's, YAML's or a KeyError's traceback
+    # An edited or cut record in a job's folder: JSON's, YAML's or a KeyError's traceback. The table needs every
+    # record: one error line. lfpl-plot draws from the CSV logs: one warning line, and that job's curve unlabelled
+    # by its figures (it refused the whole sweep)
     from llmfoundry_pl.cli.plot import main as plot_main
+    from tests.test_plot import fake_run
 
-    _job(tmp_path, "0", ["optim.lr=0.001"], {"val/loss": 5.0})
-    (tmp_path / "1" / file).parent.mkdir(parents=True, exist_ok=True)
+    fake_run(tmp_path / "0", overrides=("model=tiny", "optim.lr=0.001"))
+    fake_run(tmp_path / "1", overrides=("model=tiny", "optim.lr=0.003"))
+    _job(tmp_path, "1", ["model=tiny", "optim.lr=0.003"], None)
+    if file != RESULTS:  # a job without results, whose saved overrides are the record
+        (tmp_path / "1" / RESULTS).unlink()
     (tmp_path / "1" / file).write_text(text)
+    message = f"{tmp_path / '1' / file} is not a record a sweep's job wrote ("
     with pytest.raises(SystemExit) as exit_:
-        plot_main([str(tmp_path)])
+        SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1
-    assert err.startswith(f"error: {tmp_path / '1' / file} is not a record a sweep's job wrote (")
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {message}")
+
+    plot_main([str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert out == f"{tmp_path / 'plots' / 'sweep.png'}\n" and err.count("\n") == 1
+    assert err.startswith(f"warning: {message}")
+    unreadable: list[str] = []
+    rows = collect_rows(tmp_path, unreadable)
+    assert len(unreadable) == 1 and unreadable[0].startswith(message)
+    # the overrides Hydra saved still label it where they can be read
+    label = "optim.lr=0.003" if file == RESULTS else "-"
+    assert split_overrides(rows)[1] == ["optim.lr=0.001" if file == RESULTS else "model=tiny optim.lr=0.001",
+                                        f"{label} {UNREADABLE}"]
+
+
+def test_a_diverged_jobs_record_is_strict_json(tmp_path, capsys):
+    # Python wrote NaN, which is not JSON: JavaScript's JSON.parse and strict parsers refused the file
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+
+    write_final_metrics(tmp_path / "0", {"val/loss": float("nan"), "val/ppl": math.inf, "tokens_per_s": 10.0},
+                        diverged="training diverged", initial_metrics={"val/loss": -math.inf})
+    write_final_metrics(tmp_path / "1", {"val/loss": 4.5})
+    record = strict((tmp_path / "0" / RESULTS).read_text())
+    assert record["metrics"] == {"val/loss": None, "val/ppl": None, "tokens_per_s": 10.0}
+    assert record["initial_metrics"] == {"val/loss": None} and record["diverged"] == "training diverged"
+    # the table still reads nan for it, as the troubleshooting page says, its status telling why
+    rows = collect_rows(tmp_path)
+    assert math.isnan(rows[0]["val/loss"]) and rows[0]["status"] == "(diverged)" and rows[1]["val/loss"] == 4.5
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert "| 0   | - (diverged) | nan" in (tmp_path / "summary.md").read_text()
+    assert [r["val/loss"] for r in csv.DictReader(open(tmp_path / "summary.csv"))] == ["nan", "4.5"]
 
 
 def test_values_with_spaces_and_wide_characters_stay_whole_and_aligned(tmp_path):

@@ -2,11 +2,13 @@
 
     lfpl-plot outputs/2026-11-22/21-30-19-664210     → <run>/plots/loss.png, bpb.png, lr.png, tokens_per_s.png, ...
     lfpl-plot outputs/multirun/2026-11-22/21-40-02-118537 → <sweep>/plots/sweep.png: every job's val/loss and val/bpb
+                                                             (train/loss where no job validated)
 
 It reads ``csv/metrics.csv``, which every run writes with the default ``logger=csv``. To watch a run while it
 trains, use TensorBoard instead (``lfpl-train logger=tensorboard``, then ``tensorboard --logdir outputs``);
 lfpl-plot is for afterwards: files to keep, compare and put in a report. Only the curves whose columns the log has
-are drawn (a DPO run has preference accuracy, a run without the throughput callback has no tokens/s).
+are drawn (a DPO run has preference accuracy, a run without the throughput callback has no tokens/s). A curve that
+stops being finite (a run that diverged) is marked from that step, and said so once.
 
 Plain argparse rather than Hydra: its one input is a folder, and there is nothing to compose.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import re
 import sys
 import warnings
@@ -23,8 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from llmfoundry_pl.cli.sweep_summary import collect_rows, split_overrides
-from llmfoundry_pl.config import ConfigError
+from llmfoundry_pl.cli.sweep_summary import collect_rows, fresh_files, split_overrides
 from llmfoundry_pl.files import atomic_write_bytes
 
 # One PNG per entry: file name, y-axis label, the columns drawn on it (those present). Lightning's
@@ -41,6 +43,11 @@ RUN_CHARTS = (
     ("reward_margin", "reward margin (DPO)", ("train/reward_margin", "val/reward_margin")),
 )
 SWEEP_METRICS = ("val/loss", "val/bpb")
+SWEEP_FALLBACK = ("train/loss",)  # drawn where no job validated (trainer.limit_val_batches=0)
+# A sweep job's look: tab10's colours, then, for every ten jobs more, another line style and marker (4 and 5 of
+# them: 200 jobs told apart). matplotlib's cycle drew job 10 as job 0.
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v")
 # Fonts with Chinese, Japanese and Korean characters that Linux, macOS and Windows ship or install
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Micro Hei", "WenQuanYi Zen Hei",
              "Microsoft YaHei", "SimHei", "PingFang SC", "Hiragino Sans GB", "Heiti SC", "Malgun Gothic")
@@ -59,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         written = plot(args.path)
-    except (PlotError, ConfigError) as e:  # ConfigError: a sweep's job record that is not one (collect_rows)
+    except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     for path in written:
@@ -78,8 +85,13 @@ def plot(path: Path) -> list[Path]:
     with _fonts_for_any_script():
         if (path / "csv" / "metrics.csv").is_file():
             return plot_run(path, figure)
-        if collect_rows(path):  # job folders below it, wherever hydra.sweep.subdir put them, .hydra/ or not
-            return plot_sweep(path, figure)
+        # Job folders below it, wherever hydra.sweep.subdir put them, .hydra/ or not. A job's final_metrics.json
+        # that cannot be read costs that job its label, not the chart: the curves come from the CSV logs.
+        unreadable: list[str] = []
+        if rows := collect_rows(path, unreadable):
+            for message in unreadable:
+                print(f"warning: {message}", file=sys.stderr)
+            return plot_sweep(path, rows, figure)
     hint = " (trained with logger=tensorboard? then: tensorboard --logdir " + str(path) + ")" \
         if (path / "tensorboard").is_dir() else ""
     raise PlotError(f"{path} holds neither a run's csv/metrics.csv nor a sweep's job folders{hint}")
@@ -118,7 +130,7 @@ def read_metrics(csv_path: Path) -> Series:
 def plot_run(run_dir: Path, figure: type) -> list[Path]:
     series = read_metrics(run_dir / "csv" / "metrics.csv")
     run_name = "/".join(run_dir.resolve().parts[-2:])  # outputs/<date>/<time> → <date>/<time>
-    written = []
+    written, not_finite = [], {}
     for name, ylabel, wanted in RUN_CHARTS:
         columns = [c for c in series if any(c == w or (w.endswith("-") and c.startswith(w)) for w in wanted)]
         if not columns:
@@ -126,13 +138,15 @@ def plot_run(run_dir: Path, figure: type) -> list[Path]:
         fig = figure(figsize=(7, 4.2), layout="constrained")
         ax = fig.subplots()
         for column, label in _labels_without_repeats(columns, series).items():
-            steps, values = zip(*series[column], strict=True)
-            ax.plot(steps, values, label=label, marker="o" if len(steps) <= 30 else None, markersize=3)
+            step = _draw(ax, series[column], label, marker="o" if len(series[column]) <= 30 else None)
+            if step is not None:
+                not_finite[column] = step
         _finish(ax, ylabel, f"{ylabel} — {run_name}")
         ax.legend()
         written.append(_save(fig, run_dir / "plots" / f"{name}.png"))
     if not written:
         raise PlotError(f"{run_dir / 'csv' / 'metrics.csv'} has no metrics yet; plot it once training has logged")
+    _warn_not_finite(run_dir / "csv" / "metrics.csv", not_finite)
     for name, _, _ in RUN_CHARTS:  # an earlier run's chart in this folder (a fixed hydra.run.dir) is not this one's
         stale = run_dir / "plots" / f"{name}.png"
         if stale not in written:
@@ -140,28 +154,67 @@ def plot_run(run_dir: Path, figure: type) -> list[Path]:
     return written
 
 
-def plot_sweep(sweep_dir: Path, figure: type) -> list[Path]:
-    """One figure, a panel per metric, a curve per job labelled by the overrides that set it apart."""
-    rows = collect_rows(sweep_dir)
+def plot_sweep(sweep_dir: Path, rows: list[dict], figure: type) -> list[Path]:
+    """One figure, a panel per metric, a curve per job labelled by the overrides that set it apart. ``rows``:
+    :func:`~llmfoundry_pl.cli.sweep_summary.collect_rows`'s."""
     _, labels = split_overrides(rows)
-    jobs = [(f"{r['job']}: {label}", read_metrics(sweep_dir / r["job"] / "csv" / "metrics.csv"))
-            for r, label in zip(rows, labels, strict=True) if (sweep_dir / r["job"] / "csv" / "metrics.csv").is_file()]
-    metrics = [m for m in SWEEP_METRICS if any(m in series for _, series in jobs)]
+    fresh = fresh_files(sweep_dir)  # a job that failed early this time left an earlier sweep's log, not its own
+    jobs = [(r["job"], f"{r['job']}: {label}", read_metrics(sweep_dir / r["job"] / "csv" / "metrics.csv"))
+            for r, label in zip(rows, labels, strict=True) if fresh(sweep_dir / r["job"] / "csv" / "metrics.csv")]
+    metrics = [m for m in SWEEP_METRICS if any(m in series for *_, series in jobs)] or \
+        [m for m in SWEEP_FALLBACK if any(m in series for *_, series in jobs)]
     if not metrics:
-        tensorboard = any((sweep_dir / r["job"] / "tensorboard").is_dir() for r in rows)
-        hint = f" (trained with logger=tensorboard? then: tensorboard --logdir {sweep_dir})" if tensorboard and \
-            not jobs else " yet"
-        raise PlotError(f"no job under {sweep_dir} has logged {' or '.join(SWEEP_METRICS)} to csv/metrics.csv{hint}")
-    fig = figure(figsize=(6.5 * len(metrics), 4.5), layout="constrained")
+        wanted = ", ".join(SWEEP_METRICS + SWEEP_FALLBACK)
+        if not jobs and any((sweep_dir / r["job"] / "tensorboard").is_dir() for r in rows):
+            hint = f" (trained with logger=tensorboard? then: tensorboard --logdir {sweep_dir})"
+        elif fresh(sweep_dir / "summary.md"):  # written as the sweep ended: nothing more is coming
+            hint = f"; the sweep has ended, and its jobs' figures are in {sweep_dir / 'summary.md'}"
+        else:
+            hint = " yet"
+        raise PlotError(f"no job under {sweep_dir} has logged {wanted} to csv/metrics.csv{hint}")
+    fig = figure(figsize=(6.5 * len(metrics) + 3, 4.5), layout="constrained")  # + 3: the legend, at the right
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    styles = [{"color": f"C{i % 10}", "linestyle": LINE_STYLES[i // 10 % len(LINE_STYLES)],
+               "marker": MARKERS[i // 10 % len(MARKERS)]} for i in range(len(jobs))]
+    not_finite: dict[str, int] = {}  # "job <job>" → the first step at which one of its curves is not finite
     for ax, metric in zip(axes, metrics, strict=True):
-        for label, series in jobs:
-            if metric in series:
-                steps, values = zip(*series[metric], strict=True)
-                ax.plot(steps, values, label=label, marker="o", markersize=3)
+        for (job, label, series), style in zip(jobs, styles, strict=True):
+            step = _draw(ax, series[metric], label, **style) if metric in series else None
+            if step is not None:
+                not_finite[f"job {job}"] = min(step, not_finite.get(f"job {job}", step))
         _finish(ax, metric, metric)
-    axes[0].legend(fontsize="small")
+    # One legend for all panels, beside them rather than over the curves: an entry per job, styled as its curves
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], markersize=3, label=label + _not_finite_note(not_finite.get(f"job {job}")), **style)
+               for (job, label, series), style in zip(jobs, styles, strict=True) if any(m in series for m in metrics)]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small", ncols=math.ceil(len(handles) / 20))
+    _warn_not_finite(sweep_dir, not_finite)
     return [_save(fig, sweep_dir / "plots" / "sweep.png")]
+
+
+def _draw(ax, points: list[tuple[int, float]], label: str, **style) -> int | None:
+    """Draw one curve; return the step from which it is not finite (None if it stays so), marked by a dotted line
+    in its colour and noted in its label. matplotlib leaves NaN and inf out without a word: a run that diverged
+    looked like a short healthy one."""
+    step = next((s for s, v in points if not math.isfinite(v)), None)
+    steps, values = zip(*points, strict=True)
+    finite = [v if math.isfinite(v) else math.nan for v in values]  # inf too: a gap, not a line off the chart
+    (line,) = ax.plot(steps, finite, label=label + _not_finite_note(step), markersize=3, **style)
+    if step is not None:
+        ax.axvline(step, color=line.get_color(), linestyle=":", linewidth=1.5)
+    return step
+
+
+def _not_finite_note(step: int | None) -> str:
+    return "" if step is None else f" (not finite from step {step})"
+
+
+def _warn_not_finite(where: Path, not_finite: dict[str, int]) -> None:
+    """One line for every curve that stops being finite: the charts mark it, and the run or job diverged there."""
+    if not_finite:
+        curves = ", ".join(f"{curve} from step {step}" for curve, step in not_finite.items())
+        print(f"warning: {where}: NaN or inf in {curves}, marked on the charts (diverged there?)", file=sys.stderr)
 
 
 def _labels_without_repeats(columns: list[str], series: Series) -> dict[str, str]:

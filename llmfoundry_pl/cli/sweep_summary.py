@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from llmfoundry_pl.files import atomic_write_bytes
 
 RESULTS = "final_metrics.json"
 UNFINISHED = "(failed or unfinished)"
+UNREADABLE = "(record unreadable)"
 # A job's status by the key its results carry when it ended on the user's side (cli.common.fail_sweep_job_alone)
 FAILED = {"diverged": "(diverged)", "error": "(failed)"}
 # Touched when a sweep starts. A sweep into a folder an earlier one used (a fixed hydra.sweep.dir, as the recipes
@@ -33,23 +35,43 @@ STARTED = ".sweep_started"
 
 
 def write_final_metrics(output_dir: Path, metrics: dict[str, Any], **extra: Any) -> None:
-    """Write a job's figures where the summary looks for them, with the overrides that set the job apart."""
+    """Write a job's figures where the summary looks for them, with the overrides that set the job apart. A figure
+    that is not finite (a diverged or failed job's val/loss) is written null: JSON has no NaN, and Python's NaN
+    made a file that JavaScript's JSON.parse and strict parsers refuse; the record's ``diverged`` or ``error`` says
+    why."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    record = {"overrides": overrides, "metrics": metrics, **extra}
-    atomic_write_bytes(Path(output_dir) / RESULTS, json.dumps(record, indent=2).encode())
+    record = _finite_or_null({"overrides": overrides, "metrics": metrics, **extra})
+    atomic_write_bytes(Path(output_dir) / RESULTS, json.dumps(record, indent=2, allow_nan=False).encode())
 
 
-def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def fresh_files(sweep_dir: Path) -> Callable[[Path], bool]:
+    """Whether a file under ``sweep_dir`` is the latest sweep's: newer than its :data:`STARTED` (any file, where no
+    sweep touched one). A job that failed early in a reused folder leaves the earlier sweep's files in place."""
+    started = sweep_dir / STARTED
+    since = started.stat().st_mtime if started.is_file() else 0.0
+    return lambda path: path.is_file() and path.stat().st_mtime >= since
+
+
+def collect_rows(sweep_dir: Path, unreadable: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per job directory (numbered by Hydra) of the latest sweep under ``sweep_dir``, in job order: its
     overrides (a list, as Hydra keeps them: a value may hold spaces) and figures (and ``status`` "(failed)" or
     "(diverged)" for a job that ended so), or for a job without results its overrides (from the config Hydra saved,
-    ``.hydra/``; lfpl-bench saves none) and ``status`` :data:`UNFINISHED`."""
-    started = sweep_dir / STARTED
-    since = started.stat().st_mtime if started.is_file() else 0.0
+    ``.hydra/``; lfpl-bench saves none) and ``status`` :data:`UNFINISHED`.
 
-    def fresh(path: Path) -> bool:
-        return path.is_file() and path.stat().st_mtime >= since
-
+    A job's record that is not one is a ConfigError naming it; or, given ``unreadable`` (lfpl-plot, which draws
+    from the CSV logs), its message is appended there and the job's row has no figures: the overrides from
+    ``.hydra/`` where they can be read, and ``status`` :data:`UNREADABLE`."""
+    fresh = fresh_files(sweep_dir)
     rows = []
     # A job's folder is hydra.sweep.subdir below the sweep's: the job number by default, deeper for a subdir such as
     # lr${optim.lr}/s${seed} (the summary found no job there: a TypeError instead of a table)
@@ -58,19 +80,36 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     job_dirs.discard(sweep_dir)  # a single run's folder is not a sweep of itself
     for job_dir in sorted(job_dirs, key=lambda d: (len(str(d)), str(d))):
         name = job_dir.relative_to(sweep_dir).as_posix()
-        read = job_dir / RESULTS if fresh(job_dir / RESULTS) else job_dir / ".hydra" / "overrides.yaml"
+        saved = job_dir / ".hydra" / "overrides.yaml"
+        read = job_dir / RESULTS if fresh(job_dir / RESULTS) else saved
         try:
-            if read.name == RESULTS:
-                record = json.loads(read.read_text())
-                failed = [text for key, text in FAILED.items() if key in record]
-                rows.append({"job": name, "overrides": list(record["overrides"]), **dict(record["metrics"]),
-                             **({"status": failed[0]} if failed else {})})
-            else:
-                rows.append({"job": name, "overrides": list(OmegaConf.load(read)), "status": UNFINISHED})
-        except Exception as e:  # cut short, edited, another program's: JSON's, YAML's or a KeyError's traceback
-            raise ConfigError(f"{read} is not a record a sweep's job wrote ({type(e).__name__}: "
-                              f"{one_line(e, 120)}); remove that job's folder, or fix the file") from None
+            rows.append(_job_row(name, read))
+        except ConfigError as e:
+            if unreadable is None:
+                raise
+            unreadable.append(str(e))
+            try:
+                overrides = _job_row(name, saved)["overrides"] if read != saved and fresh(saved) else []
+            except ConfigError:
+                overrides = []
+            rows.append({"job": name, "overrides": overrides, "status": UNREADABLE})
     return rows
+
+
+def _job_row(name: str, read: Path) -> dict[str, Any]:
+    """:func:`collect_rows`'s row for the job ``name`` from its results or, with none, the overrides Hydra saved."""
+    try:
+        if read.name == RESULTS:
+            record = json.loads(read.read_text())
+            failed = [text for key, text in FAILED.items() if key in record]
+            # null is how write_final_metrics keeps a figure that is not finite: nan in the table, as it was
+            metrics = {k: math.nan if v is None else v for k, v in dict(record["metrics"]).items()}
+            return {"job": name, "overrides": list(record["overrides"]), **metrics,
+                    **({"status": failed[0]} if failed else {})}
+        return {"job": name, "overrides": list(OmegaConf.load(read)), "status": UNFINISHED}
+    except Exception as e:  # cut short, edited, another program's: JSON's, YAML's or a KeyError's traceback
+        raise ConfigError(f"{read} is not a record a sweep's job wrote ({type(e).__name__}: "
+                          f"{one_line(e, 120)}); remove that job's folder, or fix the file") from None
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
