@@ -49,14 +49,14 @@ def keep_freed_memory(keep: bool = True) -> bool:
 
     ``keep=False`` undoes what an earlier job of the same process set (Hydra runs a sweep's jobs in one process:
     ``-m keep_freed_memory=true,false`` compared the same setting twice), returning what is kept; in a process that
-    never kept any, it leaves glibc as it starts. The user's own ``MALLOC_*_`` variables (or glibc tunables) are left
-    to rule, with a line to say so."""
+    never kept any, it leaves glibc as it starts. The user's own ``MALLOC_*_`` variables (or the glibc tunables of the
+    same settings) are left to rule, with a line to say so."""
     global _kept
     mallopt = getattr(_glibc(), "mallopt", None)
     if mallopt is None:  # not Linux, or not glibc (e.g. musl without mallopt)
         return False
-    users_own = any(name in os.environ for name in _USER_SETTINGS) or "glibc.malloc" in os.environ.get(
-        "GLIBC_TUNABLES", "")
+    tunables = os.environ.get("GLIBC_TUNABLES", "")  # glibc.malloc.trim_threshold=... is MALLOC_TRIM_THRESHOLD_
+    users_own = any(name in os.environ or f"glibc.malloc.{name[7:-1].lower()}=" in tunables for name in _USER_SETTINGS)
     if keep and users_own:
         log.info("keep_freed_memory=true left to the MALLOC_*_ / GLIBC_TUNABLES settings in the environment")
         return False

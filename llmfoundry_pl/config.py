@@ -34,9 +34,9 @@ class ConfigError(ValueError):
     """A setting that cannot work. Its message is one line that names the value and the fix."""
 
 
-def one_line(error: object, limit: int = 160) -> str:
-    """``error``'s message (often several lines, from a library) on one line of at most ``limit`` characters: the
-    part of it quoted inside a ConfigError or a report line."""
+def one_line(error: object, limit: int | None = 160) -> str:
+    """``error``'s message (often several lines, from a library) on one line of at most ``limit`` characters (None:
+    all of it): the part of it quoted inside a ConfigError or a report line."""
     return " ".join(str(error).split())[:limit]
 
 

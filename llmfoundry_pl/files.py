@@ -13,10 +13,8 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-
-from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +80,32 @@ def build_lock(path: Path) -> Iterator[None]:
     then find it built. Every rank of a torchrun or SLURM job prepares the data before the Trainer (and its
     process group) exists, since the model's vocabulary comes from it: on a cold cache, 8 GPUs a node could train 8
     tokenizers and tokenize the corpus 8 times at once, on shared storage. Callers check again for ``path`` once
-    they hold the lock. filelock's lock (the one Hugging Face caches take) is the operating system's, released when
-    its holder dies; where none can be taken (a read-only cache), each process builds its own copy as before, and
-    :func:`publish_folder` keeps the first."""
-    lock = FileLock(path.with_name(f".{path.name}.lock"))
+    they hold the lock.
+
+    The operating system's ``flock`` on a hidden, empty ``.<name>.lock`` beside ``path``: released when its holder
+    dies, and across machines on NFS. Where none can be taken (a read-only cache, Lustre mounted without flock,
+    Windows), each process builds its own copy as before, and :func:`publish_folder` keeps the first. By hand rather
+    than with the filelock package, whose releases differ exactly there: its 3.x ones wait forever where the
+    filesystem refuses locks (ENOLCK) or raise (ENOSYS), and users' environments hold either."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a read-only cache: no lock to take
+        yield
+        return
     try:
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: another process is building it
             log.info(f"waiting for another process to finish building {path}")
-            lock.acquire()
-        locked = True
-    except OSError:  # the lock file cannot be created (a read-only cache): no lock to take
-        locked = False
-    try:
+            with suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # ENOLCK, ENOSYS, EINVAL: this filesystem takes no lock
+            pass
         yield
     finally:
-        if locked:
-            lock.release()
+        os.close(fd)  # which releases the lock

@@ -73,3 +73,6 @@ def test_the_users_own_malloc_settings_rule(monkeypatch):
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
     assert allocator.keep_freed_memory(True) is False and not allocator._kept
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0")
+    assert allocator.keep_freed_memory(True) is False and not allocator._kept

@@ -1,3 +1,4 @@
+import fcntl
 import io
 import itertools
 import json
@@ -11,7 +12,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import sentencepiece as spm
-from filelock import FileLock
 
 from llmfoundry_pl.config import ChatDataConfig, ConfigError, DataConfig
 from llmfoundry_pl.data import TextDataModule, corpus
@@ -58,9 +58,9 @@ def test_processes_starting_on_a_cold_cache_build_it_once(text_dir, tmp_path, mo
     monkeypatch.setattr(corpus, "train_tokenizer", lambda *a, **k: pytest.fail("trained a tokenizer again"))
     monkeypatch.setattr(corpus, "_build_token_files", lambda *a, **k: pytest.fail("tokenized the corpus again"))
     caplog.set_level(logging.INFO, logger="llmfoundry_pl.files")
-    locks = [FileLock(cold / f".{name}.lock") for name in (model.name, built.directory.name)]
+    locks = [os.open(cold / f".{name}.lock", os.O_RDWR | os.O_CREAT) for name in (model.name, built.directory.name)]
     for lock in locks:  # this test is the process that builds
-        lock.acquire()
+        fcntl.flock(lock, fcntl.LOCK_EX)
     result = []
     other = threading.Thread(target=lambda: result.append(prepare_corpus(data_cfg(text_dir, tmp_path / "cold"))))
     other.start()
@@ -74,10 +74,10 @@ def test_processes_starting_on_a_cold_cache_build_it_once(text_dir, tmp_path, mo
 
     wait_for(model.name)
     shutil.copyfile(model, cold / model.name)  # as the builder publishes them: whole, then the lock is released
-    locks[0].release()
+    os.close(locks[0])
     wait_for(built.directory.name)
     shutil.copytree(built.directory, cold / built.directory.name)
-    locks[1].release()
+    os.close(locks[1])
     other.join(timeout=60)
     tokenizer, files = result[0]
     assert files.directory == cold / built.directory.name and files.meta == built.meta
@@ -166,8 +166,8 @@ def test_corpus_interrupted_build_leaves_nothing_trusted(text_dir, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(cfg)
     # nothing half-built is left: a hidden temporary folder stayed (a new name each run, never removed: large on
-    # big corpora); the tokenizer, done before, stays for the next run
-    assert [p.suffix for p in (tmp_path / "cache").glob("corpus-*/*")] == [".model"]
+    # big corpora); the tokenizer, done before, stays for the next run (with the empty lock files of build_lock)
+    assert [p.suffix for p in (tmp_path / "cache").glob("corpus-*/*") if p.suffix != ".lock"] == [".model"]
     monkeypatch.undo()
     _, files = prepare_corpus(cfg)
     assert files.meta["documents"] == 3
@@ -308,7 +308,8 @@ def test_corpus_build_keeps_the_folder_another_process_published_first(text_dir,
     monkeypatch.setattr(corpus, "_read_meta", cold_at_first_look)
     _, files = prepare_corpus(cfg)
     assert files.train_path.stat().st_ino == inode
-    assert [p.name for p in files.directory.parent.iterdir() if p.name.startswith(".")] == []  # its copy removed
+    hidden = [p.name for p in files.directory.parent.iterdir() if p.name.startswith(".") and p.suffix != ".lock"]
+    assert hidden == []  # its copy removed (the empty lock files of build_lock stay)
     # an unfinished folder under the same name (no meta.json) is replaced
     monkeypatch.undo()
     (files.directory / "meta.json").unlink()

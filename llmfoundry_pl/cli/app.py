@@ -145,14 +145,14 @@ def check_nothing_added(cfg: DictConfig) -> None:
     added = [o.lstrip("+").partition("=")[0] for o in HydraConfig.get().overrides.task if o.startswith("+")] \
         if HydraConfig.initialized() else []
     for key in added:
-        if unknown := _unknown_setting(cfg, key):
-            raise ConfigError(f"+{key}: {unknown}, so it would be ignored")
+        if unknown := _unknown_setting(cfg, key, consequence=", so it would be ignored"):
+            raise ConfigError(f"+{key}: {unknown}")
 
 
-def _unknown_setting(cfg: DictConfig, key: str) -> str | None:
-    """Why the dotted ``key`` is not a setting of ``cfg``'s schema ("n_layer is not a setting of model; did you
-    mean n_layers?"), or None where it is one, or lies in a free-form mapping (a callback's arguments), or names a
-    new callback or logger (built from its ``_target_``)."""
+def _unknown_setting(cfg: DictConfig, key: str, consequence: str = "") -> str | None:
+    """Why the dotted ``key`` is not a setting of ``cfg``'s schema ("n_layer is not a setting of model, then
+    ``consequence``; did you mean n_layers?"), or None where it is one, or lies in a free-form mapping (a callback's
+    arguments), or names a new callback or logger (built from its ``_target_``)."""
     node = cfg
     for depth, part in enumerate(key.split(".")):
         schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
@@ -164,7 +164,7 @@ def _unknown_setting(cfg: DictConfig, key: str) -> str | None:
         if part not in names:
             where = ".".join(key.split(".")[:depth]) or "the config"
             close = difflib.get_close_matches(part, names, n=1)
-            return f"{part} is not a setting of {where}" + (
+            return f"{part} is not a setting of {where}{consequence}" + (
                 f"; did you mean {close[0]}?" if close else "; --help lists the settings")
         node = node._get_node(part)  # the node itself: its value may be an interpolation not resolvable yet
     return None

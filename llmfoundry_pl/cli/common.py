@@ -165,7 +165,7 @@ def instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
 
 def _reason(error: InstantiationException) -> str:
     """What the class said (the exception Hydra wraps), on one line."""
-    return one_line(error.__cause__ or error, 300)
+    return one_line(error.__cause__ or error, None)
 
 
 def require_compiler(device: torch.device) -> None:

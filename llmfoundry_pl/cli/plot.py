@@ -172,7 +172,7 @@ def plot_sweep(sweep_dir: Path, rows: list[dict], figure: type) -> list[Path]:
         else:
             hint = " yet"
         raise PlotError(f"no job under {sweep_dir} has logged {wanted} to csv/metrics.csv{hint}")
-    fig = figure(figsize=(6.5 * len(metrics) + 3, 4.5), layout="constrained")  # + 3: the legend, at the right
+    fig = figure(figsize=(6.5 * len(metrics), 4.5), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     styles = [{"color": f"C{i % 10}", "linestyle": LINE_STYLES[i // 10 % len(LINE_STYLES)],
                "marker": MARKERS[i // 10 % len(MARKERS)]} for i in range(len(jobs))]
@@ -184,11 +184,17 @@ def plot_sweep(sweep_dir: Path, rows: list[dict], figure: type) -> list[Path]:
                 not_finite[f"job {job}"] = min(step, not_finite.get(f"job {job}", step))
         _finish(ax, metric, metric)
     # One legend for all panels, beside them rather than over the curves: an entry per job, styled as its curves
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # (the PNGs' own backend)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], markersize=3, label=label + _not_finite_note(not_finite.get(f"job {job}")), **style)
                for (job, label, series), style in zip(jobs, styles, strict=True) if any(m in series for m in metrics)]
-    fig.legend(handles=handles, loc="outside right upper", fontsize="small", ncols=math.ceil(len(handles) / 20))
+    legend = fig.legend(handles=handles, loc="outside right upper", fontsize="small",
+                        ncols=math.ceil(len(handles) / 20))
+    # The figure widens by the legend's own width (and grows as tall as it), so the panels keep theirs: a fixed
+    # share squeezed them to a third with long labels, and 45 jobs collapsed them ("axes sizes collapsed to zero").
+    box = legend.get_window_extent(FigureCanvasAgg(fig).get_renderer())  # its text's size: no layout needed
+    fig.set_size_inches(6.5 * len(metrics) + box.width / fig.dpi + 0.3, max(4.5, box.height / fig.dpi + 0.3))
     _warn_not_finite(sweep_dir, not_finite)
     return [_save(fig, sweep_dir / "plots" / "sweep.png")]
 
