@@ -100,11 +100,29 @@ def test_reference_preset_is_the_shape_outside_projects_are_compared_on(compose_
     assert 15.5e6 < Transformer(cfg).num_params() < 16e6
 
 
+@pytest.mark.parametrize("hardware", [p.name.removesuffix(".yaml") for p in CONF.joinpath("hardware").iterdir()
+                                      if p.name.endswith(".yaml")])
+def test_every_hardware_profile_runs_every_trainer_and_experiment(compose_train, hardware):
+    # rtx5060's 4-step accumulation refused trainer=debug and experiment=dpo: validations (so checkpoints) every
+    # 10 and 50 micro-batches fell inside an accumulated step
+    for group in ["trainer=debug", "trainer=ddp", "trainer=fsdp", "experiment=sft", "experiment=dpo",
+                  "experiment=shakespeare_small", "trainer=default"]:
+        trainer = compose_train([group, f"hardware={hardware}"]).trainer
+        assert trainer.val_check_interval % trainer.accumulate_grad_batches == 0, (group, hardware)
+
+
 def test_hparams_search_composes_the_optuna_sweeper(compose_train):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = compose_train(["hparams_search=optuna"], return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert "optim.lr" in cfg.hydra.sweeper.params
+    # Bayesian, as its comment says: Optuna's 10 random start-up trials left all 8 trials random
+    assert cfg.hydra.sweeper.sampler.n_startup_trials < cfg.hydra.sweeper.n_trials
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
+    lr = OverridesParser.create().parse_overrides([f"optim.lr={cfg.hydra.sweeper.params['optim.lr']}"])[0]
+    assert type(create_optuna_distribution_from_override(lr)).__name__ == "LogUniformDistribution"
 
 
 @pytest.mark.parametrize(

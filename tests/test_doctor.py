@@ -128,7 +128,7 @@ def doctor_json(capsys) -> dict:
     ("name", "memory_mib", "capability", "gpu", "profile", "why"),
     [
         ("NVIDIA GeForce RTX 5060", 8151, (12, 0), {"memory_gib": 8.0, "compute_capability": "12.0", "bf16": True},
-         "rtx5060", "a 8 GiB GPU: bf16-mixed, micro-batch 8 × 4 accumulation"),
+         "rtx5060", "a 8 GiB GPU: bf16-mixed, micro-batch 8 × 2 accumulation"),
         ("NVIDIA H100 80GB HBM3", 81559, (9, 0), {"memory_gib": 79.6, "compute_capability": "9.0", "bf16": True},
          "auto", "a 80 GiB GPU: bf16-mixed, the data defaults"),
         ("NVIDIA GeForce RTX 2070", 7982, (7, 5), {"memory_gib": 7.8, "compute_capability": "7.5", "bf16": False},

@@ -428,7 +428,7 @@ def recommend_hardware(torch: Any, precision: str) -> Check:
     if torch.cuda.is_available():
         gib = torch.cuda.get_device_properties(0).total_memory / GIB
         if gib <= SMALL_GPU_GIB and precision == "bf16-mixed":
-            profile, why = "rtx5060", f"a {gib:.0f} GiB GPU: bf16-mixed, micro-batch 8 × 4 accumulation"
+            profile, why = "rtx5060", f"a {gib:.0f} GiB GPU: bf16-mixed, micro-batch 8 × 2 accumulation"
         elif gib <= SMALL_GPU_GIB:  # the rtx5060 profile assumes bf16
             profile, why = "auto", f"a {gib:.0f} GiB GPU without bf16: 16-mixed; lower data.batch_size if it runs out"
         else:  # e.g. a V100 (32 GB) has no native bf16: 16-mixed
