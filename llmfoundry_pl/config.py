@@ -506,13 +506,13 @@ class MachineConfig:
     name: str = field(default="this machine", metadata=_help("The device, in words."))
     memory_gb: float | None = field(
         default=None,
-        metadata=_help("Memory for training tensors per device, GB (1e9 bytes); null: this machine's (CUDA "
-                       "device memory, MPS recommended working set, or RAM)."),
+        metadata=_help("Memory for training tensors per device, GB (1e9 bytes); null: that of this machine's "
+                       "device of the planned type (CUDA device memory, MPS recommended working set, or RAM)."),
     )
     peak_tflops: float | None = field(
         default=None,
-        metadata=_help("Peak matmul TFLOP/s at the profile's precision; null: Lightning's table on CUDA, "
-                       "measured on a CPU, unknown on MPS."),
+        metadata=_help("Peak matmul TFLOP/s at the profile's precision; null: this machine's device of the "
+                       "planned type: Lightning's table on CUDA, measured on a CPU; unknown on MPS or without one."),
     )
     peak_dtype: str | None = field(
         default=None,

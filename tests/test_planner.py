@@ -377,3 +377,27 @@ def test_plan_says_when_a_run_does_not_fit(compose_train, capsys):
 def test_plan_refuses_settings_that_plan_nothing(compose_train, override, message):
     with pytest.raises(ConfigError, match=message):
         plan(compose_train(["model=base", *override.split()], name="plan"))
+
+
+def test_a_plan_reads_memory_and_peak_of_the_planned_device_only(compose_train, monkeypatch):
+    # On a GPU machine, a CPU plan got the GPU's memory and was timed at its peak; on a CPU machine, a GPU plan got
+    # the RAM and the CPU's peak
+    import os
+    from types import SimpleNamespace
+
+    from llmfoundry_pl.cli import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "peak_matmul_flops", lambda device, precision: {"cuda": 1e15, "cpu": 1e11}[
+        device.type])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80e9))
+    cpu = plan(compose_train(["hardware=cpu", "trainer.precision=32-true", "compile=false"], name="plan"))
+    assert cpu["memory_bytes"] == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert cpu["tokens_per_s"] == pytest.approx(1e11 * 0.72 / cpu["flops_per_token"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine planning a GPU run
+    with pytest.raises(ConfigError, match=r"^this machine has no cuda device to read the memory of: give "
+                                          r"machine.memory_gb="):
+        plan(compose_train(["trainer.accelerator=gpu", "trainer.precision=bf16-mixed"], name="plan"))
+    gpu = plan(compose_train(["trainer.accelerator=gpu", "trainer.precision=bf16-mixed", "machine.memory_gb=24"],
+                             name="plan"))
+    assert gpu["memory_bytes"] == 24e9 and gpu["tokens_per_s"] is None  # no CUDA peak here: no time

@@ -56,13 +56,13 @@ def plan(cfg: DictConfig) -> dict[str, float]:
     devices = (device_count(trainer.devices) or 1) * trainer.num_nodes  # [0,1,2,3] is 4, as 4 is
     shards = fsdp_shards(str(trainer.strategy), devices)
     memory = plan_memory(model_cfg, batch, seq_len, precision, accumulate, shards, cfg.compile, device_type=device_type)
-    budget = _memory_bytes(machine) * HEADROOM
+    budget = _memory_bytes(machine, device_type) * HEADROOM
     fits = {ckpt: largest_batch(model_cfg, seq_len, precision, budget, ckpt, device_type, accumulate, shards,
                                 cfg.compile) for ckpt in (False, True)}
 
     flops_per_token = network.flops_per_token(seq_len)
     tokens = settings.tokens or _run_tokens(cfg, devices)
-    per_device, source = _throughput(settings, machine, precision, flops_per_token)
+    per_device, source = _throughput(settings, machine, precision, flops_per_token, device_type)
     tokens_per_s = per_device * devices if per_device else None
     # Checkpointing re-runs each block's forward in the backward pass: 8N instead of 6N FLOPs per token. A measured
     # throughput (lfpl-bench with the same settings) has the recomputation in it already.
@@ -93,19 +93,24 @@ def _device_type(accelerator: str) -> str:
     return "cuda" if accelerator == "gpu" else accelerator
 
 
-def _memory_bytes(machine: MachineConfig) -> float:
-    """The profile's memory, or this machine's: CUDA device memory, MPS's recommended working set, else RAM."""
+def _memory_bytes(machine: MachineConfig, device_type: str) -> float:
+    """The profile's memory, or that of this machine's device of the planned type: CUDA device memory, MPS's
+    recommended working set, RAM. A CPU plan on a GPU machine was given the GPU's memory, a GPU plan on a CPU
+    machine its RAM."""
     if machine.memory_gb is not None:
         return machine.memory_gb * GB
-    if torch.cuda.is_available():
+    if device_type == "cuda" and torch.cuda.is_available():
         return float(torch.cuda.get_device_properties(0).total_memory)
-    if torch.backends.mps.is_available():
+    if device_type == "mps" and torch.backends.mps.is_available():
         return float(torch.mps.recommended_max_memory())
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if device_type == "cpu":
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    raise ConfigError(f"this machine has no {device_type} device to read the memory of: give machine.memory_gb= "
+                      "(and machine.peak_tflops= for a time), or plan with a hardware= profile of that device")
 
 
-def _throughput(settings: PlanSettings, machine: MachineConfig, precision: str,
-                flops_per_token: float) -> tuple[float | None, str]:
+def _throughput(settings: PlanSettings, machine: MachineConfig, precision: str, flops_per_token: float,
+                device_type: str) -> tuple[float | None, str]:
     """Tokens/s per device and where the figure comes from: measured (plan.tokens_per_s) or estimated from the
     device's peak FLOP/s × the expected MFU."""
     if settings.tokens_per_s:
@@ -116,7 +121,7 @@ def _throughput(settings: PlanSettings, machine: MachineConfig, precision: str,
         return None, (f"unknown: machine.peak_tflops={machine.peak_tflops:g} is a {machine.peak_dtype} peak and "
                       f"{precision} multiplies in {run_dtype}; give machine.peak_tflops=<its {run_dtype} peak> "
                       f"machine.peak_dtype={run_dtype}, or plan.tokens_per_s= (from lfpl-bench)")
-    peak = machine.peak_tflops * 1e12 if machine.peak_tflops else _this_machines_peak(precision)
+    peak = machine.peak_tflops * 1e12 if machine.peak_tflops else _this_machines_peak(precision, device_type)
     if peak is None:
         return None, "unknown: give machine.peak_tflops= or plan.tokens_per_s= (from lfpl-bench)"
     where = "machine.peak_tflops" if machine.peak_tflops else "this machine's"
@@ -127,12 +132,14 @@ def _throughput(settings: PlanSettings, machine: MachineConfig, precision: str,
             f"the same settings measures it: then plan.tokens_per_s=)")
 
 
-def _this_machines_peak(precision: str) -> float | None:
-    if torch.cuda.is_available():
+def _this_machines_peak(precision: str, device_type: str) -> float | None:
+    """The peak of this machine's device of the planned type (None where it has none: a CPU plan on a GPU machine
+    was timed at the GPU's peak); none for MPS, which has no spec table, and where a timed matmul says little."""
+    if device_type == "cuda" and torch.cuda.is_available():
         return peak_matmul_flops(torch.device("cuda"), precision)
-    if torch.backends.mps.is_available():
-        return None  # no spec table for Apple GPUs, and a timed matmul there says little about training
-    return peak_matmul_flops(torch.device("cpu"), precision)
+    if device_type == "cpu":
+        return peak_matmul_flops(torch.device("cpu"), precision)
+    return None
 
 
 def _run_tokens(cfg: DictConfig, devices: int) -> float | None:
