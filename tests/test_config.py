@@ -109,6 +109,8 @@ def test_every_hardware_profile_runs_every_trainer_and_experiment(compose_train,
                   "experiment=shakespeare_small", "trainer=default"]:
         trainer = compose_train([group, f"hardware={hardware}"]).trainer
         assert trainer.val_check_interval % trainer.accumulate_grad_batches == 0, (group, hardware)
+    # a profile of one GPU left trainer=ddp one device (its own devices: 1, applied after the trainer group)
+    assert compose_train(["trainer=ddp", f"hardware={hardware}"]).trainer.devices == 2 or hardware == "m4pro"
 
 
 def test_hparams_search_composes_the_optuna_sweeper(compose_train):
