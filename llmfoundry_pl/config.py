@@ -135,17 +135,16 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
+        kv_heads_given = self.n_kv_heads is not None
+        if not kv_heads_given:
             self.n_kv_heads = self.n_heads
         # (a negative norm_eps makes NaNs, rope_theta <= 0 garbage angles, hidden_dim=0 an MLP of nothing)
         _check_positive("model", self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
                                         "max_seq_len", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta",
                                         "init_std"))
         if self.dim % self.n_heads:
-            raise ConfigError(
-                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
-                f"pick n_heads among the divisors of dim (e.g. {_nearest_divisor(self.dim, self.n_heads)})"
-            )
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
+                              + _head_count_hint(self.dim, self.n_heads, self.n_kv_heads if kv_heads_given else None))
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}; "
@@ -182,8 +181,18 @@ def llama_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | Non
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
-def _nearest_divisor(n: int, target: int) -> int:
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
+def _head_count_hint(dim: int, n_heads: int, n_kv_heads: int | None) -> str:
+    """A number of heads to suggest for ``dim``, nearest ``n_heads``, that passes every check below: it divides dim
+    into an even head_dim, and is a multiple of ``n_kv_heads`` (when set). A divisor of dim alone was suggested, which
+    the next check then refused (5 heads under the tiny preset's 2 key/value heads; 10 heads of 25 channels)."""
+    fits = [h for h in range(1, dim + 1) if dim % h == 0 and dim // h % 2 == 0 and h % (n_kv_heads or 1) == 0]
+    nearest = f" (e.g. {min(fits, key=lambda h: abs(h - n_heads))})" if fits else ""
+    if n_kv_heads:
+        return f"pick n_heads among the multiples of model.n_kv_heads={n_kv_heads} dividing dim into an even head_dim" \
+            f"{nearest}" if fits else f"no multiple of model.n_kv_heads={n_kv_heads} divides dim into an even " \
+            f"head_dim: pick a model.dim divisible by {2 * n_kv_heads}"
+    return f"pick n_heads among the divisors of dim giving an even head_dim{nearest}" if fits else \
+        "no divisor of dim gives an even head_dim: pick an even model.dim"
 
 
 # --------------------------------------------------------------------------------------------------------------

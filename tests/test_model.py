@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -329,3 +330,19 @@ def test_activation_checkpointing_gives_the_gradients_of_the_plain_run(dropout):
     assert block_runs == [1, 2]  # checkpointing really recomputed the block in backward
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+@pytest.mark.parametrize(("dim", "n_heads", "n_kv_heads"), [(32, 3, 2), (250, 8, None), (384, 5, 2), (96, 5, 3),
+                                                            (250, 4, 2), (251, 4, None)])
+def test_the_head_count_a_shape_error_suggests_passes_every_check(dim, n_heads, n_kv_heads):
+    # it suggested a divisor of dim alone, which the next checks refused: 5 heads under the tiny preset's 2 key/value
+    # heads ("not divisible by model.n_kv_heads=2"), 10 heads of 25 channels ("head_dim ... is odd")
+    with pytest.raises(ConfigError) as error:
+        ModelConfig(vocab_size=64, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
+    message = str(error.value)
+    if suggested := re.search(r"\(e\.g\. (\d+)\)$", message):
+        ModelConfig(vocab_size=64, dim=dim, n_heads=int(suggested[1]), n_kv_heads=n_kv_heads)
+    else:  # no head count fits this dim: a dim that has one is asked for
+        multiple = int(re.search(r"divisible by (\d+)$", message)[1]) if n_kv_heads else 2
+        assert message.endswith(f"divisible by {multiple}" if n_kv_heads else "pick an even model.dim")
+        ModelConfig(vocab_size=64, dim=dim - dim % multiple, n_heads=n_kv_heads or 1, n_kv_heads=n_kv_heads)
