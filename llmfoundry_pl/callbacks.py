@@ -64,8 +64,8 @@ class LossProgressBar(TQDMProgressBar):
     @property
     def total_train_batches(self) -> int | float:
         """The micro-batches left to train. Lightning 2.6 counts the optimizer steps left as batches: under gradient
-        accumulation (hardware=rtx5060: 4 micro-batches a step) the bar read 100% a quarter of the way in, then
-        counted on without a total."""
+        accumulation (4 micro-batches a step) the bar read 100% a quarter of the way in, then counted on without a
+        total."""
         trainer = self.trainer
         if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:  # as Lightning's
             left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches

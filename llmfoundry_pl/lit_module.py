@@ -270,7 +270,8 @@ class LitLlama(L.LightningModule):
         # The presets set max_seq_len from data.seq_len, which is then the setting that changed.
         changed = [f"model.{k}: {v} → {getattr(self.model.config, k)}"
                    + (" (the model presets take it from data.seq_len)" if k == "max_seq_len" else "")
-                   + (" (the tokenizer's: set data.vocab_size)" if k == "vocab_size" else "")
+                   + ((" (the tokenizer's: set data.vocab_size)" if now in (None, "text") else " (the init_from "
+                       "model's: resume with the run's init_from)") if k == "vocab_size" else "")
                    for k, v in saved_model.items() if getattr(self.model.config, k, v) != v and k not in RUN_OPTIONS]
         if changed:
             raise ConfigError(f"the checkpoint's model differs from this run's ({'; '.join(changed)}); "

@@ -482,6 +482,14 @@ def test_a_misspelt_setting_is_one_line_naming_the_likely_one(compose_train):
         check_overrides("train", ["data=sft", "data.overlng=drop"])  # a key of the chosen data config only
     with pytest.raises(ConfigError, match=r"^optim.zzz: zzz is not a setting of optim; --help lists the settings"):
         check_overrides("train", ["optim.zzz=1"])
+    # a top-level one, with the setting of that name one level down (Hydra's lines also said to add it with +)
+    with pytest.raises(ConfigError, match=r"^precision: .* of the config; did you mean trainer.precision\?$"):
+        check_overrides("train", ["precision=bf16-mixed", "seed=3", "model=small"])
+    with pytest.raises(ConfigError, match=r"^device: device is not a setting of the config; --help lists the"):
+        check_overrides("eval", ["ckpt_path=x", "device=cpu"])
+    with pytest.raises(ConfigError, match=r"^data.vocab_size: .* of data; --help lists the settings$"):
+        check_overrides("eval", ["data.vocab_size=8192"])  # "did you mean batch_size?" (difflib's 0.7) misled
+    check_overrides("plan", ["callbacks.early_stopping.patience=5"])  # lfpl-plan has none: Hydra's line, no TypeError
     # left to Hydra: a setting of one of the swept choices, the user's own config, a new callback's argument
     check_overrides("train", ["-m", "data=text,sft", "data.overlng=drop"])
     check_overrides("train", ["--config-dir", "mine", "model.n_layer=2"])

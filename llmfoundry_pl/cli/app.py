@@ -108,8 +108,9 @@ def check_nothing_deleted(cfg: DictConfig) -> None:
         # ~trainer: the group's option deleted, and only what other groups (hardware=) set in it is left
         gone = f.name not in cfg.keys() or (f.default == MISSING and f.name in deleted)
         if gone:
+            example = " (lora.enabled=false, callbacks=none)" if "lora" in cfg and "callbacks" in cfg else ""
             raise ConfigError(f"~{f.name} deleted {f.name}, which this command needs; set its value instead "
-                              f"(--help lists the settings): features turn off by value, e.g. lora.enabled=false")
+                              f"(--help lists the settings): features turn off by value{example}")
 
 
 # What each writer says when a write comes up short: the OS (no space, a file-size or quota limit), numpy's tofile,
@@ -163,11 +164,24 @@ def _unknown_setting(cfg: DictConfig, key: str, consequence: str = "") -> str | 
             return None  # a new member, built from its _target_
         if part not in names:
             where = ".".join(key.split(".")[:depth]) or "the config"
-            close = difflib.get_close_matches(part, names, n=1)
+            # (0.75: above vocab_size ~ batch_size's 0.7, which sent lfpl-eval data.vocab_size= to batch_size)
+            close = difflib.get_close_matches(part, names, n=1, cutoff=0.75) or (_one_level_down(node, part)
+                                                                                if depth == 0 else [])
             return f"{part} is not a setting of {where}{consequence}" + (
                 f"; did you mean {close[0]}?" if close else "; --help lists the settings")
         node = node._get_node(part)  # the node itself: its value may be an interpolation not resolvable yet
     return None
+
+
+def _one_level_down(cfg: DictConfig, name: str) -> list[str]:
+    """The settings one level down called ``name``: ``precision=bf16-mixed`` means trainer.precision."""
+    found = []
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if dataclasses.is_dataclass(schema) and name in {f.name for f in dataclasses.fields(schema)}:
+            found.append(f"{key}.{name}")
+    return found
 
 
 def out_of_memory(error: BaseException) -> str | None:
@@ -207,8 +221,9 @@ _MEMBER_KEY = re.compile(r"\+{0,2}(callbacks|logger)\.(\w+)(\.[\w.]+)?")
 # An override that can choose which members are on: a config group's option (experiment=sft, callbacks=none) or a
 # top-level setting; not a sweep (a,b), which a single composition cannot take
 _CHOICE_OVERRIDE = re.compile(r"\+{0,2}(?!hydra)[\w/]+(@[\w.]+)?=[^,]*")
-# An override of a setting inside a group (model.n_layers=2), without Hydra's + or ~
-_SETTING_OVERRIDE = re.compile(r"(?!hydra\.)(\w+(\.\w+)+)=.*", flags=re.DOTALL)
+# An override of a setting (seed=1, model.n_layers=2), without Hydra's + or ~; one without a dot may be a group's
+# option instead (model=small)
+_SETTING_OVERRIDE = re.compile(r"(?!hydra[.=])(\w+(\.\w+)*)=.*", flags=re.DOTALL)
 # Hydra's options that compose another config than the package's (the checks below compose the package's)
 _OWN_CONFIG_OPTIONS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
 
@@ -216,40 +231,49 @@ _OWN_CONFIG_OPTIONS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-
 def check_overrides(config_name: str, args: list[str]) -> None:
     """Refuse, in one line, a command-line override Hydra would refuse in several, or take wrongly:
 
-    - of a key the schema lacks (``model.n_layer=2``): Hydra's message told to add it with ``+``, which
-      :func:`check_nothing_added` refuses in turn; named here with the likely setting.
+    - of a key the schema lacks (``model.n_layer=2``, ``precision=bf16-mixed``): Hydra's message told to add it
+      with ``+``, which :func:`check_nothing_added` refuses in turn; named here with the likely setting.
     - inside a callback or logger that the config leaves off (null): ``callbacks.early_stopping.patience=5``
       under ``callbacks=default``, or ``callbacks.sample_text={...}`` under ``experiment=sft``. OmegaConf cannot
       fill a member that is null (see ``config._optional_members``), and failed in a 23-line traceback
       ("Unexpected type for root: NoneType").
 
     Only when such overrides are typed, the config is composed once more from the group choices alone; a sweep
-    over a group's choice (``data=text,chat``) leaves the keys to Hydra, job by job, as does a config of the
+    over a group's choice (``data=text,sft``) leaves the keys to Hydra, job by job, as does a config of the
     user's own (``--config-dir``) and a composition that fails, which Hydra reports."""
     members = [(m[1], m[2], m[0].lstrip("+")) for arg in args if (m := _MEMBER_KEY.fullmatch(arg.partition("=")[0]))]
-    settings = [m[1] for arg in args if (m := _SETTING_OVERRIDE.fullmatch(arg))]
+    groups = {p.name for p in resources.files("llmfoundry_pl.conf").iterdir() if p.is_dir() and p.name.isidentifier()}
+    settings = [m[1] for arg in args if (m := _SETTING_OVERRIDE.fullmatch(arg)) and m[1] not in groups]
     if not (members or settings) or any(arg.partition("=")[0] in _OWN_CONFIG_OPTIONS for arg in args):
         return
-    from hydra import compose, initialize_config_module
-
     choices = [arg for arg in args if _CHOICE_OVERRIDE.fullmatch(arg)]
     swept_choice = any(re.fullmatch(r"\+{0,2}[\w/]+(@[\w.]+)?=.*", arg) for arg in args if arg not in choices)
-    try:
-        with initialize_config_module(config_module="llmfoundry_pl.conf", version_base="1.3"):
-            cfg = compose(config_name, overrides=choices)
-    except Exception:  # noqa: BLE001 - Hydra reports a bad command line itself, in its words
+    # the top-level settings may be what is misspelt (device=cpu): then the group choices alone
+    cfg = _compose(config_name, choices) or _compose(config_name, [a for a in choices if a.partition("=")[0] in groups])
+    if cfg is None:
         return
     for key in [] if swept_choice else settings:
         if unknown := _unknown_setting(cfg, key):
             raise ConfigError(f"{key}: {unknown}")
     for group, member, key in members:
-        if group in cfg and member in cfg[group] and cfg[group][member] is None:
+        if isinstance(cfg.get(group), DictConfig) and member in cfg[group] and cfg[group][member] is None:
             own_option = resources.files("llmfoundry_pl.conf").joinpath(group, f"{member}.yaml").is_file()
             fix = f"{group}={member} turns it on" if own_option else (
                 "choose configs that leave it on (an experiment= may turn it off), or turn it on in a config file "
                 "of your own")
             raise ConfigError(f"{key}: {group}.{member} is off (null) in this config, and a setting that is off "
                               f"cannot be filled in from the command line; {fix}")
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig | None:
+    """The package's config ``config_name`` with ``overrides``; None where that fails (Hydra says why, later)."""
+    from hydra import compose, initialize_config_module
+
+    try:
+        with initialize_config_module(config_module="llmfoundry_pl.conf", version_base="1.3"):
+            return compose(config_name, overrides=overrides)
+    except Exception:  # noqa: BLE001 - Hydra reports a bad command line itself, in its words
+        return None
 
 
 # Characters with a meaning in Hydra's override grammar (sweeps, lists, dicts, interpolations, quotes): a value that

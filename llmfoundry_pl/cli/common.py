@@ -245,7 +245,8 @@ ARCHITECTURE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidde
 def check_seq_len(seq_len: int, model_cfg: ModelConfig) -> None:
     """Training windows longer than the model's positions cannot run (lfpl-train, and lfpl-plan, which plans them)."""
     if seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; lower "
+                          "data.seq_len, or raise model.max_seq_len with it")
 
 
 def init_network(source: Transformer, model_cfg: ModelConfig, init_from: str) -> Transformer:

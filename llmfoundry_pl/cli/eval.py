@@ -65,7 +65,8 @@ def evaluation_data(cfg: EvalConfig, source: ModelSource, model_cfg: ModelConfig
                           "to evaluate with data.path=")
     seq_len = cfg.data.seq_len if cfg.data.seq_len is not None else run_data.get("seq_len") or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context max_seq_len={model_cfg.max_seq_len}")
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context max_seq_len={model_cfg.max_seq_len}; "
+                          f"give data.seq_len={model_cfg.max_seq_len} or less")
     if cfg.data.stride is not None and not 0 < cfg.data.stride <= seq_len:
         raise ConfigError(f"data.stride={cfg.data.stride} must be between 1 and the window length {seq_len}")
     stride = cfg.data.stride

@@ -100,7 +100,8 @@ def check_finite(scores: torch.Tensor, model: Transformer | None = None) -> None
         return
     if model is not None and model.tok_embeddings.weight.dtype == torch.float16:  # logits come out in fp32
         raise ConfigError("the model's next-token scores are NaN or infinite: in float16 its activations outgrew "
-                          "the format's range, or its weights hold NaN or inf; use precision=bf16-true or 32-true, and "
+                          "the format's range, or its weights hold NaN or inf; use precision=bf16-true or 32-true "
+                          "(lfpl-train: trainer.precision=), and "
                           "if that fails too, a checkpoint saved before the run diverged")
     raise ConfigError("the model's next-token scores are NaN or infinite: its weights hold NaN or inf (saved by "
                       "a run that diverged?); use a checkpoint saved before that")
