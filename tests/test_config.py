@@ -427,7 +427,7 @@ def test_non_ascii_values_are_quoted_for_hydras_grammar(compose_train):
 
 def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capfd):
     # `lfpl-train --help | head`: Python's BrokenPipeError traceback, after the lines the reader wanted
-    monkeypatch.setattr(sys, "argv", ["lfpl-train", "prompt=你好"])
+    monkeypatch.setattr(sys, "argv", ["lfpl-train", "sample_prompt=你好"])
     seen = []
 
     def app():
@@ -436,7 +436,7 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capfd)
 
     with pytest.raises(SystemExit) as exit_:
         run_hydra_app(app, "train")
-    assert exit_.value.code == 1 and seen == ["prompt='你好'"] and capfd.readouterr().err == ""
+    assert exit_.value.code == 1 and seen == ["sample_prompt='你好'"] and capfd.readouterr().err == ""
 
 
 def test_ctrl_c_while_a_command_starts_is_one_word(monkeypatch, capfd):
