@@ -216,3 +216,18 @@ def test_last_checkpoint_is_saved_at_every_validation_not_only_at_the_best(tmp_p
     saved = {p.name: torch.load(p, weights_only=False)["global_step"] for p in tmp_path.iterdir()}
     assert saved == {"best.ckpt": 4, "last.ckpt": 6}
     assert checkpoint.last_model_path == str(tmp_path / "last.ckpt")
+
+
+def test_a_resume_into_the_run_folder_keeps_the_curve_on_disk_at_once(tmp_path):
+    # Lightning's CSV logger deletes metrics.csv when its writer is made; the rows kept were in memory only, and a
+    # resume that failed before its first log (a refused setting, a kill) left no metrics.csv at all
+    from lightning.pytorch.loggers import CSVLogger
+
+    from llmfoundry_pl.cli.train import _keep_the_curve_before
+
+    logger = CSVLogger(tmp_path, name="", version="")
+    path = Path(logger.log_dir) / "metrics.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("epoch,step,train/loss,val/loss\n0,1,5.0,\n0,2,4.5,\n0,2,,4.7\n0,3,4.2,\n")
+    _keep_the_curve_before(2, [logger])
+    assert path.read_text().splitlines() == ["epoch,step,train/loss,val/loss", "0,1,5.0,", "0,2,,4.7"]

@@ -250,9 +250,14 @@ def test_the_resume_hint_names_only_a_checkpoint_that_is_there(tmp_path):
     best, resumed = tmp_path / "step000040.ckpt", tmp_path / "resumed.ckpt"
     best.touch()
     resumed.touch()
-    saved = SimpleNamespace(last_model_path=str(tmp_path / "last.ckpt"), best_model_path=str(best))
+    saved = SimpleNamespace(last_model_path=str(tmp_path / "last.ckpt"), best_model_path=str(best), dirpath=tmp_path)
     trainer = SimpleNamespace(global_step=50, checkpoint_callback=saved)
     assert f"to go on from the best checkpoint, run lfpl-train ckpt_path={best} " in _resume_hint(trainer, None)
+    # a resume into a new folder: Lightning restores the earlier run's best, which may be steps before the resumed
+    saved.dirpath = tmp_path / "new_run"
+    assert f"from the checkpoint it resumed from, run lfpl-train ckpt_path={resumed} " in \
+        _resume_hint(trainer, str(resumed))
+    saved.dirpath = tmp_path
     best.unlink()
     assert f"from the checkpoint it resumed from, run lfpl-train ckpt_path={resumed} " in \
         _resume_hint(trainer, str(resumed))
@@ -599,3 +604,15 @@ def test_non_editable_install_finds_configs_and_corpus(tmp_path):
     cfg = subprocess.run([sys.executable, "-m", "llmfoundry_pl.train", "--cfg", "job", "model=small"], env=env,
                          cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert "dim: 512" in cfg
+
+
+def test_a_weights_only_checkpoint_is_refused_as_a_resume_naming_init_from(tmp_path):
+    # (callbacks.model_checkpoint.save_weights_only=true): Lightning's KeyError traceback, 40 lines
+    from llmfoundry_pl.cli.train import _resume_point
+    from llmfoundry_pl.config import ConfigError
+
+    path = tmp_path / "weights.ckpt"
+    torch.save({"global_step": 4, "state_dict": {}, "hyper_parameters": {}}, path)
+    with pytest.raises(ConfigError, match=r"weights.ckpt holds weights only .*; start from its weights with "
+                                          r"init_from= instead$"):
+        _resume_point(str(path))

@@ -116,14 +116,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_monitors(cfg.callbacks, [f"val/{name}" for name in lit.val_metrics.NAMES])
     trainer = build_trainer(cfg.trainer, callbacks, loggers)
     _check_step_settings(trainer)
+    if cfg.compile:  # (its checks before the curve is touched)
+        compile_training_step(lit, trainer)
     if start_step and trainer.is_global_zero:
         _keep_the_curve_before(start_step, loggers)
     if max_steps <= scheduler.warmup_steps and trainer.is_global_zero:  # trainer=debug's 20 steps, for one
         print(f"warning: scheduler.warmup_steps={scheduler.warmup_steps} is not below trainer.max_steps={max_steps}: "
               f"the rate rises for the whole run, never reaching optim.lr={optim.lr} nor decaying", file=sys.stderr,
               flush=True)
-    if cfg.compile:
-        compile_training_step(lit, trainer)
 
     failed = True
     try:
@@ -252,7 +252,8 @@ def _keep_the_curve_before(step: int, loggers: list) -> None:
         with open(path, newline="") as f:  # a validation logs at the step it follows, the training steps after it
             rows = [r for r in csv.DictReader(f) if _whole_row(r) and (int(r["step"]) < step or (
                 int(r["step"]) == step and any(v for k, v in r.items() if k.startswith("val/"))))]
-        logger.experiment.metrics[:0] = rows  # (creating the writer deletes the file); written with the next save
+        logger.experiment.metrics[:0] = rows  # creating the writer deleted the file: written back at once, or a
+        logger.experiment.save()  # resume that failed before its first log (a setting refused, a kill) lost it
 
 
 def _whole_row(row: dict) -> bool:
@@ -291,6 +292,9 @@ def _resume_point(ckpt_path: str | None) -> tuple[int, str | None]:
     if not isinstance(step, int):
         raise ConfigError(f"ckpt_path={ckpt_path} holds no training state (global_step) to resume from; give a "
                           "checkpoint lfpl-train wrote (outputs/.../checkpoints/*.ckpt), or init_from= for weights")
+    if "optimizer_states" not in checkpoint:  # Lightning's KeyError traceback, 40 lines
+        raise ConfigError(f"ckpt_path={ckpt_path} holds weights only (callbacks.model_checkpoint.save_weights_only="
+                          "true): no optimizer state to resume; start from its weights with init_from= instead")
     return step, (checkpoint.get("hyper_parameters") or {}).get("init_from")
 
 
@@ -298,10 +302,12 @@ def _resume_hint(trainer: L.Trainer, resumed_from: str | None) -> str:
     """After Ctrl-C or SIGTERM: where the run stopped, and the checkpoint to go on from: the last validation's, the
     best one where last.ckpt is off (save_last=false), or before this run saved one, the one it resumed from. Each
     only if its file is there: Lightning names a checkpoint before writing it, and an interrupt in between named
-    a last.ckpt that did not exist."""
+    a last.ckpt that did not exist. The best only if this run saved it: a resume into a new folder restores the
+    earlier run's best path, which may lie steps before the checkpoint it resumed from."""
     saved = trainer.checkpoint_callback
-    candidates = [(saved.last_model_path, "the last validation's checkpoint"),
-                  (saved.best_model_path, "the best checkpoint")] if saved is not None else []
+    candidates = [(saved.last_model_path, "the last validation's checkpoint")] if saved is not None else []
+    if saved is not None and saved.best_model_path and Path(saved.best_model_path).parent == Path(saved.dirpath):
+        candidates.append((saved.best_model_path, "the best checkpoint"))
     candidates.append((resumed_from, "the checkpoint it resumed from"))
     found = next(((path, what) for path, what in candidates if path and Path(path).is_file()), None)
     if found is None:
