@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.utilities import rank_zero_info
 
 from llmfoundry_pl.inference import generate_text
@@ -71,6 +72,20 @@ class LossProgressBar(TQDMProgressBar):
             left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
             return min(trainer.num_training_batches, left)
         return super().total_train_batches
+
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        """A resume restarts inside the epoch, where Lightning skips on_train_epoch_start: the bar had no total
+        (``160/?``, no time left). Set at the first batch: the epoch's micro-batches, of which ``batch_idx`` were
+        trained before the resume (Lightning counts the bar on from them)."""
+        bar = self.train_progress_bar
+        if bar is not None and bar.total is None and not trainer.sanity_checking:
+            steps = trainer.max_steps * trainer.accumulate_grad_batches if trainer.max_steps > 0 else math.inf
+            bar.reset(total=convert_inf(min(trainer.num_training_batches, steps)))
+            bar.initial = batch_idx
+            bar.set_description(f"Epoch {trainer.current_epoch}")
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class LastAndBestCheckpoint(ModelCheckpoint):

@@ -231,3 +231,23 @@ def test_a_resume_into_the_run_folder_keeps_the_curve_on_disk_at_once(tmp_path):
     path.write_text("epoch,step,train/loss,val/loss\n0,1,5.0,\n0,2,4.5,\n0,2,,4.7\n0,3,4.2,\n")
     _keep_the_curve_before(2, [logger])
     assert path.read_text().splitlines() == ["epoch,step,train/loss,val/loss", "0,1,5.0,", "0,2,,4.7"]
+
+
+def test_a_run_resumed_inside_its_epoch_has_a_progress_bar_total(monkeypatch):
+    # Lightning skips on_train_epoch_start when it restarts inside the epoch (every resume from a validation's
+    # checkpoint): "Training: 160/? ... 400/?", no total and no time left
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    monkeypatch.setattr(TQDMProgressBar, "on_train_batch_end", lambda *args: None)  # Lightning's own update
+    bar = callbacks.LossProgressBar()
+    trainer = SimpleNamespace(max_steps=8, accumulate_grad_batches=2, num_training_batches=16, current_epoch=0,
+                              sanity_checking=False)
+    bar._trainer = trainer
+    bar.on_train_start(trainer, None)
+    assert bar.train_progress_bar.total is None  # as Lightning leaves it
+    bar.on_train_batch_end(trainer, None, None, None, 8)  # the first batch after a resume at step 4
+    assert (bar.train_progress_bar.total, bar.train_progress_bar.initial) == (16, 8)
+    bar.train_progress_bar.total = 12  # set by on_train_epoch_start, as in a run that did not resume: kept
+    bar.on_train_batch_end(trainer, None, None, None, 9)
+    assert bar.train_progress_bar.total == 12
+    bar.train_progress_bar.close()
