@@ -10,7 +10,7 @@ import time
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -86,6 +86,16 @@ class LossProgressBar(TQDMProgressBar):
             bar.initial = batch_idx
             bar.set_description(f"Epoch {trainer.current_epoch}")
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's LearningRateMonitor, logging once per optimizer step. It decides by the optimizer steps taken,
+    which stand still while micro-batches accumulate: under gradient accumulation each logged step had its rate
+    written once per micro-batch (2 identical rows at steps 9, 19, ... with 2 micro-batches a step)."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # the step's first micro-batch
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
 class LastAndBestCheckpoint(ModelCheckpoint):

@@ -920,6 +920,7 @@ def register_configs() -> None:
         LastAndBestCheckpoint,
         LossProgressBar,
         SampleTextCallback,
+        StepLearningRateMonitor,
         TokenThroughputMonitor,
     )
 
@@ -946,7 +947,7 @@ def register_configs() -> None:
 
     callback_classes = {
         "model_checkpoint": LastAndBestCheckpoint,
-        "lr_monitor": cb.LearningRateMonitor,
+        "lr_monitor": StepLearningRateMonitor,
         "progress_bar": LossProgressBar,
         "throughput": TokenThroughputMonitor,
         "sample_text": SampleTextCallback,

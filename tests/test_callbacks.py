@@ -251,3 +251,17 @@ def test_a_run_resumed_inside_its_epoch_has_a_progress_bar_total(monkeypatch):
     bar.on_train_batch_end(trainer, None, None, None, 9)
     assert bar.train_progress_bar.total == 12
     bar.train_progress_bar.close()
+
+
+def test_the_learning_rate_is_logged_once_per_optimizer_step(monkeypatch):
+    # Lightning decides by the optimizer steps taken, which stand still while micro-batches accumulate: each logged
+    # step had its rate written once per micro-batch
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    logged = []
+    monkeypatch.setattr(LearningRateMonitor, "on_train_batch_start", lambda self, t, m, b, i: logged.append(i))
+    monitor = callbacks.StepLearningRateMonitor(logging_interval="step")
+    trainer = SimpleNamespace(accumulate_grad_batches=2)
+    for batch_idx in range(6):
+        monitor.on_train_batch_start(trainer, None, None, batch_idx)
+    assert logged == [0, 2, 4]
