@@ -15,8 +15,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def temp_sibling(path: Path, suffix: str = "tmp") -> Path:
@@ -80,7 +82,7 @@ def build_lock(path: Path) -> Iterator[None]:
     then find it built. Every rank of a torchrun or SLURM job prepares the data before the Trainer (and its
     process group) exists, since the model's vocabulary comes from it: on a cold cache, 8 GPUs a node could train 8
     tokenizers and tokenize the corpus 8 times at once, on shared storage. Callers check again for ``path`` once
-    they hold the lock.
+    they hold the lock (:func:`cached_or_built` does both).
 
     The operating system's ``flock`` on a hidden, empty ``.<name>.lock`` beside ``path``: released when its holder
     dies, and across machines on NFS. Where none can be taken (a read-only cache, Lustre mounted without flock,
@@ -109,3 +111,15 @@ def build_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # which releases the lock
+
+
+def cached_or_built(path: Path, read: Callable[[], T | None], build: Callable[[], T]) -> T:
+    """What ``read`` finds of the cache entry ``path``; else, under :func:`build_lock`, what it finds once the lock
+    is held (another process may have built it meanwhile), or what ``build`` makes."""
+    found = read()
+    if found is None:
+        with build_lock(path):
+            found = read()
+            if found is None:
+                found = build()
+    return found

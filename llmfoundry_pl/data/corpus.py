@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmfoundry_pl.config import ConfigError, DataConfig
-from llmfoundry_pl.files import atomic_write_bytes, build_lock, publish_folder, temporary_folder
+from llmfoundry_pl.files import atomic_write_bytes, cached_or_built, publish_folder, temporary_folder
 from llmfoundry_pl.tokenizer import Tokenizer, check_encodable, train_tokenizer
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")  # one document per line: the string in its data.text_field
@@ -201,10 +201,8 @@ def prepare_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple
     tokenizer = _resolve_tokenizer(cfg, files, corpus_dir, tokenizer)
     # repr, not :g, whose 6 digits named 0.3 and 0.3000004 alike, and the second reused the first's split
     token_dir = corpus_dir / f"tokens-{tokenizer.sha256[:12]}-val{cfg.val_fraction!r}"
-    meta = _read_meta(token_dir, tokenizer)
-    if meta is None:
-        with build_lock(token_dir):  # another process may have built them while this one waited
-            meta = _read_meta(token_dir, tokenizer) or _build_token_files(files, cfg, tokenizer, token_dir)
+    meta = cached_or_built(token_dir, lambda: _read_meta(token_dir, tokenizer),
+                           lambda: _build_token_files(files, cfg, tokenizer, token_dir))
     return tokenizer, TokenFiles(token_dir, meta)
 
 
@@ -221,19 +219,20 @@ def _resolve_tokenizer(cfg: DataConfig, files: list[Path], corpus_dir: Path, giv
     else:
         # repr, as for val_fraction below: :g named 1.0 and 0.9999995 alike, and the second reused the first
         model_path = corpus_dir / f"tokenizer-v{cfg.vocab_size}-c{cfg.character_coverage!r}.model"
-        tokenizer = _cached_tokenizer(model_path)
-        if tokenizer is None:
-            with build_lock(model_path):  # another process may have trained it while this one waited
-                tokenizer = _cached_tokenizer(model_path)
-                if tokenizer is None:
-                    lines = (line for doc in iter_documents(files, cfg.text_field) for line in doc.splitlines() if line)
-                    tokenizer = train_tokenizer(lines, cfg.vocab_size, cfg.character_coverage)
-                    tokenizer.save(model_path)
+        tokenizer = cached_or_built(model_path, lambda: _cached_tokenizer(model_path),
+                                    lambda: _train_and_save(files, cfg, model_path))
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ConfigError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but data.vocab_size={cfg.vocab_size}; "
             f"set data.vocab_size={tokenizer.vocab_size}"
         )
+    return tokenizer
+
+
+def _train_and_save(files: list[Path], cfg: DataConfig, model_path: Path) -> Tokenizer:
+    lines = (line for doc in iter_documents(files, cfg.text_field) for line in doc.splitlines() if line)
+    tokenizer = train_tokenizer(lines, cfg.vocab_size, cfg.character_coverage)
+    tokenizer.save(model_path)
     return tokenizer
 
 

@@ -239,7 +239,7 @@ class TextDataModule(StepDataModule):
     def prepare_data(self) -> None:
         """Build the tokenizer and token files if they are not cached. lfpl-train calls it in every process, before
         the Trainer exists (the model's vocabulary comes from it); one process builds, the others wait for it
-        (:func:`~llmfoundry_pl.files.build_lock`)."""
+        (:func:`~llmfoundry_pl.files.cached_or_built`)."""
         self.tokenizer, self.token_files = prepare_corpus(self.cfg, self._given_tokenizer)
 
     def setup(self, stage: str | None = None) -> None:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from llmfoundry_pl.config import CHUNK_URI_PREFIXES, ConfigError, StreamingDataConfig, one_line
 from llmfoundry_pl.data.corpus import TokenFiles, prepare_corpus, resolve_sources
 from llmfoundry_pl.data.datamodule import TextDataModule
-from llmfoundry_pl.files import atomic_write_bytes, build_lock, publish_folder, temporary_folder
+from llmfoundry_pl.files import atomic_write_bytes, cached_or_built, publish_folder, temporary_folder
 from llmfoundry_pl.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,8 @@ def prepare_chunks(cfg: StreamingDataConfig, tokenizer: Tokenizer | None = None)
                             "plays (data.path is unset); if you meant chunks built before, check the folder's name")
             corpus_tokenizer, token_files = prepare_corpus(cfg, tokenizer)
             folder = folder or token_files.directory / f"chunks-seq{cfg.seq_len}-{cfg.chunk_bytes}"
-            if _read_meta(folder) is None:
-                with build_lock(folder):  # another process may have written them while this one waited
-                    if _read_meta(folder) is None:
-                        _write_chunks(token_files, corpus_tokenizer, cfg, folder)
+            cached_or_built(folder, lambda: _read_meta(folder),  # (its meta is read below, as every folder's)
+                            lambda: _write_chunks(token_files, corpus_tokenizer, cfg, folder))
         train = str(folder / "train")
     meta = _read_meta(folder)
     if not (folder / "tokenizer.model").is_file():  # the tokenizer's own error named data.tokenizer_path
