@@ -73,7 +73,6 @@ class LossProgressBar(TQDMProgressBar):
             return min(trainer.num_training_batches, left)
         return super().total_train_batches
 
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         """A resume restarts inside the epoch, where Lightning skips on_train_epoch_start: the bar had no total

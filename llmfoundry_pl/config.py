@@ -186,13 +186,15 @@ def _head_count_hint(dim: int, n_heads: int, n_kv_heads: int | None) -> str:
     into an even head_dim, and is a multiple of ``n_kv_heads`` (when set). A divisor of dim alone was suggested, which
     the next check then refused (5 heads under the tiny preset's 2 key/value heads; 10 heads of 25 channels)."""
     fits = [h for h in range(1, dim + 1) if dim % h == 0 and dim // h % 2 == 0 and h % (n_kv_heads or 1) == 0]
-    nearest = f" (e.g. {min(fits, key=lambda h: abs(h - n_heads))})" if fits else ""
+    if not fits:
+        return (f"no multiple of model.n_kv_heads={n_kv_heads} divides dim into an even head_dim: pick a model.dim "
+                f"divisible by {2 * n_kv_heads}") if n_kv_heads else \
+            "no divisor of dim gives an even head_dim: pick an even model.dim"
+    nearest = min(fits, key=lambda h: abs(h - n_heads))
     if n_kv_heads:
-        return f"pick n_heads among the multiples of model.n_kv_heads={n_kv_heads} dividing dim into an even head_dim" \
-            f"{nearest}" if fits else f"no multiple of model.n_kv_heads={n_kv_heads} divides dim into an even " \
-            f"head_dim: pick a model.dim divisible by {2 * n_kv_heads}"
-    return f"pick n_heads among the divisors of dim giving an even head_dim{nearest}" if fits else \
-        "no divisor of dim gives an even head_dim: pick an even model.dim"
+        return f"pick n_heads among the multiples of model.n_kv_heads={n_kv_heads} dividing dim into an even " \
+            f"head_dim (e.g. {nearest})"
+    return f"pick n_heads among the divisors of dim giving an even head_dim (e.g. {nearest})"
 
 
 # --------------------------------------------------------------------------------------------------------------
