@@ -71,6 +71,7 @@ def test_keep_freed_memory_false_undoes_an_earlier_jobs_true():
 def test_the_users_own_malloc_settings_rule(monkeypatch):
     from llmfoundry_pl import allocator
 
+    monkeypatch.setattr(allocator, "_kept", False)  # as in a fresh process (an earlier test in this one kept)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
     assert allocator.keep_freed_memory(True) is False and not allocator._kept
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
